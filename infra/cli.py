@@ -1,0 +1,202 @@
+"""The ``tokenaudit`` command line (click). Each command is a thin shell over a module that
+does the work, imported lazily so ``tokenaudit kafka status`` does not load TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from tokenaudit.settings import SettingsError, get_settings
+
+
+class CliError(click.ClickException):
+    """A one-line error for the user (exit code 1)."""
+
+
+def _settings():
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tokenaudit")
+def main() -> None:
+    """Token-usage audit pipeline for self-hosted LLM inference."""
+
+
+# --- kafka -------------------------------------------------------------------------------------
+@main.group()
+def kafka() -> None:
+    """The local single-node Kafka broker (KRaft)."""
+
+
+def _broker():
+    from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
+
+    return KafkaBroker(BrokerConfig.from_settings(_settings()))
+
+
+def _run(fn):
+    """Call fn, turning the project's known error types into a one-line CliError."""
+    from tokenaudit.infra.clickhouse import ClickHouseError
+    from tokenaudit.infra.kafka_broker import KafkaLaunchError
+    from tokenaudit.infra.kafka_install import KafkaInstallError
+
+    try:
+        return fn()
+    except (KafkaLaunchError, KafkaInstallError, ClickHouseError, SettingsError) as exc:
+        raise CliError(str(exc)) from None
+
+
+@kafka.command("start")
+def kafka_start() -> None:
+    """Start the broker (fetching Kafka on first use); returns once it answers metadata."""
+    broker = _broker()
+    started = _run(broker.start)
+    click.echo(f"kafka {'started' if started else 'already running'} at {broker.bootstrap}")
+
+
+@kafka.command("stop")
+def kafka_stop() -> None:
+    """Stop the broker gracefully."""
+    stopped = _run(_broker().stop)
+    click.echo("kafka stopped" if stopped else "kafka was not running")
+
+
+@kafka.command("status")
+def kafka_status() -> None:
+    """Print the bootstrap address, or say it is down (exit 3)."""
+    broker = _broker()
+    status = broker.status()
+    if status == "down":
+        click.echo("kafka is down")
+        sys.exit(3)
+    click.echo(f"{broker.bootstrap} ({status})")
+
+
+@kafka.command("install")
+def kafka_install_cmd() -> None:
+    """Fetch the Kafka jars from Maven Central into the cache (done by `start` when needed)."""
+    from tokenaudit.infra import kafka_install
+
+    s = _settings()
+    path = _run(lambda: kafka_install.install(s.cache_dir, s.kafka_version))
+    click.echo(f"kafka {s.kafka_version} jars in {path}")
+
+
+# --- db ----------------------------------------------------------------------------------------
+@main.group()
+def db() -> None:
+    """ClickHouse schema."""
+
+
+@db.command("migrate")
+def db_migrate() -> None:
+    """Create the database and tables, apply pending migrations and retention TTLs."""
+    from tokenaudit.infra.clickhouse import connect
+    from tokenaudit.infra.migrate import applied_versions, migrate, ttl_days_from_settings
+
+    s = _settings()
+
+    def go():
+        client = connect(s.effective_clickhouse_dsn)
+        applied = migrate(client, s.clickhouse_database, ttl_days_from_settings(s))
+        return applied, applied_versions(client, s.clickhouse_database)
+
+    applied, versions = _run(go)
+    click.echo(f"applied {applied or 'nothing (up to date)'}; schema version {max(versions) if versions else 0}")
+
+
+# --- output formats (shared by every data-printing command) -----------------------------------
+FORMAT_OPTION = click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+                             show_default=True, help="Output format.")
+
+
+def print_rows(rows: list[dict], fmt: str) -> None:
+    """Print a list of flat dicts as a table, JSON or CSV."""
+    if fmt == "json":
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    columns = list(rows[0]) if rows else []
+    if fmt == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    if not rows:
+        click.echo("(no rows)")
+        return
+    cells = [[_cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(r[c], (int, float)) for r in rows) for c in columns]
+    line = lambda vals: "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(vals, widths, numeric))  # noqa: E731
+    click.echo(line(columns))
+    click.echo("  ".join("-" * w for w in widths))
+    for row in cells:
+        click.echo(line(row))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4f}".rstrip("0").rstrip(".") if value % 1 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def not_yet(what: str):
+    raise CliError(f"`tokenaudit {what}` is not implemented yet in this build")
+
+
+# --- inference ---------------------------------------------------------------------------------
+@main.group()
+def model() -> None:
+    """The model the inference app serves."""
+
+
+@model.command("init")
+def model_init() -> None:
+    """Build the offline default model (small T5, seeded weights, locally trained tokenizer)."""
+    not_yet("model init")
+
+
+@main.command()
+def serve() -> None:
+    """Run the inference app in the foreground."""
+    not_yet("serve")
+
+
+# --- streams -----------------------------------------------------------------------------------
+@main.command()
+def worker() -> None:
+    """Run the stream worker (faust) in the foreground."""
+    not_yet("worker")
+
+
+# --- pipeline ----------------------------------------------------------------------------------
+@main.command()
+def up() -> None:
+    """Start every service in the background and wait until all are ready."""
+    not_yet("up")
+
+
+@main.command()
+def down() -> None:
+    """Stop every service gracefully."""
+    not_yet("down")
+
+
+@main.command()
+def demo() -> None:
+    """Run the whole pipeline end to end on embedded defaults."""
+    not_yet("demo")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

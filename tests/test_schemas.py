@@ -1,0 +1,96 @@
+"""Avro single-object encoding: evolution between versions and the specific decode error."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError, registry
+from tokenaudit.schemas.codec import MAGIC, SchemaRegistry, schema_fingerprint
+
+from test_avro_kafka_roundtrip import sample_event
+
+
+def test_fingerprint_matches_avro_spec_vector():
+    # Avro spec: CRC-64-AVRO of the canonical form "null" is 0x63dd24e7cc258f8a.
+    assert schema_fingerprint("null") == (0x63DD24E7CC258F8A).to_bytes(8, "little")
+
+
+def test_header_is_magic_and_fingerprint():
+    data = registry.encode(EVENT, sample_event())
+    assert data[:2] == MAGIC == b"\xc3\x01"
+    assert data[2:10] == registry.current(EVENT).fingerprint
+
+
+def test_old_writer_reads_with_current_reader_default_filled():
+    v1_event = {k: v for k, v in sample_event().items() if k != "finish_reason"}
+    data = registry.encode(EVENT, v1_event, version=1)
+    assert registry.writer_of(data).version == 1
+    decoded = registry.decode(data)
+    assert decoded["finish_reason"] is None
+    assert {k: decoded[k] for k in v1_event} == v1_event
+
+
+def test_new_writer_reads_with_old_reader():
+    """A consumer still on v1 reads v2 messages: the added field is ignored."""
+    old_reader = SchemaRegistry()
+    for sv in registry.by_name[EVENT]:
+        old_reader.add(EVENT, sv.version, sv.raw)
+    old_reader.by_name[EVENT] = [old_reader.version(EVENT, 1)]  # v1 is the newest this reader knows
+    data = registry.encode(EVENT, sample_event())
+    decoded = old_reader.decode(data)
+    assert "finish_reason" not in decoded
+    assert decoded["input_tokens"] == sample_event()["input_tokens"]
+
+
+def test_event_carries_every_design_field():
+    names = {f["name"] for f in registry.current(EVENT).raw["fields"]}
+    required = {
+        "client_id", "department", "api_key_id", "client_ip", "method", "path", "status_code", "model",
+        "error_type", "input_tokens", "untruncated_input_tokens", "truncated", "output_tokens", "total_tokens",
+        "latency_ms", "queue_ms", "inference_ms", "batch_id", "batch_size", "position_in_batch", "device",
+        "prompt_digest", "request_id", "ts",
+    }
+    assert required <= names
+
+
+@pytest.mark.parametrize("name", [ANOMALY, ROLLUP, SAMPLED])
+def test_other_schemas_are_registered(name):
+    assert registry.current(name).version >= 1
+
+
+def _good() -> bytes:
+    return registry.encode(EVENT, sample_event())
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"", "shorter than the 10-byte header"),
+        (b"\x00\x01garbage-garbage", "bad magic"),
+        (MAGIC + b"\x00" * 8 + b"body", "unknown writer schema fingerprint"),
+        (_good()[:-5], "truncated"),
+        (_good()[:11], "truncated"),
+        (_good() + b"\x00", "trailing bytes"),
+    ],
+)
+def test_garbage_raises_specific_error(data, match):
+    with pytest.raises(AvroDecodeError, match=match):
+        registry.decode(data)
+
+
+def test_random_bytes_never_escape_as_other_errors():
+    import random
+
+    rng = random.Random(7)
+    header = registry.current(EVENT).header
+    for _ in range(500):
+        body = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))
+        try:
+            registry.decode(header + body)
+        except AvroDecodeError:
+            pass
+
+
+def test_wrong_record_type_is_rejected():
+    with pytest.raises(AvroDecodeError, match="expected 'anomaly'"):
+        registry.decode(_good(), ANOMALY)

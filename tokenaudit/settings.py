@@ -1,0 +1,180 @@
+"""The one settings module: every knob is a ``TOKENAUDIT_*`` environment variable.
+
+An optional TOML file (``TOKENAUDIT_CONFIG=/path/settings.toml``, keys without the prefix,
+lower case) provides defaults that environment variables override. Validation happens once,
+at start: a bad value raises :class:`SettingsError` naming the variable and the reason, so a
+service never starts half-configured.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "TOKENAUDIT_"
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tokenaudit"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tokenaudit"
+
+
+class Settings(BaseSettings):
+    """All settings with their defaults; the README's settings table mirrors this class."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- places ---------------------------------------------------------------------------
+    data_dir: Path = Field(default_factory=_default_data_dir, description="State, logs, pid files, spool, chDB store.")
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="Downloaded Kafka jars (never committed).")
+
+    # --- Kafka ----------------------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Bootstrap servers, comma separated.")
+    kafka_version: str = Field("4.4.0", description="Apache Kafka version the launcher fetches and runs.")
+    kafka_port: int = Field(9092, ge=1, le=65535, description="Local broker's client port.")
+    kafka_controller_port: int = Field(9093, ge=1, le=65535, description="Local broker's KRaft controller port.")
+    kafka_heap: str = Field("512m", pattern=r"^\d+[kmgKMG]$", description="Local broker's JVM heap (-Xmx and -Xms).")
+    kafka_partitions: int = Field(4, ge=1, le=1024, description="Partitions of the topics the project creates.")
+    kafka_start_timeout: float = Field(60.0, gt=0, description="Seconds `kafka start` waits for metadata.")
+    topic_usage: str = Field("token-usage", min_length=1, description="Token-usage event topic.")
+    topic_anomalies: str = Field("token-usage-anomalies", min_length=1, description="Anomaly topic.")
+    topic_dlq: str = Field("token-usage-dlq", min_length=1, description="Dead-letter topic.")
+
+    # --- ClickHouse -----------------------------------------------------------------------
+    clickhouse_dsn: str = Field("", description="chdb:///path (embedded, default <data_dir>/clickhouse) or http(s)://user:pass@host:port.")
+    clickhouse_database: str = Field("tokenaudit", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Database name.")
+    ttl_rollup_days: int = Field(730, ge=0, description="usage_rollup retention in days (0 keeps forever).")
+    ttl_sampled_days: int = Field(30, ge=0, description="usage_sampled retention in days (0 keeps forever).")
+    ttl_anomalies_days: int = Field(365, ge=0, description="anomalies retention in days (0 keeps forever).")
+
+    # --- inference ------------------------------------------------------------------------
+    model: str = Field("", description="HF TF checkpoint path or name; default <data_dir>/models/t5-tiny (built by `model init`).")
+    http_host: str = Field("127.0.0.1", description="Inference app bind address.")
+    http_port: int = Field(8000, ge=1, le=65535, description="Inference app port.")
+    api_keys_file: Path | None = Field(None, description="API-key registry (TOML); unset means development mode.")
+    trusted_proxies: str = Field("", description="Comma-separated proxy IPs/CIDRs whose X-Forwarded-For is trusted.")
+    prompt_digest_secret: str = Field("", description="HMAC key for prompt digests; default: generated once in data_dir.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body (enforced while streaming).")
+    max_input_tokens: int = Field(512, ge=8, description="Model input is truncated to this many tokens.")
+    max_new_tokens_limit: int = Field(256, ge=1, description="Largest max_new_tokens a request may ask for.")
+    default_max_new_tokens: int = Field(16, ge=1, description="max_new_tokens when a request gives none.")
+    batch_max_size: int = Field(16, ge=1, le=1024, description="Micro-batch size bound.")
+    batch_max_wait_ms: float = Field(5.0, ge=0, description="Micro-batch wait bound in milliseconds.")
+    xla: bool = Field(True, description="XLA-compile generation for padded shape buckets.")
+    spool_max_bytes: int = Field(256 << 20, ge=1 << 16, description="Bound of the on-disk event spool.")
+    producer_queue_max: int = Field(100_000, ge=100, description="confluent-kafka local queue bound (messages).")
+
+    # --- streams --------------------------------------------------------------------------
+    window_seconds: int = Field(60, ge=1, description="Tumbling window length (event time).")
+    grace_seconds: int = Field(10, ge=0, description="Grace period before a window is emitted.")
+    idle_timeout_seconds: float = Field(15.0, gt=0, description="Wall-clock idle time after which open windows are emitted.")
+    worker_id: str = Field("tokenaudit-worker", min_length=1, description="faust app id / consumer group.")
+    worker_web_port: int = Field(6066, ge=1, le=65535, description="faust worker web port (metrics).")
+    anomaly_input_tokens: int = Field(2048, ge=1, description="Per-request input_tokens threshold.")
+    anomaly_spike_k: float = Field(4.0, ge=3.0, description="Spike band in robust sigmas above baseline (>= 3).")
+    anomaly_spike_min_history: int = Field(5, ge=2, description="Windows of history before spike detection starts.")
+    anomaly_spike_floor_tokens: int = Field(5000, ge=0, description="Absolute floor: no spike below this many tokens.")
+    anomaly_error_rate: float = Field(0.5, gt=0, le=1, description="Error-rate burst threshold per window.")
+    anomaly_error_min_requests: int = Field(10, ge=1, description="Minimum requests in a window for the error-rate rule.")
+    anomaly_latency_factor: float = Field(5.0, gt=1, description="Latency per input token over the model norm, factor.")
+    anomaly_new_client_tokens: int = Field(50_000, ge=1, description="Tokens in a never-seen client's first window.")
+    sample_fraction: float = Field(0.10, gt=0, le=1, description="Share of requests kept as detailed records.")
+
+    # --- sinks / queries --------------------------------------------------------------------
+    sink_batch_rows: int = Field(5000, ge=1, description="Rows per ClickHouse insert.")
+    sink_batch_seconds: float = Field(1.0, gt=0, description="Longest wait before a partial batch is inserted.")
+    usage_api_host: str = Field("127.0.0.1", description="Read-only usage API bind address.")
+    usage_api_port: int = Field(8001, ge=1, le=65535, description="Read-only usage API port.")
+    price_table: Path | None = Field(None, description="TOML price table for `report` (per model, per 1K tokens).")
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_ports(cls, value: str) -> str:
+        for part in value.split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "Settings":
+        if self.kafka_port == self.kafka_controller_port:
+            raise ValueError("TOKENAUDIT_KAFKA_PORT and TOKENAUDIT_KAFKA_CONTROLLER_PORT must differ")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get(ENV_PREFIX + "CONFIG")
+        if toml_path:
+            if not Path(toml_path).is_file():
+                raise SettingsError(f"{ENV_PREFIX}CONFIG: no such file {toml_path!r}")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    # --- derived --------------------------------------------------------------------------
+    @property
+    def effective_clickhouse_dsn(self) -> str:
+        return self.clickhouse_dsn or f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+    @property
+    def effective_model(self) -> str:
+        return self.model or str(self.data_dir / "models" / "t5-tiny")
+
+    @property
+    def embedded_clickhouse(self) -> bool:
+        return self.effective_clickhouse_dsn.startswith("chdb://")
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files of background services."""
+        return self.data_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment (and TOML), turning validation errors into one line each."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) if err["loc"] else ""
+            name = f"{ENV_PREFIX}{loc.upper()}" if loc else "settings"
+            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("; ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once."""
+    return load_settings()
