@@ -1,0 +1,1 @@
+"""Inference: the Starlette app serving a TensorFlow model and its pure-ASGI audit layer."""

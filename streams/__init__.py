@@ -1,0 +1,1 @@
+"""Streams: the faust-streaming worker (windows, anomalies, sampling, dead letters)."""
