@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Downloaded Kafka jars (never committed).")
 
     # --- Kafka ----------------------------------------------------------------------------
-    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Bootstrap servers, comma separated.")
+    kafka_bootstrap: str = Field("", description="Bootstrap servers, comma separated; default: the local broker (127.0.0.1:<kafka_port>).")
     kafka_version: str = Field("4.4.0", description="Apache Kafka version the launcher fetches and runs.")
     kafka_port: int = Field(9092, ge=1, le=65535, description="Local broker's client port.")
     kafka_controller_port: int = Field(9093, ge=1, le=65535, description="Local broker's KRaft controller port.")
@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     usage_api_host: str = Field("127.0.0.1", description="Read-only usage API bind address.")
     usage_api_port: int = Field(8001, ge=1, le=65535, description="Read-only usage API port.")
     price_table: Path | None = Field(None, description="TOML price table for `report` (per model, per 1K tokens).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_bootstrap(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("kafka_bootstrap"):
+            data = {**data, "kafka_bootstrap": f"127.0.0.1:{data.get('kafka_port') or 9092}"}
+        return data
 
     @field_validator("kafka_bootstrap")
     @classmethod
