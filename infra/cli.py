@@ -180,16 +180,44 @@ def worker() -> None:
 
 
 # --- pipeline ----------------------------------------------------------------------------------
+def _supervisor():
+    from tokenaudit.infra.services import Supervisor
+
+    return Supervisor(_settings(), echo=click.echo)
+
+
+def _run_up(supervisor) -> dict[str, str]:
+    from tokenaudit.infra.services import ServiceError
+
+    try:
+        return _run(supervisor.up)
+    except ServiceError as exc:
+        raise CliError(str(exc)) from None
+
+
 @main.command()
 def up() -> None:
-    """Start every service in the background and wait until all are ready."""
-    not_yet("up")
+    """Start Kafka, the sink (+ usage API), the stream worker and the inference app in the
+    background (pid files and logs under the data directory); returns when all are ready."""
+    endpoints = _run_up(_supervisor())
+    click.echo("tokenaudit is up:")
+    for name, value in endpoints.items():
+        click.echo(f"  {name:<10} {value}")
 
 
 @main.command()
 def down() -> None:
-    """Stop every service gracefully."""
-    not_yet("down")
+    """Stop every service gracefully (inference first, so its events reach Kafka)."""
+    stopped = _supervisor().down()
+    click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@main.command()
+@FORMAT_OPTION
+def status(fmt: str) -> None:
+    """Show each service's state."""
+    rows = [{"service": k, "state": v} for k, v in _supervisor().status().items()]
+    print_rows(rows, fmt)
 
 
 @main.command()

@@ -1,0 +1,213 @@
+"""Background services for `tokenaudit up` / `down`: start each part, wait until it is ready,
+keep pid files and logs under the data directory, stop gracefully in reverse order.
+
+Written here rather than with a process supervisor (supervisord, systemd) because `up` must
+work on a bare machine with nothing but this package installed; the unit files in
+infra/deploy/ are the production path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tokenaudit.infra import procutil
+from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
+
+
+class ServiceError(RuntimeError):
+    """A service failed to start; the message carries the tail of its log."""
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    ready: Callable[[], bool]
+    ports: list[tuple[str, int]] = field(default_factory=list)
+    timeout: float = 120.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class Supervisor:
+    """Starts and stops the pipeline's processes; Kafka is started through its own launcher."""
+
+    def __init__(self, settings, echo: Callable[[str], None] = print):
+        self.settings = settings
+        self.echo = echo
+        self.run_dir: Path = settings.run_dir
+        self.log_dir: Path = settings.log_dir
+        self.broker = KafkaBroker(BrokerConfig.from_settings(settings))
+
+    # --- the pipeline's parts ------------------------------------------------------------------
+    def services(self) -> list[Service]:
+        s = self.settings
+        cli = [sys.executable, "-m", "tokenaudit.infra.cli"]
+        api = f"http://{s.usage_api_host}:{s.usage_api_port}"
+        app = f"http://{s.http_host}:{s.http_port}"
+        return [
+            Service("sink", cli + ["sink"], lambda: http_ok(f"{api}/healthz"),
+                    ports=[(s.usage_api_host, s.usage_api_port)], timeout=120),
+            Service("worker", cli + ["worker"], lambda: self._worker_ready(),
+                    ports=[("127.0.0.1", s.worker_web_port)], timeout=120),
+            Service("inference", cli + ["serve"], lambda: http_ok(f"{app}/readyz"),
+                    ports=[(s.http_host, s.http_port)], timeout=600),
+        ]
+
+    def endpoints(self) -> dict[str, str]:
+        s = self.settings
+        return {
+            "kafka": self.broker.bootstrap if not s.kafka_bootstrap or s.kafka_bootstrap == self.broker.bootstrap
+            else s.kafka_bootstrap,
+            "inference": f"http://{s.http_host}:{s.http_port}",
+            "usage_api": f"http://{s.usage_api_host}:{s.usage_api_port}",
+            "clickhouse": s.effective_clickhouse_dsn,
+            "logs": str(self.log_dir),
+        }
+
+    def _worker_ready(self) -> bool:
+        log = self.log_dir / "worker.log"
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            return False
+        return "[^Worker]: Ready" in text or "tokenaudit worker ready" in text
+
+    def _local_kafka(self) -> bool:
+        return self.settings.kafka_bootstrap == self.broker.bootstrap
+
+    # --- up / down ----------------------------------------------------------------------------
+    def pid_file(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def pid(self, name: str) -> int | None:
+        return procutil.read_pid(self.pid_file(name))
+
+    def up(self) -> dict[str, str]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        started: list[str] = []
+        try:
+            if self._local_kafka():
+                t0 = time.monotonic()
+                if self.broker.start():
+                    started.append("kafka")
+                    self.echo(f"kafka      started ({time.monotonic() - t0:.1f}s) at {self.broker.bootstrap}")
+                else:
+                    self.echo(f"kafka      already running at {self.broker.bootstrap}")
+            self._prepare()
+            for svc in self.services():
+                if self.pid(svc.name) is not None:
+                    self.echo(f"{svc.name:<10} already running (pid {self.pid(svc.name)})")
+                    continue
+                self._start(svc)
+                started.append(svc.name)
+        except Exception:
+            for name in reversed(started):
+                self._stop_one(name)
+            raise
+        return self.endpoints()
+
+    def _prepare(self) -> None:
+        """Topics and schema, before any consumer or the store owner starts."""
+        from tokenaudit.infra.kafka_admin import ensure_topics
+
+        s = self.settings
+        topics = {s.topic_usage: s.kafka_partitions, s.topic_anomalies: s.kafka_partitions, s.topic_dlq: 1}
+        for extra in ("topic_rollups", "topic_sampled"):
+            if hasattr(s, extra):
+                topics[getattr(s, extra)] = s.kafka_partitions
+        ensure_topics(s.kafka_bootstrap, topics)
+        # In embedded mode only one process may open the store, so migrate in a short-lived child.
+        proc = subprocess.run([sys.executable, "-m", "tokenaudit.infra.cli", "db", "migrate"],
+                              capture_output=True, text=True, env=self._env())
+        if proc.returncode != 0:
+            raise ServiceError(f"db migrate failed: {(proc.stderr or proc.stdout).strip()}")
+        self.echo(f"clickhouse {proc.stdout.strip()}")
+
+    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("TOKENAUDIT_DATA_DIR", str(self.settings.data_dir))
+        env.update(extra or {})
+        return env
+
+    def _start(self, svc: Service) -> None:
+        for host, port in svc.ports:
+            if procutil.port_in_use(host, port):
+                raise ServiceError(f"{svc.name}: port {port} on {host} is already in use by another process")
+        log_path = self.log_dir / f"{svc.name}.log"
+        t0 = time.monotonic()
+        with open(log_path, "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {svc.name}\n".encode())
+            log.flush()
+            start_offset = log.tell()
+            proc = subprocess.Popen(svc.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, env=self._env(svc.env))
+        self.pid_file(svc.name).write_text(str(proc.pid))
+        deadline = time.monotonic() + svc.timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            if svc.ready():
+                self.echo(f"{svc.name:<10} ready ({time.monotonic() - t0:.1f}s, pid {proc.pid})")
+                return
+            time.sleep(0.5)
+        died = proc.poll() is not None
+        procutil.terminate(proc.pid, timeout=10)
+        self.pid_file(svc.name).unlink(missing_ok=True)
+        tail = _tail_since(log_path, start_offset)
+        why = f"exited with code {proc.returncode}" if died else f"not ready after {svc.timeout:.0f}s"
+        raise ServiceError(f"{svc.name} failed to start ({why}); last lines of {log_path}:\n{tail}")
+
+    def down(self) -> list[str]:
+        stopped = []
+        for svc in reversed(self.services()):
+            if self._stop_one(svc.name):
+                stopped.append(svc.name)
+        if self._local_kafka() and self.broker.stop():
+            stopped.append("kafka")
+        return stopped
+
+    def _stop_one(self, name: str) -> bool:
+        if name == "kafka":
+            return self.broker.stop()
+        pid = self.pid(name)
+        if pid is None:
+            self.pid_file(name).unlink(missing_ok=True)
+            return False
+        graceful = procutil.terminate(pid, timeout=60)
+        self.pid_file(name).unlink(missing_ok=True)
+        self.echo(f"{name:<10} stopped{'' if graceful else ' (killed after timeout)'}")
+        return True
+
+    def status(self) -> dict[str, str]:
+        out = {"kafka": self.broker.status() if self._local_kafka() else f"external {self.settings.kafka_bootstrap}"}
+        for svc in self.services():
+            pid = self.pid(svc.name)
+            out[svc.name] = "down" if pid is None else (f"ready pid={pid}" if svc.ready() else f"starting pid={pid}")
+        return out
+
+
+def _tail_since(path: Path, offset: int, lines: int = 25) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
