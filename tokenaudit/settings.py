@@ -185,3 +185,20 @@ def load_settings(**overrides: Any) -> Settings:
 def get_settings() -> Settings:
     """Process-wide settings, read once."""
     return load_settings()
+
+
+def settings_table_markdown() -> str:
+    """The README's settings table, generated so it cannot drift from this class."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, info in Settings.model_fields.items():
+        if info.default_factory is not None:
+            default = {"data_dir": "`~/.local/share/tokenaudit`", "cache_dir": "`~/.cache/tokenaudit`"}.get(
+                name, "(computed)")
+        else:
+            default = f"`{info.default}`" if info.default not in (None, "") else "(unset)"
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {default} | {info.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # `python -m tokenaudit.settings` prints the table
+    print(settings_table_markdown())
