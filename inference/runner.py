@@ -1,0 +1,236 @@
+"""The model runner: one interface over encoder-decoder (T5) and decoder-only (GPT-2) TF models.
+
+Token accounting lives here because only here are the exact ids known: ``input_tokens`` is the
+length of the id list actually fed to the model (after truncation, special tokens included,
+padding excluded), ``output_tokens`` the number of ids generated for that row (up to and
+including the first EOS, never the prompt, the decoder start token or padding).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be loaded through the TFAuto classes."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    untruncated: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.untruncated > len(self.ids)
+
+
+@dataclass(frozen=True)
+class Generated:
+    input_tokens: int
+    untruncated_input_tokens: int
+    truncated: bool
+    output_ids: list[int]
+    finish_reason: str  # "stop" (EOS produced) or "length" (max_new_tokens reached)
+
+    @property
+    def output_tokens(self) -> int:
+        return len(self.output_ids)
+
+
+def parse_buckets(spec: str, cap: int) -> list[int]:
+    """"1,4,16" -> sorted sizes, clipped to ``cap`` and always ending with ``cap``."""
+    sizes = sorted({min(int(x), cap) for x in spec.split(",") if x.strip()} | {cap})
+    if sizes[0] < 1:
+        raise ValueError(f"bucket sizes must be >= 1: {spec!r}")
+    return sizes
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    return buckets[-1]
+
+
+def as_token_ids(output: Any) -> np.ndarray:
+    """Ids from whatever ``generate`` (or a model call) returned: a tensor of ids, an output
+    object with ``sequences``, or logits of shape (batch, length, vocab), which get an argmax."""
+    if hasattr(output, "sequences"):
+        output = output.sequences
+    elif hasattr(output, "logits") and not hasattr(output, "shape"):
+        output = output.logits
+    arr = np.asarray(output)
+    if arr.ndim == 3 and np.issubdtype(arr.dtype, np.floating):
+        arr = arr.argmax(axis=-1)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"cannot read token ids from an output of shape {arr.shape} and dtype {arr.dtype}")
+    return arr
+
+
+def count_generated(row: Sequence[int], eos_ids: set[int], limit: int) -> tuple[list[int], str]:
+    """The ids a row really generated: up to ``limit``, cut after the first EOS (kept: it was
+    generated and billed), padding after it dropped."""
+    out: list[int] = []
+    for tok in row[:limit]:
+        out.append(int(tok))
+        if int(tok) in eos_ids:
+            return out, "stop"
+    return out, "length"
+
+
+def _device_name() -> str:
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name if gpus else tf.config.list_logical_devices("CPU")[0].name
+
+
+class ModelRunner:
+    """Loads a checkpoint and runs batched greedy generation with exact per-row accounting.
+
+    Not thread-safe by design: the micro-batcher calls it from its one worker thread.
+    """
+
+    def __init__(self, name_or_path: str, *, max_input_tokens: int = 512, xla: bool = False,
+                 batch_buckets: str = "1,4,16", length_buckets: str = "64,512", new_token_buckets: str = "16,256",
+                 max_batch: int = 16, max_new_tokens_limit: int = 256, model_name: str | None = None):
+        self.name_or_path = name_or_path
+        self.model_name = model_name or _short_name(name_or_path)
+        self.max_input_tokens = max_input_tokens
+        self.xla = xla
+        self.batch_buckets = parse_buckets(batch_buckets, max_batch)
+        self.length_buckets = parse_buckets(length_buckets, max_input_tokens)
+        self.new_token_buckets = parse_buckets(new_token_buckets, max_new_tokens_limit)
+        self.tokenizer = None
+        self.model = None
+        self.device = ""
+        self.encoder_decoder = False
+        self.eos_ids: set[int] = set()
+        self._compiled: Callable | None = None
+        self._compiled_shapes: set[tuple[int, int, int]] = set()
+        self._lock = threading.Lock()
+
+    # --- loading ----------------------------------------------------------------------------
+    def load(self) -> "ModelRunner":
+        try:
+            from transformers import AutoConfig, AutoTokenizer, TFAutoModelForCausalLM, TFAutoModelForSeq2SeqLM
+
+            config = AutoConfig.from_pretrained(self.name_or_path)
+            self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+            cls = TFAutoModelForSeq2SeqLM if self.encoder_decoder else TFAutoModelForCausalLM
+            self.tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+            self.model = cls.from_pretrained(self.name_or_path)
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad checkpoints
+            raise ModelLoadError(f"cannot load model {self.name_or_path!r}: {exc}") from exc
+        tok = self.tokenizer
+        if tok.pad_token_id is None:  # GPT-2 checkpoints often have none; EOS is the usual stand-in
+            tok.pad_token = tok.eos_token
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = tok.pad_token_id
+        self.device = _device_name()
+        if self.xla:
+            import tensorflow as tf
+
+            self._compiled = tf.function(self._generate_graph, jit_compile=True)
+        log.info("loaded %s (%s) on %s, xla=%s", self.model_name,
+                 "encoder-decoder" if self.encoder_decoder else "decoder-only", self.device, self.xla)
+        return self
+
+    def warmup(self) -> float:
+        """Compile every (batch, length, new tokens) bucket now, so no request waits on XLA."""
+        start = time.perf_counter()
+        if self.xla:
+            for b in self.batch_buckets:
+                for length in self.length_buckets:
+                    for new in self.new_token_buckets:
+                        t0 = time.perf_counter()
+                        self._run(np.full((b, length), self.pad_id, np.int32), np.zeros((b, length), np.int32), new)
+                        log.info("xla bucket batch=%d len=%d new=%d compiled in %.1fs", b, length, new,
+                                 time.perf_counter() - t0)
+        else:
+            self.generate(["warm up"], [2])
+        return time.perf_counter() - start
+
+    # --- tokens -------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> list[Encoded]:
+        """Tokenize once; only prompts over the limit are re-encoded with the tokenizer's own
+        truncation (so special tokens such as T5's trailing </s> stay right for any tokenizer)."""
+        tok = self.tokenizer
+        full = tok(list(prompts), add_special_tokens=True)["input_ids"]
+        long = [i for i, ids in enumerate(full) if len(ids) > self.max_input_tokens]
+        out = [Encoded(ids, len(ids)) for ids in full]
+        if long:
+            cut = tok([prompts[i] for i in long], add_special_tokens=True, truncation=True,
+                      max_length=self.max_input_tokens)["input_ids"]
+            for i, ids in zip(long, cut):
+                out[i] = Encoded(ids, len(full[i]))
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # --- generation ---------------------------------------------------------------------------
+    def _generate_graph(self, input_ids, attention_mask, max_new_tokens: int):
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                   max_new_tokens=max_new_tokens, do_sample=False)
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, max_new: int) -> np.ndarray:
+        import tensorflow as tf
+
+        args = (tf.constant(ids), tf.constant(mask))
+        if self._compiled is not None:
+            self._compiled_shapes.add((ids.shape[0], ids.shape[1], max_new))
+            return as_token_ids(self._compiled(*args, max_new_tokens=max_new))
+        return as_token_ids(self._generate_graph(*args, max_new_tokens=max_new))
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: Sequence[int]) -> list[Generated]:
+        """Greedy generation for a batch; each row is accounted on its own limit."""
+        encoded = self.encode(prompts)
+        return self.generate_encoded(encoded, max_new_tokens)
+
+    def generate_encoded(self, encoded: Sequence[Encoded], max_new_tokens: Sequence[int]) -> list[Generated]:
+        n = len(encoded)
+        longest = max(len(e.ids) for e in encoded)
+        want_new = max(max_new_tokens)
+        if self.xla:
+            rows = bucket_for(n, self.batch_buckets)
+            width = bucket_for(longest, self.length_buckets)
+            new = bucket_for(want_new, self.new_token_buckets)
+        else:
+            rows, width, new = n, longest, want_new
+        ids = np.full((rows, width), self.pad_id, np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        for i, e in enumerate(encoded):
+            k = len(e.ids)
+            if self.encoder_decoder:  # right padding for the encoder
+                ids[i, :k], mask[i, :k] = e.ids, 1
+            else:  # decoder-only models continue from the last column: pad on the left
+                ids[i, width - k:], mask[i, width - k:] = e.ids, 1
+        for i in range(n, rows):  # filler rows of a padded batch bucket: one token, ignored
+            ids[i, 0 if self.encoder_decoder else width - 1], mask[i, 0 if self.encoder_decoder else width - 1] = \
+                self.pad_id, 1
+        with self._lock:
+            seqs = self._run(ids, mask, new)
+        # Encoder-decoder output starts with the decoder start token; decoder-only output
+        # repeats the padded prompt. Either way, what follows is what was generated.
+        start = 1 if self.encoder_decoder else width
+        results = []
+        for i, e in enumerate(encoded):
+            out, reason = count_generated(seqs[i, start:].tolist(), self.eos_ids, max_new_tokens[i])
+            results.append(Generated(len(e.ids), e.untruncated, e.truncated, out, reason))
+        return results
+
+
+def _short_name(name_or_path: str) -> str:
+    return name_or_path.rstrip("/").rsplit("/", 1)[-1] or name_or_path
