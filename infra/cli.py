@@ -174,9 +174,28 @@ def serve() -> None:
 
 # --- streams -----------------------------------------------------------------------------------
 @main.command()
-def worker() -> None:
-    """Run the stream worker (faust) in the foreground."""
-    not_yet("worker")
+@click.option("--loglevel", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]), help="faust log level.")
+def worker(loglevel: str) -> None:
+    """Run the stream worker (faust) in the foreground; more workers with the same
+    TOKENAUDIT_WORKER_ID share the partitions. SIGTERM stops it gracefully."""
+    from tokenaudit.streams.app import run_worker
+
+    s = _settings()
+    _run(lambda: run_worker(s, loglevel=loglevel))
+
+
+@main.command()
+def sink() -> None:
+    """Run the ClickHouse sink in the foreground, with the read-only usage API beside it
+    (GET /healthz on TOKENAUDIT_USAGE_API_PORT answers once it is ready)."""
+    import logging
+
+    from tokenaudit.sinks.service import run_sink
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = _settings()
+    sys.exit(_run(lambda: run_sink(s)))
 
 
 # --- pipeline ----------------------------------------------------------------------------------

@@ -98,6 +98,15 @@ class Settings(BaseSettings):
     anomaly_latency_factor: float = Field(5.0, gt=1, description="Latency per input token over the model norm, factor.")
     anomaly_new_client_tokens: int = Field(50_000, ge=1, description="Tokens in a never-seen client's first window.")
     sample_fraction: float = Field(0.10, gt=0, le=1, description="Share of requests kept as detailed records.")
+    sample_warmup: int = Field(200, ge=0, description="Requests per model seen before the top-fraction sampler keeps any.")
+    late_retention_seconds: int = Field(3600, ge=0, description="Event time a closed window is kept for late corrections.")
+    anomaly_latency_min_requests: int = Field(200, ge=1, description="Requests of a model before its latency norm is trusted.")
+    topic_rollups: str = Field("token-usage-rollups", min_length=1, description="Internal topic: window rollups for the sink.")
+    topic_sampled: str = Field("token-usage-sampled", min_length=1, description="Internal topic: sampled records for the sink.")
+    worker_batch_size: int = Field(5000, ge=1, description="Events the worker takes per batch.")
+    worker_batch_seconds: float = Field(0.2, gt=0, description="Longest wait for a worker batch to fill.")
+    worker_commit_seconds: float = Field(1.0, gt=0, description="Worker offset commit interval (state is flushed first).")
+    sink_group_id: str = Field("tokenaudit-sink", min_length=1, description="Consumer group of the ClickHouse sink.")
 
     # --- sinks / queries --------------------------------------------------------------------
     sink_batch_rows: int = Field(5000, ge=1, description="Rows per ClickHouse insert.")
@@ -105,6 +114,10 @@ class Settings(BaseSettings):
     usage_api_host: str = Field("127.0.0.1", description="Read-only usage API bind address.")
     usage_api_port: int = Field(8001, ge=1, le=65535, description="Read-only usage API port.")
     price_table: Path | None = Field(None, description="TOML price table for `report` (per model, per 1K tokens).")
+    api_key: str = Field("", description="Key the CLI sends to the usage API; default: <data_dir>/admin.key (written by `up`).")
+    anomaly_group_id: str = Field("tokenaudit-anomaly-follow", min_length=1, description="Consumer group of `anomalies --follow` (offsets commit after delivery).")
+    webhook_timeout_seconds: float = Field(5.0, gt=0, description="Per-attempt timeout of an anomaly webhook POST.")
+    webhook_backoff_max_seconds: float = Field(30.0, gt=0, description="Longest pause between webhook retries (exponential backoff).")
 
     @model_validator(mode="before")
     @classmethod

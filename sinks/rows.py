@@ -1,0 +1,61 @@
+"""Decoded Avro records -> ClickHouse rows, one column list per table, and batch dedup keys."""
+
+from __future__ import annotations
+
+ROLLUP_COLUMNS = ["client_id", "department", "model", "window_start", "window_end", "requests", "errors",
+                  "input_tokens", "output_tokens", "total_tokens", "latency_ms_sum", "latency_ms_max",
+                  "max_input_tokens", "truncated", "version"]
+ROLLUP_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "total_tokens", "latency_ms_sum",
+               "truncated")
+ROLLUP_MAXES = ("latency_ms_max", "max_input_tokens")
+
+SAMPLED_COLUMNS = ["request_id", "ts", "client_id", "department", "model", "input_tokens", "output_tokens",
+                   "total_tokens", "untruncated_input_tokens", "truncated", "latency_ms", "queue_ms",
+                   "inference_ms", "status_code", "path", "error_type", "batch_size", "device", "prompt_digest",
+                   "sample_reason", "threshold"]
+
+ANOMALY_COLUMNS = ["anomaly_id", "ts", "client_id", "department", "model", "rule", "severity", "observed",
+                   "threshold", "window_start", "request_id", "message"]
+
+
+def rollup_key(r: dict) -> tuple:
+    return (r["client_id"], r["model"], r["window_start"])
+
+
+def sampled_key(r: dict) -> tuple:
+    return (r["client_id"], r["request_id"])
+
+
+def anomaly_key(r: dict) -> tuple:
+    return (r["client_id"], r["rule"], r["anomaly_id"])
+
+
+def rollup_row(r: dict) -> list:
+    return [r[c] for c in ROLLUP_COLUMNS]
+
+
+def sampled_row(r: dict) -> list:
+    row = [r[c] for c in SAMPLED_COLUMNS]
+    row[SAMPLED_COLUMNS.index("truncated")] = int(bool(r["truncated"]))
+    return row
+
+
+def anomaly_row(r: dict) -> list:
+    return [r[c] for c in ANOMALY_COLUMNS]
+
+
+def merge_delta(current: dict | None, delta: dict) -> dict:
+    """A stored rollup row plus a one-event late delta."""
+    if current is None:
+        merged = {c: delta[c] for c in ROLLUP_COLUMNS}
+        merged["late_ids"] = [delta["delta_id"]]
+        merged["version"] = delta["requests"]
+        return merged
+    merged = {c: current[c] for c in ROLLUP_COLUMNS}
+    for c in ROLLUP_SUMS:
+        merged[c] = current[c] + delta[c]
+    for c in ROLLUP_MAXES:
+        merged[c] = max(current[c], delta[c])
+    merged["version"] = max(int(current["version"]), int(current["requests"])) + delta["requests"]
+    merged["late_ids"] = list(current.get("late_ids") or []) + [delta["delta_id"]]
+    return merged

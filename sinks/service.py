@@ -1,0 +1,62 @@
+"""``tokenaudit sink``: the sink loop in a thread, the read-only usage API in the main thread.
+
+In embedded mode only one process may open the chDB store, so the process that writes is
+also where queries are answered: the usage API (``tokenaudit.sinks.usage_api``) shares the
+sink's :class:`Store`. ``GET /healthz`` on ``usage_api_host:usage_api_port`` answering means
+the store is open and migrated and the consumer is subscribed: that is the readiness check.
+SIGTERM/SIGINT: the API stops, the sink inserts its batch, commits, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+log = logging.getLogger("tokenaudit.sink")
+
+
+def run_sink(settings) -> int:
+    import uvicorn
+
+    from tokenaudit.sinks.sink import Sink
+    from tokenaudit.sinks.store import Store
+    from tokenaudit.sinks.usage_api import create_app
+
+    store = Store.from_settings(settings)
+    sink = Sink(settings, store)
+    stop = threading.Event()
+    failed: list[BaseException] = []
+    server = uvicorn.Server(uvicorn.Config(create_app(store, settings), host=settings.usage_api_host,
+                                           port=settings.usage_api_port, log_level="warning", lifespan="off"))
+
+    def loop() -> None:
+        try:
+            sink.run(stop)
+        except BaseException as exc:  # surface it: the process must not serve stale data silently
+            log.exception("sink loop failed")
+            failed.append(exc)
+        finally:
+            server.should_exit = True
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+        server.should_exit = True
+
+    # uvicorn re-raises the signal after its shutdown; our handler turns that into a stop.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread = threading.Thread(target=loop, name="sink", daemon=True)
+    thread.start()
+    if not sink.ready.wait(30):
+        raise RuntimeError("sink consumer did not start")
+    try:
+        server.run()
+    finally:
+        stop.set()
+        thread.join(60)
+        store.close()
+    c = sink.counters
+    log.warning("sink stopped: %d messages, %d rollup rows, %d sampled, %d anomalies, %d batches",
+                c.messages, c.inserted_rollups, c.inserted_sampled, c.inserted_anomalies, c.batches)
+    return 1 if failed else 0

@@ -1,0 +1,192 @@
+"""The faust-streaming worker: one agent over ``token-usage`` taking batches of events.
+
+State lives in a faust Table (in-memory store, changelog topic
+``<worker_id>-state-changelog``) that faust restores on start and on every rebalance,
+before the partition's events are fetched again (checked against Kafka 4.4 with aiokafka
+0.14: restore from the changelog works). We do *not* use faust's windowed tables or
+``on_window_close`` (wall-clock expiry, no firing after restore) nor its exactly-once mode.
+
+How the Table is used, and why: events arrive in batches (``take_events``, acked only
+after the batch body ran), so faust's ``table[key] = value`` would write every key's
+changelog record to the partition of the *last* event of the batch, not the key's own.
+The processor therefore mutates the Table's store in place and, once per batch, sends one
+changelog record per changed key with the key's source partition
+(``Table.send_changelog``). faust flushes the producer (changelog and outputs) before it
+commits source offsets, so state on disk is never behind a committed offset; it may be
+ahead of it after a SIGKILL, which the per-key offsets inside each value absorb. Measured
+on this stack: a plain ``table[k] += 1`` counter over-counted (501 of 500) across one
+restart, which is why the offsets live in the values.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+
+from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
+from tokenaudit.streams.processor import Outputs, Processor
+from tokenaudit.streams.state import State
+
+log = logging.getLogger("tokenaudit.worker")
+
+STATE_TABLE = "state"
+
+
+class TableState(State):
+    """:class:`State` over a faust Table's in-memory store, durable through its changelog."""
+
+    def __init__(self, table: faust.Table) -> None:
+        super().__init__()
+        self.table = table
+
+    @property  # type: ignore[override]
+    def data(self) -> dict:
+        return self.table.data.data
+
+    @data.setter
+    def data(self, value) -> None:  # State.__init__ assigns; the store owns the dict
+        pass
+
+    @property  # type: ignore[override]
+    def key_partition(self) -> dict:
+        return self.table.data._key_partition
+
+    @key_partition.setter
+    def key_partition(self, value) -> None:
+        pass
+
+    def _write(self, partition: int, key: str, value: Any) -> None:
+        if value is None:
+            self.table.send_changelog(partition, key, None, value_serializer="raw")
+        else:
+            self.table.send_changelog(partition, key, value)
+
+
+def broker_url(bootstrap: str) -> str:
+    return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(","))
+
+
+def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0) -> int:
+    from confluent_kafka.admin import AdminClient
+
+    md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic=topic, timeout=timeout)
+    meta = md.topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        raise RuntimeError(f"topic {topic!r} is missing on {bootstrap}")
+    return len(meta.partitions)
+
+
+def ensure_worker_topics(settings) -> int:
+    """Create the topics the worker reads and writes; returns the source partition count."""
+    from tokenaudit.infra.kafka_admin import ensure_topics
+
+    n = settings.kafka_partitions
+    ensure_topics(settings.kafka_bootstrap, {
+        settings.topic_usage: n, settings.topic_anomalies: n, settings.topic_dlq: n,
+        settings.topic_rollups: n, settings.topic_sampled: n,
+    }, configs={settings.topic_rollups: {"cleanup.policy": "compact"}})
+    return topic_partitions(settings.kafka_bootstrap, settings.topic_usage)
+
+
+def create_app(settings, partitions: int) -> faust.App:
+    app = faust.App(
+        settings.worker_id,
+        broker=broker_url(settings.kafka_bootstrap),
+        store="memory://",
+        datadir=str(settings.data_dir / "worker" / settings.worker_id),
+        web_enabled=True,
+        web_host="127.0.0.1",
+        web_port=settings.worker_web_port,
+        web_in_thread=False,
+        topic_partitions=partitions,
+        table_standby_replicas=0,
+        broker_commit_interval=settings.worker_commit_seconds,
+        consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=max(4096, settings.worker_batch_size * 2),
+        producer_linger_ms=5,
+        producer_max_batch_size=1 << 20,
+        logging_config=None,
+    )
+    raw = dict(key_serializer="raw", value_serializer="raw")
+    source = app.topic(settings.topic_usage, partitions=partitions, **raw)
+    out_topics = {
+        "rollups": app.topic(settings.topic_rollups, **raw),
+        "sampled": app.topic(settings.topic_sampled, **raw),
+        "anomalies": app.topic(settings.topic_anomalies, **raw),
+        "dlq": app.topic(settings.topic_dlq, **raw),
+    }
+    table = app.Table(STATE_TABLE, default=None, partitions=partitions,
+                      key_serializer="json", value_serializer="json")
+    processor = Processor(settings, TableState(table))
+    app.tokenaudit_processor = processor  # for tests and the metrics page
+
+    def send(out: Outputs) -> None:
+        for r in out.rollups:
+            out_topics["rollups"].send_soon(
+                key=f"{r['client_id']}\x1f{r['model']}\x1f{r['window_start']}".encode(), value=encode(ROLLUP, r))
+        for r in out.sampled:
+            out_topics["sampled"].send_soon(key=r["client_id"].encode(), value=encode(SAMPLED, r))
+        for r in out.anomalies:
+            out_topics["anomalies"].send_soon(key=r["client_id"].encode(), value=encode(ANOMALY, r))
+        for key, value, reason, p, offset in out.dlq:
+            out_topics["dlq"].send_soon(key=key, value=value, headers=[
+                ("reason", reason.encode()), ("source_topic", settings.topic_usage.encode()),
+                ("source_partition", str(p).encode()), ("source_offset", str(offset).encode())])
+
+    @app.agent(source, concurrency=1)
+    async def usage(stream):
+        async for events in stream.take_events(settings.worker_batch_size, within=settings.worker_batch_seconds):
+            assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_usage}
+            out = Outputs()
+            for event in events:
+                msg = event.message
+                if msg.partition not in assigned:
+                    continue  # revoked while buffered: its new owner replays it
+                processor.process(msg.partition, msg.offset, msg.key, msg.value, out)
+            processor.end_batch(out)
+            send(out)
+
+    @app.timer(max(0.2, min(1.0, settings.idle_timeout_seconds / 2)))
+    async def idle_sweep():
+        out = Outputs()
+        processor.idle_sweep(out)
+        if out.rollups or out.anomalies:
+            send(out)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app_, revoked, **kwargs) -> None:
+        parts = {tp.partition for tp in revoked if tp.topic == settings.topic_usage}
+        if parts:
+            # Only the derived indexes: faust itself drops the store's keys of partitions
+            # that are not re-assigned (and does not re-read those that are).
+            processor.drop_partitions(parts, drop_state=False)
+
+    @app.page("/metrics")
+    async def metrics(web, request):
+        c = processor.counters
+        lines = [f"tokenaudit_worker_{name}_total {value}" for name, value in vars(c).items()]
+        lines.append(f"tokenaudit_worker_state_keys {len(processor.state.data)}")
+        return web.text("\n".join(lines) + "\n", content_type="text/plain")
+
+    return app
+
+
+def run_worker(settings, loglevel: str = "warning") -> None:
+    """Run the worker in the foreground until SIGTERM/SIGINT (graceful: flush, commit, leave)."""
+    from faust.worker import Worker
+
+    partitions = ensure_worker_topics(settings)
+    app = create_app(settings, partitions)
+    Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
+
+
+def main() -> None:
+    from tokenaudit.settings import get_settings
+
+    run_worker(get_settings())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,397 @@
+"""The stream job's logic, free of faust: events in, rollups / sampled records / anomalies /
+dead letters out, with all state in a :class:`~tokenaudit.streams.state.State`.
+
+Why it is built this way (see DESIGN.md):
+
+* **Event-time windows in our own state.** Per (client_id, model) tumbling windows keyed
+  ``w<US>client<US>model<US>window_start``. A partition's watermark is the largest event
+  time seen on it; a window is *closed* (rollup emitted, baseline updated) once the
+  watermark passes its end plus grace, and a wall-clock idle sweep emits open windows that
+  have been quiet for ``idle_timeout_seconds`` so quiet clients still get rows.
+* **Late events are never dropped.** A closed window stays in state for
+  ``late_retention_seconds`` of event time; a late event updates it and re-emits the whole
+  row with a higher version, which replaces the earlier row in ClickHouse. An event later
+  than that (or a window whose state is gone) is sent as a *delta* rollup with a
+  deterministic ``delta_id``; the sink merges it into the stored row exactly once.
+* **Exactly-once effect from at-least-once delivery.** Every state value carries the
+  source offset that last changed it. A replayed event (offset <= that) changes nothing but
+  re-emits its outputs, which are idempotent downstream: rollup version = the window's
+  request count (monotone, and the content for a given count is fixed by partition order),
+  anomaly ids are hashes of (rule, client, model, window), sampled records are keyed by
+  request id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenaudit.schemas import EVENT, AvroDecodeError, decode
+from tokenaudit.streams import sampler
+from tokenaudit.streams.state import State
+
+SEP = "\x1f"
+
+# window value layout (a JSON list, small and fast to copy)
+DEPT, REQ, ERR, IN, OUT, TOT, LSUM, LMAX, MAXIN, TRUNC, OFF, CLOSED, FIRED = range(13)
+# client value layout: windows seen, EWMA mean and variance of tokens per window,
+# last closed window_start, first window_start
+C_N, C_MEAN, C_VAR, C_LAST, C_FIRST = range(5)
+EWMA_ALPHA = 0.3
+
+
+@dataclass
+class Outputs:
+    rollups: list[dict] = field(default_factory=list)
+    sampled: list[dict] = field(default_factory=list)
+    anomalies: list[dict] = field(default_factory=list)
+    dlq: list[tuple[bytes | None, bytes, str, int, int]] = field(default_factory=list)  # key, value, reason, partition, offset
+
+    def __len__(self) -> int:
+        return len(self.rollups) + len(self.sampled) + len(self.anomalies) + len(self.dlq)
+
+
+@dataclass
+class Counters:
+    events: int = 0
+    replayed: int = 0
+    dlq: int = 0
+    late: int = 0
+    late_beyond_retention: int = 0
+    rollups: int = 0
+    sampled: int = 0
+    anomalies: int = 0
+
+
+def anomaly_id(rule: str, client_id: str, model: str, window_start: int) -> str:
+    return hashlib.sha1(f"{rule}{SEP}{client_id}{SEP}{model}{SEP}{window_start}".encode()).hexdigest()[:24]
+
+
+def validate(ev: dict) -> str | None:
+    """Why an event is unusable, or None."""
+    if not ev["client_id"]:
+        return "invalid: empty client_id"
+    if not ev["model"]:
+        return "invalid: empty model"
+    for name in ("input_tokens", "output_tokens", "total_tokens"):
+        if ev[name] < 0:
+            return f"invalid: negative {name}"
+    if not 100 <= ev["status_code"] <= 599:
+        return f"invalid: status_code {ev['status_code']}"
+    if not math.isfinite(ev["latency_ms"]) or ev["latency_ms"] < 0:
+        return "invalid: latency_ms"
+    return None
+
+
+class Processor:
+    def __init__(self, settings, state: State, clock=time.monotonic):
+        self.s = settings
+        self.state = state
+        self.clock = clock
+        self.window_ms = settings.window_seconds * 1000
+        self.grace_ms = settings.grace_seconds * 1000
+        self.retention_ms = max(settings.late_retention_seconds * 1000, self.grace_ms)
+        self.counters = Counters()
+        # Derived, in-memory only (rebuilt from state when a partition is first seen).
+        self.indexed: set[int] = set()
+        self.open_by_end: dict[int, dict[int, set[str]]] = {}
+        self.closed_by_end: dict[int, dict[int, set[str]]] = {}
+        self.touched: dict[str, float] = {}
+        self.emitted: dict[str, int] = {}
+        self.sketches: dict[tuple[int, str], list] = {}  # (partition, model) -> [sketch, last_offset]
+        self.dirty_sketches: set[tuple[int, str]] = set()
+        self.batch_partitions: set[int] = set()
+        self.corrections: set[str] = set()
+
+    # --- partitions --------------------------------------------------------------------------
+    def _ensure_indexed(self, p: int) -> None:
+        if p in self.indexed:
+            return
+        self.indexed.add(p)
+        opened = self.open_by_end.setdefault(p, {})
+        closed = self.closed_by_end.setdefault(p, {})
+        now = self.clock()
+        for key in self.state.keys_of(p):
+            if key[0] != "w":
+                continue
+            w = self.state.get(key)
+            end = int(key.rsplit(SEP, 1)[1]) + self.window_ms
+            (closed if w[CLOSED] else opened).setdefault(end, set()).add(key)
+            self.touched[key] = now
+            if w[CLOSED]:
+                self.emitted[key] = w[REQ]
+
+    def drop_partitions(self, partitions, drop_state: bool = True) -> None:
+        """Forget derived state of partitions this worker no longer owns."""
+        for p in partitions:
+            self.indexed.discard(p)
+            for index in (self.open_by_end.pop(p, {}), self.closed_by_end.pop(p, {})):
+                for keys in index.values():
+                    for key in keys:
+                        self.touched.pop(key, None)
+                        self.emitted.pop(key, None)
+            for sk in [k for k in self.sketches if k[0] == p]:
+                self.sketches.pop(sk, None)
+                self.dirty_sketches.discard(sk)
+        if drop_state:
+            self.state.drop_partitions(partitions)
+
+    def _meta(self, p: int) -> list:
+        key = f"p{SEP}{p}"
+        meta = self.state.get(key)
+        if meta is None:
+            meta = [0, -1]  # watermark ms, last offset
+            self.state.put(p, key, meta)
+        return meta
+
+    def _sketch(self, p: int, model: str) -> list:
+        entry = self.sketches.get((p, model))
+        if entry is None:
+            stored = self.state.get(f"s{SEP}{p}{SEP}{model}")
+            entry = [sampler.load_sketch(stored[0]), stored[1]] if stored else [sampler.new_sketch(), -1]
+            self.sketches[(p, model)] = entry
+        return entry
+
+    # --- events ------------------------------------------------------------------------------
+    def process(self, p: int, offset: int, key: bytes | None, value: bytes, out: Outputs) -> None:
+        try:
+            ev = decode(value, EVENT)
+        except AvroDecodeError as exc:
+            self._dead(out, key, value, f"undecodable: {exc}", p, offset)
+            return
+        except Exception as exc:  # never let one message stop the worker
+            self._dead(out, key, value, f"undecodable: {exc!r}", p, offset)
+            return
+        reason = validate(ev)
+        if reason:
+            self._dead(out, key, value, reason, p, offset)
+            return
+        self._ensure_indexed(p)
+        self.batch_partitions.add(p)
+        self.counters.events += 1
+        st = self.state
+        ts = int(ev["ts"].timestamp() * 1000)
+        meta = self._meta(p)
+        if offset > meta[1]:
+            if ts > meta[0]:
+                meta[0] = ts
+            meta[1] = offset
+            st.touch(f"p{SEP}{p}")
+        wm = meta[0]
+        client, model = ev["client_id"], ev["model"]
+        ws = ts - ts % self.window_ms
+        end = ws + self.window_ms
+        wkey = f"w{SEP}{client}{SEP}{model}{SEP}{ws}"
+        w = st.get(wkey)
+        if w is None and end + self.retention_ms <= wm:
+            self._delta(ev, ws, p, offset, out)
+            self._per_request(ev, None, wkey, ws, p, offset, out)
+            return
+        if w is None:
+            closed = 1 if end + self.grace_ms <= wm else 0
+            w = [ev["department"], 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, -1, closed, -1]
+            st.put(p, wkey, w)
+            (self.closed_by_end if closed else self.open_by_end)[p].setdefault(end, set()).add(wkey)
+        ckey = f"c{SEP}{client}"
+        if st.get(ckey) is None:
+            st.put(p, ckey, [0, 0.0, 0.0, -1, ws])
+        if offset > w[OFF]:
+            latency = ev["latency_ms"]
+            w[REQ] += 1
+            w[ERR] += ev["status_code"] >= 400
+            w[IN] += ev["input_tokens"]
+            w[OUT] += ev["output_tokens"]
+            w[TOT] += ev["total_tokens"]
+            w[LSUM] += latency
+            if latency > w[LMAX]:
+                w[LMAX] = latency
+            if ev["input_tokens"] > w[MAXIN]:
+                w[MAXIN] = ev["input_tokens"]
+            w[TRUNC] += bool(ev["truncated"])
+            w[OFF] = offset
+            st.touch(wkey)
+            if w[CLOSED]:
+                self.counters.late += 1
+                self.corrections.add(wkey)
+            nkey = f"n{SEP}{p}{SEP}{model}"
+            norm = st.get(nkey)
+            if norm is None:
+                norm = [0.0, 0, 0, -1]
+                st.put(p, nkey, norm)
+            if offset > norm[3]:
+                norm[0] += latency
+                norm[1] += ev["input_tokens"]
+                norm[2] += 1
+                norm[3] = offset
+                st.touch(nkey)
+        else:
+            self.counters.replayed += 1
+        self.touched[wkey] = self.clock()
+        self._per_request(ev, w, wkey, ws, p, offset, out)
+
+    def _per_request(self, ev: dict, w: list | None, wkey: str, ws: int, p: int, offset: int, out: Outputs) -> None:
+        """Per-request anomaly rule and the top-fraction sampler."""
+        s = self.s
+        kept = False
+        if ev["input_tokens"] > s.anomaly_input_tokens and (w is None or w[FIRED] in (-1, offset)):
+            if w is not None and w[FIRED] == -1:
+                w[FIRED] = offset
+                self.state.touch(wkey)
+            obs, thr = ev["input_tokens"], s.anomaly_input_tokens
+            out.anomalies.append(self._anomaly(
+                "input_tokens", ev["client_id"], ev["department"], ev["model"], ws, obs, thr,
+                f"request {ev['request_id']} sent {obs} input tokens (threshold {thr})",
+                request_id=ev["request_id"], ts=ev["ts"]))
+            out.sampled.append(self._sampled(ev, "anomaly:input_tokens", float(thr)))
+            kept = True
+        entry = self._sketch(p, ev["model"])
+        sketch = entry[0]
+        total = float(ev["total_tokens"])
+        if not kept and sampler.keep(sketch, total, s.sample_fraction, ev["request_id"], s.sample_warmup):
+            out.sampled.append(self._sampled(ev, "top_fraction", sampler.threshold(sketch, s.sample_fraction)))
+        if offset > entry[1]:
+            sketch.update(total)
+            entry[1] = offset
+            self.dirty_sketches.add((p, ev["model"]))
+
+    def _dead(self, out: Outputs, key, value, reason: str, p: int, offset: int) -> None:
+        self.counters.dlq += 1
+        out.dlq.append((key, value, reason[:500], p, offset))
+
+    # --- windows -----------------------------------------------------------------------------
+    def end_batch(self, out: Outputs) -> None:
+        """Close windows the watermark has passed, emit corrections, persist dirty state."""
+        for p in self.batch_partitions:
+            wm = self._meta(p)[0]
+            opened, closed = self.open_by_end[p], self.closed_by_end[p]
+            for end in sorted(e for e in opened if e + self.grace_ms <= wm):
+                for wkey in opened.pop(end):
+                    w = self.state.get(wkey)
+                    if w is None:
+                        continue
+                    w[CLOSED] = 1
+                    self.state.touch(wkey)
+                    self._emit(wkey, w, p, out, closing=True)
+                    closed.setdefault(end, set()).add(wkey)
+            for end in [e for e in closed if e + self.retention_ms <= wm]:
+                for wkey in closed.pop(end):
+                    self.state.delete(wkey)
+                    self.touched.pop(wkey, None)
+                    self.emitted.pop(wkey, None)
+                    self.corrections.discard(wkey)
+        for wkey in self.corrections:
+            w = self.state.get(wkey)
+            if w is not None:
+                self._emit(wkey, w, self.state.key_partition[wkey], out, closing=False)
+        self.corrections.clear()
+        self.batch_partitions.clear()
+        for p, model in self.dirty_sketches:
+            sketch, off = self.sketches[(p, model)]
+            self.state.put(p, f"s{SEP}{p}{SEP}{model}", [sampler.dump_sketch(sketch), off])
+        self.dirty_sketches.clear()
+        self.state.flush()
+
+    def idle_sweep(self, out: Outputs) -> None:
+        """Emit open windows that have been quiet (wall clock) for idle_timeout_seconds."""
+        limit = self.clock() - self.s.idle_timeout_seconds
+        for p, opened in self.open_by_end.items():
+            for keys in opened.values():
+                for wkey in keys:
+                    if self.touched.get(wkey, 0.0) <= limit:
+                        w = self.state.get(wkey)
+                        if w is not None and self.emitted.get(wkey) != w[REQ]:
+                            self._emit(wkey, w, p, out, closing=False)
+
+    def _emit(self, wkey: str, w: list, p: int, out: Outputs, closing: bool) -> None:
+        _, client, model, ws_text = wkey.split(SEP)
+        ws = int(ws_text)
+        if self.emitted.get(wkey) != w[REQ]:
+            self.emitted[wkey] = w[REQ]
+            out.rollups.append(self._rollup(client, model, ws, w))
+        self._window_rules(client, model, ws, w, p, out, closing)
+
+    def _rollup(self, client: str, model: str, ws: int, w: list, delta_id: str | None = None) -> dict:
+        self.counters.rollups += 1
+        return {
+            "client_id": client, "department": w[DEPT], "model": model,
+            "window_start": ws, "window_end": ws + self.window_ms,
+            "requests": w[REQ], "errors": w[ERR], "input_tokens": w[IN], "output_tokens": w[OUT],
+            "total_tokens": w[TOT], "latency_ms_sum": w[LSUM], "latency_ms_max": w[LMAX],
+            "max_input_tokens": w[MAXIN], "truncated": w[TRUNC], "version": w[REQ], "delta_id": delta_id,
+        }
+
+    def _delta(self, ev: dict, ws: int, p: int, offset: int, out: Outputs) -> None:
+        """An event later than the state retention: one-event rollup, merged by the sink once."""
+        self.counters.late_beyond_retention += 1
+        w = [ev["department"], 1, int(ev["status_code"] >= 400), ev["input_tokens"], ev["output_tokens"],
+             ev["total_tokens"], ev["latency_ms"], ev["latency_ms"], ev["input_tokens"], int(bool(ev["truncated"])),
+             offset, 1, -1]
+        out.rollups.append(self._rollup(ev["client_id"], ev["model"], ws, w, delta_id=f"{self.s.topic_usage}:{p}:{offset}"))
+
+    # --- window anomaly rules ------------------------------------------------------------------
+    def _window_rules(self, client: str, model: str, ws: int, w: list, p: int, out: Outputs, closing: bool) -> None:
+        s = self.s
+        c = self.state.get(f"c{SEP}{client}")
+        dept = w[DEPT]
+        tokens = w[TOT]
+        if c is not None and c[C_N] >= s.anomaly_spike_min_history:
+            sigma = max(math.sqrt(max(c[C_VAR], 0.0)), 0.1 * c[C_MEAN], 1.0)
+            thr = max(float(s.anomaly_spike_floor_tokens), c[C_MEAN] + s.anomaly_spike_k * sigma)
+            if tokens > thr:
+                out.anomalies.append(self._anomaly(
+                    "token_spike", client, dept, model, ws, tokens, thr,
+                    f"{tokens} tokens in the window vs a baseline of {c[C_MEAN]:.0f} (band {thr:.0f})"))
+        if w[REQ] >= s.anomaly_error_min_requests and w[ERR] / w[REQ] >= s.anomaly_error_rate:
+            rate = w[ERR] / w[REQ]
+            out.anomalies.append(self._anomaly(
+                "error_rate", client, dept, model, ws, rate, s.anomaly_error_rate,
+                f"{w[ERR]} of {w[REQ]} requests failed ({rate:.0%})"))
+        norm = self.state.get(f"n{SEP}{p}{SEP}{model}")
+        if norm and norm[2] >= s.anomaly_latency_min_requests and norm[1] > 0 and w[IN] > 0 and w[REQ] >= 3:
+            model_ratio = norm[0] / norm[1]
+            ratio = w[LSUM] / w[IN]
+            if ratio > s.anomaly_latency_factor * model_ratio:
+                out.anomalies.append(self._anomaly(
+                    "latency_per_token", client, dept, model, ws, ratio, model_ratio,
+                    f"{ratio:.3f} ms per input token vs {model_ratio:.3f} for {model}"))
+        if c is not None and c[C_N] == 0 and c[C_FIRST] == ws and tokens >= s.anomaly_new_client_tokens:
+            out.anomalies.append(self._anomaly(
+                "new_client_volume", client, dept, model, ws, tokens, s.anomaly_new_client_tokens,
+                f"never-seen client used {tokens} tokens in its first window"))
+        if closing and c is not None and ws > c[C_LAST]:
+            if c[C_N] == 0:
+                c[C_MEAN], c[C_VAR] = float(tokens), 0.0
+            else:
+                diff = tokens - c[C_MEAN]
+                c[C_MEAN] += EWMA_ALPHA * diff
+                c[C_VAR] = (1 - EWMA_ALPHA) * (c[C_VAR] + EWMA_ALPHA * diff * diff)
+            c[C_N] += 1
+            c[C_LAST] = ws
+            self.state.touch(f"c{SEP}{client}")
+
+    def _anomaly(self, rule: str, client: str, dept: str, model: str, ws: int, observed: float, thr: float,
+                 message: str, request_id: str | None = None, ts: Any = None) -> dict:
+        self.counters.anomalies += 1
+        severity = "critical" if thr > 0 and observed >= 2 * thr else "warning"
+        return {
+            "anomaly_id": anomaly_id(rule, client, model, ws), "ts": ts if ts is not None else ws + self.window_ms,
+            "client_id": client, "department": dept, "model": model, "rule": rule, "severity": severity,
+            "observed": float(observed), "threshold": float(thr), "window_start": ws,
+            "request_id": request_id, "message": message,
+        }
+
+    def _sampled(self, ev: dict, reason: str, thr: float) -> dict:
+        self.counters.sampled += 1
+        return {
+            "request_id": ev["request_id"], "ts": ev["ts"], "client_id": ev["client_id"],
+            "department": ev["department"], "model": ev["model"], "input_tokens": ev["input_tokens"],
+            "output_tokens": ev["output_tokens"], "total_tokens": ev["total_tokens"],
+            "latency_ms": ev["latency_ms"], "status_code": ev["status_code"], "sample_reason": reason,
+            "threshold": thr, "untruncated_input_tokens": ev["untruncated_input_tokens"],
+            "truncated": bool(ev["truncated"]), "queue_ms": ev["queue_ms"], "inference_ms": ev["inference_ms"],
+            "path": ev["path"], "error_type": ev["error_type"] or "", "batch_size": ev["batch_size"],
+            "device": ev["device"], "prompt_digest": ev["prompt_digest"] or "",
+        }

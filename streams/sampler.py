@@ -1,0 +1,55 @@
+"""Top-fraction sampling from a streaming quantile sketch (Apache DataSketches KLL).
+
+A request is kept when its total_tokens lies in the top ``fraction`` of its model's
+distribution so far. The KLL sketch keeps memory bounded (a few KB per model) with a known
+rank error (about 0.8% at k=400). Ties: when the cut falls inside a run of equal values
+(rank(<v) < 1-f < rank(<=v)), only the needed share of that run is kept, chosen by a hash
+of the request id, so the kept share holds even when most requests have the same count,
+and a replay makes the same choice.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from datasketches import kll_floats_sketch
+
+SKETCH_K = 400
+
+
+def new_sketch() -> kll_floats_sketch:
+    return kll_floats_sketch(SKETCH_K)
+
+
+def dump_sketch(sketch: kll_floats_sketch) -> str:
+    return base64.b64encode(sketch.serialize()).decode("ascii")
+
+
+def load_sketch(text: str) -> kll_floats_sketch:
+    return kll_floats_sketch.deserialize(base64.b64decode(text))
+
+
+def unit_hash(request_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the request id."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def keep(sketch: kll_floats_sketch, value: float, fraction: float, request_id: str, warmup: int) -> bool:
+    """Whether ``value`` is in the top ``fraction`` of what the sketch has seen."""
+    if sketch.n < max(warmup, 1):
+        return False
+    cut = 1.0 - fraction
+    below_or_equal = sketch.get_rank(value, True)
+    if below_or_equal <= cut:
+        return False
+    below = sketch.get_rank(value, False)
+    if below >= cut:
+        return True
+    # The cut falls inside a run of values equal to ``value``: keep its share of the run.
+    return unit_hash(request_id) < (below_or_equal - cut) / (below_or_equal - below)
+
+
+def threshold(sketch: kll_floats_sketch, fraction: float) -> float:
+    return float(sketch.get_quantile(1.0 - fraction)) if sketch.n else 0.0

@@ -1,0 +1,94 @@
+"""Synthetic token-usage streams with known ground truth, for tests and benchmarks.
+
+Not used by the worker itself. Events are the real Avro ``token_usage_event`` records;
+``ground_truth`` computes the exact rollups the pipeline must produce from them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable
+
+from tokenaudit.schemas import EVENT, encode
+
+ROLLUP_FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "total_tokens",
+                 "latency_ms_sum", "latency_ms_max", "max_input_tokens", "truncated")
+
+
+def event(request_id: str, ts_ms: int, client_id: str, model: str = "t5-tiny", input_tokens: int = 20,
+          output_tokens: int = 10, latency_ms: float | None = None, status_code: int = 200,
+          department: str = "eng", truncated: bool = False) -> dict:
+    if latency_ms is None:
+        latency_ms = 5.0 + 0.05 * input_tokens + 0.5 * output_tokens
+    return {
+        "request_id": request_id, "ts": ts_ms, "client_id": client_id, "department": department,
+        "api_key_id": None, "client_ip": "127.0.0.1", "method": "POST", "path": "/v1/generate",
+        "status_code": status_code, "error_type": None if status_code < 400 else "error", "model": model,
+        "input_tokens": input_tokens, "untruncated_input_tokens": input_tokens + (50 if truncated else 0),
+        "truncated": truncated, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
+        "latency_ms": float(latency_ms), "queue_ms": 1.0, "inference_ms": float(latency_ms) - 1.0,
+        "batch_id": None, "batch_size": 1, "position_in_batch": 0, "device": "cpu", "prompt_digest": None,
+        "finish_reason": "stop",
+    }
+
+
+def mixed_stream(n: int, clients: int, models: int, start_ms: int, span_ms: int, seed: int = 7,
+                 late_share: float = 0.05, late_ms: int = 0, jitter_ms: int = 0, errors: float = 0.02,
+                 prefix: str = "r") -> list[dict]:
+    """Events in roughly increasing time with jitter (out of order) and a share of late ones."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        ts = start_ms + span_ms * i // n + (rnd.randint(-jitter_ms, jitter_ms) if jitter_ms else 0)
+        if late_ms and rnd.random() < late_share:
+            ts -= rnd.randint(late_ms // 2, late_ms)
+        inp = rnd.randint(1, 400)
+        out.append(event(f"{prefix}{i}", max(ts, 1), f"client-{rnd.randrange(clients)}", f"model-{rnd.randrange(models)}",
+                         input_tokens=inp, output_tokens=rnd.randint(1, 64),
+                         status_code=500 if rnd.random() < errors else 200, truncated=rnd.random() < 0.03,
+                         department=f"dept-{rnd.randrange(3)}"))
+    return out
+
+
+def ground_truth(events: Iterable[dict], window_ms: int) -> dict[tuple[str, str, int], tuple]:
+    acc: dict = defaultdict(lambda: [0, 0, 0, 0, 0, 0.0, 0.0, 0, 0])
+    for e in events:
+        ws = e["ts"] - e["ts"] % window_ms
+        a = acc[(e["client_id"], e["model"], ws)]
+        a[0] += 1
+        a[1] += e["status_code"] >= 400
+        a[2] += e["input_tokens"]
+        a[3] += e["output_tokens"]
+        a[4] += e["total_tokens"]
+        a[5] += e["latency_ms"]
+        a[6] = max(a[6], e["latency_ms"])
+        a[7] = max(a[7], e["input_tokens"])
+        a[8] += e["truncated"]
+    return {k: (v[0], v[1], v[2], v[3], v[4], round(v[5], 3), v[6], v[7], v[8]) for k, v in acc.items()}
+
+
+def encoded(events: Iterable[dict]) -> list[tuple[bytes, bytes]]:
+    return [(e["client_id"].encode(), encode(EVENT, e)) for e in events]
+
+
+def produce(bootstrap: str, topic: str, events: Iterable[dict] | Iterable[tuple[bytes, bytes]], raw: bool = False) -> int:
+    """Produce events keyed by client_id with confluent-kafka (the inference app's producer)."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
+                         "queue.buffering.max.messages": 1_000_000})
+    n = 0
+    for item in events:
+        key, value = item if raw else (item["client_id"].encode(), encode(EVENT, item))
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        n += 1
+        if n % 10000 == 0:
+            producer.poll(0)
+    producer.flush(60)
+    return n
