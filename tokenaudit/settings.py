@@ -82,6 +82,16 @@ class Settings(BaseSettings):
     xla: bool = Field(True, description="XLA-compile generation for padded shape buckets.")
     spool_max_bytes: int = Field(256 << 20, ge=1 << 16, description="Bound of the on-disk event spool.")
     producer_queue_max: int = Field(100_000, ge=100, description="confluent-kafka local queue bound (messages).")
+    producer_message_timeout_ms: int = Field(15_000, ge=1000, description="Delivery timeout before an event is spooled.")
+    producer_linger_ms: float = Field(5.0, ge=0, description="Producer linger (batching delay) in milliseconds.")
+    producer_compression: str = Field("lz4", pattern=r"^(none|gzip|snappy|lz4|zstd)$", description="Producer compression codec.")
+    spool_dir: Path | None = Field(None, description="Event spool folder; default <data_dir>/spool.")
+    spool_retry_seconds: float = Field(2.0, gt=0, description="How often a spooling producer probes the broker.")
+    shutdown_flush_seconds: float = Field(10.0, ge=0, description="Producer flush timeout on shutdown; the rest is spooled.")
+    xla_batch_buckets: str = Field("1,4,16", pattern=r"^\d+(,\d+)*$", description="XLA batch-size buckets (clipped to batch_max_size).")
+    xla_length_buckets: str = Field("64,512", pattern=r"^\d+(,\d+)*$", description="XLA input-length buckets (clipped to max_input_tokens).")
+    xla_new_token_buckets: str = Field("16,256", pattern=r"^\d+(,\d+)*$", description="XLA max_new_tokens buckets (clipped to max_new_tokens_limit).")
+    audit_exclude_paths: str = Field("/healthz,/readyz,/metrics", description="Paths that get no audit event (probes, scrapes).")
 
     # --- streams --------------------------------------------------------------------------
     window_seconds: int = Field(60, ge=1, description="Tumbling window length (event time).")
@@ -168,6 +178,23 @@ class Settings(BaseSettings):
         return self.model or str(self.data_dir / "models" / "t5-tiny")
 
     @property
+    @property
+    def effective_spool_dir(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
+
+    @property
+    def default_api_keys_file(self) -> Path:
+        """Where `keys add` writes when TOKENAUDIT_API_KEYS_FILE is unset."""
+        return self.api_keys_file or self.data_dir / "api_keys.toml"
+
+    @property
+    def effective_api_keys_file(self) -> Path | None:
+        """The registry the app enforces: the configured file, else the default one if it exists."""
+        if self.api_keys_file:
+            return self.api_keys_file
+        default = self.data_dir / "api_keys.toml"
+        return default if default.is_file() else None
+
     def embedded_clickhouse(self) -> bool:
         return self.effective_clickhouse_dsn.startswith("chdb://")
 

@@ -1,0 +1,138 @@
+"""The inference app: Starlette routes wrapped by the identity and audit layers (pure ASGI).
+
+Start-up order: the publisher starts first (so even requests answered 503 while the model loads
+are audited), then the model loads on a background thread (building the offline default model
+when no TOKENAUDIT_MODEL is configured and it is missing) and, with XLA on, compiles every
+shape bucket; only then does /readyz answer 200. Shutdown (uvicorn finishes in-flight requests
+first): the batcher drains, then the producer flushes within ``shutdown_flush_seconds`` and
+spools whatever is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from tokenaudit.inference import routes
+from tokenaudit.inference.api_keys import KeyRegistry
+from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
+from tokenaudit.inference.batcher import MicroBatcher
+from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
+from tokenaudit.inference.metrics import AppMetrics
+from tokenaudit.inference.publisher import EventPublisher
+from tokenaudit.inference.runner import ModelRunner
+from tokenaudit.settings import Settings
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class AppState:
+    """Everything the handlers share, owned by the app's lifespan."""
+
+    def __init__(self, settings: Settings, runner: ModelRunner):
+        self.settings = settings
+        self.runner = runner
+        self.model_name = runner.model_name
+        self.digest = PromptDigester.from_settings(settings.prompt_digest_secret, settings.data_dir)
+        self.publisher: EventPublisher | None = None
+        self.batcher: MicroBatcher | None = None
+        self.metrics = AppMetrics(lambda: self.publisher, self._extra_metrics)
+        self.ready = False
+        self.load_error: str | None = None
+
+    def not_ready_reason(self) -> str:
+        return f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+
+    def _extra_metrics(self) -> dict:
+        return {"model_ready": (1 if self.ready else 0, "1 once the model is loaded (and compiled)."),
+                "batcher_queue_depth": (self.batcher.depth if self.batcher else 0, "Requests waiting for a batch."),
+                "batches": (self.batcher.batches if self.batcher else 0, "Generate calls made.")}
+
+    def publish(self, event: dict) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(event)
+        self.metrics.observe(event)
+
+    def load_model(self) -> None:
+        """Load (building the default first if needed), warm up, start batching; on a background thread."""
+        try:
+            if not self.settings.model:
+                from tokenaudit.inference.model_init import build_default_model
+
+                if build_default_model(self.settings.effective_model):
+                    log.info("built the default model at %s", self.settings.effective_model)
+            self.runner.load()
+            took = self.runner.warmup()
+            log.info("model %s ready on %s (warm-up %.1fs)", self.model_name, self.runner.device, took)
+            self.batcher = MicroBatcher(self.runner, self.settings.batch_max_size, self.settings.batch_max_wait_ms)
+            self.batcher.start()
+            self.ready = True
+        except Exception as exc:
+            self.load_error = str(exc)
+            log.error("model %s failed to load: %s", self.settings.effective_model, exc)
+
+
+def runner_from_settings(s: Settings) -> ModelRunner:
+    return ModelRunner(s.effective_model, max_input_tokens=s.max_input_tokens, xla=s.xla,
+                       batch_buckets=s.xla_batch_buckets, length_buckets=s.xla_length_buckets,
+                       new_token_buckets=s.xla_new_token_buckets, max_batch=s.batch_max_size,
+                       max_new_tokens_limit=s.max_new_tokens_limit)
+
+
+def publisher_from_settings(s: Settings) -> EventPublisher:
+    return EventPublisher(s.kafka_bootstrap, s.topic_usage, s.effective_spool_dir, spool_max_bytes=s.spool_max_bytes,
+                          queue_max=s.producer_queue_max, message_timeout_ms=s.producer_message_timeout_ms,
+                          linger_ms=s.producer_linger_ms, compression=s.producer_compression,
+                          retry_seconds=s.spool_retry_seconds)
+
+
+def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | None = None,
+               load_in_background: bool = True):
+    """The ASGI app. ``audit=False`` exists only for the overhead benchmark: no events at all."""
+    runner = runner or runner_from_settings(settings)
+    state = AppState(settings, runner)
+    registry_path = settings.effective_api_keys_file
+    registry = KeyRegistry.load(registry_path) if registry_path else None
+    trusted = parse_networks(settings.trusted_proxies)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.publisher = publisher_from_settings(settings).start()
+        loader = threading.Thread(target=state.load_model, name="model-loader", daemon=True)
+        loader.start()
+        if not load_in_background:
+            loader.join()
+        try:
+            yield
+        finally:
+            if state.batcher is not None:
+                state.batcher.stop()
+            state.publisher.close(settings.shutdown_flush_seconds)
+            log.info("publisher closed: %s", state.publisher.stats)
+
+    star = Starlette(
+        routes=[
+            Route("/v1/generate", routes.generate, methods=["POST"]),
+            Route("/v1/completions", routes.completions, methods=["POST"]),
+            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+            Route("/v1/models", routes.models, methods=["GET"]),
+            Route("/healthz", routes.healthz, methods=["GET"]),
+            Route("/readyz", routes.readyz, methods=["GET"]),
+            Route("/metrics", routes.metrics, methods=["GET"]),
+        ],
+        exception_handlers={404: routes.not_found, 405: routes.method_not_allowed},
+        lifespan=lifespan,
+    )
+    star.state.tokenaudit = state
+    app = IdentityMiddleware(star, registry, trusted, OPEN_PATHS)
+    if audit:
+        exclude = frozenset(p.strip() for p in settings.audit_exclude_paths.split(",") if p.strip())
+        app = AuditMiddleware(app, state.publish, runner.model_name, exclude)
+    app.state = state  # for tests and the server: reach the state through the outer app
+    return app

@@ -1,0 +1,195 @@
+"""The audit layer: pure ASGI middleware emitting exactly one token-usage event per request.
+
+Pure ASGI (not ``BaseHTTPMiddleware``, which costs 1.6-3.2x throughput and breaks body
+streaming): it only wraps ``send`` to learn the status and add ``X-Request-ID``, and wraps
+``receive`` to notice a client disconnect. Handlers write what they learn (identity, token
+counts, batch, error type) into the request's :class:`AuditContext`. The event is built and
+enqueued after the response has been sent, whatever the outcome: success, 4xx, 5xx, an
+exception, or a client that went away (status 499, the nginx convention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+SCOPE_KEY = "tokenaudit.audit"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+STATUS_CLIENT_CLOSED = 499
+
+
+@dataclass(slots=True)
+class AuditContext:
+    """What one request did; filled in as the request goes. Never holds prompt or output text."""
+
+    request_id: str
+    ts_ms: int
+    started: float
+    client_id: str = ""
+    department: str = ""
+    api_key_id: str | None = None
+    client_ip: str = ""
+    model: str = ""
+    input_tokens: int = 0
+    untruncated_input_tokens: int = 0
+    truncated: bool = False
+    output_tokens: int = 0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    batch_id: str | None = None
+    batch_size: int = 0
+    position_in_batch: int = -1
+    device: str = ""
+    prompt_digest: str | None = None
+    finish_reason: str | None = None
+    error_type: str | None = None
+    disconnected: bool = False
+
+    @classmethod
+    def new(cls, request_id: str | None = None) -> "AuditContext":
+        return cls(request_id or uuid.uuid4().hex, int(time.time() * 1000), time.perf_counter())
+
+    def to_event(self, method: str, path: str, status: int) -> dict:
+        """The Avro record (schema token_usage_event v2); a flat dict literal because this runs
+        once per request and must stay in the low microseconds."""
+        return {
+            "request_id": self.request_id, "ts": self.ts_ms, "client_id": self.client_id,
+            "department": self.department, "api_key_id": self.api_key_id, "client_ip": self.client_ip,
+            "method": method, "path": path, "status_code": status, "error_type": self.error_type,
+            "model": self.model, "input_tokens": self.input_tokens,
+            "untruncated_input_tokens": self.untruncated_input_tokens, "truncated": self.truncated,
+            "output_tokens": self.output_tokens, "total_tokens": self.input_tokens + self.output_tokens,
+            "latency_ms": (time.perf_counter() - self.started) * 1000, "queue_ms": self.queue_ms,
+            "inference_ms": self.inference_ms, "batch_id": self.batch_id, "batch_size": self.batch_size,
+            "position_in_batch": self.position_in_batch, "device": self.device,
+            "prompt_digest": self.prompt_digest, "finish_reason": self.finish_reason,
+        }
+
+
+def context_of(scope: dict) -> AuditContext:
+    """The request's context; created on first use so handlers work with the audit layer off."""
+    ctx = scope.get(SCOPE_KEY)
+    if ctx is None:
+        ctx = scope[SCOPE_KEY] = AuditContext.new()
+    return ctx
+
+
+def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """A sane client-sent X-Request-ID (bounded, plain characters), else None."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            try:
+                text = value.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+            return text if _REQUEST_ID_OK.match(text) else None
+    return None
+
+
+# --- prompt digest ------------------------------------------------------------------------------
+class PromptDigester:
+    """HMAC-SHA256 of the prompt with a deployment secret: finds repeats, reveals nothing."""
+
+    def __init__(self, secret: bytes):
+        self._key = secret
+
+    def __call__(self, prompt: str) -> str:
+        return hmac.new(self._key, prompt.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+    @classmethod
+    def from_settings(cls, configured: str, data_dir: Path) -> "PromptDigester":
+        if configured:
+            return cls(configured.encode())
+        path = Path(data_dir) / "prompt_digest.key"
+        try:
+            return cls(bytes.fromhex(path.read_text().strip()))
+        except FileNotFoundError:
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_bytes(32)
+        try:  # O_EXCL: two processes starting at once agree on one secret
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secret.hex())
+            return cls(secret)
+        except FileExistsError:
+            return cls(bytes.fromhex(path.read_text().strip()))
+
+
+# --- the middleware -----------------------------------------------------------------------------
+Scope = dict
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+class AuditMiddleware:
+    def __init__(self, app, publish: Callable[[dict], None], model_name: str,
+                 exclude_paths: frozenset[str] = frozenset(), on_event: Callable[[dict], None] | None = None):
+        self.app = app
+        self.publish = publish
+        self.model_name = model_name
+        self.exclude = exclude_paths
+        self.on_event = on_event
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = AuditContext.new(incoming_request_id(scope["headers"]))
+        ctx.model = self.model_name
+        scope[SCOPE_KEY] = ctx
+        rid_header = (b"x-request-id", ctx.request_id.encode())
+        status = 0
+
+        async def send_wrapper(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        async def receive_wrapper() -> dict:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                ctx.disconnected = True
+            return message
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except Exception as exc:
+            if ctx.disconnected or isinstance(exc, OSError):
+                ctx.disconnected = True
+            else:
+                log.error("request %s failed: %s", ctx.request_id, type(exc).__name__, exc_info=exc)
+                ctx.error_type = ctx.error_type or "internal_error"
+                if status == 0:
+                    body = json.dumps({"error": {"type": "server_error", "message": "internal error",
+                                                 "param": None, "code": "internal_error"}}).encode()
+                    try:
+                        await send_wrapper({"type": "http.response.start", "status": 500,
+                                            "headers": [(b"content-type", b"application/json"),
+                                                        (b"content-length", str(len(body)).encode())]})
+                        await send({"type": "http.response.body", "body": body})
+                    except Exception:
+                        ctx.disconnected = True
+                status = status or 500
+        finally:
+            if scope["path"] not in self.exclude:
+                if ctx.disconnected and (status == 0 or ctx.error_type == "client_disconnect"):
+                    status, ctx.error_type = STATUS_CLIENT_CLOSED, "client_disconnect"
+                event = ctx.to_event(scope["method"], scope["path"], status or 500)
+                self.publish(event)
+                if self.on_event is not None:
+                    self.on_event(event)

@@ -1,0 +1,62 @@
+"""Prometheus metrics of the inference app, in a registry of its own (one per app instance, so
+tests and benchmarks can run several apps in one process). Publisher counters are read at
+scrape time by a collector, which keeps the prometheus client off the publishing hot path."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _PublisherCollector:
+    def __init__(self, get_publisher: Callable, get_extra: Callable[[], dict]):
+        self.get_publisher = get_publisher
+        self.get_extra = get_extra
+
+    def collect(self):
+        pub = self.get_publisher()
+        if pub is not None:
+            s = pub.stats
+            for name, value, doc in [
+                ("events_enqueued", s.enqueued, "Events handed to the Kafka producer."),
+                ("events_produced", s.produced, "Events acknowledged by Kafka (acks=all)."),
+                ("events_failed", s.failed, "Deliveries that failed (the event was then spooled)."),
+                ("events_spooled", s.spooled, "Events written to the on-disk spool."),
+                ("events_replayed", s.replayed, "Spooled events delivered to Kafka on replay."),
+                ("events_dropped", s.dropped, "Events lost because the spool was full (drop-newest policy)."),
+            ]:
+                yield CounterMetricFamily(f"tokenaudit_{name}", doc, value=value)
+            yield GaugeMetricFamily("tokenaudit_producer_queue_depth", "Messages in the producer's local queue.",
+                                    value=pub.queue_depth)
+            yield GaugeMetricFamily("tokenaudit_spool_bytes", "Bytes in the on-disk event spool.", value=pub.spool.bytes)
+            yield GaugeMetricFamily("tokenaudit_producer_spooling", "1 while events go to the spool.",
+                                    value=1 if pub.state == "spooling" else 0)
+        for name, (value, doc) in self.get_extra().items():
+            yield GaugeMetricFamily(f"tokenaudit_{name}", doc, value=value)
+
+
+class AppMetrics:
+    def __init__(self, get_publisher: Callable, get_extra: Callable[[], dict]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tokenaudit_requests", "HTTP requests audited.", ["client_id", "model", "status"],
+                                registry=self.registry)
+        self.input_tokens = Counter("tokenaudit_input_tokens", "Input tokens fed to the model.",
+                                    ["client_id", "model"], registry=self.registry)
+        self.output_tokens = Counter("tokenaudit_output_tokens", "Tokens generated.", ["client_id", "model"],
+                                     registry=self.registry)
+        self.registry.register(_PublisherCollector(get_publisher, get_extra))
+
+    def observe(self, event: dict) -> None:
+        client, model = event["client_id"], event["model"]
+        self.requests.labels(client, model, str(event["status_code"])).inc()
+        if event["input_tokens"]:
+            self.input_tokens.labels(client, model).inc(event["input_tokens"])
+        if event["output_tokens"]:
+            self.output_tokens.labels(client, model).inc(event["output_tokens"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
