@@ -1,0 +1,125 @@
+"""Parse and validate the parameters of the fixed usage reports.
+
+One parser for both doors in (the CLI and the usage API) so the same string means the same
+thing everywhere and a bad value fails the same way. Every value is checked against a
+whitelist, a pattern or a range before any SQL is built; the SQL itself only ever sees the
+parsed values as bound parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+
+GROUPINGS = ("client", "department", "model", "hour", "day")
+
+#: report name -> the parameters it accepts (anything else is an error, not ignored)
+REPORT_PARAMS: dict[str, frozenset[str]] = {
+    "usage": frozenset({"since", "until", "by", "client"}),
+    "top": frozenset({"since", "until", "limit", "client"}),
+    "report": frozenset({"month", "client"}),
+    "latency": frozenset({"since", "until", "client"}),
+    "anomalies": frozenset({"since", "until", "limit", "client"}),
+}
+DEFAULT_SINCE = "24h"
+MAX_LIMIT = 10_000
+_MAX_VALUE_LEN = 64
+_RELATIVE = re.compile(r"(\d{1,6})([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+# client ids are issued by the key registry; this pattern admits every id it can issue that a
+# human would type, and nothing with quotes, spaces, semicolons or comment markers
+_CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+/-]{0,127}")
+_MONTH = re.compile(r"(\d{4})-(\d{2})")
+
+
+class QueryParamError(ValueError):
+    """A report parameter is invalid; the message names the parameter and what is accepted."""
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    """Parsed, validated parameters; fields a report does not take stay None."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    by: str | None = None
+    limit: int | None = None
+    month_start: datetime | None = None
+    month_end: datetime | None = None
+    client: str | None = None
+
+
+def parse_time(value: str, name: str, now: datetime) -> datetime:
+    """``15m``/``24h``/``7d``/``2w`` before ``now``, or an ISO date/time (naive means UTC)."""
+    text = value.strip()
+    match = _RELATIVE.fullmatch(text)
+    if match:
+        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00")) if "T" in text or " " in text \
+            else datetime.combine(date.fromisoformat(text), datetime.min.time())
+    except ValueError:
+        raise QueryParamError(
+            f"{name}: expected a duration like 15m, 24h, 7d or an ISO time like 2026-01-31T12:00, got {value!r}"
+        ) from None
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+
+
+def parse_month(value: str) -> tuple[datetime, datetime]:
+    """``YYYY-MM`` -> [first instant of the month, first instant of the next), UTC."""
+    match = _MONTH.fullmatch(value.strip())
+    if not match or not 1 <= int(match.group(2)) <= 12 or int(match.group(1)) < 1970:
+        raise QueryParamError(f"month: expected YYYY-MM (e.g. 2026-01), got {value!r}")
+    year, month = int(match.group(1)), int(match.group(2))
+    start = datetime(year, month, 1, tzinfo=timezone.utc)
+    end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=timezone.utc)
+    return start, end
+
+
+def parse_limit(value: str) -> int:
+    if not value.strip().isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+        raise QueryParamError(f"limit: expected a whole number from 1 to {MAX_LIMIT}, got {value!r}")
+    return int(value)
+
+
+def parse_client(value: str) -> str:
+    if not _CLIENT.fullmatch(value):
+        raise QueryParamError(f"client: expected a client id (letters, digits, _ . : @ + / -), got {value!r}")
+    return value
+
+
+def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | None = None) -> ReportParams:
+    """Validate raw string parameters for ``report``; raises QueryParamError on the first bad one."""
+    if report not in REPORT_PARAMS:
+        raise QueryParamError(f"unknown report {report!r}; one of {', '.join(REPORT_PARAMS)}")
+    allowed = REPORT_PARAMS[report]
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise QueryParamError(f"{report}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                              f"accepted: {', '.join(sorted(allowed))}")
+    for name, value in raw.items():
+        if not isinstance(value, str) or len(value) > _MAX_VALUE_LEN:
+            raise QueryParamError(f"{name}: value too long or not text")
+    now = now or datetime.now(timezone.utc)
+    values: dict = {}
+    if "since" in allowed:
+        values["since"] = parse_time(raw.get("since") or DEFAULT_SINCE, "since", now)
+        values["until"] = parse_time(raw["until"], "until", now) if raw.get("until") else now
+        if values["until"] <= values["since"]:
+            raise QueryParamError("until: must be after since")
+    if "by" in allowed:
+        by = raw.get("by") or "client"
+        if by not in GROUPINGS:
+            raise QueryParamError(f"by: expected one of {'|'.join(GROUPINGS)}, got {by!r}")
+        values["by"] = by
+    if "limit" in allowed:
+        values["limit"] = parse_limit(raw["limit"]) if raw.get("limit") else (10 if report == "top" else 1000)
+    if "month" in allowed:
+        if not raw.get("month"):
+            raise QueryParamError("month: required (YYYY-MM)")
+        values["month_start"], values["month_end"] = parse_month(raw["month"])
+    if raw.get("client"):
+        values["client"] = parse_client(raw["client"])
+    return ReportParams(**values)

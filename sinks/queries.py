@@ -1,0 +1,158 @@
+"""The fixed usage reports, as parameterised SQL over the contract tables.
+
+Every table is read with ``FINAL`` so a window (or anomaly, or sampled request) that was
+written more than once, whatever was replayed, counts once. Values reach ClickHouse only as
+bound ``{name:Type}`` parameters; the only SQL fragments chosen at run time come from the
+whitelists below, keyed by already-validated names. Rows come back JSON-ready (ints, floats,
+strings; times as ISO 8601 UTC) so the CLI prints the same thing whether it asked ClickHouse
+directly or went through the usage API.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from typing import Any
+
+from tokenaudit.sinks.params import ReportParams, parse_report_params
+from tokenaudit.sinks.store import Store
+
+# Duplicates of one key always share a partition (the partition key is a function of
+# window_start / ts, which are in the sorting key), so FINAL need not merge across
+# partitions; ClickHouse usually infers this, the setting makes it explicit.
+# prefer_column_name_to_alias: `sum(requests) AS requests` must not make a later
+# `sum(requests)` refer to the alias (an aggregate inside an aggregate).
+_FINAL_SETTINGS = "SETTINGS do_not_merge_across_partitions_select_final = 1, prefer_column_name_to_alias = 1"
+
+#: --by value -> (output column, SQL expression); the only run-time SQL in this module
+_GROUP_EXPR = {
+    "client": ("client_id", "client_id"),
+    "department": ("department", "department"),
+    "model": ("model", "model"),
+    "hour": ("hour", "toStartOfHour(window_start)"),
+    "day": ("day", "toDate(window_start)"),
+}
+
+_SUMS = """
+    sum(requests) AS requests,
+    sum(errors) AS errors,
+    sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(total_tokens) AS total_tokens,
+    round(sum(latency_ms_sum) / greatest(sum(requests), 1), 2) AS avg_latency_ms"""
+
+
+def _ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+def _range(column: str, params: ReportParams, client: str | None) -> tuple[str, dict[str, Any]]:
+    """WHERE clause for [since, until) on ``column`` and an optional client scope."""
+    where = (f"{column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC') "
+             f"AND {column} < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')")
+    bound: dict[str, Any] = {"since_ms": _ms(params.since), "until_ms": _ms(params.until)}
+    if client is not None:
+        where += " AND client_id = {client:String}"
+        bound["client"] = client
+    return where, bound
+
+
+def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for row in rows:
+        clean = {}
+        for key, value in row.items():
+            if isinstance(value, datetime):
+                value = value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+            elif isinstance(value, date):
+                value = value.isoformat()
+            clean[key] = value
+        out.append(clean)
+    return out
+
+
+def usage(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
+    """Token totals in [since, until) grouped by client, department, model, hour or day."""
+    name, expr = _GROUP_EXPR[params.by]
+    where, bound = _range("window_start", params, client)
+    extra = "argMax(department, window_start) AS dept," if params.by == "client" else ""
+    order = f"{name}" if params.by in ("hour", "day") else f"sum(total_tokens) DESC, {name}"
+    rows = store.query(
+        f"SELECT {expr} AS {name}, {extra} {_SUMS} FROM {{db}}.usage_rollup FINAL "
+        f"WHERE {where} GROUP BY {name} ORDER BY {order} {_FINAL_SETTINGS}", bound)
+    if params.by == "client":  # put the department next to the client it belongs to (latest one)
+        rows = [{"client_id": r.pop("client_id"), "department": r.pop("dept"), **r} for r in rows]
+    return _jsonable(rows)
+
+
+def top(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
+    """The heaviest clients by total tokens, with their share of all tokens in scope."""
+    where, bound = _range("window_start", params, client)
+    bound["limit"] = params.limit
+    rows = store.query(
+        "SELECT client_id, argMax(department, window_start) AS dept, sum(requests) AS requests, "
+        "sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, sum(total_tokens) AS tokens, "
+        "round(100 * tokens / greatest(sum(tokens) OVER (), 1), 2) AS share_pct "
+        f"FROM {{db}}.usage_rollup FINAL WHERE {where} GROUP BY client_id "
+        f"ORDER BY tokens DESC, client_id LIMIT {{limit:UInt32}} {_FINAL_SETTINGS}", bound)
+    return [{"rank": i, "client_id": r["client_id"], "department": r["dept"], "requests": r["requests"],
+             "input_tokens": r["input_tokens"], "output_tokens": r["output_tokens"], "total_tokens": r["tokens"],
+             "share_pct": r["share_pct"]} for i, r in enumerate(rows, 1)]
+
+
+def month_tokens(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
+    """Tokens per (department, client, model) in one calendar month (UTC): the input of the
+    cost report, which prices them with the caller's price table (see prices.cost_report)."""
+    bound: dict[str, Any] = {"since_ms": _ms(params.month_start), "until_ms": _ms(params.month_end)}
+    scope = ""
+    if client is not None:
+        scope, bound["client"] = " AND client_id = {client:String}", client
+    return store.query(
+        "SELECT department, client_id, model, sum(requests) AS requests, sum(input_tokens) AS input_tokens, "
+        "sum(output_tokens) AS output_tokens, sum(total_tokens) AS total_tokens "
+        "FROM {db}.usage_rollup FINAL "
+        "WHERE window_start >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
+        f"AND window_start < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC'){scope} "
+        f"GROUP BY department, client_id, model ORDER BY department, client_id, model {_FINAL_SETTINGS}", bound)
+
+
+def latency(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
+    """Latency p50/p95 of successful sampled requests by input-token bucket (powers of two),
+    to show from which input length latency starts to climb."""
+    where, bound = _range("ts", params, client)
+    rows = store.query(
+        "SELECT if(input_tokens <= 16, 16, toUInt64(exp2(ceil(log2(input_tokens))))) AS upper, "
+        "count() AS requests, round(avg(input_tokens), 1) AS avg_input_tokens, "
+        "quantilesExact(0.5, 0.95)(latency_ms) AS q "
+        f"FROM {{db}}.usage_sampled FINAL WHERE {where} AND status_code < 400 "
+        f"GROUP BY upper ORDER BY upper {_FINAL_SETTINGS}", bound)
+    return [{"input_tokens": f"{1 if r['upper'] == 16 else r['upper'] // 2 + 1}-{r['upper']}",
+             "requests": r["requests"], "avg_input_tokens": r["avg_input_tokens"],
+             "p50_latency_ms": round(r["q"][0], 2), "p95_latency_ms": round(r["q"][1], 2)} for r in rows]
+
+
+ANOMALY_COLUMNS = ("anomaly_id", "ts", "client_id", "department", "model", "rule", "severity", "observed",
+                   "threshold", "window_start", "request_id", "message")
+
+
+def anomalies(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
+    """The latest ``limit`` anomalies in [since, until), oldest first."""
+    where, bound = _range("ts", params, client)
+    bound["limit"] = params.limit
+    rows = store.query(
+        f"SELECT * FROM (SELECT {', '.join(ANOMALY_COLUMNS)} FROM {{db}}.anomalies FINAL WHERE {where} "
+        f"ORDER BY ts DESC, anomaly_id DESC LIMIT {{limit:UInt32}}) ORDER BY ts, anomaly_id {_FINAL_SETTINGS}",
+        bound)
+    return _jsonable(rows)
+
+
+REPORTS = {"usage": usage, "top": top, "report": month_tokens, "latency": latency, "anomalies": anomalies}
+
+
+def run_report(store: Store, report: str, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
+    """Run one fixed report; ``client`` (the caller's scope) overrides ``params.client``."""
+    return REPORTS[report](store, params, client if client is not None else params.client)
+
+
+def run_raw(store: Store, report: str, raw: dict[str, str]) -> list[dict[str, Any]]:
+    """Parse raw string parameters and run the report (the direct, server-mode path)."""
+    return run_report(store, report, parse_report_params(report, raw))
