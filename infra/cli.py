@@ -163,13 +163,54 @@ def model() -> None:
 @model.command("init")
 def model_init() -> None:
     """Build the offline default model (small T5, seeded weights, locally trained tokenizer)."""
-    not_yet("model init")
+    from tokenaudit.inference.model_init import ModelInitError, build_default_model
+
+    s = _settings()
+    path = s.effective_model
+    if s.model:
+        click.echo(f"TOKENAUDIT_MODEL is set ({s.model}); the app serves that, building the default anyway")
+        path = str(s.data_dir / "models" / "t5-tiny")
+    try:
+        built = build_default_model(path)
+    except ModelInitError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(f"model {'built' if built else 'already present'} at {path}")
 
 
 @main.command()
 def serve() -> None:
-    """Run the inference app in the foreground."""
-    not_yet("serve")
+    """Run the inference app in the foreground (SIGTERM: graceful, flushes or spools events)."""
+    from tokenaudit.inference.api_keys import KeyRegistryError
+    from tokenaudit.inference.server import serve as run_server
+
+    s = _settings()
+    try:
+        run_server(s)
+    except (KeyRegistryError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+
+
+@main.group()
+def keys() -> None:
+    """The API-key registry (hashed keys -> client, department, role)."""
+
+
+@keys.command("add")
+@click.option("--client", "client_id", required=True, help="client_id the key maps to.")
+@click.option("--department", default="", show_default=True, help="Department of the client.")
+@click.option("--admin", is_flag=True, help="Give the key the admin role.")
+def keys_add(client_id: str, department: str, admin: bool) -> None:
+    """Add a key and print it once (only its hash is stored)."""
+    from tokenaudit.inference.api_keys import KeyRegistryError, add_key
+
+    s = _settings()
+    path = s.default_api_keys_file
+    try:
+        raw = add_key(path, client_id, department, "admin" if admin else "client")
+    except KeyRegistryError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(raw)
+    click.echo(f"(added to {path}; store the key now, it is not shown again)", err=True)
 
 
 # --- streams -----------------------------------------------------------------------------------
@@ -243,6 +284,12 @@ def status(fmt: str) -> None:
 def demo() -> None:
     """Run the whole pipeline end to end on embedded defaults."""
     not_yet("demo")
+
+
+# --- queries: usage, top, report, latency, anomalies (defined beside the queries, in sinks/) ----
+from tokenaudit.sinks.cli_reports import register as _register_report_commands  # noqa: E402
+
+_register_report_commands(main)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,217 @@
+"""CLI commands over the fixed reports: ``usage``, ``top``, ``report``, ``latency``, ``anomalies``.
+
+Registered on the ``tokenaudit`` group by ``infra/cli.py``. Kept here, beside the queries,
+so the commands stay thin: options become the raw string parameters of
+:mod:`tokenaudit.sinks.params`, and :func:`tokenaudit.sinks.usage_client.open_reports`
+decides whether they go to ClickHouse directly or to the usage API.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+                      show_default=True, help="Output format.")
+SINCE = click.option("--since", default="24h", show_default=True,
+                     help="Start: a duration back from now (15m, 24h, 7d) or an ISO time.")
+UNTIL = click.option("--until", default=None, help="End (exclusive), same forms as --since; default now.")
+CLIENT = click.option("--client", default=None, help="Only this client_id (an admin key may pick any).")
+
+
+def _cli():
+    from tokenaudit.infra import cli
+
+    return cli
+
+
+def _fetch(report: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one report through the right backend, turning known errors into one-line CLI errors."""
+    from tokenaudit.infra.clickhouse import ClickHouseError
+    from tokenaudit.sinks.params import QueryParamError
+    from tokenaudit.sinks.usage_client import UsageApiError, open_reports
+
+    cli = _cli()
+    settings = cli._settings()
+    raw = {k: str(v) for k, v in params.items() if v is not None}
+    try:
+        return open_reports(settings).fetch(report, raw)
+    except (QueryParamError, UsageApiError, ClickHouseError) as exc:
+        raise cli.CliError(str(exc)) from None
+
+
+@click.command()
+@SINCE
+@UNTIL
+@click.option("--by", type=click.Choice(["client", "department", "model", "hour", "day"]), default="client",
+              show_default=True, help="Group by.")
+@CLIENT
+@FORMAT
+def usage(since: str, until: str | None, by: str, client: str | None, fmt: str) -> None:
+    """Tokens, requests and errors per client, department, model, hour or day."""
+    _cli().print_rows(_fetch("usage", {"since": since, "until": until, "by": by, "client": client}), fmt)
+
+
+@click.command()
+@SINCE
+@UNTIL
+@click.option("--limit", type=int, default=10, show_default=True, help="How many clients.")
+@CLIENT
+@FORMAT
+def top(since: str, until: str | None, limit: int, client: str | None, fmt: str) -> None:
+    """The heaviest clients by tokens, with their share of the total."""
+    _cli().print_rows(_fetch("top", {"since": since, "until": until, "limit": limit, "client": client}), fmt)
+
+
+@click.command()
+@click.option("--month", required=True, help="Calendar month, YYYY-MM (UTC).")
+@click.option("--prices", "prices_path", type=click.Path(dir_okay=False), default=None,
+              help="Price table TOML (default TOKENAUDIT_PRICE_TABLE).")
+@CLIENT
+@FORMAT
+def report(month: str, prices_path: str | None, client: str | None, fmt: str) -> None:
+    """Tokens and cost per department and client for one month, from a price table."""
+    from tokenaudit.sinks.prices import PriceTable, PriceTableError, cost_report
+
+    cli = _cli()
+    path = prices_path or cli._settings().price_table
+    if not path:
+        raise cli.CliError('no price table: pass --prices FILE or set TOKENAUDIT_PRICE_TABLE (TOML, per model: '
+                           '[models."<name>"] input_per_1k = ..., output_per_1k = ...)')
+    try:
+        prices = PriceTable.load(path)
+        rows = cost_report(_fetch("report", {"month": month, "client": client}), prices)
+    except PriceTableError as exc:
+        raise cli.CliError(str(exc)) from None
+    cli.print_rows(rows, fmt)
+
+
+@click.command()
+@SINCE
+@UNTIL
+@CLIENT
+@FORMAT
+def latency(since: str, until: str | None, client: str | None, fmt: str) -> None:
+    """Latency p50/p95 by input-token bucket (sampled requests): where long inputs start to hurt."""
+    _cli().print_rows(_fetch("latency", {"since": since, "until": until, "client": client}), fmt)
+
+
+class AnomalyPrinter:
+    """Prints anomalies one at a time (a stream has no end to wait for before printing)."""
+
+    TABLE = ("ts", "severity", "rule", "client_id", "observed", "threshold", "message")
+
+    def __init__(self, fmt: str, out=None):
+        from tokenaudit.sinks.queries import ANOMALY_COLUMNS
+
+        self.fmt, self.out, self.columns, self._header = fmt, out or sys.stdout, ANOMALY_COLUMNS, False
+
+    def __call__(self, anomaly: dict[str, Any]) -> None:
+        from tokenaudit.sinks.webhook import anomaly_json
+
+        row = anomaly_json(anomaly)
+        if self.fmt == "json":
+            line = json.dumps(row)
+        elif self.fmt == "csv":
+            import csv
+            import io
+
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
+            if not self._header:
+                writer.writeheader()
+            writer.writerow(row)
+            line = buf.getvalue().rstrip("\n")
+        else:
+            cells = [_short(row.get(c)) for c in self.TABLE]
+            head = "" if self._header else "  ".join(c.ljust(w) for c, w in zip(self.TABLE, _WIDTHS)) + "\n"
+            line = head + "  ".join(v.ljust(w) for v, w in zip(cells, _WIDTHS))
+        self._header = True
+        click.echo(line, file=self.out)
+        self.out.flush()
+
+
+_WIDTHS = (24, 8, 14, 20, 12, 12, 0)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+@click.command()
+@click.option("--since", default=None, help="Replay anomalies from ClickHouse since then (15m, 24h, 7d, ISO); "
+                                            "without --follow the default is 24h.")
+@UNTIL
+@click.option("--limit", type=int, default=1000, show_default=True, help="Most anomalies to list or replay.")
+@CLIENT
+@click.option("--follow", is_flag=True, help="Then print each new anomaly from the anomaly topic as it arrives.")
+@click.option("--webhook", default=None, metavar="URL", help="With --follow: also POST each new anomaly as JSON "
+                                                              "(retries with backoff; offsets commit after delivery).")
+@click.option("--group", default=None, help="Consumer group for --follow (default TOKENAUDIT_ANOMALY_GROUP_ID).")
+@click.option("--from-beginning", is_flag=True, help="A new consumer group starts at the oldest retained anomaly.")
+@click.option("--max-messages", type=int, default=None, hidden=True, help="Exit after this many new anomalies.")
+@FORMAT
+def anomalies(since: str | None, until: str | None, limit: int, client: str | None, follow: bool,
+              webhook: str | None, group: str | None, from_beginning: bool, max_messages: int | None,
+              fmt: str) -> None:
+    """List anomalies, or follow the anomaly topic (--follow) and optionally forward them to a webhook."""
+    cli = _cli()
+    if not follow:
+        if webhook:
+            raise cli.CliError("--webhook needs --follow")
+        cli.print_rows(_fetch("anomalies", {"since": since or "24h", "until": until, "limit": limit,
+                                            "client": client}), fmt)
+        return
+    _follow(since, limit, client, webhook, group, from_beginning, max_messages, fmt)
+
+
+def _follow(since, limit, client, webhook, group, from_beginning, max_messages, fmt) -> None:
+    from tokenaudit.sinks.anomaly_follow import FollowError, follow
+    from tokenaudit.sinks.webhook import WebhookError, WebhookForwarder
+
+    cli = _cli()
+    settings = cli._settings()
+    printer = AnomalyPrinter(fmt)
+    forwarder = None
+    if webhook:
+        try:
+            forwarder = WebhookForwarder(
+                webhook, timeout=settings.webhook_timeout_seconds, backoff_max=settings.webhook_backoff_max_seconds,
+                on_retry=lambda n, why: click.echo(f"webhook: attempt {n} failed ({why}); retrying", err=True))
+        except WebhookError as exc:
+            raise cli.CliError(str(exc)) from None
+    if since:
+        for row in _fetch("anomalies", {"since": since, "limit": limit, "client": client}):
+            printer(row)
+
+    def handle(anomaly: dict[str, Any]) -> None:
+        if client and anomaly.get("client_id") != client:
+            return
+        printer(anomaly)
+        if forwarder is not None:
+            forwarder.deliver(anomaly)
+
+    try:
+        follow(settings.kafka_bootstrap, settings.topic_anomalies, group or settings.anomaly_group_id, handle,
+               from_beginning=from_beginning, max_messages=max_messages,
+               on_undecodable=lambda why: click.echo(f"warning: {why}", err=True))
+    except KeyboardInterrupt:
+        pass
+    except (FollowError, WebhookError) as exc:
+        raise cli.CliError(f"{exc} (offsets of undelivered anomalies were not committed)") from None
+    finally:
+        if forwarder is not None:
+            forwarder.close()
+
+
+COMMANDS = (usage, top, report, latency, anomalies)
+
+
+def register(group: click.Group) -> None:
+    for command in COMMANDS:
+        group.add_command(command)
