@@ -89,7 +89,7 @@ def publisher_from_settings(s: Settings) -> EventPublisher:
     return EventPublisher(s.kafka_bootstrap, s.topic_usage, s.effective_spool_dir, spool_max_bytes=s.spool_max_bytes,
                           queue_max=s.producer_queue_max, message_timeout_ms=s.producer_message_timeout_ms,
                           linger_ms=s.producer_linger_ms, compression=s.producer_compression,
-                          retry_seconds=s.spool_retry_seconds)
+                          retry_seconds=s.spool_retry_seconds, partitions=s.kafka_partitions)
 
 
 def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | None = None,

@@ -182,10 +182,16 @@ def build_default_model(path: str | Path, seed: int = 1234, arch: str = "t5", fo
         model.save_pretrained(work)
         _verify(work, {"arch": arch, "weights": _weights_by_name(model)})
         (work / MARKER).write_text(json.dumps({"arch": arch, "seed": seed, "vocab_size": len(tokenizer)}))
-        if path.exists():
+        if path.exists() and force:
             import shutil
 
             shutil.rmtree(path)
-        os.replace(work, path)
+        try:
+            os.replace(work, path)
+        except OSError:
+            if is_built(path):  # another process finished the same build first: use theirs
+                return False
+            raise ModelInitError(f"cannot move the built model into {path}: it exists and is incomplete "
+                                 f"(remove it and run `tokenaudit model init` again)") from None
     log.info("built %s model at %s", arch, path)
     return True

@@ -44,8 +44,10 @@ class PublisherStats:
 class EventPublisher:
     def __init__(self, bootstrap: str, topic: str, spool_dir: Path, *, spool_max_bytes: int = 256 << 20,
                  queue_max: int = 100_000, message_timeout_ms: int = 15_000, linger_ms: float = 5.0,
-                 compression: str = "lz4", retry_seconds: float = 2.0):
+                 compression: str = "lz4", retry_seconds: float = 2.0, partitions: int | None = None):
         self.topic = topic
+        self.bootstrap = bootstrap
+        self.partitions = partitions
         self.retry_seconds = retry_seconds
         self.stats = PublisherStats()
         self.spool = Spool(spool_dir, spool_max_bytes)
@@ -158,7 +160,20 @@ class EventPublisher:
             log.error("fatal producer error: %s", err.str())
 
     # --- background loop ------------------------------------------------------------------
+    def _ensure_topic(self) -> None:
+        """Create the topic with the configured partitions if it is missing (best effort: a
+        broker with auto-creation, or an operator, may own topics; events wait in the queue)."""
+        if not self.partitions:
+            return
+        from tokenaudit.infra.kafka_admin import ensure_topics
+
+        try:
+            ensure_topics(self.bootstrap, {self.topic: self.partitions}, timeout=5.0)
+        except Exception as exc:
+            log.info("could not ensure topic %s now (%s); relying on the broker", self.topic, exc)
+
     def _loop(self) -> None:
+        self._ensure_topic()
         while not self._stop.is_set():
             self._producer.poll(0.1)
             if self._spooling and time.monotonic() >= self._next_probe:

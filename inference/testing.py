@@ -1,0 +1,91 @@
+"""Helpers for tests, benchmarks and the demo: cached tiny models, an app on a real uvicorn
+server in a thread, and reading events back from Kafka. Real components only."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from tokenaudit.schemas import EVENT, decode
+
+
+def cached_model(arch: str, cache_dir: Path) -> Path:
+    """A tiny ``arch`` model built once per version of the builder's source (idempotent build)."""
+    from tokenaudit.inference import model_init
+    from tokenaudit.inference.model_init import build_default_model
+
+    digest = hashlib.sha256(Path(model_init.__file__).read_bytes()).hexdigest()[:10]
+    path = Path(cache_dir) / "test-models" / f"{arch}-{digest}"
+    build_default_model(path, arch=arch)
+    return path
+
+
+class ThreadedServer:
+    """uvicorn serving ``app`` on a free port in a background thread (lifespan included)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
+        import uvicorn
+
+        from tokenaudit.infra.procutil import free_port
+
+        self.port = port or free_port(host)
+        self.base_url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, lifespan="on",
+                                                    log_level="warning", log_config=None))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+
+    def __enter__(self) -> "ThreadedServer":
+        self.thread.start()
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.base_url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"app at {self.base_url} not ready after {timeout}s")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def read_events(bootstrap: str, topic: str, expect: int, timeout: float = 60.0,
+                settle: float = 1.0) -> list[tuple[bytes, bytes]]:
+    """All (key, raw value) pairs on ``topic``: reads until ``expect`` arrived and nothing more came
+    for ``settle`` seconds (so extra events would be seen), or until ``timeout``."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    got: list[tuple[bytes, bytes]] = []
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error():
+                if len(got) >= expect:
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since >= settle:
+                        break
+                continue
+            quiet_since = None
+            got.append((msg.key(), msg.value()))
+    finally:
+        consumer.close()
+    return got
+
+
+def decode_events(pairs: list[tuple[bytes, bytes]]) -> list[dict]:
+    return [decode(value, EVENT) for _, value in pairs]
