@@ -69,19 +69,18 @@ class WebhookForwarder:
         headers = {"Content-Type": "application/json", "Idempotency-Key": str(anomaly.get("anomaly_id", ""))}
         retrying = Retrying(
             retry=retry_if_exception_type(_Retryable),
-            wait=wait_exponential_jitter(initial=0.2, max=self.backoff_max),
+            wait=wait_exponential_jitter(multiplier=0.2, max=self.backoff_max, jitter=min(1.0, self.backoff_max)),
             stop=stop_after_delay(self.give_up_after) if self.give_up_after else stop_never,
             before_sleep=self._before_sleep,
             reraise=True,
         )
         try:
-            for attempt in retrying:
+            for attempt in retrying:  # the loop ends after the first attempt that did not raise
                 with attempt:
                     self._post(body, headers)
-                return attempt.retry_state.attempt_number
         except _Retryable as exc:
             raise WebhookError(f"webhook {self.url}: gave up after {self.give_up_after}s: {exc}") from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        return retrying.statistics["attempt_number"]
 
     def _post(self, body: bytes, headers: dict[str, str]) -> None:
         try:
