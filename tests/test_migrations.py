@@ -18,10 +18,9 @@ CONTRACT_COLUMNS = {
 
 
 def test_migrate_twice_records_version_and_creates_tables(ch_client, ch_database):
-    latest = max(m.version for m in load_migrations())
     assert migrate(ch_client, ch_database, {"usage_sampled": 7}) == [m.version for m in load_migrations()]
     assert migrate(ch_client, ch_database, {"usage_sampled": 7}) == []
-    assert applied_versions(ch_client, ch_database) == list(range(1, latest + 1))
+    assert applied_versions(ch_client, ch_database) == [m.version for m in load_migrations()]  # numbers may skip
     tables = {r[0] for r in ch_client.query(f"SHOW TABLES FROM {ch_database}").result_rows}
     assert set(CONTRACT_COLUMNS) <= tables
     for table, columns in CONTRACT_COLUMNS.items():

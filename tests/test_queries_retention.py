@@ -1,0 +1,57 @@
+"""Retention: per-table TTLs follow the TOKENAUDIT_TTL_* settings on every `db migrate`, and
+an expired detailed record really goes while the rollups keep their longer retention."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from _usage_seed import SAMPLED_COLUMNS, utcnow
+from click.testing import CliRunner
+
+from tokenaudit.infra.cli import main
+from tokenaudit.infra.migrate import ttl_days_from_settings
+from tokenaudit.settings import get_settings, load_settings
+from tokenaudit.sinks.store import Store
+
+
+def ttl_days(store: Store, table: str) -> int | None:
+    ddl = store.query("SELECT create_table_query AS q FROM system.tables WHERE database = {d:String} "
+                      "AND name = {t:String}", {"d": store.database, "t": table})[0]["q"]
+    match = re.search(r"TTL .*toIntervalDay\((\d+)\)", ddl)
+    return int(match.group(1)) if match else None
+
+
+def test_changing_ttl_settings_and_migrating_again_changes_the_tables(ch_client, ch_database):
+    store = Store(ch_client, ch_database)
+    store.migrate(ttl_days_from_settings(load_settings()))  # the defaults
+    assert [ttl_days(store, t) for t in ("usage_rollup", "usage_sampled", "anomalies")] == [730, 30, 365]
+    store.migrate(ttl_days_from_settings(load_settings(ttl_rollup_days=400, ttl_sampled_days=7,
+                                                       ttl_anomalies_days=0)))
+    assert [ttl_days(store, t) for t in ("usage_rollup", "usage_sampled", "anomalies")] == [400, 7, None]
+    ddl = store.query("SELECT create_table_query AS q FROM system.tables WHERE database = {d:String} "
+                      "AND name = 'usage_rollup'", {"d": ch_database})[0]["q"]
+    assert "min_age_to_force_merge_seconds = 600" in ddl  # migration 0010
+
+
+def test_db_migrate_applies_ttl_from_environment(ch_database, chdb_dsn, data_dir, monkeypatch):
+    monkeypatch.setenv("TOKENAUDIT_CLICKHOUSE_DSN", chdb_dsn)
+    monkeypatch.setenv("TOKENAUDIT_CLICKHOUSE_DATABASE", ch_database)
+    monkeypatch.setenv("TOKENAUDIT_TTL_SAMPLED_DAYS", "3")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(main, ["db", "migrate"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    s = get_settings()
+    store = Store.open(s.effective_clickhouse_dsn, ch_database)
+    assert ttl_days(store, "usage_sampled") == 3 and ttl_days(store, "usage_rollup") == 730
+
+
+def test_expired_detailed_records_are_dropped(ch_client, ch_database):
+    store = Store(ch_client, ch_database)
+    store.migrate({"usage_rollup": 730, "usage_sampled": 7, "anomalies": 365})
+    now = utcnow()
+    rows = [[f"r{age}", now - timedelta(days=age), "c", "d", "m", 1, 1, 2, 1.0, 200, "top"] for age in (1, 6, 8, 30)]
+    store.insert("usage_sampled", rows, SAMPLED_COLUMNS)
+    store.command("OPTIMIZE TABLE {db}.usage_sampled FINAL")  # TTLs are enforced when parts merge
+    kept = [r["request_id"] for r in store.query("SELECT request_id FROM {db}.usage_sampled ORDER BY ts DESC")]
+    assert kept == ["r1", "r6"]
