@@ -84,7 +84,7 @@ class IdentityMiddleware:
             ctx.client_id, ctx.department, ctx.api_key_id = key.client_id, key.department, key.key_id
             scope["tokenaudit.api_key"] = key
         elif scope["path"] not in self.open_paths:
-            ctx.client_id, ctx.error_type = UNAUTHENTICATED, "unauthorized"
+            ctx.client_id, ctx.error_type = UNAUTHENTICATED, "invalid_api_key"
             message = "missing API key" if raw is None else "invalid API key"
             body = json.dumps({"error": {"type": "authentication_error", "message": message + " (send "
                                "Authorization: Bearer <key>)", "param": None, "code": "invalid_api_key"}}).encode()
