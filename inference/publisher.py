@@ -28,6 +28,34 @@ from tokenaudit.schemas import EVENT, encode
 log = logging.getLogger(__name__)
 
 
+class _Quieter(logging.Filter):
+    """librdkafka repeats "connection refused" several times a second while the broker is down;
+    let each distinct message through once per ``every`` seconds."""
+
+    def __init__(self, every: float = 30.0):
+        super().__init__()
+        self.every = every
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        key = text.split("]: ", 1)[-1]
+        now = time.monotonic()
+        if now - self._last.get(key, -self.every) < self.every:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+def _librdkafka_logger() -> logging.Logger:
+    logger = logging.getLogger("tokenaudit.inference.librdkafka")
+    if not any(isinstance(f, _Quieter) for f in logger.filters):
+        logger.addFilter(_Quieter())
+    return logger
+
+
 @dataclass
 class PublisherStats:
     """Plain counters, read by the /metrics collector at scrape time (no locks on the hot path:
@@ -61,7 +89,7 @@ class EventPublisher:
             "message.timeout.ms": message_timeout_ms,
             "on_delivery": self._on_delivery,
             "error_cb": self._on_error,
-            "logger": logging.getLogger("tokenaudit.inference.librdkafka"),
+            "logger": _librdkafka_logger(),
         }
         self._producer = Producer(self._config)
         self._spool_lock = threading.Lock()
