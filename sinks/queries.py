@@ -16,12 +16,9 @@ from typing import Any
 from tokenaudit.sinks.params import ReportParams, parse_report_params
 from tokenaudit.sinks.store import Store
 
-# Duplicates of one key always share a partition (the partition key is a function of
-# window_start / ts, which are in the sorting key), so FINAL need not merge across
-# partitions; ClickHouse usually infers this, the setting makes it explicit.
 # prefer_column_name_to_alias: `sum(requests) AS requests` must not make a later
 # `sum(requests)` refer to the alias (an aggregate inside an aggregate).
-_FINAL_SETTINGS = "SETTINGS do_not_merge_across_partitions_select_final = 1, prefer_column_name_to_alias = 1"
+_FINAL_SETTINGS = "SETTINGS prefer_column_name_to_alias = 1"
 
 #: --by value -> (output column, SQL expression); the only run-time SQL in this module
 _GROUP_EXPR = {
