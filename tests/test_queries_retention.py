@@ -55,3 +55,27 @@ def test_expired_detailed_records_are_dropped(ch_client, ch_database):
     store.command("OPTIMIZE TABLE {db}.usage_sampled FINAL")  # TTLs are enforced when parts merge
     kept = [r["request_id"] for r in store.query("SELECT request_id FROM {db}.usage_sampled ORDER BY ts DESC")]
     assert kept == ["r1", "r6"]
+
+
+def test_migration_0010_rebuilds_rollups_without_losing_or_doubling_rows(ch_client, ch_database, monkeypatch):
+    from _usage_seed import seed_rollups, totals
+
+    from tokenaudit.infra import migrate as migrate_module
+    from tokenaudit.sinks.queries import run_raw
+
+    every = migrate_module.load_migrations()
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: [m for m in every if m.version < 10])
+    store = Store(ch_client, ch_database)
+    store.migrate()
+    rows = seed_rollups(store, utcnow())  # includes superseded versions and replays
+    before = run_raw(store, "usage", {"since": "2h", "by": "client"})
+    monkeypatch.setattr(migrate_module, "load_migrations", lambda: every)
+    assert store.migrate({"usage_rollup": 730}) == [m.version for m in every if m.version >= 10]
+    after = run_raw(store, "usage", {"since": "2h", "by": "client"})
+    assert after == before
+    assert {r["client_id"]: r["total_tokens"] for r in after} == \
+        {c: v["total_tokens"] for c, v in totals(rows, 0).items()}
+    assert ttl_days(store, "usage_rollup") == 730
+    tables = {r["name"] for r in store.query("SELECT name FROM system.tables WHERE database = {d:String}",
+                                             {"d": ch_database})}
+    assert "usage_rollup_by_day" not in tables
