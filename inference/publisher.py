@@ -22,6 +22,7 @@ from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from tokenaudit.inference.fast_avro import compile_encoder
 from tokenaudit.inference.spool import Spool
 from tokenaudit.schemas import EVENT, encode
 
@@ -62,7 +63,6 @@ class PublisherStats:
     each is written by one thread, and a slightly stale scrape is fine)."""
 
     enqueued: int = 0
-    produced: int = 0
     failed: int = 0
     spooled: int = 0
     replayed: int = 0
@@ -78,6 +78,8 @@ class EventPublisher:
         self.partitions = partitions
         self.retry_seconds = retry_seconds
         self.stats = PublisherStats()
+        # byte-identical to schemas.encode (tested); ~5x faster on the hot path
+        self._encode = compile_encoder(EVENT) or (lambda record: encode(EVENT, record))
         self.spool = Spool(spool_dir, spool_max_bytes)
         self._config = {
             "bootstrap.servers": bootstrap,
@@ -88,6 +90,9 @@ class EventPublisher:
             "queue.buffering.max.messages": queue_max,
             "message.timeout.ms": message_timeout_ms,
             "on_delivery": self._on_delivery,
+            # Python callbacks only for failures: a callback per event would cost the event loop
+            # (GIL) several microseconds per request; successes are counted from the queue.
+            "delivery.report.only.error": True,
             "error_cb": self._on_error,
             "logger": _librdkafka_logger(),
         }
@@ -131,7 +136,7 @@ class EventPublisher:
     def publish(self, event: dict) -> None:
         """Encode and enqueue one event; never blocks on the network, never raises."""
         try:
-            value = encode(EVENT, event)
+            value = self._encode(event)
         except Exception:  # a bug in event building must not fail the request; say so loudly
             log.exception("event %s could not be encoded and is lost", event.get("request_id"))
             self.stats.dropped += 1
@@ -172,9 +177,13 @@ class EventPublisher:
                       self.spool.max_bytes, self.stats.dropped)
 
     # --- callbacks (background thread) ----------------------------------------------------
+    @property
+    def produced(self) -> int:
+        """Events Kafka acknowledged on the direct path: enqueued, no longer queued, not failed."""
+        return max(0, self.stats.enqueued - len(self._producer) - self.stats.failed)
+
     def _on_delivery(self, err, msg) -> None:
         if err is None:
-            self.stats.produced += 1
             return
         self.stats.failed += 1
         self._to_spool(msg.key() or b"", msg.value())

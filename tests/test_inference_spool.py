@@ -59,7 +59,7 @@ def test_publisher_without_broker_spools_then_drops_newest_and_says_so(tmp_path,
             deadline = time.monotonic() + 30
             while pub.stats.spooled + pub.stats.dropped < 20 and time.monotonic() < deadline:
                 time.sleep(0.1)
-        assert pub.stats.spooled + pub.stats.dropped == 20 and pub.stats.produced == 0
+        assert pub.stats.spooled + pub.stats.dropped == 20 and pub.produced == 0
         assert pub.stats.dropped > 0 and pub.state == "spooling"
         assert pub.spool.count() == pub.stats.spooled and pub.spool.bytes <= 1500
         assert "spool is full" in caplog.text and "dropping newest" in caplog.text
@@ -99,3 +99,39 @@ def test_keys_add_prints_a_key_once_and_the_app_uses_the_default_registry(data_d
     assert get_settings().effective_api_keys_file == path
     bad = CliRunner().invoke(main, ["keys", "add", "--client", 'a"b'])
     assert bad.exit_code == 1 and "invalid client_id" in bad.output
+
+
+def test_fast_event_encoder_is_byte_identical_to_the_schemas_codec():
+    import random
+    from datetime import datetime, timezone
+
+    from tokenaudit.inference.fast_avro import compile_encoder
+    from tokenaudit.schemas import encode
+
+    fast = compile_encoder(EVENT)
+    assert fast is not None
+    rng = random.Random(7)
+    texts = ["", "acme", "ünïcödé ✓ 日本", "x" * 300, "a\x00b"]
+    ints = [0, 1, 63, 64, 127, 128, 16383, 16384, -1, -64, -65, 2**31 - 1, -(2**31)]
+    for i in range(400):
+        e = _event(i)
+        for name, value in list(e.items()):
+            if isinstance(value, bool):
+                e[name] = rng.random() < 0.5
+            elif isinstance(value, int):
+                e[name] = rng.choice(ints) if name != "ts" else rng.choice([0, 1_795_000_000_000, -5])
+            elif isinstance(value, float):
+                e[name] = rng.choice([0.0, -1.5, 1e300, 3.14159, 7])
+            elif name in ("api_key_id", "error_type", "batch_id", "prompt_digest", "finish_reason"):
+                e[name] = rng.choice([None, *texts])
+            elif isinstance(value, str):
+                e[name] = rng.choice(texts)
+        assert fast(e) == encode(EVENT, e), e
+        assert decode(fast(e), EVENT)["request_id"] == e["request_id"]
+    # values outside the fast path (a datetime ts, an int32 overflow) defer to the generic codec
+    e = _event(1)
+    e["ts"] = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    assert fast(e) == encode(EVENT, e)
+    e = _event(2)
+    e["input_tokens"] = 2**31
+    assert fast(e) == encode(EVENT, e)
