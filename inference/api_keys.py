@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import secrets
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger("tokenaudit.api_keys")
 
 ROLES = ("client", "admin")
 KEY_PREFIX = "ta_"
@@ -44,11 +48,46 @@ def key_id_of(raw_key: str) -> str:
 
 
 class KeyRegistry:
-    def __init__(self, entries: dict[str, ApiKey]):
+    """Lookups by key hash. A registry loaded from a file follows it: `keys add` takes effect
+    in running processes within about a second, without a restart (a broken edit keeps the
+    last good entries and is logged)."""
+
+    RELOAD_CHECK_SECONDS = 1.0
+
+    def __init__(self, entries: dict[str, ApiKey], path: Path | None = None, mtime_ns: int = 0):
         self._by_hash = entries
+        self._path = path
+        self._mtime_ns = mtime_ns
+        self._checked = time.monotonic()
 
     @classmethod
     def load(cls, path: Path) -> "KeyRegistry":
+        path = Path(path)
+        try:
+            mtime_ns = path.stat().st_mtime_ns
+        except OSError:
+            mtime_ns = 0
+        return cls(cls._parse(path), path, mtime_ns)
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if self._path is None or now - self._checked < self.RELOAD_CHECK_SECONDS:
+            return
+        self._checked = now
+        try:
+            mtime_ns = self._path.stat().st_mtime_ns
+        except OSError:
+            return
+        if mtime_ns == self._mtime_ns:
+            return
+        try:
+            self._by_hash = self._parse(self._path)
+            self._mtime_ns = mtime_ns
+        except KeyRegistryError as exc:
+            log.error("keeping the previous API keys: %s", exc)
+
+    @staticmethod
+    def _parse(path: Path) -> dict[str, ApiKey]:
         try:
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -66,9 +105,10 @@ class KeyRegistry:
                                          role)
             except (KeyError, TypeError, ValueError) as exc:
                 raise KeyRegistryError(f"API-key registry {path}: entry {i} is invalid ({exc})") from None
-        return cls(entries)
+        return entries
 
     def lookup(self, raw_key: str) -> ApiKey | None:
+        self._maybe_reload()
         digest = hash_key(raw_key)
         found = self._by_hash.get(digest)
         # compare_digest keeps the final check constant-time (the dict lookup is on a hash, not the key)

@@ -62,7 +62,8 @@ class Supervisor:
         return [
             Service("sink", cli + ["sink"], lambda: http_ok(f"{api}/healthz"),
                     ports=[(s.usage_api_host, s.usage_api_port)], timeout=120),
-            Service("worker", cli + ["worker"], lambda: self._worker_ready(),
+            # faust's web server answers once the worker has started; events wait in Kafka meanwhile
+            Service("worker", cli + ["worker"], lambda: http_ok(f"http://127.0.0.1:{s.worker_web_port}/metrics"),
                     ports=[("127.0.0.1", s.worker_web_port)], timeout=120),
             Service("inference", cli + ["serve"], lambda: http_ok(f"{app}/readyz"),
                     ports=[(s.http_host, s.http_port)], timeout=600),
@@ -78,14 +79,6 @@ class Supervisor:
             "clickhouse": s.effective_clickhouse_dsn,
             "logs": str(self.log_dir),
         }
-
-    def _worker_ready(self) -> bool:
-        log = self.log_dir / "worker.log"
-        try:
-            text = log.read_text(errors="replace")
-        except OSError:
-            return False
-        return "[^Worker]: Ready" in text or "tokenaudit worker ready" in text
 
     def _local_kafka(self) -> bool:
         return self.settings.kafka_bootstrap == self.broker.bootstrap
@@ -132,6 +125,16 @@ class Supervisor:
             if hasattr(s, extra):
                 topics[getattr(s, extra)] = s.kafka_partitions
         ensure_topics(s.kafka_bootstrap, topics)
+        if s.embedded_clickhouse and self.pid("sink") is not None:
+            self.echo("clickhouse store owned by the running sink (it migrated at start)")
+        else:
+            self._migrate()
+        from tokenaudit.sinks.admin_key import admin_key_path, ensure_admin_key
+
+        ensure_admin_key(s)  # the CLI's key for the usage API (embedded mode)
+        self.echo(f"admin key  {admin_key_path(s)}")
+
+    def _migrate(self) -> None:
         # In embedded mode only one process may open the store, so migrate in a short-lived child.
         proc = subprocess.run([sys.executable, "-m", "tokenaudit.infra.cli", "db", "migrate"],
                               capture_output=True, text=True, env=self._env())

@@ -43,3 +43,15 @@ def test_bad_role_or_client_rejected(tmp_path):
         add_key(tmp_path / "k.toml", "x", role="root")
     with pytest.raises(KeyRegistryError):
         add_key(tmp_path / "k.toml", 'evil"\nrole = "admin')
+
+
+def test_running_registry_picks_up_new_keys(tmp_path, monkeypatch):
+    path = tmp_path / "keys.toml"
+    first = add_key(path, "alice", "research")
+    reg = KeyRegistry.load(path)
+    monkeypatch.setattr(KeyRegistry, "RELOAD_CHECK_SECONDS", 0.0)
+    assert reg.lookup(first) is not None
+    second = add_key(path, "bob", "support")
+    assert reg.lookup(second).client_id == "bob"
+    path.write_text("[[keys]\n")  # a broken edit keeps the last good entries
+    assert reg.lookup(second).client_id == "bob"
