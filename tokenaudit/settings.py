@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     spool_dir: Path | None = Field(None, description="Event spool folder; default <data_dir>/spool.")
     spool_retry_seconds: float = Field(2.0, gt=0, description="How often a spooling producer probes the broker.")
     shutdown_flush_seconds: float = Field(10.0, ge=0, description="Producer flush timeout on shutdown; the rest is spooled.")
-    xla_batch_buckets: str = Field("1,4,16", pattern=r"^\d+(,\d+)*$", description="XLA batch-size buckets (clipped to batch_max_size).")
+    xla_batch_buckets: str = Field("1,16", pattern=r"^\d+(,\d+)*$", description="XLA batch-size buckets (clipped to batch_max_size); all compiled before /readyz at the smallest length and new-token bucket, larger shapes on first use.")
     xla_length_buckets: str = Field("64,512", pattern=r"^\d+(,\d+)*$", description="XLA input-length buckets (clipped to max_input_tokens).")
     xla_new_token_buckets: str = Field("16,256", pattern=r"^\d+(,\d+)*$", description="XLA max_new_tokens buckets (clipped to max_new_tokens_limit).")
     audit_exclude_paths: str = Field("/healthz,/readyz,/metrics", description="Paths that get no audit event (probes, scrapes).")
