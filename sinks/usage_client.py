@@ -37,7 +37,16 @@ class DirectReports:
         self.store = store
 
     def fetch(self, report: str, params: dict[str, str]) -> list[dict[str, Any]]:
-        return run_report(self.store, report, parse_report_params(report, _drop_empty(params)))
+        from clickhouse_connect.driver.exceptions import ClickHouseError as DriverError
+
+        from tokenaudit.infra.clickhouse import ClickHouseError
+
+        parsed = parse_report_params(report, _drop_empty(params))
+        try:
+            return run_report(self.store, report, parsed)
+        except DriverError as exc:  # e.g. a server whose schema was never migrated
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise ClickHouseError(f"{report} query failed: {first} (has `tokenaudit db migrate` run?)") from None
 
 
 class ApiReports:
