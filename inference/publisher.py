@@ -71,7 +71,7 @@ class PublisherStats:
 
 class EventPublisher:
     def __init__(self, bootstrap: str, topic: str, spool_dir: Path, *, spool_max_bytes: int = 256 << 20,
-                 queue_max: int = 100_000, message_timeout_ms: int = 15_000, linger_ms: float = 5.0,
+                 queue_max: int = 100_000, message_timeout_ms: int = 15_000, linger_ms: float = 100.0,
                  compression: str = "lz4", retry_seconds: float = 2.0, partitions: int | None = None):
         self.topic = topic
         self.bootstrap = bootstrap

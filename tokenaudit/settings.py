@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(256 << 20, ge=1 << 16, description="Bound of the on-disk event spool.")
     producer_queue_max: int = Field(100_000, ge=100, description="confluent-kafka local queue bound (messages).")
     producer_message_timeout_ms: int = Field(15_000, ge=1000, description="Delivery timeout before an event is spooled.")
-    producer_linger_ms: float = Field(5.0, ge=0, description="Producer linger (batching delay) in milliseconds.")
+    producer_linger_ms: float = Field(100.0, ge=0, description="Producer linger in ms: fewer, larger produce requests (measured: 5 ms cost the app ~30% throughput on a 2-core box shared with the broker).")
     producer_compression: str = Field("lz4", pattern=r"^(none|gzip|snappy|lz4|zstd)$", description="Producer compression codec.")
     spool_dir: Path | None = Field(None, description="Event spool folder; default <data_dir>/spool.")
     spool_retry_seconds: float = Field(2.0, gt=0, description="How often a spooling producer probes the broker.")
