@@ -24,6 +24,7 @@ import logging
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
 from tokenaudit.streams.processor import Outputs, Processor
@@ -91,11 +92,13 @@ def ensure_worker_topics(settings) -> int:
 
 
 def create_app(settings, partitions: int) -> faust.App:
+    datadir = settings.data_dir / "worker" / settings.worker_id
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.worker_id,
         broker=broker_url(settings.kafka_bootstrap),
         store="memory://",
-        datadir=str(settings.data_dir / "worker" / settings.worker_id),
+        datadir=str(datadir),
         web_enabled=True,
         web_host="127.0.0.1",
         web_port=settings.worker_web_port,
@@ -103,6 +106,8 @@ def create_app(settings, partitions: int) -> faust.App:
         topic_partitions=partitions,
         table_standby_replicas=0,
         broker_commit_interval=settings.worker_commit_seconds,
+        broker_session_timeout=settings.worker_session_timeout,
+        broker_heartbeat_interval=settings.worker_session_timeout / 5,
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=max(4096, settings.worker_batch_size * 2),
         producer_linger_ms=5,
@@ -117,9 +122,16 @@ def create_app(settings, partitions: int) -> faust.App:
         "anomalies": app.topic(settings.topic_anomalies, **raw),
         "dlq": app.topic(settings.topic_dlq, **raw),
     }
-    table = app.Table(STATE_TABLE, default=None, partitions=partitions,
-                      key_serializer="json", value_serializer="json")
-    processor = Processor(settings, TableState(table))
+    table = app.Table(STATE_TABLE, default=None, partitions=partitions)  # keys and values: JSON
+    def committed(partition: int) -> int | None:
+        # faust's record of what it committed (next offset to read) for the source partition;
+        # lets the processor forget retired-window tombstones a replay can no longer reach.
+        try:
+            return app.consumer._committed_offset.get(TP(settings.topic_usage, partition))
+        except Exception:
+            return None
+
+    processor = Processor(settings, TableState(table), committed=committed)
     app.tokenaudit_processor = processor  # for tests and the metrics page
 
     def send(out: Outputs) -> None:
@@ -150,8 +162,11 @@ def create_app(settings, partitions: int) -> faust.App:
 
     @app.timer(max(0.2, min(1.0, settings.idle_timeout_seconds / 2)))
     async def idle_sweep():
+        if app.rebalancing or not app.tables.recovery.completed.is_set():
+            return  # windows restored half-way must not be indexed (or emitted) yet
         out = Outputs()
-        processor.idle_sweep(out)
+        owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_usage}
+        processor.idle_sweep(out, owned)
         if out.rollups or out.anomalies:
             send(out)
 

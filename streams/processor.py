@@ -35,12 +35,13 @@ from tokenaudit.streams.state import State
 
 SEP = "\x1f"
 
-# window value layout (a JSON list, small and fast to copy)
+# window value layout (a JSON list, small and fast to copy). CLOSED: -1 while open, else the
+# source offset at which the window was closed (and its rollup emitted).
 DEPT, REQ, ERR, IN, OUT, TOT, LSUM, LMAX, MAXIN, TRUNC, OFF, CLOSED, FIRED = range(13)
 # client value layout: windows seen, EWMA mean and variance of tokens per window,
 # last closed window_start, first window_start
 C_N, C_MEAN, C_VAR, C_LAST, C_FIRST = range(5)
-EWMA_ALPHA = 0.3
+EWMA_ALPHA = 0.1  # after warm-up; before it, 1/(n+1) (the running mean and variance)
 
 
 @dataclass
@@ -87,8 +88,10 @@ def validate(ev: dict) -> str | None:
 
 
 class Processor:
-    def __init__(self, settings, state: State, clock=time.monotonic):
+    def __init__(self, settings, state: State, clock=time.monotonic, committed=None):
         self.s = settings
+        # committed(partition) -> the group's committed offset (next to read) or None.
+        self.committed = committed or (lambda p: None)
         self.state = state
         self.clock = clock
         self.window_ms = settings.window_seconds * 1000
@@ -107,9 +110,15 @@ class Processor:
         self.corrections: set[str] = set()
 
     # --- partitions --------------------------------------------------------------------------
-    def _ensure_indexed(self, p: int) -> None:
+    def _ensure_indexed(self, p: int, first_offset: int | None = None) -> None:
+        """Build the in-memory indexes of a partition from restored state.
+
+        ``first_offset`` is where consumption resumed (the committed offset). A window whose
+        last change or closing is at or after it may have had its rollup lost with the crash
+        (state and outputs are flushed together, but not atomically), so it is emitted again."""
         if p in self.indexed:
             return
+        resumed = first_offset if first_offset is not None else self.committed(p)
         self.indexed.add(p)
         opened = self.open_by_end.setdefault(p, {})
         closed = self.closed_by_end.setdefault(p, {})
@@ -119,10 +128,13 @@ class Processor:
                 continue
             w = self.state.get(key)
             end = int(key.rsplit(SEP, 1)[1]) + self.window_ms
-            (closed if w[CLOSED] else opened).setdefault(end, set()).add(key)
+            (closed if w[CLOSED] >= 0 else opened).setdefault(end, set()).add(key)
             self.touched[key] = now
-            if w[CLOSED]:
-                self.emitted[key] = w[REQ]
+            if w[CLOSED] >= 0:
+                if resumed is not None and max(w[OFF], w[CLOSED]) < resumed:
+                    self.emitted[key] = w[REQ]
+                else:
+                    self.corrections.add(key)
 
     def drop_partitions(self, partitions, drop_state: bool = True) -> None:
         """Forget derived state of partitions this worker no longer owns."""
@@ -169,7 +181,7 @@ class Processor:
         if reason:
             self._dead(out, key, value, reason, p, offset)
             return
-        self._ensure_indexed(p)
+        self._ensure_indexed(p, offset)
         self.batch_partitions.add(p)
         self.counters.events += 1
         st = self.state
@@ -187,14 +199,16 @@ class Processor:
         wkey = f"w{SEP}{client}{SEP}{model}{SEP}{ws}"
         w = st.get(wkey)
         if w is None and end + self.retention_ms <= wm:
+            # Never in state, or retired after all its events and its rollup were committed
+            # (so this cannot be a replay of an event already counted): a one-event delta.
             self._delta(ev, ws, p, offset, out)
             self._per_request(ev, None, wkey, ws, p, offset, out)
             return
         if w is None:
-            closed = 1 if end + self.grace_ms <= wm else 0
+            closed = offset if end + self.grace_ms <= wm else -1
             w = [ev["department"], 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, -1, closed, -1]
             st.put(p, wkey, w)
-            (self.closed_by_end if closed else self.open_by_end)[p].setdefault(end, set()).add(wkey)
+            (self.closed_by_end if closed >= 0 else self.open_by_end)[p].setdefault(end, set()).add(wkey)
         ckey = f"c{SEP}{client}"
         if st.get(ckey) is None:
             st.put(p, ckey, [0, 0.0, 0.0, -1, ws])
@@ -213,7 +227,7 @@ class Processor:
             w[TRUNC] += bool(ev["truncated"])
             w[OFF] = offset
             st.touch(wkey)
-            if w[CLOSED]:
+            if w[CLOSED] >= 0:
                 self.counters.late += 1
                 self.corrections.add(wkey)
             nkey = f"n{SEP}{p}{SEP}{model}"
@@ -272,21 +286,37 @@ class Processor:
                     w = self.state.get(wkey)
                     if w is None:
                         continue
-                    w[CLOSED] = 1
+                    w[CLOSED] = self._meta(p)[1]
                     self.state.touch(wkey)
                     self._emit(wkey, w, p, out, closing=True)
                     closed.setdefault(end, set()).add(wkey)
-            for end in [e for e in closed if e + self.retention_ms <= wm]:
-                for wkey in closed.pop(end):
-                    self.state.delete(wkey)
-                    self.touched.pop(wkey, None)
-                    self.emitted.pop(wkey, None)
-                    self.corrections.discard(wkey)
+        # Corrections before retirement: a late event applied in this batch must be emitted
+        # even when its window is retired at the end of the same batch.
         for wkey in self.corrections:
             w = self.state.get(wkey)
             if w is not None:
                 self._emit(wkey, w, self.state.key_partition[wkey], out, closing=False)
         self.corrections.clear()
+        for p in self.batch_partitions:
+            wm = self._meta(p)[0]
+            closed = self.closed_by_end[p]
+            committed = self.committed(p)
+            if committed is None:
+                continue  # nothing committed yet: a replay could still need every window
+            for end in [e for e in closed if e + self.retention_ms <= wm]:
+                keep = set()
+                for wkey in closed.pop(end):
+                    w = self.state.get(wkey)
+                    if w is not None and max(w[OFF], w[CLOSED]) >= committed:
+                        # Its last change or emission is not committed yet: a replay could
+                        # bring its events back, or its rollup may not be durable. Later.
+                        keep.add(wkey)
+                        continue
+                    self.state.delete(wkey)
+                    self.touched.pop(wkey, None)
+                    self.emitted.pop(wkey, None)
+                if keep:
+                    closed[end] = keep
         self.batch_partitions.clear()
         for p, model in self.dirty_sketches:
             sketch, off = self.sketches[(p, model)]
@@ -294,8 +324,20 @@ class Processor:
         self.dirty_sketches.clear()
         self.state.flush()
 
-    def idle_sweep(self, out: Outputs) -> None:
-        """Emit open windows that have been quiet (wall clock) for idle_timeout_seconds."""
+    def idle_sweep(self, out: Outputs, partitions=None) -> None:
+        """Emit open windows that have been quiet (wall clock) for idle_timeout_seconds.
+
+        ``partitions``: the owned partitions whose state is fully restored (default: all in
+        state), so windows restored after a restart are emitted even if no event follows."""
+        if partitions is None:
+            partitions = set(self.state.key_partition.values())
+        for p in partitions:
+            self._ensure_indexed(p)
+        for wkey in list(self.corrections):
+            w = self.state.get(wkey)
+            if w is not None:
+                self._emit(wkey, w, self.state.key_partition[wkey], out, closing=False)
+        self.corrections.clear()
         limit = self.clock() - self.s.idle_timeout_seconds
         for p, opened in self.open_by_end.items():
             for keys in opened.values():
@@ -365,9 +407,10 @@ class Processor:
             if c[C_N] == 0:
                 c[C_MEAN], c[C_VAR] = float(tokens), 0.0
             else:
+                alpha = max(EWMA_ALPHA, 1.0 / (c[C_N] + 1))
                 diff = tokens - c[C_MEAN]
-                c[C_MEAN] += EWMA_ALPHA * diff
-                c[C_VAR] = (1 - EWMA_ALPHA) * (c[C_VAR] + EWMA_ALPHA * diff * diff)
+                c[C_MEAN] += alpha * diff
+                c[C_VAR] = (1 - alpha) * (c[C_VAR] + alpha * diff * diff)
             c[C_N] += 1
             c[C_LAST] = ws
             self.state.touch(f"c{SEP}{client}")

@@ -13,6 +13,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 
+META_PREFIX = "p\x1f"
+
+
 class State:
     """A mapping key -> JSON-able value, each key belonging to one source partition."""
 
@@ -56,10 +59,19 @@ class State:
     def flush(self) -> int:
         """Persist dirty keys and deletions; returns how many writes were made."""
         n = len(self.dirty) + len(self.deleted)
+        metas = []
         for key, partition in self.dirty.items():
-            self._write(partition, key, self.data[key])
+            if key.startswith(META_PREFIX):
+                metas.append((key, partition))
+            else:
+                self._write(partition, key, self.data[key])
         for key, partition in self.deleted.items():
             self._write(partition, key, None)
+        # The partition's meta record (watermark, last offset) goes last: a changelog
+        # partition is appended in order, so a restored meta implies every other write of
+        # its batch was restored too, and replays re-make the same event-time decisions.
+        for key, partition in metas:
+            self._write(partition, key, self.data[key])
         self.dirty.clear()
         self.deleted.clear()
         return n

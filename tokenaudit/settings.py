@@ -116,6 +116,7 @@ class Settings(BaseSettings):
     worker_batch_size: int = Field(5000, ge=1, description="Events the worker takes per batch.")
     worker_batch_seconds: float = Field(0.2, gt=0, description="Longest wait for a worker batch to fill.")
     worker_commit_seconds: float = Field(1.0, gt=0, description="Worker offset commit interval (state is flushed first).")
+    worker_session_timeout: float = Field(10.0, ge=6.0, description="Worker consumer session timeout: how soon a dead worker's partitions move.")
     sink_group_id: str = Field("tokenaudit-sink", min_length=1, description="Consumer group of the ClickHouse sink.")
 
     # --- sinks / queries --------------------------------------------------------------------
@@ -178,7 +179,6 @@ class Settings(BaseSettings):
         return self.model or str(self.data_dir / "models" / "t5-tiny")
 
     @property
-    @property
     def effective_spool_dir(self) -> Path:
         return self.spool_dir or self.data_dir / "spool"
 
@@ -195,6 +195,7 @@ class Settings(BaseSettings):
         default = self.data_dir / "api_keys.toml"
         return default if default.is_file() else None
 
+    @property
     def embedded_clickhouse(self) -> bool:
         return self.effective_clickhouse_dsn.startswith("chdb://")
 

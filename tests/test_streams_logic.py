@@ -1,0 +1,264 @@
+"""The stream job's logic without Kafka: windows against exact ground truth, crash replays
+from persisted state, the top-fraction sampler against exact quantiles, anomaly rules,
+dead letters. (The same code runs inside the faust worker; see test_streams_exact.py.)"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tokenaudit.schemas import EVENT, encode
+from tokenaudit.settings import load_settings
+from tokenaudit.sinks import rows as R
+from tokenaudit.streams import sampler, synth
+from tokenaudit.streams.processor import Outputs, Processor
+from tokenaudit.streams.state import MemoryState
+
+T0 = 1_750_000_000_000
+PARTS = 4
+
+
+def settings(**kw):
+    base = dict(window_seconds=2, grace_seconds=1, late_retention_seconds=6, idle_timeout_seconds=1.0,
+                sample_warmup=50)
+    base.update(kw)
+    return load_settings(**base)
+
+
+class Table:
+    """What the ReplacingMergeTree + the sink's delta merge leave visible to FINAL queries."""
+
+    def __init__(self):
+        self.rows: dict = {}
+        self.anomalies: dict = {}
+        self.sampled: dict = {}
+
+    def apply(self, out: Outputs) -> None:
+        for r in out.rollups:
+            k = R.rollup_key(r)
+            if r["delta_id"]:
+                cur = self.rows.get(k)
+                if not (cur and r["delta_id"] in cur["late_ids"]):
+                    self.rows[k] = R.merge_delta(cur, r)
+            elif k not in self.rows or self.rows[k]["version"] <= r["version"]:
+                self.rows[k] = dict(r, late_ids=[])
+        for a in out.anomalies:
+            self.anomalies[R.anomaly_key(a)] = a
+        for s in out.sampled:
+            self.sampled[R.sampled_key(s)] = s
+
+    def totals(self) -> dict:
+        return {k: (v["requests"], v["errors"], v["input_tokens"], v["output_tokens"], v["total_tokens"],
+                    round(v["latency_ms_sum"], 3), v["latency_ms_max"], v["max_input_tokens"], v["truncated"])
+                for k, v in self.rows.items()}
+
+
+def partitioned(events):
+    """(partition, offset, key, value) in per-partition order, interleaved like a consumer sees them."""
+    logs: dict[int, list] = {p: [] for p in range(PARTS)}
+    for key, value in synth.encoded(events):
+        p = hash(key) % PARTS
+        logs[p].append((p, len(logs[p]), key, value))
+    merged = []
+    for i in range(max(len(v) for v in logs.values())):
+        for p in range(PARTS):
+            if i < len(logs[p]):
+                merged.append(logs[p][i])
+    return merged
+
+
+def run(proc: Processor, table: Table, msgs, batch: int = 500) -> None:
+    for i in range(0, len(msgs), batch):
+        out = Outputs()
+        for p, off, key, value in msgs[i:i + batch]:
+            proc.process(p, off, key, value, out)
+        proc.end_batch(out)
+        table.apply(out)
+
+
+def drain_idle(proc: Processor, table: Table) -> None:
+    """The stream has ended: let the idle timeout pass and sweep (restored windows included)."""
+    out = Outputs()
+    proc.idle_sweep(out)  # indexes restored partitions, touched = now
+    proc.clock = lambda: 1e12
+    proc.idle_sweep(out)
+    table.apply(out)
+
+
+def test_rollups_exact_with_out_of_order_late_and_very_late_events():
+    events = synth.mixed_stream(12_000, clients=120, models=3, start_ms=T0, span_ms=30_000, seed=3,
+                                late_share=0.05, late_ms=12_000, jitter_ms=900)
+    proc, table = Processor(settings(), MemoryState()), Table()
+    run(proc, table, partitioned(events))
+    drain_idle(proc, table)
+    assert proc.counters.late > 0 and proc.counters.late_beyond_retention > 0
+    assert table.totals() == synth.ground_truth(events, 2000)
+
+
+def _crash(state: MemoryState, since: int, rnd: random.Random) -> MemoryState:
+    """SIGKILL: writes made since the last commit survive only as a per-partition prefix
+    (a changelog partition is appended in order; partitions are independent)."""
+    tail = state.writes[since:]
+    cut = {p: rnd.randint(0, sum(1 for w in tail if w[0] == p)) for p in range(PARTS)}
+    seen: dict[int, int] = {}
+    kept = []
+    for w in tail:
+        seen[w[0]] = seen.get(w[0], 0) + 1
+        if seen[w[0]] <= cut[w[0]]:
+            kept.append(w)
+    state.writes = state.writes[:since] + kept
+    return state.persisted()
+
+
+def test_crash_at_random_points_replays_exactly():
+    """Crash = state and outputs since the last commit are partly lost; restart from the
+    committed offsets; repeat. Outputs already delivered stay (they are idempotent)."""
+    rnd = random.Random(5)
+    events = synth.mixed_stream(8_000, clients=80, models=2, start_ms=T0, span_ms=20_000, seed=8,
+                                late_share=0.05, late_ms=9_000, jitter_ms=700)
+    msgs = partitioned(events)
+    s = settings()
+    state, table = MemoryState(), Table()
+    offsets: dict[int, int] = {}  # the group's committed offsets (next to read)
+    proc = Processor(s, state, committed=offsets.get)
+    committed, pos, pending, flushed_writes, replayed = 0, 0, [], 0, 0
+    for _ in range(5):
+        stop = min(len(msgs), pos + rnd.randint(600, 2400))
+        while pos < stop:
+            out = Outputs()
+            for p, off, key, value in msgs[pos:pos + 300]:
+                proc.process(p, off, key, value, out)
+            proc.end_batch(out)  # state written (changelog) and outputs sent, not yet acknowledged
+            pending.append(out)
+            pos = min(pos + 300, len(msgs))
+            if rnd.random() < 0.5:  # commit: flush everything first, then commit offsets
+                for o in pending:
+                    table.apply(o)
+                pending, committed, flushed_writes = [], pos, len(state.writes)
+                for p, off, _, _ in msgs[:pos]:
+                    offsets[p] = off + 1
+        for o in pending:  # some outputs of the unacknowledged batches got through
+            for field in ("rollups", "sampled", "anomalies"):
+                setattr(o, field, [r for r in getattr(o, field) if rnd.random() < 0.5])
+            table.apply(o)
+        pending = []
+        state = _crash(state, flushed_writes, rnd)
+        replayed += proc.counters.replayed
+        proc = Processor(s, state, committed=offsets.get)
+        pos = committed
+    run(proc, table, msgs[pos:], batch=300)
+    drain_idle(proc, table)
+    assert replayed + proc.counters.replayed > 0  # replays happened and were absorbed
+    assert table.totals() == synth.ground_truth(events, 2000)
+
+
+@pytest.mark.parametrize("dist", ["lognormal", "tied"])
+def test_sampler_share_and_recall_100k(dist):
+    rnd = random.Random(1)
+    n, f = 100_000, 0.10
+    if dist == "lognormal":
+        values = [int(rnd.lognormvariate(5, 1)) for _ in range(n)]
+    else:  # 85% at 100, 12% at 200 (the cut falls inside this run), 3% spread above
+        values = [100 if u < 0.85 else 200 if u < 0.97 else 200 + int(u * 1000)
+                  for u in (rnd.random() for _ in range(n))]
+    sketch = sampler.new_sketch()
+    kept = []
+    for i, v in enumerate(values):
+        kept.append(sampler.keep(sketch, float(v), f, f"req-{i}", warmup=200))
+        sketch.update(float(v))
+    warm = 5_000
+    share = sum(kept[warm:]) / (n - warm)
+    exact_cut = sorted(values[warm:])[int((1 - f) * (n - warm))]
+    true_top = [i for i in range(warm, n) if values[i] > exact_cut] or []
+    recall = sum(kept[i] for i in true_top) / max(len(true_top), 1)
+    print(f"RESULT sampler_{dist}_share={share:.4f} recall_strictly_above_cut={recall:.4f}")
+    assert abs(share - f) <= 0.01
+    assert recall >= 0.95
+    assert len(sketch.serialize()) < 64_000  # bounded memory
+
+
+def _proc_rules(**kw):
+    s = settings(window_seconds=1, grace_seconds=0, anomaly_spike_floor_tokens=3000, anomaly_spike_min_history=5,
+                 anomaly_new_client_tokens=20_000, anomaly_latency_min_requests=100, anomaly_input_tokens=2048, **kw)
+    return Processor(s, MemoryState())
+
+
+def _normal_stream(seed: int, windows: int = 30, clients: int = 40) -> list[dict]:
+    rnd = random.Random(seed)
+    events, i = [], 0
+    for w in range(windows):
+        for c in range(clients):
+            for _ in range(rnd.randint(3, 6)):
+                inp = rnd.randint(20, 300)
+                events.append(synth.event(f"n{seed}-{i}", T0 + w * 1000 + rnd.randint(0, 999), f"client-{c}",
+                                          "model-a", input_tokens=inp, output_tokens=rnd.randint(5, 40),
+                                          status_code=500 if rnd.random() < 0.02 else 200,
+                                          latency_ms=4 + 0.05 * inp * rnd.uniform(0.8, 1.25)))
+                i += 1
+    events.sort(key=lambda e: e["ts"])
+    return events
+
+
+def _rules(events) -> tuple[dict, Table]:
+    proc, table = _proc_rules(), Table()
+    run(proc, table, partitioned(events), batch=200)
+    drain_idle(proc, table)
+    return {a["anomaly_id"]: a for a in table.anomalies.values()}, table
+
+
+def test_anomaly_rules_quiet_on_normal_stream():
+    anomalies, _ = _rules(_normal_stream(1))
+    assert list(anomalies.values()) == []
+
+
+def test_each_anomaly_rule_fires_on_its_planted_case_and_replay_dedups():
+    events = _normal_stream(2)
+    n = len(events)
+    late_w = T0 + 20 * 1000
+    planted = [
+        synth.event("huge-1", late_w + 5, "client-1", "model-b", input_tokens=2100, output_tokens=0),
+        *[synth.event(f"spike-{i}", late_w + 10 + i, "client-2", "model-a", input_tokens=400, output_tokens=100)
+          for i in range(12)],
+        *[synth.event(f"err-{i}", late_w + 10 + i, "client-3", "model-a", status_code=503) for i in range(12)],
+        *[synth.event(f"slow-{i}", late_w + 10 + i, "client-4", "model-a", input_tokens=200, latency_ms=500.0)
+          for i in range(4)],
+        *[synth.event(f"new-{i}", late_w + 10 + i, "stranger", "model-a", input_tokens=2000, output_tokens=500)
+          for i in range(10)],
+    ]
+    events = sorted(events + planted, key=lambda e: e["ts"])
+    anomalies, table = _rules(events)
+    fired = {(a["rule"], a["client_id"]) for a in anomalies.values()}
+    assert fired == {("input_tokens", "client-1"), ("token_spike", "client-2"), ("error_rate", "client-3"),
+                     ("latency_per_token", "client-4"), ("new_client_volume", "stranger")}, (fired, n)
+    huge = next(a for a in anomalies.values() if a["rule"] == "input_tokens")
+    assert huge["request_id"] == "huge-1" and huge["observed"] == 2100 and huge["message"]
+    assert table.sampled[("client-1", "huge-1")]["sample_reason"] == "anomaly:input_tokens"
+    # A second run over the same topic (fresh state: a replay) yields the same ids, so the
+    # ReplacingMergeTree keeps one row per anomaly.
+    again, _ = _rules(events)
+    assert set(again) == set(anomalies)
+
+
+def test_dead_letters_for_poison_and_invalid_events():
+    proc = Processor(settings(), MemoryState())
+    good = synth.event("ok", T0, "c1")
+    bad_client = dict(good, client_id="")
+    valid = encode(EVENT, good)
+    poison = {
+        b"random": b"\x8a\x00\xff garbage",
+        b"truncated": valid[: len(valid) // 2],
+        b"fingerprint": b"\xc3\x01" + b"\x42" * 8 + valid[10:],
+        b"invalid": encode(EVENT, bad_client),
+    }
+    out = Outputs()
+    for i, (key, value) in enumerate(poison.items()):
+        proc.process(0, i, key, value, out)
+    proc.process(0, 99, b"c1", valid, out)
+    proc.end_batch(out)
+    reasons = {key: reason for key, _, reason, _, _ in out.dlq}
+    assert set(reasons) == set(poison)
+    assert reasons[b"fingerprint"].startswith("undecodable: unknown writer schema fingerprint")
+    assert reasons[b"invalid"] == "invalid: empty client_id"
+    assert [v for _, v, _, _, _ in out.dlq] == list(poison.values())  # bytes kept as they came
+    assert proc.counters.dlq == 4 and proc.counters.events == 1
