@@ -281,9 +281,19 @@ def status(fmt: str) -> None:
 
 
 @main.command()
-def demo() -> None:
-    """Run the whole pipeline end to end on embedded defaults."""
-    not_yet("demo")
+@click.option("--steady", default=40.0, show_default=True, help="Seconds of steady traffic.")
+@click.option("--spike", default=15.0, show_default=True, help="Seconds of spike traffic after it.")
+@click.option("--keep-running", is_flag=True, help="Leave the pipeline up afterwards (skip `down`).")
+def demo(steady: float, spike: float, keep_running: bool) -> None:
+    """Run the whole pipeline end to end on embedded defaults: up, traffic, reports, down."""
+    from tokenaudit.infra.demo import run_demo
+    from tokenaudit.infra.services import ServiceError
+
+    try:
+        code = _run(lambda: run_demo(click.echo, steady, spike, keep_running))
+    except ServiceError as exc:
+        raise CliError(str(exc)) from None
+    sys.exit(code)
 
 
 # --- queries: usage, top, report, latency, anomalies (defined beside the queries, in sinks/) ----

@@ -163,12 +163,16 @@ class Supervisor:
                                     start_new_session=True, env=self._env(svc.env))
         self.pid_file(svc.name).write_text(str(proc.pid))
         deadline = time.monotonic() + svc.timeout
+        next_note = time.monotonic() + 15
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 break
             if svc.ready():
                 self.echo(f"{svc.name:<10} ready ({time.monotonic() - t0:.1f}s, pid {proc.pid})")
                 return
+            if time.monotonic() >= next_note:  # long steps (model build, XLA compile) show progress
+                self.echo(f"{svc.name:<10} starting... {time.monotonic() - t0:.0f}s ({_last_line(log_path)})")
+                next_note += 15
             time.sleep(0.5)
         died = proc.poll() is not None
         procutil.terminate(proc.pid, timeout=10)
@@ -204,6 +208,11 @@ class Supervisor:
             pid = self.pid(svc.name)
             out[svc.name] = "down" if pid is None else (f"ready pid={pid}" if svc.ready() else f"starting pid={pid}")
         return out
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln for ln in procutil.tail(path, 8).splitlines() if ln.strip() and "GET /" not in ln]
+    return (lines[-1].strip()[:100] if lines else "no output yet")
 
 
 def _tail_since(path: Path, offset: int, lines: int = 25) -> str:
