@@ -1,0 +1,154 @@
+"""The whole pipeline as a user runs it: `up` starts sink, worker and inference app as
+background processes (against the session's real broker), HTTP requests go in, and
+`tokenaudit usage --format json` must give exact per-client totals — also after the worker
+was SIGKILLed mid-run and restarted. Then `up`/`down` idempotence and a busy port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tokenaudit.infra.procutil import free_port, pid_alive
+from tokenaudit.settings import get_settings, load_settings
+
+CLI = [sys.executable, "-m", "tokenaudit.infra.cli"]
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    from tokenaudit.inference.testing import cached_model
+
+    return cached_model("t5", load_settings().cache_dir)
+
+
+@pytest.fixture
+def pipeline_env(tmp_path, kafka_bootstrap, model_path, monkeypatch):
+    env = {
+        "TOKENAUDIT_DATA_DIR": str(tmp_path / "data"),
+        "TOKENAUDIT_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "TOKENAUDIT_MODEL": str(model_path),
+        "TOKENAUDIT_XLA": "false",
+        "TOKENAUDIT_HTTP_PORT": str(free_port()),
+        "TOKENAUDIT_USAGE_API_PORT": str(free_port()),
+        "TOKENAUDIT_WORKER_WEB_PORT": str(free_port()),
+        "TOKENAUDIT_WINDOW_SECONDS": "2",
+        "TOKENAUDIT_GRACE_SECONDS": "1",
+        "TOKENAUDIT_IDLE_TIMEOUT_SECONDS": "2",
+        # fresh topics and group per test: no other test's events or offsets
+        "TOKENAUDIT_TOPIC_USAGE": f"e2e-usage-{tmp_path.name[-12:]}",
+        "TOKENAUDIT_TOPIC_ROLLUPS": f"e2e-rollups-{tmp_path.name[-12:]}",
+        "TOKENAUDIT_TOPIC_SAMPLED": f"e2e-sampled-{tmp_path.name[-12:]}",
+        "TOKENAUDIT_TOPIC_ANOMALIES": f"e2e-anomalies-{tmp_path.name[-12:]}",
+        "TOKENAUDIT_WORKER_ID": f"e2e-worker-{tmp_path.name[-12:]}",
+        "TOKENAUDIT_SINK_GROUP_ID": f"e2e-sink-{tmp_path.name[-12:]}",
+        "TOKENAUDIT_KAFKA_PARTITIONS": "2",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    yield env
+    subprocess.run(CLI + ["down"], capture_output=True, text=True, timeout=180)
+    get_settings.cache_clear()
+
+
+def cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"tokenaudit {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def add_key(client: str, department: str) -> str:
+    return cli("keys", "add", "--client", client, "--department", department).stdout.strip().split()[0]
+
+
+def send(base: str, keys: dict[str, str], n: int, expected: dict, offset: int) -> None:
+    def one(i: int) -> None:
+        client = list(keys)[i % len(keys)]
+        words = " ".join(f"w{(i * 7 + j) % 13}" for j in range(3 + i % 11))
+        r = httpx.post(f"{base}/v1/generate", json={"prompt": words, "max_new_tokens": 2 + i % 5},
+                       headers={"Authorization": f"Bearer {keys[client]}"}, timeout=120)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        with_lock = expected[client]
+        with_lock["requests"] += 1
+        with_lock["input_tokens"] += usage["input_tokens"]
+        with_lock["output_tokens"] += usage["output_tokens"]
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(offset, offset + n)))
+
+
+def usage_json() -> dict[str, dict]:
+    rows = json.loads(cli("usage", "--since", "1h", "--by", "client", "--format", "json").stdout)
+    return {r["client_id"]: r for r in rows}
+
+
+def test_http_to_usage_exact_across_worker_kill(pipeline_env):
+    up = cli("up")
+    assert "tokenaudit is up" in up.stdout
+    s = load_settings()
+    base = f"http://{s.http_host}:{s.http_port}"
+    keys = {"acme-web": add_key("acme-web", "sales"), "acme-etl": add_key("acme-etl", "data"),
+            "globex": add_key("globex", "research")}
+    time.sleep(1.5)  # the running app picks up the new keys (registry follows the file)
+    expected: dict[str, dict] = defaultdict(lambda: {"requests": 0, "input_tokens": 0, "output_tokens": 0})
+    send(base, keys, 30, expected, 0)
+
+    worker_pid = int((s.run_dir / "worker.pid").read_text())
+    os.kill(worker_pid, signal.SIGKILL)
+    send(base, keys, 30, expected, 30)
+    restarted = cli("up")
+    assert "worker" in restarted.stdout and "ready" in restarted.stdout
+    assert "inference  already running" in restarted.stdout
+
+    deadline = time.monotonic() + 120
+    got = {}
+    while time.monotonic() < deadline:
+        got = usage_json()
+        if all(got.get(c, {}).get("requests", 0) >= e["requests"] for c, e in expected.items()):
+            break
+        time.sleep(1)
+    time.sleep(3)  # any double count would show up as more than expected
+    got = usage_json()
+    for client, e in expected.items():
+        row = got[client]
+        assert (row["requests"], row["input_tokens"], row["output_tokens"]) == \
+            (e["requests"], e["input_tokens"], e["output_tokens"]), client
+        assert row["total_tokens"] == e["input_tokens"] + e["output_tokens"]
+
+
+def test_up_twice_down_twice_and_busy_port(pipeline_env):
+    s = load_settings()
+    first = cli("up")
+    pids = {name: int((s.run_dir / f"{name}.pid").read_text()) for name in ("sink", "worker", "inference")}
+    second = cli("up")
+    for name in pids:
+        assert f"{name:<10} already running" in second.stdout
+        assert int((s.run_dir / f"{name}.pid").read_text()) == pids[name]
+    assert "nothing was running" not in cli("down").stdout
+    assert not any(pid_alive(p) for p in pids.values()), "down must stop every process"
+    assert "nothing was running" in cli("down").stdout
+
+    with socket.socket() as sock:  # someone else holds the inference port
+        sock.bind((s.http_host, s.http_port))
+        sock.listen()
+        busy = cli("up", check=False)
+    assert busy.returncode == 1
+    assert f"port {s.http_port}" in busy.stderr and "already in use" in busy.stderr
+    assert not list(s.run_dir.glob("*.pid")), "a failed up leaves no pid files"
+    for name in ("sink", "worker"):
+        started = [ln for ln in busy.stdout.splitlines() if ln.startswith(name) and "pid" in ln]
+        pid = int(started[0].rsplit("pid ", 1)[1].rstrip(")"))
+        assert not pid_alive(pid), f"{name} left running after a failed up"
+    assert first.returncode == 0
