@@ -39,6 +39,7 @@ class App:
 
     def __init__(self, data_dir, bootstrap, model):
         self.port = free_port()
+        self.readyz_seen: list[tuple[int, str | None]] = []
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "TOKENAUDIT_DATA_DIR": str(data_dir), "TOKENAUDIT_KAFKA_BOOTSTRAP": bootstrap,
                     "TOKENAUDIT_MODEL": str(model), "TOKENAUDIT_XLA": "false", "TOKENAUDIT_HTTP_PORT": str(self.port),
@@ -53,7 +54,9 @@ class App:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"app exited: {self.proc.returncode}"
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/readyz", timeout=2)
+                self.readyz_seen.append((r.status_code, r.json().get("reason")))
+                if r.status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -101,6 +104,7 @@ def model():
 
 def test_broker_stopped_mid_load_every_request_succeeds_and_every_event_arrives(broker, model, tmp_path):
     app = App(tmp_path / "data", broker.bootstrap, model).wait_ready()
+    assert (503, "model is loading") in app.readyz_seen, "/readyz says 503 until the model is loaded"
     ids: list[str] = []
     errors: list[BaseException] = []
     stop = threading.Event()
