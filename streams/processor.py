@@ -104,7 +104,7 @@ class Processor:
         self.closed_by_end: dict[int, dict[int, set[str]]] = {}
         self.touched: dict[str, float] = {}
         self.emitted: dict[str, int] = {}
-        self.sketches: dict[tuple[int, str], list] = {}  # (partition, model) -> [sketch, last_offset]
+        self.sketches: dict[tuple[int, str], sampler.TopSampler] = {}  # (partition, model)
         self.dirty_sketches: set[tuple[int, str]] = set()
         self.batch_partitions: set[int] = set()
         self.corrections: set[str] = set()
@@ -159,11 +159,12 @@ class Processor:
             self.state.put(p, key, meta)
         return meta
 
-    def _sketch(self, p: int, model: str) -> list:
+    def _sketch(self, p: int, model: str) -> sampler.TopSampler:
         entry = self.sketches.get((p, model))
         if entry is None:
             stored = self.state.get(f"s{SEP}{p}{SEP}{model}")
-            entry = [sampler.load_sketch(stored[0]), stored[1]] if stored else [sampler.new_sketch(), -1]
+            entry = (sampler.TopSampler(sampler.load_sketch(stored[0]), stored[1]) if stored
+                     else sampler.TopSampler(sampler.new_sketch()))
             self.sketches[(p, model)] = entry
         return entry
 
@@ -261,14 +262,12 @@ class Processor:
                 request_id=ev["request_id"], ts=ev["ts"]))
             out.sampled.append(self._sampled(ev, "anomaly:input_tokens", float(thr)))
             kept = True
-        entry = self._sketch(p, ev["model"])
-        sketch = entry[0]
+        top = self._sketch(p, ev["model"])
         total = float(ev["total_tokens"])
-        if not kept and sampler.keep(sketch, total, s.sample_fraction, ev["request_id"], s.sample_warmup):
-            out.sampled.append(self._sampled(ev, "top_fraction", sampler.threshold(sketch, s.sample_fraction)))
-        if offset > entry[1]:
-            sketch.update(total)
-            entry[1] = offset
+        if not kept and top.keep(total, s.sample_fraction, ev["request_id"], s.sample_warmup):
+            out.sampled.append(self._sampled(ev, "top_fraction", top.threshold()))
+        if offset > top.offset:
+            top.update(total, offset)
             self.dirty_sketches.add((p, ev["model"]))
 
     def _dead(self, out: Outputs, key, value, reason: str, p: int, offset: int) -> None:
@@ -319,8 +318,8 @@ class Processor:
                     closed[end] = keep
         self.batch_partitions.clear()
         for p, model in self.dirty_sketches:
-            sketch, off = self.sketches[(p, model)]
-            self.state.put(p, f"s{SEP}{p}{SEP}{model}", [sampler.dump_sketch(sketch), off])
+            top = self.sketches[(p, model)]
+            self.state.put(p, f"s{SEP}{p}{SEP}{model}", [sampler.dump_sketch(top.sketch), top.offset])
         self.dirty_sketches.clear()
         self.state.flush()
 

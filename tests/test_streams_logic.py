@@ -162,11 +162,15 @@ def test_sampler_share_and_recall_100k(dist):
     else:  # 85% at 100, 12% at 200 (the cut falls inside this run), 3% spread above
         values = [100 if u < 0.85 else 200 if u < 0.97 else 200 + int(u * 1000)
                   for u in (rnd.random() for _ in range(n))]
-    sketch = sampler.new_sketch()
+    top = sampler.TopSampler(sampler.new_sketch())  # what the worker runs (cached cut)
+    sketch = top.sketch
     kept = []
     for i, v in enumerate(values):
-        kept.append(sampler.keep(sketch, float(v), f, f"req-{i}", warmup=200))
-        sketch.update(float(v))
+        kept.append(top.keep(float(v), f, f"req-{i}", warmup=200))
+        top.update(float(v), i)
+    # the uncached rule agrees on a sample of the stream
+    assert all(sampler.keep(sketch, float(v), f, f"req-{i}", 200) == top.keep(float(v), f, f"req-{i}", 200)
+               for i, v in list(enumerate(values))[::997])
     warm = 5_000
     share = sum(kept[warm:]) / (n - warm)
     exact_cut = sorted(values[warm:])[int((1 - f) * (n - warm))]
