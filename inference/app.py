@@ -126,7 +126,7 @@ def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | 
             Route("/readyz", routes.readyz, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
         ],
-        exception_handlers={404: routes.not_found, 405: routes.method_not_allowed},
+        exception_handlers={404: routes.not_found, 405: routes.method_not_allowed, Exception: routes.server_error},
         lifespan=lifespan,
     )
     star.state.tokenaudit = state

@@ -226,6 +226,14 @@ async def not_found(request: Request, exc) -> Response:
     return error_response(request, ApiError(404, "not_found", f"no route {request.url.path}"))
 
 
+async def server_error(request: Request, exc: Exception) -> Response:
+    """Unhandled exceptions: the OpenAI error shape too (the audit layer logs the exception type,
+    never request content)."""
+    ctx = context_of(request.scope)
+    code = ctx.error_type or "internal_error"
+    return error_response(request, ApiError(500, code, "internal error; the request id identifies it in the logs"))
+
+
 async def method_not_allowed(request: Request, exc) -> Response:
     return error_response(request, ApiError(405, "method_not_allowed",
                                             f"{request.method} is not allowed on {request.url.path}"))

@@ -138,6 +138,7 @@ class ModelRunner:
         eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = tok.pad_token_id
+        self._fit_positions(config)
         self.device = _device_name()
         if self.xla:
             import tensorflow as tf
@@ -146,6 +147,22 @@ class ModelRunner:
         log.info("loaded %s (%s) on %s, xla=%s", self.model_name,
                  "encoder-decoder" if self.encoder_decoder else "decoder-only", self.device, self.xla)
         return self
+
+    def _fit_positions(self, config) -> None:
+        """Models with absolute position embeddings fail on longer inputs (an opaque 500 per
+        request); cap truncation so prompt (+ generated tokens, decoder-only) always fits."""
+        positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if not positions:
+            return
+        cap = positions if self.encoder_decoder else positions - self.new_token_buckets[-1]
+        if cap < 8:
+            raise ModelLoadError(f"model {self.name_or_path!r} has {positions} positions: too few for "
+                                 f"{self.new_token_buckets[-1]} new tokens (lower TOKENAUDIT_MAX_NEW_TOKENS_LIMIT)")
+        if self.max_input_tokens > cap:
+            log.warning("max_input_tokens %d exceeds what %s can take; truncating inputs to %d tokens",
+                        self.max_input_tokens, self.model_name, cap)
+            self.max_input_tokens = cap
+            self.length_buckets = sorted({min(b, cap) for b in self.length_buckets})
 
     def warmup(self, all_buckets: bool = False) -> float:
         """Compile XLA buckets before serving: every batch bucket at the smallest length and

@@ -296,10 +296,21 @@ def test_decoder_only_model_in_development_mode(tmp_path, kafka_bootstrap, topic
             plain = client.post("/v1/generate", json={"prompt": prompts[0], "max_new_tokens": 5})
             proxied = client.post("/v1/generate", json={"prompt": prompts[1], "max_new_tokens": 7},
                                   headers={"X-Forwarded-For": "198.51.100.7"})
+        # a model failure (inputs past GPT-2's 1024 positions, forced past the runner's cap):
+        # a JSON 500 and its event, and the app keeps serving
+        app.state.runner.max_input_tokens = 1100
+        failed = httpx.post(server.base_url + "/v1/generate", json={"prompt": "x " * 1500, "max_new_tokens": 2},
+                            timeout=60)
+        app.state.runner.max_input_tokens = 64
+        after = httpx.post(server.base_url + "/v1/generate", json={"prompt": "still fine", "max_new_tokens": 2})
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "generation_failed"
+    assert after.status_code == 200
     assert plain.status_code == proxied.status_code == 200
     ids = [plain.json()["request_id"], proxied.json()["request_id"]]
-    events = {e["request_id"]: e for e in decode_events(read_events(kafka_bootstrap, topic_name, expect=2))}
-    assert sorted(events) == sorted(ids)
+    all_ids = ids + [failed.headers["x-request-id"], after.headers["x-request-id"]]
+    events = {e["request_id"]: e for e in decode_events(read_events(kafka_bootstrap, topic_name, expect=4))}
+    assert sorted(events) == sorted(all_ids)
+    assert (events[all_ids[2]]["status_code"], events[all_ids[2]]["error_type"]) == (500, "generation_failed")
     a, b = events[ids[0]], events[ids[1]]
     assert a["client_id"] == a["client_ip"] == "127.0.0.1" and a["api_key_id"] is None
     assert b["client_id"] == "198.51.100.7", "X-Forwarded-For from a trusted proxy names the client"

@@ -116,3 +116,10 @@ def test_xla_bucket_generation_matches_eager(t5_path):
     assert xla._compiled_shapes == {(2, 16, 4)}, "a one-row batch is padded into the compiled bucket"
     single = xla.generate(["hello world"], [4])[0]
     assert single.output_ids == want[0].output_ids
+
+
+def test_inputs_are_capped_to_the_model_positions(gpt2_path):
+    runner = ModelRunner(str(gpt2_path), max_input_tokens=2000, max_new_tokens_limit=256).load()
+    assert runner.max_input_tokens == 1024 - 256, "GPT-2 has 1024 positions, 256 kept for generation"
+    r = runner.generate(["word " * 1000], [2])[0]
+    assert r.truncated and r.input_tokens == 768 and r.untruncated_input_tokens > 768 and 1 <= r.output_tokens <= 2
