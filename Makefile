@@ -1,19 +1,24 @@
 # The two commands: `make demo` and `make test`. Both build or update the virtualenv, install
 # the project, fetch the Kafka jars from Maven Central (once, cached), and run. Re-running
 # is fast: the install step is skipped while pyproject.toml is unchanged.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench model clean
+.PHONY: setup demo test bench docs clean
 
 $(STAMP): pyproject.toml
 	@echo ">> creating/updating $(VENV) (first run downloads TensorFlow: a few minutes)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip
-	@$(PY) -m pip install --progress-bar on --disable-pip-version-check -e '.[test]'
+	@$(PY) -m pip install --progress-bar on --disable-pip-version-check -e '.[test]' 2>&1 \
+	  | grep -vE '^(Requirement already satisfied|  |\s*$$)' || true
+	@$(PY) -c "import tokenaudit.settings, tensorflow, faust, chdb" 2>/dev/null \
+	  || { echo "install incomplete: see the pip output above"; exit 1; }
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -27,6 +32,11 @@ test: setup
 
 bench: setup
 	@for b in bench/bench_*.py; do echo ">> $$b"; $(PY) $$b || exit 1; done
+
+docs: $(STAMP)
+	@$(PY) -c "import re, pathlib; from tokenaudit.settings import settings_table_markdown as t; \
+	p = pathlib.Path('README.md'); s = p.read_text(); \
+	p.write_text(re.sub(r'(<!-- settings:start -->\n).*?(<!-- settings:end -->)', lambda m: m.group(1) + t() + '\n' + m.group(2), s, flags=re.S))"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
