@@ -4,7 +4,7 @@ from __future__ import annotations
 
 ROLLUP_COLUMNS = ["client_id", "department", "model", "window_start", "window_end", "requests", "errors",
                   "input_tokens", "output_tokens", "total_tokens", "latency_ms_sum", "latency_ms_max",
-                  "max_input_tokens", "truncated", "version"]
+                  "max_input_tokens", "truncated", "version", "applied_offset"]
 ROLLUP_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "total_tokens", "latency_ms_sum",
                "truncated")
 ROLLUP_MAXES = ("latency_ms_max", "max_input_tokens")
@@ -58,4 +58,14 @@ def merge_delta(current: dict | None, delta: dict) -> dict:
         merged[c] = max(current[c], delta[c])
     merged["version"] = max(int(current["version"]), int(current["requests"])) + delta["requests"]
     merged["late_ids"] = list(current.get("late_ids") or []) + [delta["delta_id"]]
+    merged["applied_offset"] = max(int(current.get("applied_offset", -1)), delta["applied_offset"])
     return merged
+
+
+def delta_included(current: dict | None, delta: dict) -> bool:
+    """Whether the stored row already counts the delta's event: rows include a prefix (by
+    source offset) of their window's events, so any offset at or below the row's is in."""
+    if current is None:
+        return False
+    return (delta["delta_id"] in (current.get("late_ids") or [])
+            or delta["applied_offset"] <= int(current.get("applied_offset", -1)))

@@ -184,7 +184,7 @@ class Sink:
             "AND window_start = {ws:DateTime64(3, 'UTC')}",
             {"c": d["client_id"], "m": d["model"], "ws": d["window_start"]})
         current = found[0] if found else None
-        if current is not None and d["delta_id"] in (current.get("late_ids") or []):
+        if R.delta_included(current, d):
             self.counters.deltas_replayed += 1
             return
         merged = R.merge_delta(current, d)

@@ -362,6 +362,7 @@ class Processor:
             "requests": w[REQ], "errors": w[ERR], "input_tokens": w[IN], "output_tokens": w[OUT],
             "total_tokens": w[TOT], "latency_ms_sum": w[LSUM], "latency_ms_max": w[LMAX],
             "max_input_tokens": w[MAXIN], "truncated": w[TRUNC], "version": w[REQ], "delta_id": delta_id,
+            "applied_offset": w[OFF],
         }
 
     def _delta(self, ev: dict, ws: int, p: int, offset: int, out: Outputs) -> None:

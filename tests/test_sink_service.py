@@ -32,7 +32,8 @@ def rollup(client: str, requests: int, ws: int = WS, delta_id: str | None = None
     return {"client_id": client, "department": "eng", "model": "m", "window_start": ws, "window_end": ws + 60_000,
             "requests": requests, "errors": 0, "input_tokens": 10 * requests, "output_tokens": 5 * requests,
             "total_tokens": 15 * requests, "latency_ms_sum": 2.0 * requests, "latency_ms_max": 2.0,
-            "max_input_tokens": 10, "truncated": 0, "version": requests, "delta_id": delta_id}
+            "max_input_tokens": 10, "truncated": 0, "version": requests, "delta_id": delta_id,
+            "applied_offset": int(delta_id.rsplit(":", 1)[1]) if delta_id else 100}
 
 
 def sampled(request_id: str) -> dict:
