@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import time
 import uuid
 
 import httpx
@@ -153,10 +154,13 @@ def test_openai_client_completions_chat_and_streaming(t5_app, kafka_bootstrap):
     assert events[ids[1]][0]["input_tokens"] == chat.usage.prompt_tokens
 
 
-def _raw_request(port, data: bytes, wait_response=True) -> bytes:
+def _raw_request(port, data: bytes, wait_response=True, close_after: float = 0.15) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(data)
         if not wait_response:
+            # let the server read the body and start generating (32 eager steps take far
+            # longer than this), then vanish before the answer
+            time.sleep(close_after)
             return b""
         chunks = []
         while True:
