@@ -122,16 +122,13 @@ def create_app(settings, partitions: int) -> faust.App:
     )
     raw = dict(key_serializer="raw", value_serializer="raw")
     source = app.topic(settings.topic_usage, partitions=partitions, **raw)
-    out_topics = {
-        "rollups": app.topic(settings.topic_rollups, **raw),
-        "sampled": app.topic(settings.topic_sampled, **raw),
-        "anomalies": app.topic(settings.topic_anomalies, **raw),
-        "dlq": app.topic(settings.topic_dlq, **raw),
-    }
+    for name in (settings.topic_rollups, settings.topic_sampled, settings.topic_anomalies, settings.topic_dlq):
+        app.topic(name, **raw)  # declared (created if missing); written through the producer below
     table = app.Table(STATE_TABLE, default=None, partitions=partitions)  # keys and values: JSON
+
     def committed(partition: int) -> int | None:
         # faust's record of what it committed (next offset to read) for the source partition;
-        # lets the processor forget retired-window tombstones a replay can no longer reach.
+        # windows are retired only once their last change and emission are below it.
         try:
             return app.consumer._committed_offset.get(TP(settings.topic_usage, partition))
         except Exception:
