@@ -150,10 +150,6 @@ def _cell(value) -> str:
     return str(value)
 
 
-def not_yet(what: str):
-    raise CliError(f"`tokenaudit {what}` is not implemented yet in this build")
-
-
 # --- inference ---------------------------------------------------------------------------------
 @main.group()
 def model() -> None:
