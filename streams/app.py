@@ -1,4 +1,4 @@
-"""The faust-streaming worker: one agent over ``token-usage`` taking batches of events.
+"""The faust-streaming worker: ``token-usage`` processed in whole fetched batches.
 
 State lives in a faust Table (in-memory store, changelog topic
 ``<worker_id>-state-changelog``) that faust restores on start and on every rebalance,
@@ -6,9 +6,9 @@ before the partition's events are fetched again (checked against Kafka 4.4 with 
 0.14: restore from the changelog works). We do *not* use faust's windowed tables or
 ``on_window_close`` (wall-clock expiry, no firing after restore) nor its exactly-once mode.
 
-How the Table is used, and why: events arrive in batches (``take_events``, acked only
-after the batch body ran), so faust's ``table[key] = value`` would write every key's
-changelog record to the partition of the *last* event of the batch, not the key's own.
+How the Table is used, and why: events arrive in batches (one fetch, delivered by
+:mod:`tokenaudit.streams.batch_consumer`, acked only after the batch was handled), so
+faust's ``table[key] = value`` would write every key's changelog record to the partition of the *last* event of the batch, not the key's own.
 The processor therefore mutates the Table's store in place and, once per batch, sends one
 changelog record per changed key with the key's source partition
 (``Table.send_changelog``). faust flushes the producer (changelog and outputs) before it
@@ -29,12 +29,15 @@ import faust
 from faust.types import TP
 
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
+from tokenaudit.streams.batch_consumer import BatchTransport
 from tokenaudit.streams.processor import Outputs, Processor
 from tokenaudit.streams.state import State
 
 log = logging.getLogger("tokenaudit.worker")
 
 STATE_TABLE = "state"
+_json_str = json.encoder.encode_basestring_ascii  # == json.dumps(str)
+_json_value = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class TableState(State):
@@ -66,9 +69,17 @@ class TableState(State):
         pass
 
     def _write(self, partition: int, key: str, value: Any) -> None:
-        # JSON, as faust's json codec reads it back during recovery.
-        self.pending.append((partition, json.dumps(key).encode(),
-                             None if value is None else json.dumps(value, separators=(",", ":")).encode()))
+        # JSON, as faust's json codec reads it back during recovery (same bytes as
+        # json.dumps, without its per-call encoder set-up).
+        self.pending.append((partition, _json_str(key).encode(),
+                             None if value is None else _json_value(value).encode()))
+
+
+class WorkerApp(faust.App):
+    """faust.App whose consumer delivers the source topic in whole batches (batch_consumer)."""
+
+    def _new_transport(self):
+        return BatchTransport(self.conf.broker_consumer, self)
 
 
 def broker_url(bootstrap: str) -> str:
@@ -100,7 +111,7 @@ def ensure_worker_topics(settings) -> int:
 def create_app(settings, partitions: int) -> faust.App:
     datadir = settings.data_dir / "worker" / settings.worker_id
     datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = WorkerApp(
         settings.worker_id,
         broker=broker_url(settings.kafka_bootstrap),
         store="memory://",
@@ -115,7 +126,7 @@ def create_app(settings, partitions: int) -> faust.App:
         broker_session_timeout=settings.worker_session_timeout,
         broker_heartbeat_interval=settings.worker_session_timeout / 5,
         consumer_auto_offset_reset="earliest",
-        stream_buffer_maxsize=max(4096, settings.worker_batch_size * 2),
+        broker_max_poll_records=settings.worker_batch_size,
         producer_linger_ms=5,
         producer_max_batch_size=1 << 20,
         logging_config=None,
@@ -178,18 +189,23 @@ def create_app(settings, partitions: int) -> faust.App:
         for name in ("aiokafka", "aiokafka.producer", "aiokafka.consumer"):
             logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
 
-    @app.agent(source, concurrency=1)
-    async def usage(stream):
-        async for events in stream.take_events(settings.worker_batch_size, within=settings.worker_batch_seconds):
-            assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.topic_usage}
-            out = Outputs()
-            for event in events:
-                msg = event.message
-                if msg.partition not in assigned:
-                    continue  # revoked while buffered: its new owner replays it
-                processor.process(msg.partition, msg.offset, msg.key, msg.value, out)
-            processor.end_batch(out)
-            await send_all(out)
+    async def handle_batch(batch) -> None:
+        """One fetched batch of source records (all partitions): process, close windows,
+        hand changelog and outputs to the producer. Acked by the consumer afterwards."""
+        out = Outputs()
+        process = processor.process
+        for tp, records in batch:
+            p = tp.partition
+            for r in records:
+                process(p, r.offset, r.key, r.value, out)
+        processor.end_batch(out)
+        await send_all(out)
+
+    # The source topic is subscribed through the conductor like an agent's would be, but
+    # its records reach handle_batch in whole fetched batches (see batch_consumer).
+    app.topics.add(source)
+    app.consumer.batch_topic = settings.topic_usage
+    app.consumer.batch_handler = handle_batch
 
     @app.timer(max(0.2, min(1.0, settings.idle_timeout_seconds / 2)))
     async def idle_sweep():

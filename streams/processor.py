@@ -29,8 +29,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenaudit.schemas import EVENT, AvroDecodeError, decode
+from tokenaudit.schemas import AvroDecodeError
 from tokenaudit.streams import sampler
+from tokenaudit.streams.decoder import decode_event
 from tokenaudit.streams.state import State
 
 SEP = "\x1f"
@@ -108,6 +109,11 @@ class Processor:
         self.dirty_sketches: set[tuple[int, str]] = set()
         self.batch_partitions: set[int] = set()
         self.corrections: set[str] = set()
+        self._meta_keys: dict[int, str] = {}
+        # settings read per event, hoisted (pydantic attribute access is not free)
+        self.input_threshold = settings.anomaly_input_tokens
+        self.sample_fraction = settings.sample_fraction
+        self.sample_warmup = settings.sample_warmup
 
     # --- partitions --------------------------------------------------------------------------
     def _ensure_indexed(self, p: int, first_offset: int | None = None) -> None:
@@ -170,8 +176,10 @@ class Processor:
 
     # --- events ------------------------------------------------------------------------------
     def process(self, p: int, offset: int, key: bytes | None, value: bytes, out: Outputs) -> None:
+        # The per-event hot path (tens of thousands a second): locals over attribute and
+        # method lookups, int epoch ms throughout, state values mutated in place.
         try:
-            ev = decode(value, EVENT)
+            ev = decode_event(value)
         except AvroDecodeError as exc:
             self._dead(out, key, value, f"undecodable: {exc}", p, offset)
             return
@@ -182,23 +190,30 @@ class Processor:
         if reason:
             self._dead(out, key, value, reason, p, offset)
             return
-        self._ensure_indexed(p, offset)
+        if p not in self.indexed:
+            self._ensure_indexed(p, offset)
         self.batch_partitions.add(p)
         self.counters.events += 1
         st = self.state
-        ts = int(ev["ts"].timestamp() * 1000)
-        meta = self._meta(p)
+        data = st.data
+        dirty = st.dirty
+        ts = ev["ts"]
+        mkey = self._meta_keys.get(p) or self._meta_key(p)
+        meta = data.get(mkey)
+        if meta is None:
+            meta = self._meta(p)
         if offset > meta[1]:
             if ts > meta[0]:
                 meta[0] = ts
             meta[1] = offset
-            st.touch(f"p{SEP}{p}")
+            dirty[mkey] = p
         wm = meta[0]
         client, model = ev["client_id"], ev["model"]
-        ws = ts - ts % self.window_ms
-        end = ws + self.window_ms
+        window_ms = self.window_ms
+        ws = ts - ts % window_ms
+        end = ws + window_ms
         wkey = f"w{SEP}{client}{SEP}{model}{SEP}{ws}"
-        w = st.get(wkey)
+        w = data.get(wkey)
         if w is None and end + self.retention_ms <= wm:
             # Never in state, or retired after all its events and its rollup were committed
             # (so this cannot be a replay of an event already counted): a one-event delta.
@@ -209,49 +224,61 @@ class Processor:
             closed = offset if end + self.grace_ms <= wm else -1
             w = [ev["department"], 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, -1, closed, -1]
             st.put(p, wkey, w)
-            (self.closed_by_end if closed >= 0 else self.open_by_end)[p].setdefault(end, set()).add(wkey)
+            index = (self.closed_by_end if closed >= 0 else self.open_by_end)[p]
+            keys = index.get(end)
+            if keys is None:
+                index[end] = {wkey}
+            else:
+                keys.add(wkey)
         ckey = f"c{SEP}{client}"
-        if st.get(ckey) is None:
+        if ckey not in data:
             st.put(p, ckey, [0, 0.0, 0.0, -1, ws])
         if offset > w[OFF]:
             latency = ev["latency_ms"]
+            inp = ev["input_tokens"]
             w[REQ] += 1
-            w[ERR] += ev["status_code"] >= 400
-            w[IN] += ev["input_tokens"]
+            if ev["status_code"] >= 400:
+                w[ERR] += 1
+            w[IN] += inp
             w[OUT] += ev["output_tokens"]
             w[TOT] += ev["total_tokens"]
             w[LSUM] += latency
             if latency > w[LMAX]:
                 w[LMAX] = latency
-            if ev["input_tokens"] > w[MAXIN]:
-                w[MAXIN] = ev["input_tokens"]
-            w[TRUNC] += bool(ev["truncated"])
+            if inp > w[MAXIN]:
+                w[MAXIN] = inp
+            if ev["truncated"]:
+                w[TRUNC] += 1
             w[OFF] = offset
-            st.touch(wkey)
+            dirty[wkey] = p
             if w[CLOSED] >= 0:
                 self.counters.late += 1
                 self.corrections.add(wkey)
             nkey = f"n{SEP}{p}{SEP}{model}"
-            norm = st.get(nkey)
+            norm = data.get(nkey)
             if norm is None:
                 norm = [0.0, 0, 0, -1]
                 st.put(p, nkey, norm)
             if offset > norm[3]:
                 norm[0] += latency
-                norm[1] += ev["input_tokens"]
+                norm[1] += inp
                 norm[2] += 1
                 norm[3] = offset
-                st.touch(nkey)
+                dirty[nkey] = p
         else:
             self.counters.replayed += 1
         self.touched[wkey] = self.clock()
         self._per_request(ev, w, wkey, ws, p, offset, out)
 
+    def _meta_key(self, p: int) -> str:
+        key = self._meta_keys[p] = f"p{SEP}{p}"
+        return key
+
     def _per_request(self, ev: dict, w: list | None, wkey: str, ws: int, p: int, offset: int, out: Outputs) -> None:
         """Per-request anomaly rule and the top-fraction sampler."""
-        s = self.s
         kept = False
-        if ev["input_tokens"] > s.anomaly_input_tokens and (w is None or w[FIRED] in (-1, offset)):
+        if ev["input_tokens"] > self.input_threshold and (w is None or w[FIRED] in (-1, offset)):
+            s = self.s
             if w is not None and w[FIRED] == -1:
                 w[FIRED] = offset
                 self.state.touch(wkey)
@@ -262,13 +289,14 @@ class Processor:
                 request_id=ev["request_id"], ts=ev["ts"]))
             out.sampled.append(self._sampled(ev, "anomaly:input_tokens", float(thr)))
             kept = True
-        top = self._sketch(p, ev["model"])
+        model = ev["model"]
+        top = self.sketches.get((p, model)) or self._sketch(p, model)
         total = float(ev["total_tokens"])
-        if not kept and top.keep(total, s.sample_fraction, ev["request_id"], s.sample_warmup):
+        if not kept and top.keep(total, self.sample_fraction, ev["request_id"], self.sample_warmup):
             out.sampled.append(self._sampled(ev, "top_fraction", top.threshold()))
         if offset > top.offset:
             top.update(total, offset)
-            self.dirty_sketches.add((p, ev["model"]))
+            self.dirty_sketches.add((p, model))
 
     def _dead(self, out: Outputs, key, value, reason: str, p: int, offset: int) -> None:
         self.counters.dlq += 1
