@@ -20,9 +20,11 @@ restart, which is why the offsets live in the values.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import faust
@@ -30,6 +32,7 @@ from faust.types import TP
 
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
 from tokenaudit.streams.batch_consumer import BatchTransport
+from tokenaudit.streams.batch_producer import PartitionedRecords, send_records
 from tokenaudit.streams.processor import Outputs, Processor
 from tokenaudit.streams.state import State
 
@@ -158,29 +161,54 @@ def create_app(settings, partitions: int) -> faust.App:
             log.critical("produce failed, exiting without commit: %r", fut.exception())
             os._exit(70)
 
+    partition_counts: dict[str, tuple[int, float]] = {}
+
+    def partitions_of(topic: str) -> int:
+        return partition_counts[topic][0]
+
+    async def refresh_partition_counts(producer, topics) -> None:
+        now = time.monotonic()
+        for topic in topics:
+            known = partition_counts.get(topic)
+            if known is None or now - known[1] > 60.0:
+                await producer.client._wait_on_metadata(topic)
+                partition_counts[topic] = (len(producer.client.cluster.partitions_for_topic(topic)), now)
+
+    outgoing = PartitionedRecords(partitions_of)
+    send_lock = asyncio.Lock()
+    output_topics = (settings.topic_rollups, settings.topic_sampled, settings.topic_anomalies, settings.topic_dlq)
+
     async def send_all(out: Outputs) -> None:
-        """Changelog records first, then outputs, all through the aiokafka producer; faust
-        flushes it before every offset commit."""
-        produce = app.producer.send
-        futures = []
+        """Changelog records, then outputs, handed to the aiokafka producer as one record
+        batch per partition (batch_producer); faust flushes it before every offset commit."""
+        async with send_lock:  # one batch's records reach the accumulator before the next's
+            await _send_all(out)
+
+    async def _send_all(out: Outputs) -> None:
+        producer = app.producer._ensure_producer()
+        await refresh_partition_counts(producer, output_topics)
         pending, state.pending = state.pending, []
+        add, add_keyed = outgoing.add, outgoing.add_keyed
         for partition, key, value in pending:
-            futures.append(await produce(changelog, key, value, partition, None, None))
+            add(changelog, partition, key, value)
         for r in out.rollups:
             key = f"{r['client_id']}\x1f{r['model']}\x1f{r['window_start']}".encode()
-            futures.append(await produce(settings.topic_rollups, key, encode(ROLLUP, r), None, None, None))
+            add_keyed(settings.topic_rollups, key, encode(ROLLUP, r))
         for r in out.sampled:
-            futures.append(await produce(settings.topic_sampled, r["client_id"].encode(), encode(SAMPLED, r),
-                                         None, None, None))
+            add_keyed(settings.topic_sampled, r["client_id"].encode(), encode(SAMPLED, r), cache=True)
         for r in out.anomalies:
-            futures.append(await produce(settings.topic_anomalies, r["client_id"].encode(), encode(ANOMALY, r),
-                                         None, None, None))
+            add_keyed(settings.topic_anomalies, r["client_id"].encode(), encode(ANOMALY, r), cache=True)
         for key, value, reason, p, offset in out.dlq:
-            futures.append(await produce(settings.topic_dlq, key, value, None, None, [
-                ("reason", reason.encode()), ("source_topic", settings.topic_usage.encode()),
-                ("source_partition", str(p).encode()), ("source_offset", str(offset).encode())]))
-        for fut in futures:
-            fut.add_done_callback(fatal_if_failed)
+            headers = [("reason", reason.encode()), ("source_topic", settings.topic_usage.encode()),
+                       ("source_partition", str(p).encode()), ("source_offset", str(offset).encode())]
+            if key is None:
+                add(settings.topic_dlq, p % partitions_of(settings.topic_dlq), key, value, headers)
+            else:
+                add_keyed(settings.topic_dlq, key, value, headers)
+        by_tp = outgoing.by_tp
+        outgoing.clear()
+        if by_tp:
+            await send_records(producer, by_tp, lambda fut: fut.add_done_callback(fatal_if_failed))
 
     @app.task
     async def quiet_logs() -> None:
