@@ -53,11 +53,17 @@ class TableState(State):
     def __init__(self, table: faust.Table) -> None:
         super().__init__()
         self.table = table
+        self._data: dict | None = None
         self.pending: list[tuple[int, bytes, bytes | None]] = []
 
     @property  # type: ignore[override]
     def data(self) -> dict:
-        return self.table.data.data
+        # The memory store keeps one dict for its lifetime (cleared and updated in place,
+        # never replaced): hold it instead of two property lookups per state access.
+        d = self._data
+        if d is None:
+            d = self._data = self.table.data.data
+        return d
 
     @data.setter
     def data(self, value) -> None:  # State.__init__ assigns; the store owns the dict
@@ -234,6 +240,7 @@ def create_app(settings, partitions: int) -> faust.App:
     app.topics.add(source)
     app.consumer.batch_topic = settings.topic_usage
     app.consumer.batch_handler = handle_batch
+    app.consumer.fetch_timeout = settings.worker_batch_seconds
 
     @app.timer(max(0.2, min(1.0, settings.idle_timeout_seconds / 2)))
     async def idle_sweep():

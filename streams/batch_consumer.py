@@ -46,6 +46,7 @@ class _InFlight:
 class BatchConsumer(faust_aiokafka.Consumer):
     batch_topic: str | None = None
     batch_handler: BatchHandler | None = None
+    fetch_timeout: float = 1.0  # longest wait of one fetch when no records are buffered
 
     async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - exercised end to end
         if self.batch_topic is None or self.batch_handler is None:
@@ -56,7 +57,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 self.diag.set_flag(CONSUMER_FETCHING)
-                records, active = await self._wait_next_records(1.0)
+                records, active = await self._wait_next_records(self.fetch_timeout)
                 await self.sleep(0)
                 if records is None or self.should_stop:
                     continue
