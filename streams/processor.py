@@ -38,7 +38,10 @@ SEP = "\x1f"
 
 # window value layout (a JSON list, small and fast to copy). CLOSED: -1 while open, else the
 # source offset at which the window was closed (and its rollup emitted).
-DEPT, REQ, ERR, IN, OUT, TOT, LSUM, LMAX, MAXIN, TRUNC, OFF, CLOSED, FIRED = range(13)
+# NLAT/NIN/NCNT: the model's latency norm (per source partition) as of this window's last
+# applied event, so the latency rule gives the same answer however batches were cut (live,
+# after a crash, or in a fresh group's replay).
+DEPT, REQ, ERR, IN, OUT, TOT, LSUM, LMAX, MAXIN, TRUNC, OFF, CLOSED, FIRED, NLAT, NIN, NCNT = range(16)
 # client value layout: windows seen, EWMA mean and variance of tokens per window,
 # last closed window_start, first window_start
 C_N, C_MEAN, C_VAR, C_LAST, C_FIRST = range(5)
@@ -203,10 +206,13 @@ class Processor:
         if meta is None:
             meta = self._meta(p)
         if offset > meta[1]:
-            if ts > meta[0]:
+            advanced = ts > meta[0]
+            if advanced:
                 meta[0] = ts
             meta[1] = offset
             dirty[mkey] = p
+            if advanced:  # the closing offset is this event's: a replay from here re-closes
+                self._close_due(p, out)
         wm = meta[0]
         client, model = ev["client_id"], ev["model"]
         window_ms = self.window_ms
@@ -222,7 +228,7 @@ class Processor:
             return
         if w is None:
             closed = offset if end + self.grace_ms <= wm else -1
-            w = [ev["department"], 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, -1, closed, -1]
+            w = [ev["department"], 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, -1, closed, -1, 0.0, 0, 0]
             st.put(p, wkey, w)
             index = (self.closed_by_end if closed >= 0 else self.open_by_end)[p]
             keys = index.get(end)
@@ -265,6 +271,8 @@ class Processor:
                 norm[2] += 1
                 norm[3] = offset
                 dirty[nkey] = p
+            if len(w) > NCNT:
+                w[NLAT], w[NIN], w[NCNT] = norm[0], norm[1], norm[2]
         else:
             self.counters.replayed += 1
         self.touched[wkey] = self.clock()
@@ -303,20 +311,35 @@ class Processor:
         out.dlq.append((key, value, reason[:500], p, offset))
 
     # --- windows -----------------------------------------------------------------------------
+    def _close_due(self, p: int, out: Outputs) -> None:
+        """Close the windows the partition's watermark has passed, at the event that moved it.
+
+        Closing here (not at the end of a batch) fixes each window's content at its close to
+        "its events up to this offset", so the window rules give the same answer however the
+        stream was cut into batches: live, after a crash, or in a fresh group's replay."""
+        opened = self.open_by_end[p]
+        if not opened:
+            return
+        meta = self._meta(p)
+        horizon = meta[0] - self.grace_ms
+        due = [e for e in opened if e <= horizon]
+        if not due:
+            return
+        closed = self.closed_by_end[p]
+        for end in sorted(due):
+            for wkey in opened.pop(end):
+                w = self.state.get(wkey)
+                if w is None:
+                    continue
+                w[CLOSED] = meta[1]
+                self.state.touch(wkey)
+                self._emit(wkey, w, p, out, closing=True)
+                closed.setdefault(end, set()).add(wkey)
+
     def end_batch(self, out: Outputs) -> None:
         """Close windows the watermark has passed, emit corrections, persist dirty state."""
         for p in self.batch_partitions:
-            wm = self._meta(p)[0]
-            opened, closed = self.open_by_end[p], self.closed_by_end[p]
-            for end in sorted(e for e in opened if e + self.grace_ms <= wm):
-                for wkey in opened.pop(end):
-                    w = self.state.get(wkey)
-                    if w is None:
-                        continue
-                    w[CLOSED] = self._meta(p)[1]
-                    self.state.touch(wkey)
-                    self._emit(wkey, w, p, out, closing=True)
-                    closed.setdefault(end, set()).add(wkey)
+            self._close_due(p, out)
         # Corrections before retirement: a late event applied in this batch must be emitted
         # even when its window is retired at the end of the same batch.
         for wkey in self.corrections:
@@ -380,7 +403,8 @@ class Processor:
         if self.emitted.get(wkey) != w[REQ]:
             self.emitted[wkey] = w[REQ]
             out.rollups.append(self._rollup(client, model, ws, w))
-        self._window_rules(client, model, ws, w, p, out, closing)
+        if closing:  # rules run once per window, on its content at the close (see _close_due)
+            self._window_rules(client, model, ws, w, p, out, closing)
 
     def _rollup(self, client: str, model: str, ws: int, w: list, delta_id: str | None = None) -> dict:
         self.counters.rollups += 1
@@ -398,7 +422,7 @@ class Processor:
         self.counters.late_beyond_retention += 1
         w = [ev["department"], 1, int(ev["status_code"] >= 400), ev["input_tokens"], ev["output_tokens"],
              ev["total_tokens"], ev["latency_ms"], ev["latency_ms"], ev["input_tokens"], int(bool(ev["truncated"])),
-             offset, 1, -1]
+             offset, 1, -1, 0.0, 0, 0]
         out.rollups.append(self._rollup(ev["client_id"], ev["model"], ws, w, delta_id=f"{self.s.topic_usage}:{p}:{offset}"))
 
     # --- window anomaly rules ------------------------------------------------------------------
@@ -419,9 +443,9 @@ class Processor:
             out.anomalies.append(self._anomaly(
                 "error_rate", client, dept, model, ws, rate, s.anomaly_error_rate,
                 f"{w[ERR]} of {w[REQ]} requests failed ({rate:.0%})"))
-        norm = self.state.get(f"n{SEP}{p}{SEP}{model}")
-        if norm and norm[2] >= s.anomaly_latency_min_requests and norm[1] > 0 and w[IN] > 0 and w[REQ] >= 3:
-            model_ratio = norm[0] / norm[1]
+        if (len(w) > NCNT and w[NCNT] >= s.anomaly_latency_min_requests and w[NIN] > 0 and w[IN] > 0
+                and w[REQ] >= 3):
+            model_ratio = w[NLAT] / w[NIN]
             ratio = w[LSUM] / w[IN]
             if ratio > s.anomaly_latency_factor * model_ratio:
                 out.anomalies.append(self._anomaly(
