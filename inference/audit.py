@@ -136,12 +136,11 @@ Send = Callable[[dict], Awaitable[None]]
 
 class AuditMiddleware:
     def __init__(self, app, publish: Callable[[dict], None], model_name: str,
-                 exclude_paths: frozenset[str] = frozenset(), on_event: Callable[[dict], None] | None = None):
+                 exclude_paths: frozenset[str] = frozenset()):
         self.app = app
         self.publish = publish
         self.model_name = model_name
         self.exclude = exclude_paths
-        self.on_event = on_event
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -191,5 +190,3 @@ class AuditMiddleware:
                     status, ctx.error_type = STATUS_CLIENT_CLOSED, "client_disconnect"
                 event = ctx.to_event(scope["method"], scope["path"], status or 500)
                 self.publish(event)
-                if self.on_event is not None:
-                    self.on_event(event)

@@ -35,9 +35,6 @@ def _varint_uncached(n: int) -> bytes:
 _SMALL = tuple(_varint_uncached(i) for i in range(_VARINT_CACHE))
 
 
-def _long(n: int) -> bytes:
-    return _SMALL[n] if 0 <= n < _VARINT_CACHE else _varint_uncached(n)
-
 
 class _Unsupported(Exception):
     pass

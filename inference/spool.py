@@ -82,11 +82,6 @@ class Spool:
             self._fd = None
             self._active = None
 
-    def sync(self) -> None:
-        """fsync the active segment (on shutdown: survive power loss, not only a crash)."""
-        with self._lock:
-            if self._fd is not None:
-                os.fsync(self._fd)
 
     def close(self) -> None:
         with self._lock:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from datetime import date, datetime, timezone
 from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential_jitter
+
+from tokenaudit.sinks.queries import _jsonable
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,7 @@ def validate_url(url: str) -> str:
 
 def anomaly_json(anomaly: dict[str, Any]) -> dict[str, Any]:
     """A decoded anomaly with times as ISO 8601 UTC strings (the webhook and --format json body)."""
-    out = {}
-    for key, value in anomaly.items():
-        if isinstance(value, datetime):
-            value = value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-        elif isinstance(value, date):
-            value = value.isoformat()
-        out[key] = value
-    return out
+    return _jsonable([anomaly])[0]
 
 
 class WebhookForwarder:

@@ -212,7 +212,7 @@ class Processor:
             meta[1] = offset
             dirty[mkey] = p
             if advanced:  # the closing offset is this event's: a replay from here re-closes
-                self._close_due(p, out)
+                self._close_due(p, out, meta)
         wm = meta[0]
         client, model = ev["client_id"], ev["model"]
         window_ms = self.window_ms
@@ -290,7 +290,7 @@ class Processor:
             if w is not None and w[FIRED] == -1:
                 w[FIRED] = offset
                 self.state.touch(wkey)
-            obs, thr = ev["input_tokens"], s.anomaly_input_tokens
+            obs, thr = ev["input_tokens"], self.input_threshold
             out.anomalies.append(self._anomaly(
                 "input_tokens", ev["client_id"], ev["department"], ev["model"], ws, obs, thr,
                 f"request {ev['request_id']} sent {obs} input tokens (threshold {thr})",
@@ -311,7 +311,7 @@ class Processor:
         out.dlq.append((key, value, reason[:500], p, offset))
 
     # --- windows -----------------------------------------------------------------------------
-    def _close_due(self, p: int, out: Outputs) -> None:
+    def _close_due(self, p: int, out: Outputs, meta: list) -> None:
         """Close the windows the partition's watermark has passed, at the event that moved it.
 
         Closing here (not at the end of a batch) fixes each window's content at its close to
@@ -320,7 +320,6 @@ class Processor:
         opened = self.open_by_end[p]
         if not opened:
             return
-        meta = self._meta(p)
         horizon = meta[0] - self.grace_ms
         due = [e for e in opened if e <= horizon]
         if not due:
@@ -339,7 +338,7 @@ class Processor:
     def end_batch(self, out: Outputs) -> None:
         """Close windows the watermark has passed, emit corrections, persist dirty state."""
         for p in self.batch_partitions:
-            self._close_due(p, out)
+            self._close_due(p, out, self._meta(p))
         # Corrections before retirement: a late event applied in this batch must be emitted
         # even when its window is retired at the end of the same batch.
         for wkey in self.corrections:
