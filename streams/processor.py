@@ -402,8 +402,7 @@ class Processor:
         if self.emitted.get(wkey) != w[REQ]:
             self.emitted[wkey] = w[REQ]
             out.rollups.append(self._rollup(client, model, ws, w))
-        if closing:  # rules run once per window, on its content at the close (see _close_due)
-            self._window_rules(client, model, ws, w, p, out, closing)
+        self._window_rules(client, model, ws, w, p, out, closing)
 
     def _rollup(self, client: str, model: str, ws: int, w: list, delta_id: str | None = None) -> dict:
         self.counters.rollups += 1
