@@ -33,7 +33,6 @@ class Service:
     ready: Callable[[], bool]
     ports: list[tuple[str, int]] = field(default_factory=list)
     timeout: float = 120.0
-    env: dict[str, str] = field(default_factory=dict)
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:
@@ -160,7 +159,7 @@ class Supervisor:
             log.flush()
             start_offset = log.tell()
             proc = subprocess.Popen(svc.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env=self._env(svc.env))
+                                    start_new_session=True, env=self._env())
         self.pid_file(svc.name).write_text(str(proc.pid))
         deadline = time.monotonic() + svc.timeout
         next_note = time.monotonic() + 15
