@@ -22,7 +22,7 @@ from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from tokenaudit.inference.fast_avro import compile_encoder
+from tokenaudit.schemas.compiled import compile_encoder
 from tokenaudit.inference.spool import Spool
 from tokenaudit.schemas import EVENT, encode
 

@@ -21,6 +21,7 @@ restart, which is why the offsets live in the values.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -28,9 +29,11 @@ import time
 from typing import Any
 
 import faust
+import orjson
 from faust.types import TP
 
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
+from tokenaudit.schemas.compiled import compile_encoder
 from tokenaudit.streams.batch_consumer import BatchTransport
 from tokenaudit.streams.batch_producer import PartitionedRecords, send_records
 from tokenaudit.streams.processor import Outputs, Processor
@@ -39,8 +42,11 @@ from tokenaudit.streams.state import State
 log = logging.getLogger("tokenaudit.worker")
 
 STATE_TABLE = "state"
-_json_str = json.encoder.encode_basestring_ascii  # == json.dumps(str)
-_json_value = json.JSONEncoder(separators=(",", ":")).encode
+# Keys exactly as json.dumps writes them (ASCII-escaped): compaction compares key bytes, so
+# they must not change between versions. Values only need to be JSON that faust's codec reads
+# back; orjson writes them ~6x faster than the json module (0.5 vs 3 us per window record).
+_json_key = json.encoder.encode_basestring_ascii  # == json.dumps(str)
+_json_value = orjson.dumps
 
 
 class TableState(State):
@@ -78,10 +84,8 @@ class TableState(State):
         pass
 
     def _write(self, partition: int, key: str, value: Any) -> None:
-        # JSON, as faust's json codec reads it back during recovery (same bytes as
-        # json.dumps, without its per-call encoder set-up).
-        self.pending.append((partition, _json_str(key).encode(),
-                             None if value is None else _json_value(value).encode()))
+        # JSON, as faust's json codec reads it back during recovery.
+        self.pending.append((partition, _json_key(key).encode(), None if value is None else _json_value(value)))
 
 
 class WorkerApp(faust.App):
@@ -181,6 +185,8 @@ def create_app(settings, partitions: int) -> faust.App:
                 partition_counts[topic] = (len(producer.client.cluster.partitions_for_topic(topic)), now)
 
     outgoing = PartitionedRecords(partitions_of)
+    encode_rollup, encode_sampled, encode_anomaly = (compile_encoder(name) or functools.partial(encode, name)
+                                                     for name in (ROLLUP, SAMPLED, ANOMALY))
     send_lock = asyncio.Lock()
     output_topics = (settings.topic_rollups, settings.topic_sampled, settings.topic_anomalies, settings.topic_dlq)
 
@@ -197,13 +203,26 @@ def create_app(settings, partitions: int) -> faust.App:
         add, add_keyed = outgoing.add, outgoing.add_keyed
         for partition, key, value in pending:
             add(changelog, partition, key, value)
-        for r in out.rollups:
-            key = f"{r['client_id']}\x1f{r['model']}\x1f{r['window_start']}".encode()
-            add_keyed(settings.topic_rollups, key, encode(ROLLUP, r))
-        for r in out.sampled:
-            add_keyed(settings.topic_sampled, r["client_id"].encode(), encode(SAMPLED, r), cache=True)
-        for r in out.anomalies:
-            add_keyed(settings.topic_anomalies, r["client_id"].encode(), encode(ANOMALY, r), cache=True)
+        # Outputs keyed by client go to the partition number their client's events arrive on
+        # (the source is keyed by client_id): every record of one key lands in one partition,
+        # as compaction and per-key order need, without hashing each key (murmur2 in pure
+        # Python cost ~4 us a record). Unknown client (a delta before any state): murmur2.
+        client_partition = processor.client_partition
+        for topic, records, encoder in ((settings.topic_rollups, out.rollups, encode_rollup),
+                                        (settings.topic_sampled, out.sampled, encode_sampled),
+                                        (settings.topic_anomalies, out.anomalies, encode_anomaly)):
+            if not records:
+                continue
+            n = partitions_of(topic)
+            rollups = topic == settings.topic_rollups
+            for r in records:
+                client = r["client_id"]
+                key = f"{client}\x1f{r['model']}\x1f{r['window_start']}".encode() if rollups else client.encode()
+                p = client_partition(client)
+                if p is None:
+                    add_keyed(topic, key, encoder(r), cache=not rollups)
+                else:
+                    add(topic, p % n, key, encoder(r))
         for key, value, reason, p, offset in out.dlq:
             headers = [("reason", reason.encode()), ("source_topic", settings.topic_usage.encode()),
                        ("source_partition", str(p).encode()), ("source_offset", str(offset).encode())]

@@ -6,8 +6,9 @@ an accumulator lookup each (profiled: the worker's per-record sends took more CP
 the processing). A ``BatchBuilder`` appends records in C and yields one future per batch.
 Semantics kept: records of one partition go out in the order given (the changelog meta
 record stays last), batches go into the same producer accumulator that faust flushes
-before it commits offsets, and a keyed record goes to aiokafka's default partition for
-its key (murmur2, as ``send`` would choose), so compaction and per-key order hold.
+before it commits offsets, and every record of one key goes to one partition (the caller
+names it, or ``add_keyed`` picks aiokafka's default for the key, murmur2 as ``send``
+would), so compaction and per-key order hold.
 """
 
 from __future__ import annotations

@@ -278,6 +278,10 @@ class Processor:
         self.touched[wkey] = self.clock()
         self._per_request(ev, w, wkey, ws, p, offset, out)
 
+    def client_partition(self, client: str) -> int | None:
+        """The source partition a client's events arrive on (None before its first event)."""
+        return self.state.key_partition.get(f"c{SEP}{client}")
+
     def _meta_key(self, p: int) -> str:
         key = self._meta_keys[p] = f"p{SEP}{p}"
         return key

@@ -105,7 +105,7 @@ def test_fast_event_encoder_is_byte_identical_to_the_schemas_codec():
     import random
     from datetime import datetime, timezone
 
-    from tokenaudit.inference.fast_avro import compile_encoder
+    from tokenaudit.schemas.compiled import compile_encoder
     from tokenaudit.schemas import encode
 
     fast = compile_encoder(EVENT)
