@@ -44,6 +44,18 @@ def _varint_uncached(n: int) -> bytes:
 
 
 _SMALL = tuple(_varint_uncached(i) for i in range(_VARINT_CACHE))
+_MEMO: dict[int, bytes] = {}
+
+
+def _varint_memo(n: int) -> bytes:
+    """Varints of large values that repeat (window bounds: every rollup of a window has the
+    same two), from a bounded memo: a dict hit instead of a 6-step loop."""
+    b = _MEMO.get(n)
+    if b is None:
+        if len(_MEMO) >= 1 << 16:
+            _MEMO.clear()
+        b = _MEMO[n] = _varint_uncached(n)
+    return b
 
 
 class _Unsupported(Exception):
@@ -86,11 +98,12 @@ def _encode_snippet(ftype: Any, var: str) -> str:
     raise _Unsupported
 
 
-def compile_encoder(name: str) -> Callable[[dict], bytes] | None:
+def compile_encoder(name: str, memo_large: bool = False) -> Callable[[dict], bytes] | None:
     """A fast encoder for the current ``name`` schema, or None when the schema is not flat.
 
     Byte-identical to :func:`tokenaudit.schemas.encode`; a value it does not handle (a
-    datetime for a timestamp, a missing field) goes through that function instead."""
+    datetime for a timestamp, a missing field) goes through that function instead.
+    ``memo_large``: memoise varints of large values (for records whose large values repeat)."""
     sv = registry.current(name)
     if sv.raw.get("type") != "record":
         return None
@@ -104,7 +117,8 @@ def compile_encoder(name: str) -> Callable[[dict], bytes] | None:
     except _Unsupported:
         return None
     lines += ["    except (U, KeyError, UnicodeEncodeError):", "        return G(NAME, r)", "    return b''.join(o)"]
-    namespace = {"H": sv.header, "S": _SMALL, "C": _VARINT_CACHE, "V": _varint_uncached, "D": _double,
+    namespace = {"H": sv.header, "S": _SMALL, "C": _VARINT_CACHE, "D": _double,
+                 "V": _varint_memo if memo_large else _varint_uncached,
                  "U": _Unsupported, "G": generic_encode, "NAME": name}
     exec(compile("\n".join(lines), f"<avro encoder {name} v{sv.version}>", "exec"), namespace)  # noqa: S102
     return namespace["encode"]
@@ -130,8 +144,14 @@ def _varint_tail(d: bytes, i: int, b: int) -> tuple[int, int]:
             raise _BadValue("varint longer than 10 bytes")
 
 
-# One-byte varints (values -64..63) inline; longer ones through _varint_tail.
-_READ_LONG = ["b = d[i]; i += 1", "if b < 128: {t} = (b >> 1) ^ -(b & 1)", "else: {t}, i = VT(d, i, b)"]
+# One- and two-byte varints (values -8192..8191: token counts, status codes) inline; longer
+# ones (timestamps, offsets) through _varint_tail.
+_READ_LONG = ["b = d[i]; i += 1",
+              "if b < 128: {t} = (b >> 1) ^ -(b & 1)",
+              "else:",
+              "    c = d[i]",
+              "    if c < 128: z = (b & 127) | (c << 7); i += 1; {t} = (z >> 1) ^ -(z & 1)",
+              "    else: {t}, i = VT(d, i, b)"]
 _DECODE = {
     "int": _READ_LONG,
     "long": _READ_LONG,

@@ -185,7 +185,8 @@ def create_app(settings, partitions: int) -> faust.App:
                 partition_counts[topic] = (len(producer.client.cluster.partitions_for_topic(topic)), now)
 
     outgoing = PartitionedRecords(partitions_of)
-    encode_rollup, encode_sampled, encode_anomaly = (compile_encoder(name) or functools.partial(encode, name)
+    encode_rollup, encode_sampled, encode_anomaly = (compile_encoder(name, memo_large=True)
+                                                     or functools.partial(encode, name)
                                                      for name in (ROLLUP, SAMPLED, ANOMALY))
     send_lock = asyncio.Lock()
     output_topics = (settings.topic_rollups, settings.topic_sampled, settings.topic_anomalies, settings.topic_dlq)
@@ -246,11 +247,8 @@ def create_app(settings, partitions: int) -> faust.App:
         """One fetched batch of source records (all partitions): process, close windows,
         hand changelog and outputs to the producer. Acked by the consumer afterwards."""
         out = Outputs()
-        process = processor.process
         for tp, records in batch:
-            p = tp.partition
-            for r in records:
-                process(p, r.offset, r.key, r.value, out)
+            processor.process_records(tp.partition, records, out)
         processor.end_batch(out)
         await send_all(out)
 

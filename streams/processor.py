@@ -27,6 +27,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from tokenaudit.schemas import AvroDecodeError
@@ -179,104 +180,127 @@ class Processor:
 
     # --- events ------------------------------------------------------------------------------
     def process(self, p: int, offset: int, key: bytes | None, value: bytes, out: Outputs) -> None:
-        # The per-event hot path (tens of thousands a second): locals over attribute and
-        # method lookups, int epoch ms throughout, state values mutated in place.
-        try:
-            ev = decode_event(value)
-        except AvroDecodeError as exc:
-            self._dead(out, key, value, f"undecodable: {exc}", p, offset)
-            return
-        except Exception as exc:  # never let one message stop the worker
-            self._dead(out, key, value, f"undecodable: {exc!r}", p, offset)
-            return
-        reason = validate(ev)
-        if reason:
-            self._dead(out, key, value, reason, p, offset)
-            return
-        if p not in self.indexed:
-            self._ensure_indexed(p, offset)
-        self.batch_partitions.add(p)
-        self.counters.events += 1
+        """One source record (tests, replays); the worker hands whole fetches to process_records."""
+        self.process_records(p, ((offset, key, value),), out)
+
+    def process_records(self, p: int, records: Iterable, out: Outputs) -> None:
+        """Source records of partition ``p`` in offset order: ``(offset, key, value)`` tuples
+        or objects with those attributes (aiokafka ConsumerRecords).
+
+        The per-event hot path (tens of thousands a second): one call per fetched run, locals
+        over attribute and method lookups, int epoch ms throughout, state values mutated in
+        place (profiled: per-event calls and lookups were a third of the processing)."""
         st = self.state
         data = st.data
         dirty = st.dirty
-        ts = ev["ts"]
+        touched = self.touched
+        now = self.clock()
+        decode = decode_event
+        window_ms, grace_ms, retention_ms = self.window_ms, self.grace_ms, self.retention_ms
         mkey = self._meta_keys.get(p) or self._meta_key(p)
-        meta = data.get(mkey)
-        if meta is None:
-            meta = self._meta(p)
-        if offset > meta[1]:
-            advanced = ts > meta[0]
-            if advanced:
-                meta[0] = ts
-            meta[1] = offset
-            dirty[mkey] = p
-            if advanced:  # the closing offset is this event's: a replay from here re-closes
-                self._close_due(p, out, meta)
-        wm = meta[0]
-        client, model = ev["client_id"], ev["model"]
-        window_ms = self.window_ms
-        ws = ts - ts % window_ms
-        end = ws + window_ms
-        wkey = f"w{SEP}{client}{SEP}{model}{SEP}{ws}"
-        w = data.get(wkey)
-        if w is None and end + self.retention_ms <= wm:
-            # Never in state, or retired after all its events and its rollup were committed
-            # (so this cannot be a replay of an event already counted): a one-event delta.
-            self._delta(ev, ws, p, offset, out)
-            self._per_request(ev, None, wkey, ws, p, offset, out)
-            return
-        if w is None:
-            closed = offset if end + self.grace_ms <= wm else -1
-            w = [ev["department"], 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, -1, closed, -1, 0.0, 0, 0]
-            st.put(p, wkey, w)
-            index = (self.closed_by_end if closed >= 0 else self.open_by_end)[p]
-            keys = index.get(end)
-            if keys is None:
-                index[end] = {wkey}
+        per_request = self._per_request
+        meta = None
+        events = replayed = late = 0
+        for record in records:
+            if record.__class__ is tuple:
+                offset, key, value = record
             else:
-                keys.add(wkey)
-        ckey = f"c{SEP}{client}"
-        if ckey not in data:
-            st.put(p, ckey, [0, 0.0, 0.0, -1, ws])
-        if offset > w[OFF]:
-            latency = ev["latency_ms"]
-            inp = ev["input_tokens"]
-            w[REQ] += 1
-            if ev["status_code"] >= 400:
-                w[ERR] += 1
-            w[IN] += inp
-            w[OUT] += ev["output_tokens"]
-            w[TOT] += ev["total_tokens"]
-            w[LSUM] += latency
-            if latency > w[LMAX]:
-                w[LMAX] = latency
-            if inp > w[MAXIN]:
-                w[MAXIN] = inp
-            if ev["truncated"]:
-                w[TRUNC] += 1
-            w[OFF] = offset
-            dirty[wkey] = p
-            if w[CLOSED] >= 0:
-                self.counters.late += 1
-                self.corrections.add(wkey)
-            nkey = f"n{SEP}{p}{SEP}{model}"
-            norm = data.get(nkey)
-            if norm is None:
-                norm = [0.0, 0, 0, -1]
-                st.put(p, nkey, norm)
-            if offset > norm[3]:
-                norm[0] += latency
-                norm[1] += inp
-                norm[2] += 1
-                norm[3] = offset
-                dirty[nkey] = p
-            if len(w) > NCNT:
-                w[NLAT], w[NIN], w[NCNT] = norm[0], norm[1], norm[2]
-        else:
-            self.counters.replayed += 1
-        self.touched[wkey] = self.clock()
-        self._per_request(ev, w, wkey, ws, p, offset, out)
+                offset, key, value = record.offset, record.key, record.value
+            try:
+                ev = decode(value)
+            except AvroDecodeError as exc:
+                self._dead(out, key, value, f"undecodable: {exc}", p, offset)
+                continue
+            except Exception as exc:  # never let one message stop the worker
+                self._dead(out, key, value, f"undecodable: {exc!r}", p, offset)
+                continue
+            reason = validate(ev)
+            if reason:
+                self._dead(out, key, value, reason, p, offset)
+                continue
+            if meta is None:
+                if p not in self.indexed:
+                    self._ensure_indexed(p, offset)
+                self.batch_partitions.add(p)
+                meta = data.get(mkey)
+                if meta is None:
+                    meta = self._meta(p)
+            events += 1
+            ts = ev["ts"]
+            if offset > meta[1]:
+                advanced = ts > meta[0]
+                if advanced:
+                    meta[0] = ts
+                meta[1] = offset
+                dirty[mkey] = p
+                if advanced:  # the closing offset is this event's: a replay from here re-closes
+                    self._close_due(p, out, meta)
+            client, model = ev["client_id"], ev["model"]
+            ws = ts - ts % window_ms
+            end = ws + window_ms
+            wkey = f"w{SEP}{client}{SEP}{model}{SEP}{ws}"
+            w = data.get(wkey)
+            if w is None and end + retention_ms <= meta[0]:
+                # Never in state, or retired after all its events and its rollup were committed
+                # (so this cannot be a replay of an event already counted): a one-event delta.
+                self._delta(ev, ws, p, offset, out)
+                per_request(ev, None, wkey, ws, p, offset, out)
+                continue
+            if w is None:
+                closed = offset if end + grace_ms <= meta[0] else -1
+                w = [ev["department"], 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, -1, closed, -1, 0.0, 0, 0]
+                st.put(p, wkey, w)
+                index = (self.closed_by_end if closed >= 0 else self.open_by_end)[p]
+                keys = index.get(end)
+                if keys is None:
+                    index[end] = {wkey}
+                else:
+                    keys.add(wkey)
+            ckey = f"c{SEP}{client}"
+            if ckey not in data:
+                st.put(p, ckey, [0, 0.0, 0.0, -1, ws])
+            if offset > w[OFF]:
+                latency = ev["latency_ms"]
+                inp = ev["input_tokens"]
+                w[REQ] += 1
+                if ev["status_code"] >= 400:
+                    w[ERR] += 1
+                w[IN] += inp
+                w[OUT] += ev["output_tokens"]
+                w[TOT] += ev["total_tokens"]
+                w[LSUM] += latency
+                if latency > w[LMAX]:
+                    w[LMAX] = latency
+                if inp > w[MAXIN]:
+                    w[MAXIN] = inp
+                if ev["truncated"]:
+                    w[TRUNC] += 1
+                w[OFF] = offset
+                dirty[wkey] = p
+                if w[CLOSED] >= 0:
+                    late += 1
+                    self.corrections.add(wkey)
+                nkey = f"n{SEP}{p}{SEP}{model}"
+                norm = data.get(nkey)
+                if norm is None:
+                    norm = [0.0, 0, 0, -1]
+                    st.put(p, nkey, norm)
+                if offset > norm[3]:
+                    norm[0] += latency
+                    norm[1] += inp
+                    norm[2] += 1
+                    norm[3] = offset
+                    dirty[nkey] = p
+                if len(w) > NCNT:
+                    w[NLAT], w[NIN], w[NCNT] = norm[0], norm[1], norm[2]
+            else:
+                replayed += 1
+            touched[wkey] = now
+            per_request(ev, w, wkey, ws, p, offset, out)
+        c = self.counters
+        c.events += events
+        c.replayed += replayed
+        c.late += late
 
     def client_partition(self, client: str) -> int | None:
         """The source partition a client's events arrive on (None before its first event)."""

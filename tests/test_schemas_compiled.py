@@ -39,12 +39,14 @@ def as_epoch_ms(record: dict) -> dict:
 @pytest.mark.parametrize("name", [EVENT, ROLLUP, SAMPLED, ANOMALY])
 def test_generated_codecs_match_the_schemas_codec(name):
     fast_encode, fast_decode = compile_encoder(name), compile_decoder(name)
-    assert fast_encode is not None and fast_decode is not None
+    memo_encode = compile_encoder(name, memo_large=True)
+    assert fast_encode is not None and fast_decode is not None and memo_encode is not None
     rng = random.Random(11)
     for _ in range(300):
         record = random_record(name, rng)
         data = encode(name, record)
         assert fast_encode(record) == data
+        assert memo_encode(record) == memo_encode(record) == data  # second call: from the memo
         assert fast_decode(data) == as_epoch_ms(decode(data, name)) == record
 
 
