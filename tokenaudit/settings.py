@@ -115,6 +115,7 @@ class Settings(BaseSettings):
     topic_sampled: str = Field("token-usage-sampled", min_length=1, description="Internal topic: sampled records for the sink.")
     worker_batch_size: int = Field(20000, ge=1, description="Most events the worker takes per batch (one fetch; bigger batches coalesce more changelog writes).")
     worker_batch_seconds: float = Field(0.2, gt=0, description="Longest wait of one worker fetch for records (a batch is what one fetch returns).")
+    worker_fetch_bytes: int = Field(4 << 20, ge=64 << 10, description="Most bytes one worker fetch takes per partition (faust's 1 MiB default left the worker waiting on fetches for half its time).")
     worker_commit_seconds: float = Field(1.0, gt=0, description="Worker offset commit interval (state is flushed first).")
     worker_session_timeout: float = Field(10.0, ge=6.0, description="Worker consumer session timeout: how soon a dead worker's partitions move.")
     sink_group_id: str = Field("tokenaudit-sink", min_length=1, description="Consumer group of the ClickHouse sink.")
