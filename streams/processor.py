@@ -199,6 +199,7 @@ class Processor:
         window_ms, grace_ms, retention_ms = self.window_ms, self.grace_ms, self.retention_ms
         mkey = self._meta_keys.get(p) or self._meta_key(p)
         per_request = self._per_request
+        norms: dict[str, tuple[str, list]] = {}  # model -> (key, value) for this run
         meta = None
         events = replayed = late = 0
         for record in records:
@@ -247,6 +248,12 @@ class Processor:
                 per_request(ev, None, wkey, ws, p, offset, out)
                 continue
             if w is None:
+                # A client's state comes with its first window and is never retired, so a
+                # window in state implies its client's (put first: a changelog prefix that
+                # restores the window restores the client too).
+                ckey = f"c{SEP}{client}"
+                if ckey not in data:
+                    st.put(p, ckey, [0, 0.0, 0.0, -1, ws])
                 closed = offset if end + grace_ms <= meta[0] else -1
                 w = [ev["department"], 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0, -1, closed, -1, 0.0, 0, 0]
                 st.put(p, wkey, w)
@@ -256,9 +263,6 @@ class Processor:
                     index[end] = {wkey}
                 else:
                     keys.add(wkey)
-            ckey = f"c{SEP}{client}"
-            if ckey not in data:
-                st.put(p, ckey, [0, 0.0, 0.0, -1, ws])
             if offset > w[OFF]:
                 latency = ev["latency_ms"]
                 inp = ev["input_tokens"]
@@ -280,11 +284,7 @@ class Processor:
                 if w[CLOSED] >= 0:
                     late += 1
                     self.corrections.add(wkey)
-                nkey = f"n{SEP}{p}{SEP}{model}"
-                norm = data.get(nkey)
-                if norm is None:
-                    norm = [0.0, 0, 0, -1]
-                    st.put(p, nkey, norm)
+                nkey, norm = norms.get(model) or self._norm(p, model, norms)
                 if offset > norm[3]:
                     norm[0] += latency
                     norm[1] += inp
@@ -301,6 +301,16 @@ class Processor:
         c.events += events
         c.replayed += replayed
         c.late += late
+
+    def _norm(self, p: int, model: str, cache: dict) -> tuple[str, list]:
+        """The partition's latency norm of ``model`` (latency sum, input tokens, requests, offset)."""
+        nkey = f"n{SEP}{p}{SEP}{model}"
+        norm = self.state.get(nkey)
+        if norm is None:
+            norm = [0.0, 0, 0, -1]
+            self.state.put(p, nkey, norm)
+        cache[model] = (nkey, norm)
+        return nkey, norm
 
     def client_partition(self, client: str) -> int | None:
         """The source partition a client's events arrive on (None before its first event)."""

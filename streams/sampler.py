@@ -60,6 +60,7 @@ class TopSampler:
 
     def __init__(self, sketch: kll_floats_sketch, offset: int = -1, refresh: int = 256):
         self.sketch = sketch
+        self.n = sketch.n  # kept here: reading the sketch's own count is a C++ call per event
         self.offset = offset  # last source offset folded into the sketch
         self.refresh = refresh
         self._n_at = -1
@@ -75,7 +76,7 @@ class TopSampler:
         self._n_at = sk.n
 
     def keep(self, value: float, fraction: float, request_id: str, warmup: int) -> bool:
-        n = self.sketch.n
+        n = self.n
         if n < max(warmup, 1):
             return False
         if self._n_at < 0 or n - self._n_at >= self.refresh or n < 4 * self.refresh:
@@ -91,6 +92,7 @@ class TopSampler:
 
     def update(self, value: float, offset: int) -> None:
         self.sketch.update(value)
+        self.n += 1
         self.offset = offset
 
 
