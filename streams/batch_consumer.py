@@ -51,13 +51,17 @@ class BatchConsumer(faust_aiokafka.Consumer):
     async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - exercised end to end
         if self.batch_topic is None or self.batch_handler is None:
             return await super()._drain_messages(fetcher)
-        app = self.app
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
+        prefetch: asyncio.Task | None = None
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 self.diag.set_flag(CONSUMER_FETCHING)
-                records, active = await self._wait_next_records(self.fetch_timeout)
+                if prefetch is None:
+                    records, active, generation = await self._next_records()
+                else:
+                    records, active, generation = await prefetch
+                    prefetch = None
                 await self.sleep(0)
                 if records is None or self.should_stop:
                     continue
@@ -67,7 +71,12 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     except Exception as exc:
                         self.log.warning(f"exception performing seek when flow not active {exc}")
                     continue
-                await self._deliver(records, active, app.consumer_generation_id)
+                if records:
+                    # Fetch the next batch while this one is handled: the fetch round trip and
+                    # the record unpacking in the consumer thread overlap with processing
+                    # (without it the worker sat waiting for fetches ~30% of the time).
+                    prefetch = asyncio.ensure_future(self._next_records())
+                await self._deliver(records, active, generation)
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -82,9 +91,20 @@ class BatchConsumer(faust_aiokafka.Consumer):
             raise
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
+            if prefetch is not None:
+                prefetch.cancel()
+                await asyncio.gather(prefetch, return_exceptions=True)
+
+    async def _next_records(self) -> tuple[Any, Any, int]:
+        """One fetch, with the consumer generation it came back in (as faust's own loop reads
+        it: after the fetch returned)."""
+        records, active = await self._wait_next_records(self.fetch_timeout)
+        return records, active, self.app.consumer_generation_id
 
     async def _deliver(self, records, active, generation: int) -> None:
         app = self.app
+        if app.consumer_generation_id != generation:
+            return  # fetched before a rebalance that has happened since: read again after its seek
         topic = self.batch_topic
         read_offset = self._read_offset
         acks_for = app.topics.acks_enabled_for
