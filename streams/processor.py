@@ -363,15 +363,20 @@ class Processor:
         if not due:
             return
         closed = self.closed_by_end[p]
+        data, dirty, emit = self.state.data, self.state.dirty, self._emit
+        at = meta[1]
         for end in sorted(due):
+            now_closed = closed.get(end)
+            if now_closed is None:
+                now_closed = closed[end] = set()
             for wkey in opened.pop(end):
-                w = self.state.get(wkey)
+                w = data.get(wkey)
                 if w is None:
                     continue
-                w[CLOSED] = meta[1]
-                self.state.touch(wkey)
-                self._emit(wkey, w, p, out, closing=True)
-                closed.setdefault(end, set()).add(wkey)
+                w[CLOSED] = at
+                dirty[wkey] = p  # the window's partition: it is indexed under p
+                emit(wkey, w, p, out, True)
+                now_closed.add(wkey)
 
     def end_batch(self, out: Outputs) -> None:
         """Close windows the watermark has passed, emit corrections, persist dirty state."""
