@@ -21,7 +21,7 @@ resolved by fastavro), and raise the same :class:`AvroDecodeError` type on bad b
 from __future__ import annotations
 
 import struct
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from tokenaudit.schemas.codec import HEADER_LEN, AvroDecodeError, decode as generic_decode
@@ -68,9 +68,14 @@ def _flat_type(ftype: Any) -> Any:
     return ftype
 
 
+def _is_timestamp(ftype: Any) -> bool:
+    if isinstance(ftype, list) and len(ftype) == 2 and ftype[0] == "null":
+        ftype = ftype[1]
+    return isinstance(ftype, dict) and ftype.get("logicalType") == "timestamp-millis"
+
+
 def _timestamp_fields(raw: dict) -> list[str]:
-    return [f["name"] for f in raw["fields"]
-            if isinstance(f["type"], dict) and f["type"].get("logicalType") == "timestamp-millis"]
+    return [f["name"] for f in raw["fields"] if _is_timestamp(f["type"])]
 
 
 # --- encoding ----------------------------------------------------------------------------------
@@ -177,41 +182,50 @@ def _decode_snippet(ftype: Any, target: str) -> list[str]:
     raise _Unsupported
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+
+
 def _as_epoch_ms(record: dict, fields: list[str]) -> dict:
     for name in fields:
         value = record.get(name)
         if isinstance(value, datetime):
-            record[name] = int(value.timestamp() * 1000)
+            record[name] = (value - _EPOCH) // _MS  # exact (float timestamps can be 1 ms off)
     return record
 
 
-def compile_decoder(name: str) -> Callable[[bytes], dict] | None:
+def compile_decoder(name: str, datetimes: bool = False) -> Callable[[bytes], dict] | None:
     """A fast decoder of single-object messages holding a ``name`` record, or None when the
-    schema is not flat. Timestamp-millis fields come back as int epoch ms, whichever path
-    read them; bad bytes raise :class:`AvroDecodeError`."""
+    schema is not flat. Timestamp-millis fields come back as int epoch ms (``datetimes``: as
+    the aware UTC datetimes fastavro gives), whichever path read them; bad bytes raise
+    :class:`AvroDecodeError`."""
     sv = registry.current(name)
     if sv.raw.get("type") != "record":
         return None
     fields = sv.raw["fields"]
+    stamps = _timestamp_fields(sv.raw)
     lines = ["def body(d):", f"    i = {HEADER_LEN}", "    L = len(d)"]
     try:
         for k, f in enumerate(fields):
             lines.extend("    " + line for line in _decode_snippet(f["type"], f"v{k}"))
+            if datetimes and f["name"] in stamps:
+                convert = f"v{k} = E + TD(microseconds=v{k} * 1000)"  # as fastavro computes it
+                lines.append(f"    if v{k} is not None: {convert}" if isinstance(f["type"], list) else f"    {convert}")
     except _Unsupported:
         return None
     lines.append("    if i != L: raise B('%d trailing bytes after the record' % (L - i))")
     lines.append("    return {" + ", ".join(f"{f['name']!r}: v{k}" for k, f in enumerate(fields)) + "}")
-    namespace = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue}
+    namespace = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue, "E": _EPOCH, "TD": timedelta}
     exec(compile("\n".join(lines), f"<avro decoder {name} v{sv.version}>", "exec"), namespace)  # noqa: S102
     body = namespace["body"]
     header = sv.header
-    stamps = _timestamp_fields(sv.raw)
     label = f"{name} v{sv.version}"
 
     def decode(data: bytes) -> dict:
         if data.__class__ is not bytes or data[:HEADER_LEN] != header:
             # another writer version (resolved by fastavro), or the codec's error for bad bytes
-            return _as_epoch_ms(generic_decode(data, name), stamps)
+            record = generic_decode(data, name)
+            return record if datetimes else _as_epoch_ms(record, stamps)
         try:
             return body(data)
         except _BadValue as exc:
