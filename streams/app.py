@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import logging
 import os
@@ -300,6 +301,12 @@ def run_worker(settings, loglevel: str = "warning") -> None:
 
     partitions = ensure_worker_topics(settings)
     app = create_app(settings, partitions)
+    # The worker keeps millions of long-lived, acyclic objects (window state: lists of scalars)
+    # and allocates a dict per event; with the default thresholds the cyclic GC kept walking
+    # them. Rarer collections measured 26-28k -> 28.5-30.3k events/s on the backfill shape of
+    # bench_stream_throughput, with the live Python blocks still flat on bench_stream_memory
+    # (young cycles from asyncio/faust are still collected by the first two generations).
+    gc.set_threshold(50_000, 20, 1000)
     Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
 
 
