@@ -225,11 +225,12 @@ def create_app(settings, partitions: int) -> faust.App:
             for r in records:
                 client = r["client_id"]
                 key = f"{client}\x1f{r['model']}\x1f{r['window_start']}".encode() if rollups else client.encode()
+                value = encoder(r)
                 p = client_partition(client)
                 if p is None:
-                    add_keyed(topic, key, encoder(r), cache=not rollups)
+                    add_keyed(topic, key, value, cache=not rollups)
                 else:
-                    add(topic, p % n, key, encoder(r))
+                    add(topic, p % n, key, value)
         for key, value, reason, p, offset in out.dlq:
             headers = [("reason", reason.encode()), ("source_topic", settings.topic_usage.encode()),
                        ("source_partition", str(p).encode()), ("source_offset", str(offset).encode())]
