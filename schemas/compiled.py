@@ -28,6 +28,17 @@ from tokenaudit.schemas.codec import HEADER_LEN, AvroDecodeError, decode as gene
 from tokenaudit.schemas.codec import encode as generic_encode
 from tokenaudit.schemas.codec import registry
 
+# The same codecs in C (schemas/_native.pyx, built by setup.py with Cython): ~5x faster
+# again. Optional: without a C compiler the generated Python below is used.
+_NATIVE_ABI = 1
+try:
+    from tokenaudit.schemas import _native
+except ImportError:  # not built
+    _native = None
+if _native is not None and getattr(_native, "ABI_VERSION", None) != _NATIVE_ABI:
+    _native = None  # a stale build from another version of the .pyx: do not trust it
+NATIVE = _native is not None
+
 _VARINT_CACHE = 1 << 14
 _double = struct.Struct("<d").pack
 _unpack_double = struct.Struct("<d").unpack_from
@@ -103,15 +114,35 @@ def _encode_snippet(ftype: Any, var: str) -> str:
     raise _Unsupported
 
 
-def compile_encoder(name: str, memo_large: bool = False) -> Callable[[dict], bytes] | None:
+def _field_program(raw: dict, datetimes: bool) -> list[tuple[str, str, bool, bool]] | None:
+    """(name, type, nullable, as datetime) per field, for the native codec; None if not flat."""
+    program = []
+    for f in raw["fields"]:
+        ftype, nullable = f["type"], False
+        if isinstance(ftype, list) and len(ftype) == 2 and ftype[0] == "null":
+            ftype, nullable = ftype[1], True
+        ftype = _flat_type(ftype)
+        if not isinstance(ftype, str) or ftype not in _DECODE:
+            return None
+        program.append((f["name"], ftype, nullable, datetimes and _is_timestamp(f["type"])))
+    return program
+
+
+def compile_encoder(name: str, memo_large: bool = False, native: bool | None = None) -> Callable[[dict], bytes] | None:
     """A fast encoder for the current ``name`` schema, or None when the schema is not flat.
 
     Byte-identical to :func:`tokenaudit.schemas.encode`; a value it does not handle (a
     datetime for a timestamp, a missing field) goes through that function instead.
-    ``memo_large``: memoise varints of large values (for records whose large values repeat)."""
+    ``memo_large``: memoise varints of large values (for records whose large values repeat;
+    generated Python only). ``native``: the C codec (default: when built)."""
     sv = registry.current(name)
     if sv.raw.get("type") != "record":
         return None
+    if NATIVE if native is None else native:
+        program = _field_program(sv.raw, datetimes=False)
+        if program is None:
+            return None
+        return _native.FlatCodec(program, sv.header, _BadValue, lambda r: generic_encode(name, r)).encode
     lines = ["def encode(r):", "    o = [H]", "    a = o.append", "    try:"]
     try:
         for i, f in enumerate(sv.raw["fields"]):
@@ -194,14 +225,20 @@ def _as_epoch_ms(record: dict, fields: list[str]) -> dict:
     return record
 
 
-def compile_decoder(name: str, datetimes: bool = False) -> Callable[[bytes], dict] | None:
+def compile_decoder(name: str, datetimes: bool = False, native: bool | None = None) -> Callable[[bytes], dict] | None:
     """A fast decoder of single-object messages holding a ``name`` record, or None when the
     schema is not flat. Timestamp-millis fields come back as int epoch ms (``datetimes``: as
     the aware UTC datetimes fastavro gives), whichever path read them; bad bytes raise
-    :class:`AvroDecodeError`."""
+    :class:`AvroDecodeError`. ``native``: the C codec (default: when built)."""
     sv = registry.current(name)
     if sv.raw.get("type") != "record":
         return None
+    if NATIVE if native is None else native:
+        program = _field_program(sv.raw, datetimes)
+        if program is None:
+            return None
+        codec = _native.FlatCodec(program, sv.header, _BadValue, None, _EPOCH, timedelta)
+        return _wrap_decoder(name, sv, codec.decode_body, datetimes)
     fields = sv.raw["fields"]
     stamps = _timestamp_fields(sv.raw)
     lines = ["def body(d):", f"    i = {HEADER_LEN}", "    L = len(d)"]
@@ -217,7 +254,12 @@ def compile_decoder(name: str, datetimes: bool = False) -> Callable[[bytes], dic
     lines.append("    return {" + ", ".join(f"{f['name']!r}: v{k}" for k, f in enumerate(fields)) + "}")
     namespace = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue, "E": _EPOCH, "TD": timedelta}
     exec(compile("\n".join(lines), f"<avro decoder {name} v{sv.version}>", "exec"), namespace)  # noqa: S102
-    body = namespace["body"]
+    return _wrap_decoder(name, sv, namespace["body"], datetimes)
+
+
+def _wrap_decoder(name: str, sv: Any, body: Callable[[bytes], dict], datetimes: bool) -> Callable[[bytes], dict]:
+    """Header check, other writer versions, and one error type around a body decoder."""
+    stamps = _timestamp_fields(sv.raw)
     header = sv.header
     label = f"{name} v{sv.version}"
 

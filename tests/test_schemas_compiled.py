@@ -1,5 +1,6 @@
-"""Generated encoders and decoders agree with the fastavro-backed codec, byte for byte and
-record for record, and fail on bad bytes with the same error type."""
+"""Generated encoders and decoders (generated Python and the native C codec) agree with the
+fastavro-backed codec, byte for byte and record for record, and fail on bad bytes with the
+same error type."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError, decode, encode, registry
-from tokenaudit.schemas.compiled import compile_decoder, compile_encoder
+from tokenaudit.schemas.compiled import NATIVE, compile_decoder, compile_encoder
 
 from test_avro_kafka_roundtrip import sample_event
 
@@ -29,6 +30,19 @@ def _value(ftype, rng: random.Random):
             "double": lambda: rng.choice([0.0, -1.5, 1e300, 3.14159, 7.0, float("inf")])}[ftype]()
 
 
+@pytest.fixture(params=[False, True], ids=["python", "native"])
+def native(request) -> bool:
+    if request.param and not NATIVE:
+        pytest.fail("the native codec (schemas/_native.pyx) is not built: see the install output")
+    return request.param
+
+
+def test_the_native_codec_is_built_and_used_by_default():
+    # `make` builds it (setup.py, Cython); the worker's throughput figures depend on it
+    assert NATIVE
+    assert type(compile_encoder(EVENT).__self__).__name__ == "FlatCodec"
+
+
 def random_record(name: str, rng: random.Random) -> dict:
     return {f["name"]: _value(f["type"], rng) for f in registry.current(name).raw["fields"]}
 
@@ -38,10 +52,10 @@ def as_epoch_ms(record: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", [EVENT, ROLLUP, SAMPLED, ANOMALY])
-def test_generated_codecs_match_the_schemas_codec(name):
-    fast_encode, fast_decode = compile_encoder(name), compile_decoder(name)
-    memo_encode = compile_encoder(name, memo_large=True)
-    datetime_decode = compile_decoder(name, datetimes=True)
+def test_generated_codecs_match_the_schemas_codec(name, native):
+    fast_encode, fast_decode = compile_encoder(name, native=native), compile_decoder(name, native=native)
+    memo_encode = compile_encoder(name, memo_large=True, native=native)
+    datetime_decode = compile_decoder(name, datetimes=True, native=native)
     assert fast_encode is not None and fast_decode is not None and memo_encode is not None
     rng = random.Random(11)
     for _ in range(300):
@@ -53,8 +67,27 @@ def test_generated_codecs_match_the_schemas_codec(name):
         assert datetime_decode(data) == decode(data, name)  # datetimes exactly as fastavro makes them
 
 
-def test_decoder_reads_older_writer_versions_through_avro_resolution():
-    fast_decode = compile_decoder(EVENT)
+def test_encoder_hands_what_it_does_not_write_to_the_schemas_codec(native):
+    fast_encode = compile_encoder(EVENT, native=native)
+    event = sample_event()  # ts as a datetime: the generic codec's job
+    assert fast_encode(event) == encode(EVENT, event)
+    for name, odd in [("input_tokens", 2**40), ("input_tokens", True), ("client_id", "\ud800"), ("latency_ms", "1.5")]:
+        record = dict(event, **{name: odd})
+        try:
+            expected = encode(EVENT, record)
+        except Exception as generic_error:  # the same error, from the same codec
+            with pytest.raises(type(generic_error)):
+                fast_encode(record)
+        else:  # fastavro writes it (a bool as an int): the same bytes
+            assert fast_encode(record) == expected
+    with pytest.raises(Exception) as generic_error:
+        encode(EVENT, {k: v for k, v in event.items() if k != "model"})
+    with pytest.raises(type(generic_error.value)):
+        fast_encode({k: v for k, v in event.items() if k != "model"})
+
+
+def test_decoder_reads_older_writer_versions_through_avro_resolution(native):
+    fast_decode = compile_decoder(EVENT, native=native)
     v1_event = {k: v for k, v in sample_event().items() if k != "finish_reason"}
     got = fast_decode(registry.encode(EVENT, v1_event, version=1))
     assert got["finish_reason"] is None
@@ -75,16 +108,16 @@ def _good() -> bytes:
     (_good() + b"\x00", "trailing bytes"),
     (registry.encode(ROLLUP, random_record(ROLLUP, random.Random(1))), "expected 'token_usage_event'|expected"),
 ])
-def test_decoder_errors_name_the_problem(data, match):
+def test_decoder_errors_name_the_problem(data, match, native):
     with pytest.raises(AvroDecodeError, match=match):
-        compile_decoder(EVENT)(data)
+        compile_decoder(EVENT, native=native)(data)
 
 
-def test_corrupted_bytes_decode_as_the_codec_does_or_fail_cleanly():
+def test_corrupted_bytes_decode_as_the_codec_does_or_fail_cleanly(native):
     """Every single-byte corruption and truncation of real events: the generated decoder either
     returns exactly what fastavro returns, or raises AvroDecodeError (it is stricter on union
     indexes and over-long varints); never another exception, never a different record."""
-    fast_decode = compile_decoder(EVENT)
+    fast_decode = compile_decoder(EVENT, native=native)
     rng = random.Random(5)
     agreed = rejected = 0
     for n in range(40):

@@ -297,3 +297,20 @@ def test_dead_letters_for_poison_and_invalid_events():
     assert reasons[b"invalid"] == "invalid: empty client_id"
     assert [v for _, v, _, _, _ in out.dlq] == list(poison.values())  # bytes kept as they came
     assert proc.counters.dlq == 4 and proc.counters.events == 1
+
+
+def test_changelog_values_are_written_as_faust_json_reads_them():
+    """The worker's hoisted JSON encoder writes exactly what json.dumps (faust's codec) does."""
+    import json
+
+    from tokenaudit.streams.app import _json_key, _json_value
+
+    values = [["dept-ü", 1, 0, 49, 50, 99, 32.45, 1e-07, 49, 0, 12, -1, -1, 0.1 + 0.2, 2**62, 3],
+              [0, 1.0, 2.5e300, -1, 1_795_000_000_000], [sampler.dump_sketch(sampler.new_sketch()), 17],
+              [float("inf"), None, True, "a\x00\"b"], [], 7, "x"]
+    for value in values:
+        assert _json_value(value) == json.dumps(value, separators=(",", ":"))
+        assert json.loads(_json_value(value)) == value or value != value
+    assert _json_key("w\x1fclient-ü\x1fm\x1f0") == json.dumps("w\x1fclient-ü\x1fm\x1f0")
+    with pytest.raises(TypeError):
+        _json_value([object()])
