@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench docs clean
 
-$(STAMP): pyproject.toml setup.py schemas/_native.pyx
+$(STAMP): pyproject.toml setup.py schemas/_native.pyx streams/_fastjson.pyx
 	@echo ">> creating/updating $(VENV) (first run downloads TensorFlow: a few minutes)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip

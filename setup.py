@@ -1,7 +1,10 @@
-"""Builds the optional native Avro codec (schemas/_native.pyx); everything else is in pyproject.toml.
+"""Builds the optional native accelerators; everything else is in pyproject.toml.
 
-Why optional: it is an accelerator with a pure-Python twin (schemas/compiled.py). Without a
-C compiler the install still succeeds and the generated Python codec is used.
+- schemas/_native.pyx: the flat-record Avro codec (pure-Python twin: schemas/compiled.py);
+- streams/_fastjson.pyx: the worker's changelog JSON writer (twin: the stdlib json encoder).
+
+Why optional: each has a pure-Python twin with the same output, so without a C compiler the
+install still succeeds and the twins are used (slower).
 """
 
 from setuptools import Extension, setup
@@ -25,7 +28,8 @@ class OptionalBuildExt(build_ext):
 try:
     from Cython.Build import cythonize
 
-    ext_modules = cythonize([Extension("tokenaudit.schemas._native", ["schemas/_native.pyx"])],
+    ext_modules = cythonize([Extension("tokenaudit.schemas._native", ["schemas/_native.pyx"]),
+                             Extension("tokenaudit.streams._fastjson", ["streams/_fastjson.pyx"])],
                             compiler_directives={"language_level": 3}, quiet=True)
 except ImportError:  # Cython is a build requirement; without it, the Python codec
     ext_modules = []

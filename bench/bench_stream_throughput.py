@@ -16,7 +16,7 @@ Each shape gets its own topics, broker group and ClickHouse database; the raw lo
 best of three passes over the shape's topic (so the ratio is not flattered by a slow pass).
 Starts its own Kafka broker (free ports, temp dir) and an embedded chDB store; the worker
 runs as a subprocess (`python -m tokenaudit.streams.app`), the sink in this process.
-Prints RESULT lines. Usage: python bench/bench_stream_throughput.py [live_events] [backfill_events]
+Prints RESULT lines. Usage: python bench/bench_stream_throughput.py [live_events] [backfill_events] (0: skip that shape)
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ SHAPES = {  # name: (events, event-time ms per event)
     "live": (N_LIVE, 1 / 30),
     "backfill": (N_BACKFILL, 2.0),
 }
+SHAPES = {name: shape for name, shape in SHAPES.items() if shape[0] > 0}  # 0 events: skip the shape
 
 
 async def raw_loop(bootstrap: str, topic: str, n: int, decoder=lambda value: decode(value, EVENT)) -> float:

@@ -20,7 +20,8 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
-# Bumped on any change of behaviour; compiled.py uses the extension only at the version it expects.
+# Bump on any change of behaviour (and in compiled.py): a build left over from another version
+# is then not used. `make` rebuilds the extension whenever this file or setup.py changes.
 ABI_VERSION = 1
 
 cdef extern from "Python.h":

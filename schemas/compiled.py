@@ -8,7 +8,8 @@ decode 12-18 us; the generated straight-line code below does the same in about 2
 That matters on the inference hot path (15 us budget per audit event) and in the stream
 worker, which decodes every event and encodes every output (throughput target 30k events/s
 on one core). No maintained library does this faster here: cavro (Cython) measured 10 us and
-returns its own record objects.
+returns its own record objects. When the native twin (schemas/_native.pyx, the same field
+program in C) is built, it is used instead: decode ~1.5 us, encode under 1 us.
 
 Scope: flat records of string, int, long (timestamp-millis as int epoch ms), boolean, double
 and ``["null", X]`` unions of those. Anything else makes ``compile_*`` return None, and the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 ROLLUP_COLUMNS = ["client_id", "department", "model", "window_start", "window_end", "requests", "errors",
                   "input_tokens", "output_tokens", "total_tokens", "latency_ms_sum", "latency_ms_max",
                   "max_input_tokens", "truncated", "version", "applied_offset"]
@@ -30,8 +32,8 @@ def anomaly_key(r: dict) -> tuple:
     return (r["client_id"], r["rule"], r["anomaly_id"])
 
 
-def rollup_row(r: dict) -> list:
-    return [r[c] for c in ROLLUP_COLUMNS]
+# itemgetter: one C call per row (the sink builds tens of thousands of rows a second)
+rollup_row = itemgetter(*ROLLUP_COLUMNS)
 
 
 def sampled_row(r: dict) -> list:
@@ -40,8 +42,7 @@ def sampled_row(r: dict) -> list:
     return row
 
 
-def anomaly_row(r: dict) -> list:
-    return [r[c] for c in ANOMALY_COLUMNS]
+anomaly_row = itemgetter(*ANOMALY_COLUMNS)
 
 
 def merge_delta(current: dict | None, delta: dict) -> dict:

@@ -10,7 +10,6 @@ row one by one; the row carries the ids it contains, so a replayed delta is skip
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, Producer
 
-from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, AvroDecodeError, decode
+from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, AvroDecodeError
 from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.sinks import rows as R
 from tokenaudit.sinks.store import Store
@@ -59,10 +58,12 @@ class Sink:
         self.counters = SinkCounters()
         self.topics = {settings.topic_rollups: ROLLUP, settings.topic_sampled: SAMPLED,
                        settings.topic_anomalies: ANOMALY}
-        # Generated decoders (datetimes as fastavro gives them): ~4x less CPU per record than
-        # the generic reader, which matters when the sink shares the worker's host.
-        self._decoders = {name: compile_decoder(name, datetimes=True) or functools.partial(decode, name=name)
-                          for name in (ROLLUP, SAMPLED, ANOMALY)}
+        # Generated decoders with timestamps as int epoch ms, which clickhouse-connect writes
+        # to DateTime64(3) columns as they are (no datetime objects made and taken apart per
+        # row): ~5x less CPU per record than fastavro with datetimes, which matters when the
+        # sink shares the worker's host.
+        self._decoders = {name: compile_decoder(name) for name in (ROLLUP, SAMPLED, ANOMALY)}
+        assert all(self._decoders.values()), "the output schemas are flat by contract"
         self.consumer = Consumer({
             "bootstrap.servers": settings.kafka_bootstrap,
             "group.id": group_id or settings.sink_group_id,
@@ -187,7 +188,7 @@ class Sink:
     def _merge_delta(self, d: dict) -> None:
         found = self.store.query(
             "SELECT * FROM {db}.usage_rollup FINAL WHERE client_id = {c:String} AND model = {m:String} "
-            "AND window_start = {ws:DateTime64(3, 'UTC')}",
+            "AND window_start = fromUnixTimestamp64Milli({ws:Int64}, 'UTC')",
             {"c": d["client_id"], "m": d["model"], "ws": d["window_start"]})
         current = found[0] if found else None
         if R.delta_included(current, d):

@@ -59,6 +59,21 @@ def _json_value(value: Any) -> str:
     return "".join(_json_chunks(value, 0))
 
 
+def _json_bytes_python(value: Any) -> bytes:
+    return (_json_key(value) if value.__class__ is str else _json_value(value)).encode()
+
+
+# The same bytes from C (streams/_fastjson.pyx, ~4x faster on state lists) when it is built.
+try:
+    from tokenaudit.streams import _fastjson
+except ImportError:  # not built (no C compiler): the stdlib encoder above
+    _fastjson = None
+if _fastjson is not None and getattr(_fastjson, "ABI_VERSION", None) == 1:
+    _json_bytes = functools.partial(_fastjson.dumps_compact, fallback=_json_bytes_python)
+else:
+    _json_bytes = _json_bytes_python
+
+
 
 class TableState(State):
     """:class:`State` over a faust Table's in-memory store, durable through its changelog.
@@ -96,8 +111,7 @@ class TableState(State):
 
     def _write(self, partition: int, key: str, value: Any) -> None:
         # JSON, as faust's json codec reads it back during recovery.
-        self.pending.append((partition, _json_key(key).encode(),
-                             None if value is None else _json_value(value).encode()))
+        self.pending.append((partition, _json_key(key).encode(), None if value is None else _json_bytes(value)))
 
 
 class WorkerApp(faust.App):

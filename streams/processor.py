@@ -52,6 +52,7 @@ DEPT, REQ, ERR, IN, OUT, TOT, LSUM, LMAX, MAXIN, TRUNC, OFF, CLOSED, FIRED, NLAT
 # last closed window_start, first window_start
 C_N, C_MEAN, C_VAR, C_LAST, C_FIRST = range(5)
 EWMA_ALPHA = 0.1  # after warm-up; before it, 1/(n+1) (the running mean and variance)
+INF = math.inf
 
 
 @dataclass
@@ -121,6 +122,14 @@ class Processor:
         self._meta_keys: dict[int, str] = {}
         # settings read per event, hoisted (pydantic attribute access is not free)
         self.input_threshold = settings.anomaly_input_tokens
+        self.spike_min_history = settings.anomaly_spike_min_history
+        self.spike_floor = float(settings.anomaly_spike_floor_tokens)
+        self.spike_k = settings.anomaly_spike_k
+        self.error_min_requests = settings.anomaly_error_min_requests
+        self.error_rate = settings.anomaly_error_rate
+        self.latency_min_requests = settings.anomaly_latency_min_requests
+        self.latency_factor = settings.anomaly_latency_factor
+        self.new_client_tokens = settings.anomaly_new_client_tokens
         self.sample_fraction = settings.sample_fraction
         self.sample_warmup = settings.sample_warmup
 
@@ -220,9 +229,11 @@ class Processor:
             except Exception as exc:  # never let one message stop the worker
                 self._dead(out, key, value, f"undecodable: {exc!r}", p, offset)
                 continue
-            reason = validate(ev)
-            if reason:
-                self._dead(out, key, value, reason, p, offset)
+            # validate()'s checks, inline for the valid case (NaN fails the chained comparison)
+            if not (ev["client_id"] and ev["model"] and ev["input_tokens"] >= 0 and ev["output_tokens"] >= 0
+                    and ev["total_tokens"] >= 0 and 100 <= ev["status_code"] <= 599
+                    and 0.0 <= ev["latency_ms"] < INF):
+                self._dead(out, key, value, validate(ev) or "invalid", p, offset)
                 continue
             if meta is None:
                 if p not in self.indexed:
@@ -473,33 +484,33 @@ class Processor:
 
     # --- window anomaly rules ------------------------------------------------------------------
     def _window_rules(self, client: str, model: str, ws: int, w: list, p: int, out: Outputs, closing: bool) -> None:
-        s = self.s
-        c = self.state.get(f"c{SEP}{client}")
+        ckey = f"c{SEP}{client}"
+        c = self.state.data.get(ckey)
         dept = w[DEPT]
         tokens = w[TOT]
-        if c is not None and c[C_N] >= s.anomaly_spike_min_history:
+        if c is not None and c[C_N] >= self.spike_min_history:
             sigma = max(math.sqrt(max(c[C_VAR], 0.0)), 0.1 * c[C_MEAN], 1.0)
-            thr = max(float(s.anomaly_spike_floor_tokens), c[C_MEAN] + s.anomaly_spike_k * sigma)
+            thr = max(self.spike_floor, c[C_MEAN] + self.spike_k * sigma)
             if tokens > thr:
                 out.anomalies.append(self._anomaly(
                     "token_spike", client, dept, model, ws, tokens, thr,
                     f"{tokens} tokens in the window vs a baseline of {c[C_MEAN]:.0f} (band {thr:.0f})"))
-        if w[REQ] >= s.anomaly_error_min_requests and w[ERR] / w[REQ] >= s.anomaly_error_rate:
+        if w[REQ] >= self.error_min_requests and w[ERR] / w[REQ] >= self.error_rate:
             rate = w[ERR] / w[REQ]
             out.anomalies.append(self._anomaly(
-                "error_rate", client, dept, model, ws, rate, s.anomaly_error_rate,
+                "error_rate", client, dept, model, ws, rate, self.error_rate,
                 f"{w[ERR]} of {w[REQ]} requests failed ({rate:.0%})"))
-        if (len(w) > NCNT and w[NCNT] >= s.anomaly_latency_min_requests and w[NIN] > 0 and w[IN] > 0
+        if (len(w) > NCNT and w[NCNT] >= self.latency_min_requests and w[NIN] > 0 and w[IN] > 0
                 and w[REQ] >= 3):
             model_ratio = w[NLAT] / w[NIN]
             ratio = w[LSUM] / w[IN]
-            if ratio > s.anomaly_latency_factor * model_ratio:
+            if ratio > self.latency_factor * model_ratio:
                 out.anomalies.append(self._anomaly(
                     "latency_per_token", client, dept, model, ws, ratio, model_ratio,
                     f"{ratio:.3f} ms per input token vs {model_ratio:.3f} for {model}"))
-        if c is not None and c[C_N] == 0 and c[C_FIRST] == ws and tokens >= s.anomaly_new_client_tokens:
+        if c is not None and c[C_N] == 0 and c[C_FIRST] == ws and tokens >= self.new_client_tokens:
             out.anomalies.append(self._anomaly(
-                "new_client_volume", client, dept, model, ws, tokens, s.anomaly_new_client_tokens,
+                "new_client_volume", client, dept, model, ws, tokens, self.new_client_tokens,
                 f"never-seen client used {tokens} tokens in its first window"))
         if closing and c is not None and ws > c[C_LAST]:
             if c[C_N] == 0:
@@ -511,7 +522,7 @@ class Processor:
                 c[C_VAR] = (1 - alpha) * (c[C_VAR] + alpha * diff * diff)
             c[C_N] += 1
             c[C_LAST] = ws
-            self.state.touch(f"c{SEP}{client}")
+            self.state.touch(ckey)
 
     def _anomaly(self, rule: str, client: str, dept: str, model: str, ws: int, observed: float, thr: float,
                  message: str, request_id: str | None = None, ts: Any = None) -> dict:

@@ -299,18 +299,42 @@ def test_dead_letters_for_poison_and_invalid_events():
     assert proc.counters.dlq == 4 and proc.counters.events == 1
 
 
-def test_changelog_values_are_written_as_faust_json_reads_them():
-    """The worker's hoisted JSON encoder writes exactly what json.dumps (faust's codec) does."""
+def _random_json_value(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(9 if depth < 3 else 7)
+    if kind == 0:
+        return rng.choice([None, True, False])
+    if kind == 1:
+        return rng.choice([0, 1, -1, 7, 2**31, -(2**63), 2**63 - 1, 2**63, -(2**63) - 1, 10**30, -(10**25)])
+    if kind == 2:
+        return rng.randrange(-(10**12), 10**12)
+    if kind == 3:
+        return rng.choice([0.0, -0.0, 1e-7, 1e16, 1e22, 2.5e300, 0.1 + 0.2, float("inf"), float("-inf"), float("nan")])
+    if kind == 4:
+        return rng.uniform(-1e6, 1e6)
+    if kind in (5, 6):
+        return "".join(rng.choice(["a", "Z", " ", "\x1f", "\x00", '"', "\\", "/", "\n", "\x7f", "é", "日", "\U0001f600", "\ud800"])
+                       for _ in range(rng.randrange(12)))
+    if kind == 7:
+        return [_random_json_value(rng, depth + 1) for _ in range(rng.randrange(6))]
+    return {"k": _random_json_value(rng, depth + 1)} if rng.random() < 0.2 else tuple(
+        _random_json_value(rng, depth + 1) for _ in range(rng.randrange(4)))
+
+
+def test_changelog_records_are_written_as_faust_json_reads_them():
+    """Keys and values, from the native writer (when built) and its stdlib twin, are exactly the
+    bytes json.dumps (faust's codec) writes, on random nested values, state lists included."""
     import json
 
-    from tokenaudit.streams.app import _json_key, _json_value
+    from tokenaudit.streams import app
 
-    values = [["dept-ü", 1, 0, 49, 50, 99, 32.45, 1e-07, 49, 0, 12, -1, -1, 0.1 + 0.2, 2**62, 3],
-              [0, 1.0, 2.5e300, -1, 1_795_000_000_000], [sampler.dump_sketch(sampler.new_sketch()), 17],
-              [float("inf"), None, True, "a\x00\"b"], [], 7, "x"]
-    for value in values:
-        assert _json_value(value) == json.dumps(value, separators=(",", ":"))
-        assert json.loads(_json_value(value)) == value or value != value
-    assert _json_key("w\x1fclient-ü\x1fm\x1f0") == json.dumps("w\x1fclient-ü\x1fm\x1f0")
+    assert app._fastjson is not None, "streams/_fastjson.pyx is not built: see the install output"
+    rng = random.Random(3)
+    state_like = [["dept-ü", 1, 0, 49, 50, 99, 32.45, 1e-07, 49, 0, 12, -1, -1, 0.1 + 0.2, 2**62, 3],
+                  [0, 1.0, 2.5e300, -1, 1_795_000_000_000], [sampler.dump_sketch(sampler.new_sketch()), 17],
+                  "w\x1fclient-ü\x1fm\x1f0", "p\x1f3"]
+    for value in state_like + [_random_json_value(rng) for _ in range(3000)]:
+        expected = json.dumps(value, separators=(",", ":")).encode()
+        assert app._json_bytes(value) == expected
+        assert app._json_bytes_python(value) == expected
     with pytest.raises(TypeError):
-        _json_value([object()])
+        app._json_bytes([object()])
