@@ -14,6 +14,9 @@ and 1% late events in both); what differs is how many events share a window:
 
 Each shape gets its own topics, broker group and ClickHouse database; the raw loop is the
 best of three passes over the shape's topic (so the ratio is not flattered by a slow pass).
+The target's raw loop decodes with fastavro (``schemas.decode``, what a plain consumer uses);
+the same loop with the worker's own (native) decoder is printed next to it, as the cost of
+consuming alone.
 Starts its own Kafka broker (free ports, temp dir) and an embedded chDB store; the worker
 runs as a subprocess (`python -m tokenaudit.streams.app`), the sink in this process.
 Prints RESULT lines. Usage: python bench/bench_stream_throughput.py [live_events] [backfill_events] (0: skip that shape)
