@@ -68,11 +68,10 @@ try:
     from tokenaudit.streams import _fastjson
 except ImportError:  # not built (no C compiler): the stdlib encoder above
     _fastjson = None
-if _fastjson is not None and getattr(_fastjson, "ABI_VERSION", None) == 1:
+if _fastjson is not None and getattr(_fastjson, "ABI_VERSION", None) == 1:  # a stale build is not used
     _json_bytes = functools.partial(_fastjson.dumps_compact, fallback=_json_bytes_python)
 else:
     _json_bytes = _json_bytes_python
-
 
 
 class TableState(State):
