@@ -68,8 +68,10 @@ cdef int put_int(Buffer* buf, object value) except -1:
     cdef int n = 0, k
     cdef Py_ssize_t size
     cdef const char* text
+    cdef str decimal
     if overflow:  # beyond 64 bits: Python's own decimal conversion
-        text = PyUnicode_AsUTF8AndSize(repr(value), &size)
+        decimal = repr(value)  # held: ``text`` points into it
+        text = PyUnicode_AsUTF8AndSize(decimal, &size)
         return put(buf, text, size)
     magnitude = <uint64_t>v if v >= 0 else (<uint64_t>0 - <uint64_t>v)
     while True:
@@ -119,7 +121,8 @@ cdef int put_value(Buffer* buf, object value, int depth) except -1:
     if t is float:
         return put_float(buf, value)
     if t is str:
-        text = PyUnicode_AsUTF8AndSize(_ascii_string(value), &size)  # ASCII, quoted, escaped
+        escaped = _ascii_string(value)  # ASCII, quoted, escaped; held: ``text`` points into it
+        text = PyUnicode_AsUTF8AndSize(escaped, &size)
         return put(buf, text, size)
     if (t is list or t is tuple) and depth < 32:
         put(buf, "[", 1)
