@@ -9,7 +9,7 @@ compiled.py). Semantics are exactly those of the generated Python code, which st
 fallback when this extension is not built (no C compiler): compiled.py's tests run both.
 
 A codec is a field program: per field its name, its type code, whether it is a
-``["null", T]`` union, and (decoding) whether it is a timestamp to turn into a datetime.
+``["null", T]`` union. Timestamps are int epoch ms, as the rest of the project uses them.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -22,7 +22,7 @@ from libc.string cimport memcpy
 
 # Bump on any change of behaviour (and in compiled.py): a build left over from another version
 # is then not used. `make` rebuilds the extension whenever this file or setup.py changes.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t* size) except NULL
@@ -110,35 +110,28 @@ cdef class FlatCodec:
     cdef Py_ssize_t n
     cdef unsigned char kinds[MAX_FIELDS]
     cdef unsigned char nullable[MAX_FIELDS]
-    cdef unsigned char as_datetime[MAX_FIELDS]
     cdef bytes header
     cdef Py_ssize_t header_len
     cdef object bad
     cdef object fallback
-    cdef object epoch
-    cdef object timedelta
 
-    def __init__(self, list fields, bytes header, object bad, object fallback,
-                 object epoch=None, object timedelta=None):
-        """``fields``: (name, kind, nullable, as_datetime) tuples in schema order; ``bad``:
+    def __init__(self, list fields, bytes header, object bad, object fallback):
+        """``fields``: (name, kind, nullable) tuples in schema order; ``bad``:
         the exception type raised for values no valid writer produces; ``fallback(record)``:
         the generic encoder, for records this codec does not write."""
         if len(fields) > MAX_FIELDS:
             raise ValueError(f"more than {MAX_FIELDS} fields")
         self.n = len(fields)
-        self.names = tuple(name for name, _, _, _ in fields)
-        for k, (name, kind, nullable, as_datetime) in enumerate(fields):
+        self.names = tuple(name for name, _, _ in fields)
+        for k, (name, kind, nullable) in enumerate(fields):
             if kind not in KINDS:
                 raise ValueError(f"unsupported field type {kind!r}")
             self.kinds[k] = KINDS[kind]
             self.nullable[k] = bool(nullable)
-            self.as_datetime[k] = bool(as_datetime)
         self.header = header
         self.header_len = len(header)
         self.bad = bad
         self.fallback = fallback
-        self.epoch = epoch
-        self.timedelta = timedelta
 
     def decode_body(self, bytes d):
         """The record after the (already checked) header; IndexError when truncated."""
@@ -174,10 +167,7 @@ cdef class FlatCodec:
                 i += <Py_ssize_t>v
             elif kind == K_INT or kind == K_LONG:
                 i = read_long(p, L, i, &v, self.bad)
-                if self.as_datetime[k]:
-                    value = self.epoch + self.timedelta(microseconds=v * 1000)
-                else:
-                    value = PyLong_FromLongLong(v)
+                value = PyLong_FromLongLong(v)
             elif kind == K_DOUBLE:
                 if L - i < 8:
                     raise IndexError("truncated double")

@@ -31,7 +31,7 @@ from tokenaudit.schemas.codec import registry
 
 # The same codecs in C (schemas/_native.pyx, built by setup.py with Cython): ~5x faster
 # again. Optional: without a C compiler the generated Python below is used.
-_NATIVE_ABI = 1
+_NATIVE_ABI = 2
 try:
     from tokenaudit.schemas import _native
 except ImportError:  # not built
@@ -115,8 +115,8 @@ def _encode_snippet(ftype: Any, var: str) -> str:
     raise _Unsupported
 
 
-def _field_program(raw: dict, datetimes: bool) -> list[tuple[str, str, bool, bool]] | None:
-    """(name, type, nullable, as datetime) per field, for the native codec; None if not flat."""
+def _field_program(raw: dict) -> list[tuple[str, str, bool]] | None:
+    """(name, type, nullable) per field, for the native codec; None if not flat."""
     program = []
     for f in raw["fields"]:
         ftype, nullable = f["type"], False
@@ -125,7 +125,7 @@ def _field_program(raw: dict, datetimes: bool) -> list[tuple[str, str, bool, boo
         ftype = _flat_type(ftype)
         if not isinstance(ftype, str) or ftype not in _DECODE:
             return None
-        program.append((f["name"], ftype, nullable, datetimes and _is_timestamp(f["type"])))
+        program.append((f["name"], ftype, nullable))
     return program
 
 
@@ -140,7 +140,7 @@ def compile_encoder(name: str, memo_large: bool = False, native: bool | None = N
     if sv.raw.get("type") != "record":
         return None
     if NATIVE if native is None else native:
-        program = _field_program(sv.raw, datetimes=False)
+        program = _field_program(sv.raw)
         if program is None:
             return None
         return _native.FlatCodec(program, sv.header, _BadValue, lambda r: generic_encode(name, r)).encode
@@ -226,39 +226,34 @@ def _as_epoch_ms(record: dict, fields: list[str]) -> dict:
     return record
 
 
-def compile_decoder(name: str, datetimes: bool = False, native: bool | None = None) -> Callable[[bytes], dict] | None:
+def compile_decoder(name: str, native: bool | None = None) -> Callable[[bytes], dict] | None:
     """A fast decoder of single-object messages holding a ``name`` record, or None when the
-    schema is not flat. Timestamp-millis fields come back as int epoch ms (``datetimes``: as
-    the aware UTC datetimes fastavro gives), whichever path read them; bad bytes raise
-    :class:`AvroDecodeError`. ``native``: the C codec (default: when built)."""
+    schema is not flat. Timestamp-millis fields come back as int epoch ms, whichever path
+    read them; bad bytes raise :class:`AvroDecodeError`. ``native``: the C codec (default:
+    when built)."""
     sv = registry.current(name)
     if sv.raw.get("type") != "record":
         return None
     if NATIVE if native is None else native:
-        program = _field_program(sv.raw, datetimes)
+        program = _field_program(sv.raw)
         if program is None:
             return None
-        codec = _native.FlatCodec(program, sv.header, _BadValue, None, _EPOCH, timedelta)
-        return _wrap_decoder(name, sv, codec.decode_body, datetimes)
+        return _wrap_decoder(name, sv, _native.FlatCodec(program, sv.header, _BadValue, None).decode_body)
     fields = sv.raw["fields"]
-    stamps = _timestamp_fields(sv.raw)
     lines = ["def body(d):", f"    i = {HEADER_LEN}", "    L = len(d)"]
     try:
         for k, f in enumerate(fields):
             lines.extend("    " + line for line in _decode_snippet(f["type"], f"v{k}"))
-            if datetimes and f["name"] in stamps:
-                convert = f"v{k} = E + TD(microseconds=v{k} * 1000)"  # as fastavro computes it
-                lines.append(f"    if v{k} is not None: {convert}" if isinstance(f["type"], list) else f"    {convert}")
     except _Unsupported:
         return None
     lines.append("    if i != L: raise B('%d trailing bytes after the record' % (L - i))")
     lines.append("    return {" + ", ".join(f"{f['name']!r}: v{k}" for k, f in enumerate(fields)) + "}")
-    namespace = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue, "E": _EPOCH, "TD": timedelta}
+    namespace = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue}
     exec(compile("\n".join(lines), f"<avro decoder {name} v{sv.version}>", "exec"), namespace)  # noqa: S102
-    return _wrap_decoder(name, sv, namespace["body"], datetimes)
+    return _wrap_decoder(name, sv, namespace["body"])
 
 
-def _wrap_decoder(name: str, sv: Any, body: Callable[[bytes], dict], datetimes: bool) -> Callable[[bytes], dict]:
+def _wrap_decoder(name: str, sv: Any, body: Callable[[bytes], dict]) -> Callable[[bytes], dict]:
     """Header check, other writer versions, and one error type around a body decoder."""
     stamps = _timestamp_fields(sv.raw)
     header = sv.header
@@ -268,7 +263,7 @@ def _wrap_decoder(name: str, sv: Any, body: Callable[[bytes], dict], datetimes: 
         if data.__class__ is not bytes or data[:HEADER_LEN] != header:
             # another writer version (resolved by fastavro), or the codec's error for bad bytes
             record = generic_decode(data, name)
-            return record if datetimes else _as_epoch_ms(record, stamps)
+            return _as_epoch_ms(record, stamps)
         try:
             return body(data)
         except _BadValue as exc:
