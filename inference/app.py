@@ -133,6 +133,6 @@ def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | 
     app = IdentityMiddleware(star, registry, trusted, OPEN_PATHS)
     if audit:
         exclude = frozenset(p.strip() for p in settings.audit_exclude_paths.split(",") if p.strip())
-        app = AuditMiddleware(app, state.publish, runner.model_name, exclude)
+        app = AuditMiddleware(app, state.publish, runner.model_name, exclude, settings.effective_instance)
     app.state = state  # for tests and the server: reach the state through the outer app
     return app

@@ -18,10 +18,11 @@ import os
 import re
 import secrets
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
+
+import uuid_utils
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class AuditContext:
     """What one request did; filled in as the request goes. Never holds prompt or output text."""
 
     request_id: str
+    event_id: str
     ts_ms: int
     started: float
     client_id: str = ""
@@ -59,13 +61,19 @@ class AuditContext:
 
     @classmethod
     def new(cls, request_id: str | None = None) -> "AuditContext":
-        return cls(request_id or uuid.uuid4().hex, int(time.time() * 1000), time.perf_counter())
+        """A context with a fresh event_id (UUIDv7: unique, time-ordered, ~0.2 us from
+        uuid-utils). A request without a usable X-Request-ID gets the event_id's hex as its
+        request_id (uuid4().hex would cost ~2 us more per request)."""
+        event_id = str(uuid_utils.uuid7())
+        return cls(request_id or event_id.replace("-", ""), event_id, int(time.time() * 1000), time.perf_counter())
 
-    def to_event(self, method: str, path: str, status: int) -> dict:
-        """The Avro record (schema token_usage_event v2); a flat dict literal because this runs
-        once per request and must stay in the low microseconds."""
+    def to_event(self, method: str, path: str, status: int, instance: str = "") -> dict:
+        """The Avro record (schema token_usage_event v3); a flat dict literal because this runs
+        once per request and must stay in the low microseconds. ``event_id`` is fixed when the
+        context is made, so every copy of this event (retries, spool replays) carries it."""
         return {
-            "request_id": self.request_id, "ts": self.ts_ms, "client_id": self.client_id,
+            "request_id": self.request_id, "event_id": self.event_id, "instance": instance,
+            "ts": self.ts_ms, "client_id": self.client_id,
             "department": self.department, "api_key_id": self.api_key_id, "client_ip": self.client_ip,
             "method": method, "path": path, "status_code": status, "error_type": self.error_type,
             "model": self.model, "input_tokens": self.input_tokens,
@@ -136,11 +144,12 @@ Send = Callable[[dict], Awaitable[None]]
 
 class AuditMiddleware:
     def __init__(self, app, publish: Callable[[dict], None], model_name: str,
-                 exclude_paths: frozenset[str] = frozenset()):
+                 exclude_paths: frozenset[str] = frozenset(), instance: str = ""):
         self.app = app
         self.publish = publish
         self.model_name = model_name
         self.exclude = exclude_paths
+        self.instance = instance
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -188,5 +197,5 @@ class AuditMiddleware:
             if scope["path"] not in self.exclude:
                 if ctx.disconnected and (status == 0 or ctx.error_type == "client_disconnect"):
                     status, ctx.error_type = STATUS_CLIENT_CLOSED, "client_disconnect"
-                event = ctx.to_event(scope["method"], scope["path"], status or 500)
+                event = ctx.to_event(scope["method"], scope["path"], status or 500, self.instance)
                 self.publish(event)

@@ -47,7 +47,25 @@ class SchemaVersion:
 
 def _parse(raw: dict) -> Any:
     # A fresh named-types dict per schema: two versions of the same record must not collide.
-    return parse_schema(raw, named_schemas={})
+    return parse_schema(_uuids_as_text(raw), named_schemas={})
+
+
+def _uuids_as_text(schema: Any) -> Any:
+    """The schema with ``logicalType: uuid`` dropped from its strings, for fastavro only.
+
+    fastavro turns uuid strings into ``uuid.UUID`` objects on read (and raises on text that
+    is not a UUID), while the generated and native codecs read plain text; reading them as
+    the plain strings they are on the wire gives one record shape on every path. The wire
+    format and the fingerprint are unchanged (the canonical form has no logical types), and
+    the published ``.avsc`` keeps the logical type for other readers."""
+    if isinstance(schema, list):
+        return [_uuids_as_text(s) for s in schema]
+    if isinstance(schema, dict):
+        if schema.get("type") == "string" and schema.get("logicalType") == "uuid":
+            return "string"
+        return {k: _uuids_as_text(v) if k in ("type", "fields", "items", "values") else v
+                for k, v in schema.items()}
+    return schema
 
 
 def schema_fingerprint(raw: dict) -> bytes:

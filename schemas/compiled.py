@@ -77,6 +77,8 @@ class _Unsupported(Exception):
 def _flat_type(ftype: Any) -> Any:
     if isinstance(ftype, dict) and ftype.get("logicalType") == "timestamp-millis" and ftype.get("type") == "long":
         return "long"
+    if isinstance(ftype, dict) and ftype.get("logicalType") == "uuid" and ftype.get("type") == "string":
+        return "string"  # the canonical text form: what the codec returns for uuid fields too
     return ftype
 
 

@@ -20,6 +20,7 @@ def sample_event(i: int = 0) -> dict:
         "total_tokens": 26 + i, "latency_ms": 12.5, "queue_ms": 0.75, "inference_ms": 11.0,
         "batch_id": "b-1", "batch_size": 4, "position_in_batch": 2, "device": "/CPU:0",
         "prompt_digest": "ab" * 32, "finish_reason": "length",
+        "event_id": f"0190b9c3-5f4e-7b2a-9c1d-{i:012x}", "instance": "host-a:8000",
     }
 
 

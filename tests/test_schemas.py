@@ -22,7 +22,7 @@ def test_header_is_magic_and_fingerprint():
 
 
 def test_old_writer_reads_with_current_reader_default_filled():
-    v1_event = {k: v for k, v in sample_event().items() if k != "finish_reason"}
+    v1_event = {k: v for k, v in sample_event().items() if k not in ("finish_reason", "event_id", "instance")}
     data = registry.encode(EVENT, v1_event, version=1)
     assert registry.writer_of(data).version == 1
     decoded = registry.decode(data)
@@ -48,9 +48,23 @@ def test_event_carries_every_design_field():
         "client_id", "department", "api_key_id", "client_ip", "method", "path", "status_code", "model",
         "error_type", "input_tokens", "untruncated_input_tokens", "truncated", "output_tokens", "total_tokens",
         "latency_ms", "queue_ms", "inference_ms", "batch_id", "batch_size", "position_in_batch", "device",
-        "prompt_digest", "request_id", "ts",
+        "prompt_digest", "request_id", "ts", "event_id", "instance",
     }
     assert required <= names
+
+
+def test_v3_event_id_is_a_uuid_string_and_older_writers_read_without_one():
+    current = registry.current(EVENT)
+    assert current.version >= 3
+    (event_id,) = [f for f in current.raw["fields"] if f["name"] == "event_id"]
+    assert event_id["type"] == ["null", {"type": "string", "logicalType": "uuid"}] and event_id["default"] is None
+    v2_event = {k: v for k, v in sample_event().items() if k not in ("event_id", "instance")}
+    decoded = registry.decode(registry.encode(EVENT, v2_event, version=2))
+    assert decoded["event_id"] is None and decoded["instance"] == "", "v2 records read with v3 defaults"
+    record = dict(sample_event(), event_id="0190b9c3-5f4e-7b2a-9c1d-123456789abc", instance="host-a:8000")
+    decoded = registry.decode(registry.encode(EVENT, record))
+    assert decoded["event_id"] == record["event_id"] and isinstance(decoded["event_id"], str)
+    assert decoded["instance"] == "host-a:8000"
 
 
 @pytest.mark.parametrize("name", [ANOMALY, ROLLUP, SAMPLED])

@@ -5,6 +5,7 @@ same error type."""
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -23,6 +24,8 @@ LONGS = INTS + [2**40, -(2**40), 2**63 - 1, -(2**63)]
 def _value(ftype, rng: random.Random):
     if isinstance(ftype, list):
         return None if rng.random() < 0.3 else _value(ftype[1], rng)
+    if isinstance(ftype, dict) and ftype["logicalType"] == "uuid":  # text on every path
+        return str(uuid.UUID(int=rng.getrandbits(128)))
     if isinstance(ftype, dict):  # timestamp-millis: int epoch ms on the generated paths
         return rng.choice([0, 1_795_000_000_000, 1_795_000_000_123, -5])
     return {"string": lambda: rng.choice(TEXTS), "int": lambda: rng.choice(INTS),

@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     model: str = Field("", description="HF TF checkpoint path or name; default <data_dir>/models/t5-tiny (built by `model init`).")
     http_host: str = Field("127.0.0.1", description="Inference app bind address.")
     http_port: int = Field(8000, ge=1, le=65535, description="Inference app port.")
+    instance: str = Field("", max_length=128, description="This inference instance's name in events; default <hostname>:<http_port>.")
     api_keys_file: Path | None = Field(None, description="API-key registry (TOML); unset means development mode.")
     trusted_proxies: str = Field("", description="Comma-separated proxy IPs/CIDRs whose X-Forwarded-For is trusted.")
     prompt_digest_secret: str = Field("", description="HMAC key for prompt digests; default: generated once in data_dir.")
@@ -178,6 +179,14 @@ class Settings(BaseSettings):
     @property
     def effective_model(self) -> str:
         return self.model or str(self.data_dir / "models" / "t5-tiny")
+
+    @property
+    def effective_instance(self) -> str:
+        if self.instance:
+            return self.instance
+        import socket
+
+        return f"{socket.gethostname()}:{self.http_port}"
 
     @property
     def effective_spool_dir(self) -> Path:
