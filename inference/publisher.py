@@ -8,7 +8,10 @@ the spool.
 States: *direct* (events go to the producer queue) and *spooling* (the broker is down, a
 delivery failed or the spool is not yet drained: new events are appended to the spool so they
 stay behind older ones). The background thread probes the broker every ``retry_seconds`` while
-spooling, replays segments oldest first, and returns to *direct* once the spool is empty.
+the spool holds anything, replays segments oldest first, and returns to *direct* when it starts
+on the last segment (under steady load new events would otherwise keep refilling the spool
+and it would never be seen empty); those events may then reach Kafka a few milliseconds
+before the last spooled ones, which event time makes harmless.
 
 Replay uses a producer of its own with a delivery report per record (the direct path's producer
 reports only failures, to keep callbacks off the request path) and writes each confirmation to
@@ -357,7 +360,7 @@ class EventPublisher:
             self._heartbeat = time.monotonic()
             try:
                 self._producer.poll(0.1)
-                if self._spooling and time.monotonic() >= self._next_probe:
+                if time.monotonic() >= self._next_probe and (self._spooling or not self.spool.empty()):
                     self._next_probe = time.monotonic() + self.retry_seconds
                     self._replay()
             except Exception:  # keep the thread alive whatever happens; the spool is intact
@@ -385,16 +388,19 @@ class EventPublisher:
     def _replay(self) -> None:
         if not self._broker_up():
             return
+        replayed = self.stats.replayed
         while not self._stop.is_set():
-            segment = self.spool.oldest_segment()
+            with self._spool_lock:  # no append can start a new segment meanwhile
+                segment = self.spool.oldest_segment()
+                if segment is None or self.spool.segment_count() == 1:
+                    if self._spooling:
+                        log.info("spool %s; publishing directly again", "drained" if segment is None else
+                                 "down to its last segment")
+                    self._spooling = False
+                    self._write_error = None
             if segment is None:
-                with self._spool_lock:
-                    if self.spool.empty():
-                        self._spooling = False
-                        self._write_error = None
-                        log.info("spool drained; publishing directly again")
-                        return
-                continue
+                log.info("spool replay done: %d events replayed", self.stats.replayed - replayed)
+                return
             if not self._replay_segment(segment):
                 return
 
@@ -439,7 +445,7 @@ class EventPublisher:
                       batch.in_flight, self.retry_seconds)
             return False
         self.spool.remove(segment)
-        log.info("replayed spool segment %s", segment.name)
+        log.debug("replayed spool segment %s", segment.name)
         return True
 
     def _persist(self, segment: Path, batch: _ReplayBatch) -> None:

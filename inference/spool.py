@@ -281,6 +281,7 @@ class Spool:
         self._bytes = 0
         self._capped_bytes = 0
         self._bad_seen: set[tuple[Path, int]] = set()
+        self._last_seq = 0
         self._ack_error_logged_at = 0.0
         try:
             self._recover()
@@ -332,7 +333,12 @@ class Spool:
 
     # --- bookkeeping -----------------------------------------------------------------------------
     def _next_seq(self) -> int:
-        return max((s.seq for s in self._segments.values()), default=0) + 1
+        """Increasing and never reused, also after the spool emptied or the process restarted
+        (quarantine file names carry the segment's name): the wall clock in microseconds, or
+        one more than the newest segment if that is higher."""
+        newest = max((s.seq for s in self._segments.values()), default=0)
+        self._last_seq = max(newest + 1, self._last_seq + 1, time.time_ns() // 1000)
+        return self._last_seq
 
     @property
     def bytes(self) -> int:
@@ -438,6 +444,10 @@ class Spool:
             if oldest is self._active:
                 self._close_active()
             return oldest.path
+
+    def segment_count(self) -> int:
+        with self._lock:
+            return len(self._segments)
 
     def records(self, segment: Path) -> Iterator[SpoolRecord]:
         """The readable records of a sealed segment, oldest first, confirmed ones included.

@@ -4,10 +4,8 @@ failure accounting without a broker, prompt digests and `keys add`. No broker he
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -68,8 +66,11 @@ def test_records_keep_key_value_headers_and_order_across_segments_and_reopen(tmp
     assert len(spool.segments()) > 5
     reopened = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
     assert reopened.bytes == spool.bytes == sum(p.stat().st_size for p in tmp_path.glob("*.seg")) > 0
+    names = [p.name for p in reopened.segments()]
     assert _drain(reopened) == records
     assert reopened.empty() and reopened.bytes == 0 and not list(tmp_path.glob("*.seg"))
+    assert reopened.append(b"k", b"v") is Appended.STORED
+    assert reopened.segments()[0].name > max(names), "segment names are never reused (quarantine names carry them)"
 
 
 def test_full_spool_refuses_newest_records(tmp_path):
@@ -152,8 +153,9 @@ def test_segments_of_the_previous_release_are_replayed_first(tmp_path):
     spool = Spool(tmp_path, max_bytes=1 << 24, on_loss=losses)
     assert losses.seen == [("torn_tail", 1)]
     assert spool.append(b"acme", b"new") is Appended.STORED
-    assert [p.name for p in spool.segments()] == [f"{'5'.zfill(16)}.spool", f"{'6'.zfill(16)}.spool",
-                                                  f"{'7'.zfill(16)}.seg"]
+    names = [p.name for p in spool.segments()]
+    assert names[:2] == [f"{'5'.zfill(16)}.spool", f"{'6'.zfill(16)}.spool"] and names[2].endswith(".seg")
+    assert len(names) == 3 and int(names[2][:-4]) > 6, "new segments sort after the old ones"
     assert [(k, v) for k, v, _ in _drain(spool)] == [*legacy, (b"acme", b"torn-0"), (b"acme", b"new")]
 
 
@@ -184,36 +186,23 @@ def test_a_second_process_on_the_same_directory_is_refused(tmp_path):
     Spool(tmp_path, max_bytes=1 << 20).close()
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str):
-    """A real small filesystem (root only): a full disk without filling the machine's."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def test_full_filesystem_writes_are_all_or_nothing(tmp_path):
-    with tmpfs(tmp_path / "small", "64k") as d:
-        spool = Spool(d, max_bytes=1 << 30)
-        values = [os.urandom(700) for _ in range(200)]
-        results = [spool.append(b"acme", v) for v in values]
-        stored = results.count(Appended.STORED)
-        assert 0 < stored < 200 and results[:stored] == [Appended.STORED] * stored
-        assert set(results[stored:]) == {Appended.FAILED}, "no exception, and no write after the first failure fits"
-        assert "disk full" in spool.last_error or "No space left" in spool.last_error
-        [segment] = spool.segments()
-        assert segment.stat().st_size == spool.bytes == stored * len(encode_record(b"acme", values[0])), \
-            "no partial record on disk"
-        spool.close()
-        losses = Losses()
-        reopened = Spool(d, max_bytes=1 << 30, on_loss=losses)
-        assert losses.seen == [] and [r.value for r in reopened.pending(segment)] == values[:stored]
-        reopened.close()
+def test_full_filesystem_writes_are_all_or_nothing(tmp_path, small_disk):
+    d = small_disk(tmp_path / "small", "64k")
+    spool = Spool(d, max_bytes=1 << 30)
+    values = [os.urandom(700) for _ in range(200)]
+    results = [spool.append(b"acme", v) for v in values]
+    stored = results.count(Appended.STORED)
+    assert 0 < stored < 200 and results[:stored] == [Appended.STORED] * stored
+    assert set(results[stored:]) == {Appended.FAILED}, "no exception, and no write after the first failure fits"
+    assert "disk full" in spool.last_error or "No space left" in spool.last_error
+    [segment] = spool.segments()
+    assert segment.stat().st_size == spool.bytes == stored * len(encode_record(b"acme", values[0])), \
+        "no partial record on disk"
+    spool.close()
+    losses = Losses()
+    reopened = Spool(d, max_bytes=1 << 30, on_loss=losses)
+    assert losses.seen == [] and [r.value for r in reopened.pending(segment)] == values[:stored]
+    reopened.close()
 
 
 def _event(i: int, client_id: str = "acme") -> dict:
@@ -256,19 +245,19 @@ def test_publisher_without_broker_spools_then_drops_newest_and_says_so(tmp_path,
         pub.close(timeout=1)
 
 
-def test_publisher_on_a_full_filesystem_counts_drops_keeps_running_and_says_why(tmp_path):
-    with tmpfs(tmp_path / "small", "64k") as d:
-        pub = _offline_publisher(d)
-        try:
-            for i in range(600):
-                pub.publish(_event(i))  # never raises
-            _wait(lambda: pub.stats.spooled + pub.stats.dropped == 600)
-            assert pub.stats.write_failures == pub.stats.dropped > 0 and pub.stats.spooled > 0
-            assert pub.spool.count() == pub.stats.spooled, "every event counted as spooled is on disk, whole"
-            assert "event spool unwritable" in pub.problem()
-            assert pub._thread.is_alive()
-        finally:
-            pub.close(timeout=1)
+def test_publisher_on_a_full_filesystem_counts_drops_keeps_running_and_says_why(tmp_path, small_disk):
+    d = small_disk(tmp_path / "small", "64k")
+    pub = _offline_publisher(d)
+    try:
+        for i in range(600):
+            pub.publish(_event(i))  # never raises
+        _wait(lambda: pub.stats.spooled + pub.stats.dropped == 600)
+        assert pub.stats.write_failures == pub.stats.dropped > 0 and pub.stats.spooled > 0
+        assert pub.spool.count() == pub.stats.spooled, "every event counted as spooled is on disk, whole"
+        assert "event spool unwritable" in pub.problem()
+        assert pub._thread.is_alive()
+    finally:
+        pub.close(timeout=1)
 
 
 class _DyingPublisher(EventPublisher):
