@@ -353,7 +353,10 @@ class EventPublisher:
             self._loop()
         except BaseException as exc:  # only a bug gets here: /readyz reports it
             self._thread_error = f"{type(exc).__name__}: {exc}"
-            log.critical("event publisher thread stopped: %s", self._thread_error, exc_info=True)
+            log.critical("event publisher thread stopped: %s; events are spooled from now on (replayed after a "
+                         "restart)", self._thread_error, exc_info=True)
+            with self._spool_lock:  # nobody serves delivery reports now: keep events where nothing is lost
+                self._spooling = True
 
     def _loop(self) -> None:
         while not self._stop.is_set():

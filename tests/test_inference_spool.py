@@ -285,6 +285,8 @@ def test_publisher_thread_survives_errors_and_reports_its_death(tmp_path):
         assert flaky._thread.is_alive() and flaky.problem() is None
         _wait(lambda: not dying._thread.is_alive())
         assert dying.problem() == "event publisher thread died: SystemExit: simulated bug in the publisher thread"
+        dying.publish(_event(7))  # nobody would serve its delivery report: it goes to the spool instead
+        assert dying.stats.spooled == 1 and dying.spool.count() == 1
     finally:
         flaky.close(timeout=1)
         dying.close(timeout=1)
