@@ -156,11 +156,15 @@ class EventPublisher:
             "error_cb": self._on_error,
             "logger": _librdkafka_logger(),
         }
-        self._producer = Producer({**self._config, "on_delivery": self._on_delivery,
-                                   # Python callbacks only for failures: a callback per event would cost
-                                   # the event loop (GIL) several microseconds per request; successes are
-                                   # counted from the queue.
-                                   "delivery.report.only.error": True})
+        try:
+            self._producer = Producer({**self._config, "on_delivery": self._on_delivery,
+                                       # Python callbacks only for failures: a callback per event would cost
+                                       # the event loop (GIL) several microseconds per request; successes are
+                                       # counted from the queue.
+                                       "delivery.report.only.error": True})
+        except BaseException:
+            self.spool.close()  # release the directory's lock
+            raise
         self._replay_producer: Producer | None = None
         self._replay_fatal: str | None = None
         self._spool_lock = threading.Lock()

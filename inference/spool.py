@@ -301,6 +301,7 @@ class Spool:
         for path in self.dir.iterdir():
             if path.suffix in (SEGMENT_SUFFIX, LEGACY_SUFFIX) and path.stem.isdigit() and path.is_file():
                 found.append(_Segment(int(path.stem), path, path.suffix == LEGACY_SUFFIX))
+        self._last_seq = max((seg.seq for seg in found), default=0)  # unreadable ones included
         for seg in sorted(found, key=lambda s: (s.seq, not s.legacy)):
             try:
                 data = seg.path.read_bytes()
@@ -312,7 +313,7 @@ class Spool:
                 if isinstance(item, SpoolRecord):
                     if item.key == self.capped_key:
                         seg.capped_bytes += item.end - item.offset
-                elif item.torn:  # the cut-short last record (now in quarantine): make the file whole again
+                elif item.torn and not seg.keep_bad_bytes:  # cut-short last record, now in quarantine: cut it off
                     try:
                         os.truncate(seg.path, item.start)
                         size = item.start
@@ -323,8 +324,9 @@ class Spool:
             self._segments[seg.path] = seg
             self._bytes += seg.size
             self._capped_bytes += seg.capped_bytes
+        logs_in_use = {seg.path.with_suffix(ACK_SUFFIX) for seg in found}
         for ack in self.dir.glob(f"*{ACK_SUFFIX}"):
-            if not any(seg.path.with_suffix(ACK_SUFFIX) == ack for seg in self._segments.values()):
+            if ack not in logs_in_use:
                 ack.unlink(missing_ok=True)  # its segment was fully replayed; removal stopped halfway
         if self._segments:
             log.info("spool %s holds %d segments (%d bytes) from a previous run", self.dir, len(self._segments),
