@@ -24,8 +24,8 @@ from tokenaudit.inference.batcher import MicroBatcher
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics
 from tokenaudit.inference.publisher import EventPublisher
-from tokenaudit.inference.spool import SpoolLocked
 from tokenaudit.inference.runner import ModelRunner
+from tokenaudit.inference.spool import SpoolLocked
 from tokenaudit.settings import Settings
 
 log = logging.getLogger(__name__)
