@@ -31,9 +31,9 @@ Why these choices:
   confirmed are not sent again.
 - *Start-up recovery*: every segment is read once when the spool opens; a torn tail (the last
   record cut short by a crash mid-write) is copied to quarantine, truncated and reported;
-  corrupt records are copied to quarantine and reported. This costs ~20 ms per MiB on the
+  corrupt records are copied to quarantine and reported. This costs 17-26 ms per MiB on the
   shared 2-core dev box (bench/bench_spool.py): a full default spool (256 MiB) delays start-up
-  by a few seconds, an empty one by nothing.
+  by 4-7 s, an empty one by nothing.
 - *A lock per directory*: two processes appending to one directory would interleave segment
   numbers and replay each other's records; the second one is refused.
 
