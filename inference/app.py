@@ -25,6 +25,7 @@ from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.inference.runner import ModelRunner
+from tokenaudit.inference.spool import SpoolLocked
 from tokenaudit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def publisher_from_settings(s: Settings) -> EventPublisher:
     return EventPublisher(s.kafka_bootstrap, s.topic_usage, s.effective_spool_dir, spool_max_bytes=s.spool_max_bytes,
                           queue_max=s.producer_queue_max, message_timeout_ms=s.producer_message_timeout_ms,
                           linger_ms=s.producer_linger_ms, compression=s.producer_compression,
-                          retry_seconds=s.spool_retry_seconds, partitions=s.kafka_partitions)
+                          retry_seconds=s.spool_retry_seconds, partitions=s.kafka_partitions,
+                          unauthenticated_share=s.spool_unauthenticated_share)
 
 
 def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | None = None,
@@ -103,7 +105,11 @@ def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | 
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state.publisher = publisher_from_settings(settings).start()
+        try:
+            state.publisher = publisher_from_settings(settings).start()
+        except SpoolLocked as exc:
+            log.error("cannot start: %s", exc)
+            raise
         loader = threading.Thread(target=state.load_model, name="model-loader", daemon=True)
         loader.start()
         if not load_in_background:

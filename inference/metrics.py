@@ -27,7 +27,14 @@ class _PublisherCollector:
                 ("events_failed", s.failed, "Deliveries that failed (the event was then spooled)."),
                 ("events_spooled", s.spooled, "Events written to the on-disk spool."),
                 ("events_replayed", s.replayed, "Spooled events delivered to Kafka on replay."),
-                ("events_dropped", s.dropped, "Events lost because the spool was full (drop-newest policy)."),
+                ("events_dropped", s.dropped, "Events that will not reach Kafka, whatever the reason (the counters "
+                                              "below name some reasons; the rest: full spool, drop newest)."),
+                ("events_dropped_unauthenticated", s.dropped_unauthenticated,
+                 "Unauthenticated events dropped because they filled their share of the spool."),
+                ("spool_write_failures", s.write_failures, "Events dropped because a spool write failed (disk full, I/O)."),
+                ("spool_quarantined", s.quarantined, "Spooled records found corrupt and moved to the quarantine folder."),
+                ("spool_torn_tails", s.torn_tails, "Spooled records cut short by a crash mid-write (kept in quarantine)."),
+                ("events_replay_failed", s.replay_failed, "Replayed deliveries that failed (the event stays spooled)."),
             ]:
                 yield CounterMetricFamily(f"tokenaudit_{name}", doc, value=value)
             yield GaugeMetricFamily("tokenaudit_producer_queue_depth", "Messages in the producer's local queue.",

@@ -1,32 +1,49 @@
 """Fire-and-forget, loss-free publishing of encoded events to Kafka.
 
 The request path calls :meth:`EventPublisher.publish`, which only encodes and enqueues
-(``Producer.produce`` is a memory enqueue in librdkafka). Everything slow happens on one
-background thread: serving delivery reports, spooling failures, replaying the spool.
+(``Producer.produce`` is a memory enqueue in librdkafka) and never raises. Everything slow
+happens on one background thread: serving delivery reports, spooling failures, replaying
+the spool.
 
 States: *direct* (events go to the producer queue) and *spooling* (the broker is down, a
 delivery failed or the spool is not yet drained: new events are appended to the spool so they
 stay behind older ones). The background thread probes the broker every ``retry_seconds`` while
-spooling, replays segments oldest first, and returns to *direct* once the spool is empty.
-Replay is at-least-once: a segment whose replay is interrupted is replayed whole next time, so
-consumers deduplicate by ``request_id`` (the stream worker does).
+the spool holds anything, replays segments oldest first, and returns to *direct* when it starts
+on the last segment (under steady load new events would otherwise keep refilling the spool
+and it would never be seen empty); those events may then reach Kafka a few milliseconds
+before the last spooled ones, which event time makes harmless.
+
+Replay uses a producer of its own with a delivery report per record (the direct path's producer
+reports only failures, to keep callbacks off the request path) and writes each confirmation to
+the segment's resume log, so a replay interrupted by the broker or by a crash sends only what
+Kafka has not confirmed. A record Kafka refuses stays spooled and is retried (no loss); the rest
+of its segment is delivered meanwhile. Copies remain possible (a delivery timeout after the
+broker wrote the record): every event carries an ``event_id`` and the stream counts each once.
+
+Every event ends up on the topic or counted in ``stats.dropped``: a full spool, the
+unauthenticated share used up, a failed disk write, a record found corrupt or torn on disk.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from tokenaudit.schemas.compiled import compile_encoder
-from tokenaudit.inference.spool import Spool
+from tokenaudit.inference.identity import UNAUTHENTICATED
+from tokenaudit.inference.spool import Appended, Headers, Spool
 from tokenaudit.schemas import EVENT, encode
+from tokenaudit.schemas.compiled import compile_encoder
 
 log = logging.getLogger(__name__)
+
+STALL_SECONDS = 60.0  # the background thread's loop runs every 0.1 s; this long without it is a hang
+LOG_EVERY_SECONDS = 10.0
 
 
 class _Quieter(logging.Filter):
@@ -60,27 +77,74 @@ def _librdkafka_logger() -> logging.Logger:
 @dataclass
 class PublisherStats:
     """Plain counters, read by the /metrics collector at scrape time (no locks on the hot path:
-    each is written by one thread, and a slightly stale scrape is fine)."""
+    ``enqueued`` has one writer, the request thread; the rest are written off the direct path
+    under a lock, and a slightly stale scrape is fine).
+
+    ``dropped`` counts every event that will not reach the topic, whatever the reason; the
+    ``dropped_unauthenticated``, ``write_failures``, ``quarantined`` and ``torn_tails`` counters
+    say why for some of them (each of those events is in ``dropped`` too)."""
 
     enqueued: int = 0
     failed: int = 0
     spooled: int = 0
     replayed: int = 0
+    replay_failed: int = 0
     dropped: int = 0
+    dropped_unauthenticated: int = 0
+    write_failures: int = 0
+    quarantined: int = 0
+    torn_tails: int = 0
+
+
+@dataclass
+class _ReplayBatch:
+    """Delivery reports of one segment's replay; callbacks run inside ``poll`` on the publisher
+    thread, so plain lists suffice."""
+
+    in_flight: int = 0
+    confirmed: list[int] = field(default_factory=list)
+    failures: list[KafkaError] = field(default_factory=list)
+
+    def report(self, offset: int, err: KafkaError | None, msg) -> None:
+        self.in_flight -= 1
+        if err is None:
+            self.confirmed.append(offset)
+        else:
+            self.failures.append(err)
+
+
+class _RateLimitedLog:
+    """One line per reason per ``LOG_EVERY_SECONDS``: a disk-full or queue-full storm must not
+    flood the log (or the disk)."""
+
+    def __init__(self):
+        self._last: dict[str, float] = {}
+
+    def __call__(self, reason: str, level: int, msg: str, *args, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last.get(reason, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
+            self._last[reason] = now
+            log.log(level, msg, *args, exc_info=exc_info)
 
 
 class EventPublisher:
     def __init__(self, bootstrap: str, topic: str, spool_dir: Path, *, spool_max_bytes: int = 256 << 20,
                  queue_max: int = 100_000, message_timeout_ms: int = 15_000, linger_ms: float = 100.0,
-                 compression: str = "lz4", retry_seconds: float = 2.0, partitions: int | None = None):
+                 compression: str = "lz4", retry_seconds: float = 2.0, partitions: int | None = None,
+                 unauthenticated_share: float = 0.1):
         self.topic = topic
         self.bootstrap = bootstrap
         self.partitions = partitions
         self.retry_seconds = retry_seconds
+        self.message_timeout_s = message_timeout_ms / 1000
         self.stats = PublisherStats()
+        self._stats_lock = threading.Lock()
+        self._log = _RateLimitedLog()
         # byte-identical to schemas.encode (tested); ~5x faster on the hot path
         self._encode = compile_encoder(EVENT) or (lambda record: encode(EVENT, record))
-        self.spool = Spool(spool_dir, spool_max_bytes)
+        # first, so a spool directory held by another process stops us before any connection
+        self.spool = Spool(spool_dir, spool_max_bytes, capped_key=UNAUTHENTICATED.encode(),
+                           capped_share=unauthenticated_share, on_loss=self._count_spool_loss)
         self._config = {
             "bootstrap.servers": bootstrap,
             "enable.idempotence": True,
@@ -89,25 +153,35 @@ class EventPublisher:
             "linger.ms": linger_ms,
             "queue.buffering.max.messages": queue_max,
             "message.timeout.ms": message_timeout_ms,
-            "on_delivery": self._on_delivery,
-            # Python callbacks only for failures: a callback per event would cost the event loop
-            # (GIL) several microseconds per request; successes are counted from the queue.
-            "delivery.report.only.error": True,
             "error_cb": self._on_error,
             "logger": _librdkafka_logger(),
         }
-        self._producer = Producer(self._config)
+        try:
+            self._producer = Producer({**self._config, "on_delivery": self._on_delivery,
+                                       # Python callbacks only for failures: a callback per event would cost
+                                       # the event loop (GIL) several microseconds per request; successes are
+                                       # counted from the queue.
+                                       "delivery.report.only.error": True})
+        except BaseException:
+            self.spool.close()  # release the directory's lock
+            raise
+        self._replay_producer: Producer | None = None
+        self._replay_fatal: str | None = None
         self._spool_lock = threading.Lock()
         self._spooling = not self.spool.empty()  # leftovers from a previous run: replay them first
-        self._drop_logged_at = 0.0
+        self._write_error: str | None = None
+        self._fatal_error: str | None = None
+        self._thread_error: str | None = None
+        self._heartbeat = time.monotonic()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="event-publisher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="event-publisher", daemon=True)
         self._next_probe = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------
     def start(self) -> "EventPublisher":
         if self._spooling:
             log.info("spool holds %d bytes from a previous run; replaying when the broker answers", self.spool.bytes)
+        self._heartbeat = time.monotonic()
         self._thread.start()
         return self
 
@@ -117,7 +191,23 @@ class EventPublisher:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._producer)
+        replay = self._replay_producer
+        return len(self._producer) + (len(replay) if replay is not None else 0)
+
+    def problem(self) -> str | None:
+        """Why this publisher cannot do its work now (for /readyz), or None when it can."""
+        if self._fatal_error:
+            return f"kafka producer failed fatally: {self._fatal_error}"
+        if self._thread.is_alive():
+            stalled = time.monotonic() - self._heartbeat
+            if stalled > STALL_SECONDS:
+                return f"event publisher thread unresponsive for {stalled:.0f}s"
+        elif self._thread.ident is not None and not self._stop.is_set():
+            return f"event publisher thread died: {self._thread_error or 'unknown error'}"
+        error = self._write_error
+        if error is not None and self._spooling:
+            return f"event spool unwritable ({error}); events are being dropped"
+        return None
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush within ``timeout``; whatever is still unsent is spooled for the next start."""
@@ -130,6 +220,9 @@ class EventPublisher:
             self._producer.purge(in_queue=True, in_flight=True, blocking=False)
             self._producer.flush(1.0)
             log.warning("shutdown: %d events not delivered within %.1fs were spooled", remaining, timeout)
+        if self._replay_producer is not None:  # unconfirmed records stay in their segment for the next start
+            self._replay_producer.purge(in_queue=True, in_flight=True, blocking=False)
+            self._replay_producer.flush(0.5)
         self.spool.close()
 
     # --- hot path -------------------------------------------------------------------------
@@ -137,44 +230,76 @@ class EventPublisher:
         """Encode and enqueue one event; never blocks on the network, never raises."""
         try:
             value = self._encode(event)
+            key = event["client_id"].encode()
         except Exception:  # a bug in event building must not fail the request; say so loudly
             log.exception("event %s could not be encoded and is lost", event.get("request_id"))
-            self.stats.dropped += 1
+            self._count(dropped=1)
             return
-        self.publish_encoded(event["client_id"].encode(), value)
+        self.publish_encoded(key, value)
 
-    def publish_encoded(self, key: bytes, value: bytes) -> None:
-        if self._spooling and self._spool_if_spooling(key, value):
-            return
+    def publish_encoded(self, key: bytes, value: bytes, headers: Headers | None = None) -> None:
+        """Enqueue one encoded record (spool it while spooling); never raises."""
         try:
-            self._producer.produce(self.topic, value, key)
-            self.stats.enqueued += 1
-        except (BufferError, KafkaException) as exc:  # local queue full, or producer unusable
-            log.warning("producer refused an event (%s); spooling", exc)
-            self._to_spool(key, value)
+            if self._spooling and self._spool_if_spooling(key, value, headers):
+                return
+            try:
+                if headers is None:
+                    self._producer.produce(self.topic, value, key)
+                else:  # delivery reports carry no headers: keep them for a failed delivery's spooling
+                    self._producer.produce(self.topic, value, key, headers=headers,
+                                           on_delivery=functools.partial(self._on_delivery_with, headers))
+                self.stats.enqueued += 1
+                return
+            except (BufferError, KafkaException) as exc:  # local queue full, or producer unusable
+                self._log("refused", logging.WARNING, "producer refused an event (%s); spooling", exc)
+            self._to_spool(key, value, headers)
+        except Exception:
+            log.exception("event could not be published or spooled and is lost")
+            self._count(dropped=1)
 
-    def _spool_if_spooling(self, key: bytes, value: bytes) -> bool:
+    def _spool_if_spooling(self, key: bytes, value: bytes, headers: Headers | None) -> bool:
         with self._spool_lock:
             if not self._spooling:
                 return False
-            self._append(key, value)
+            self._append(key, value, headers)
             return True
 
-    def _to_spool(self, key: bytes, value: bytes) -> None:
+    def _to_spool(self, key: bytes, value: bytes, headers: Headers | None) -> None:
         with self._spool_lock:
             self._spooling = True
-            self._append(key, value)
+            self._append(key, value, headers)
 
-    def _append(self, key: bytes, value: bytes) -> None:
-        if self.spool.append(key, value):
-            self.stats.spooled += 1
-            return
-        self.stats.dropped += 1
-        now = time.monotonic()
-        if now - self._drop_logged_at > 10:
-            self._drop_logged_at = now
-            log.error("event spool is full (%d bytes): dropping newest events (%d dropped so far)",
+    def _append(self, key: bytes, value: bytes, headers: Headers | None) -> None:
+        result = self.spool.append(key, value, headers)
+        if result is Appended.STORED:
+            self._write_error = None
+            self._count(spooled=1)
+        elif result is Appended.FULL:
+            self._count(dropped=1)
+            self._log("full", logging.ERROR, "event spool is full (%d bytes): dropping newest events (%d dropped so far)",
                       self.spool.max_bytes, self.stats.dropped)
+        elif result is Appended.CAPPED:
+            self._count(dropped=1, dropped_unauthenticated=1)
+            self._log("capped", logging.WARNING, "unauthenticated events fill their share of the spool (%d bytes): "
+                      "dropping newest unauthenticated events (%d so far)", self.spool.capped_limit,
+                      self.stats.dropped_unauthenticated)
+        else:
+            self._write_error = self.spool.last_error
+            self._count(dropped=1, write_failures=1)
+            self._log("write", logging.ERROR, "event spool write failed (%s): event dropped (%d write failures so far)",
+                      self.spool.last_error, self.stats.write_failures)
+
+    def _count(self, **increments: int) -> None:
+        with self._stats_lock:
+            for name, n in increments.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    def _count_spool_loss(self, kind: str, records: int) -> None:
+        """The spool found records it cannot deliver (torn or corrupt on disk)."""
+        if kind == "torn_tail":
+            self._count(dropped=records, torn_tails=records)
+        else:
+            self._count(dropped=records, quarantined=records)
 
     # --- callbacks (background thread) ----------------------------------------------------
     @property
@@ -182,19 +307,36 @@ class EventPublisher:
         """Events Kafka acknowledged on the direct path: enqueued, no longer queued, not failed."""
         return max(0, self.stats.enqueued - len(self._producer) - self.stats.failed)
 
-    def _on_delivery(self, err, msg) -> None:
+    def _on_delivery(self, err, msg, headers: Headers | None = None) -> None:
+        """A direct-path delivery failed: spool the event. Never raises (it runs inside poll)."""
         if err is None:
             return
-        self.stats.failed += 1
-        self._to_spool(msg.key() or b"", msg.value())
+        try:
+            self._count(failed=1)
+            self._to_spool(msg.key() or b"", msg.value(), headers)
+        except Exception:
+            log.exception("a failed delivery could not be spooled; the event is lost")
+            self._count(dropped=1)
+
+    def _on_delivery_with(self, headers: Headers, err, msg) -> None:
+        self._on_delivery(err, msg, headers)
 
     def _on_error(self, err: KafkaError) -> None:
-        if err.code() == KafkaError._ALL_BROKERS_DOWN and not self._spooling:
-            log.warning("kafka unreachable (%s): spooling events to disk", err.str())
-            with self._spool_lock:
-                self._spooling = True
-        elif err.fatal():
-            log.error("fatal producer error: %s", err.str())
+        try:
+            if err.code() == KafkaError._ALL_BROKERS_DOWN and not self._spooling:
+                log.warning("kafka unreachable (%s): spooling events to disk", err.str())
+                with self._spool_lock:
+                    self._spooling = True
+            elif err.fatal():
+                self._fatal_error = err.str()
+                log.error("fatal producer error: %s", err.str())
+        except Exception:
+            log.exception("kafka error callback failed")
+
+    def _on_replay_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._replay_fatal = err.str()
+            log.error("fatal error of the replay producer (a new one is made): %s", err.str())
 
     # --- background loop ------------------------------------------------------------------
     def _ensure_topic(self) -> None:
@@ -209,16 +351,29 @@ class EventPublisher:
         except Exception as exc:
             log.info("could not ensure topic %s now (%s); relying on the broker", self.topic, exc)
 
+    def _run(self) -> None:
+        try:
+            self._ensure_topic()
+            self._loop()
+        except BaseException as exc:  # only a bug gets here: /readyz reports it
+            self._thread_error = f"{type(exc).__name__}: {exc}"
+            log.critical("event publisher thread stopped: %s; events are spooled from now on (replayed after a "
+                         "restart)", self._thread_error, exc_info=True)
+            with self._spool_lock:  # nobody serves delivery reports now: keep events where nothing is lost
+                self._spooling = True
+
     def _loop(self) -> None:
-        self._ensure_topic()
         while not self._stop.is_set():
-            self._producer.poll(0.1)
-            if self._spooling and time.monotonic() >= self._next_probe:
-                self._next_probe = time.monotonic() + self.retry_seconds
-                try:
+            self._heartbeat = time.monotonic()
+            try:
+                self._producer.poll(0.1)
+                if time.monotonic() >= self._next_probe and (self._spooling or not self.spool.empty()):
+                    self._next_probe = time.monotonic() + self.retry_seconds
                     self._replay()
-                except Exception:  # keep the thread alive whatever happens; the spool is intact
-                    log.exception("spool replay failed; retrying in %.1fs", self.retry_seconds)
+            except Exception:  # keep the thread alive whatever happens; the spool is intact
+                self._log("loop", logging.ERROR, "event publisher step failed; retrying in %.1fs", self.retry_seconds,
+                          exc_info=True)
+                self._stop.wait(min(1.0, self.retry_seconds))
 
     def _broker_up(self) -> bool:
         try:
@@ -227,33 +382,83 @@ class EventPublisher:
             return False
         return bool(md.brokers)
 
+    def _replayer(self) -> Producer:
+        if self._replay_fatal is not None and self._replay_producer is not None:
+            self._replay_producer.purge(in_queue=True, in_flight=True, blocking=False)
+            self._replay_producer = None
+        if self._replay_producer is None:
+            self._replay_fatal = None
+            self._replay_producer = Producer({**self._config, "linger.ms": min(20.0, self._config["linger.ms"]),
+                                              "error_cb": self._on_replay_error})
+        return self._replay_producer
+
     def _replay(self) -> None:
         if not self._broker_up():
             return
+        replayed = self.stats.replayed
         while not self._stop.is_set():
-            segment = self.spool.oldest_segment()
+            with self._spool_lock:  # no append can start a new segment meanwhile
+                segment = self.spool.oldest_segment()
+                if segment is None or self.spool.segment_count() == 1:
+                    if self._spooling:
+                        log.info("spool %s; publishing directly again", "drained" if segment is None else
+                                 "down to its last segment")
+                    self._spooling = False
+                    self._write_error = None
             if segment is None:
-                with self._spool_lock:
-                    if self.spool.empty():
-                        self._spooling = False
-                        log.info("spool drained; publishing directly again")
-                        return
-                continue
-            records = list(Spool.read(segment))
-            failures: list = []
-            on_done = lambda err, msg: failures.append(err) if err is not None else None  # noqa: E731
-            for key, value in records:
-                while True:
-                    try:
-                        self._producer.produce(self.topic, value, key, on_delivery=on_done)
-                        break
-                    except BufferError:
-                        self._producer.poll(0.1)
-            remaining = self._producer.flush(30.0)
-            if remaining or failures:
-                log.warning("spool replay of %s incomplete (%d failed, %d pending); will retry",
-                            segment.name, len(failures), remaining)
+                log.info("spool replay done: %d events replayed", self.stats.replayed - replayed)
                 return
-            self.spool.remove(segment)
-            self.stats.replayed += len(records)
-            log.info("replayed %d spooled events from %s", len(records), segment.name)
+            if not self._replay_segment(segment):
+                return
+
+    def _replay_segment(self, segment: Path) -> bool:
+        """Send the segment's unconfirmed records; True once all are confirmed and the segment
+        is gone. Stops sending at the first failure, waits for what is in flight, keeps every
+        confirmation."""
+        producer = self._replayer()
+        batch = _ReplayBatch()
+        complete = True
+        sent = 0
+        for record in self.spool.pending(segment):
+            if batch.failures or self._stop.is_set():
+                complete = False
+                break
+            report = functools.partial(batch.report, record.offset)
+            while True:
+                try:
+                    producer.produce(self.topic, record.value, record.key, headers=record.headers, on_delivery=report)
+                    batch.in_flight += 1
+                    sent += 1
+                    break
+                except BufferError:  # the replay producer's queue is full: let it drain
+                    producer.poll(0.05)
+                    self._persist(segment, batch)
+            if sent % 1000 == 0:
+                producer.poll(0)
+                self._persist(segment, batch)
+        deadline = time.monotonic() + self.message_timeout_s + 5
+        while batch.in_flight > 0 and time.monotonic() < deadline:
+            if self._stop.is_set():  # shutting down: unconfirmed records stay for the next start
+                deadline = min(deadline, time.monotonic() + 1.0)
+            producer.poll(0.1)
+            self._persist(segment, batch)
+        self._persist(segment, batch)
+        if batch.failures or batch.in_flight or not complete:
+            if batch.failures:
+                self._count(replay_failed=len(batch.failures))
+            reasons = sorted({f.str() for f in batch.failures})
+            self._log("replay", logging.WARNING, "spool replay of %s incomplete (%d failed: %s; %d pending); "
+                      "retrying every %.1fs", segment.name, len(batch.failures), "; ".join(reasons) or "-",
+                      batch.in_flight, self.retry_seconds)
+            return False
+        self.spool.remove(segment)
+        log.debug("replayed spool segment %s", segment.name)
+        return True
+
+    def _persist(self, segment: Path, batch: _ReplayBatch) -> None:
+        """Write the confirmations received so far to the segment's resume log, then count them."""
+        self._heartbeat = time.monotonic()
+        if batch.confirmed:
+            offsets, batch.confirmed = batch.confirmed, []
+            self.spool.confirm(segment, offsets)
+            self._count(replayed=len(offsets))

@@ -209,13 +209,19 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """200 once the model is loaded and the event publisher can work (a dead publisher thread or
+    an unwritable spool during an outage loses events: better out of rotation, with the reason)."""
     state = _state(request)
-    body = {"status": "ready" if state.ready else "not_ready", "model": state.model_name,
+    problem = state.publisher.problem() if state.publisher else "event publisher not started"
+    ready = state.ready and problem is None
+    body = {"status": "ready" if ready else "not_ready", "model": state.model_name,
             "model_loaded": state.ready, "producer": state.publisher.state if state.publisher else "stopped",
             "device": state.runner.device}
     if not state.ready:
         body["reason"] = state.not_ready_reason()
-    return JSONResponse(body, status_code=200 if state.ready else 503)
+    elif problem is not None:
+        body["reason"] = problem
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:

@@ -9,6 +9,7 @@ store and each test isolates itself in its own database.
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -74,3 +75,22 @@ def data_dir(tmp_path: Path, monkeypatch) -> Path:
     get_settings.cache_clear()
     yield tmp_path / "data"
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def small_disk():
+    """Mounts a real small filesystem: ``small_disk(path, "64k")`` (a tmpfs; root only, as CI
+    runs), so a full disk is a real ENOSPC without filling the machine's. Unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     producer_linger_ms: float = Field(100.0, ge=0, description="Producer linger in ms: fewer, larger produce requests (measured: 5 ms cost the app ~30% throughput on a 2-core box shared with the broker).")
     producer_compression: str = Field("lz4", pattern=r"^(none|gzip|snappy|lz4|zstd)$", description="Producer compression codec.")
     spool_dir: Path | None = Field(None, description="Event spool folder; default <data_dir>/spool.")
+    spool_unauthenticated_share: float = Field(0.1, ge=0, le=1, description="Share of TOKENAUDIT_SPOOL_MAX_BYTES that unauthenticated events (401s) may fill; beyond it they are dropped and counted, so a keyless flood during an outage cannot push out paid events.")
     spool_retry_seconds: float = Field(2.0, gt=0, description="How often a spooling producer probes the broker.")
     shutdown_flush_seconds: float = Field(10.0, ge=0, description="Producer flush timeout on shutdown; the rest is spooled.")
     xla_batch_buckets: str = Field("1,16", pattern=r"^\d+(,\d+)*$", description="XLA batch-size buckets (clipped to batch_max_size); all compiled before /readyz at the smallest length and new-token bucket, larger shapes on first use.")
