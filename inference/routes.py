@@ -15,10 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tokenaudit.inference.audit import context_of
-from tokenaudit.inference.batcher import BatchResult
+from tokenaudit.inference.batcher import BatchResult, Overloaded
 from tokenaudit.inference.http_io import (ApiError, Disconnected, error_response, optional_bool, optional_int,
                                           read_json_object, require_prompt)
 from tokenaudit.inference.metrics import CONTENT_TYPE
+from tokenaudit.inference.runner import InvalidPrompt
 
 if TYPE_CHECKING:
     from tokenaudit.inference.app import AppState
@@ -33,15 +34,20 @@ async def _wait_disconnect(receive) -> None:
         pass
 
 
-async def _generate(request: Request, prompt: str, max_new: int) -> BatchResult | None:
-    """Run one prompt through the micro-batcher; None when the client left meanwhile (its tokens
-    are still accounted: the model spent them)."""
+async def _generate(request: Request, prompt: str, max_new: int, param: str = "prompt") -> BatchResult | None:
+    """Tokenize one prompt (off the event loop and the model thread), then run it through the
+    micro-batcher; None when the client left meanwhile (its tokens are still accounted: the
+    model spent them)."""
     state = _state(request)
     ctx = context_of(request.scope)
     if not state.ready:
         raise ApiError(503, "model_not_ready", state.not_ready_reason())
     ctx.prompt_digest = state.digest(prompt)
-    job = asyncio.ensure_future(state.batcher.submit(prompt, max_new))
+    try:
+        encoded = await state.tokenize(prompt)
+    except InvalidPrompt as exc:
+        raise ApiError(400, "invalid_prompt", str(exc), param) from None
+    job = asyncio.ensure_future(state.batcher.submit(encoded, max_new))
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
         await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -50,6 +56,13 @@ async def _generate(request: Request, prompt: str, max_new: int) -> BatchResult 
     gone = not job.done()
     try:
         result = await job
+    except Overloaded as exc:
+        ctx.queue_ms = exc.queue_ms
+        if gone:
+            ctx.disconnected, ctx.error_type = True, "client_disconnect"
+            return None
+        raise ApiError(503, exc.code, f"{exc}; retry later", None,
+                       {"Retry-After": str(exc.retry_after_seconds)}) from None
     except Exception:
         ctx.error_type = "generation_failed"
         raise
@@ -177,7 +190,7 @@ async def chat_completions(request: Request) -> Response:
     max_new = optional_int(data, ("max_completion_tokens", "max_tokens"), default, 1, limit)
     stream = optional_bool(data, "stream")
     prompt = _chat_prompt(request, data.get("messages"))
-    result = await _generate(request, prompt, max_new)
+    result = await _generate(request, prompt, max_new, "messages")
     if result is None:
         return Response(status_code=499)
     ident = "chatcmpl-" + context_of(request.scope).request_id
