@@ -12,7 +12,8 @@ safe one-way store (no salt or slow hash needed: there is nothing to brute-force
 Writes (``add_key``, ``revoke_key``) rewrite the whole file under a lock: a new file, fsynced,
 renamed over the old one, so a reader sees the old registry or the new one, never half of
 one. Running processes re-check the file every :data:`RELOAD_CHECK_SECONDS`, so an added,
-revoked or expired key takes effect everywhere within about a second.
+revoked or expired key takes effect everywhere within about a second (an unknown key makes
+the check at once, so a key just added works on its first request).
 
 Fail closed: once a registry has existed (a marker file in the data dir, written by every
 writer and every process that loads one), or when ``TOKENAUDIT_API_KEYS_FILE`` names one, a
@@ -255,6 +256,9 @@ class KeyRegistry:
     def _find(self, raw_key: str) -> ApiKey | None:
         digest = hash_key(raw_key)
         found = self._by_hash.get(digest)
+        if found is None:  # maybe added a moment ago: look now (a stat, a parse only if it changed)
+            self._refresh(force=True)
+            found = self._by_hash.get(digest)
         # compare_digest keeps the final check constant-time (the dict lookup is on a hash, not the key)
         if found is not None and hmac.compare_digest(found.key_id, "k_" + digest[:12]):
             return found

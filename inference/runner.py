@@ -138,18 +138,7 @@ class ModelRunner:
             self.model = cls.from_pretrained(self.name_or_path)
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad checkpoints
             raise ModelLoadError(f"cannot load model {self.name_or_path!r}: {exc}") from exc
-        tok = self.tokenizer
-        if tok.pad_token_id is None:  # GPT-2 checkpoints often have none; EOS is the usual stand-in
-            tok.pad_token = tok.eos_token
-        self._specials = tok.num_special_tokens_to_add(pair=False)
-        if tok.is_fast:
-            from tokenizers import Tokenizer
-
-            # A copy of our own: HF's __call__ sets truncation and padding on its backend per
-            # call (shared state), so other users of ``self.tokenizer`` cannot leak into ours.
-            self._backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
-            self._backend.no_truncation()
-            self._backend.no_padding()
+        tok = self.use_tokenizer(self.tokenizer)
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -163,6 +152,23 @@ class ModelRunner:
         log.info("loaded %s (%s) on %s, xla=%s", self.model_name,
                  "encoder-decoder" if self.encoder_decoder else "decoder-only", self.device, self.xla)
         return self
+
+    def use_tokenizer(self, tok):
+        """Adopt ``tok`` (done by ``load``; tests of tokenization use it without a model)."""
+        if tok.pad_token_id is None:  # GPT-2 checkpoints often have none; EOS is the usual stand-in
+            tok.pad_token = tok.eos_token
+        self.tokenizer = tok
+        self._specials = tok.num_special_tokens_to_add(pair=False)
+        self._backend = None
+        if tok.is_fast:
+            from tokenizers import Tokenizer
+
+            # A copy of our own: HF's __call__ sets truncation and padding on its backend per
+            # call (shared state), so other users of ``self.tokenizer`` cannot leak into ours.
+            self._backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+        return tok
 
     def _fit_positions(self, config) -> None:
         """Models with absolute position embeddings fail on longer inputs (an opaque 500 per
