@@ -235,8 +235,14 @@ async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
+def _path(request: Request) -> str:
+    """The path for a message, from the scope: ``request.url`` raises on a query string that is
+    not UTF-8 (any client can send one), which would turn a 404 into a 500."""
+    return request.scope["path"][:200]
+
+
 async def not_found(request: Request, exc) -> Response:
-    return error_response(request, ApiError(404, "not_found", f"no route {request.url.path}"))
+    return error_response(request, ApiError(404, "not_found", f"no route {_path(request)}"))
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -249,4 +255,4 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 async def method_not_allowed(request: Request, exc) -> Response:
     return error_response(request, ApiError(405, "method_not_allowed",
-                                            f"{request.method} is not allowed on {request.url.path}"))
+                                            f"{request.method[:16]} is not allowed on {_path(request)}"))

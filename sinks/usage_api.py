@@ -79,14 +79,15 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
 
         return handle
 
+    # messages take the path from the scope: request.url raises on a query string that is not UTF-8
     async def not_found(request: Request, exc) -> JSONResponse:
-        return _error(404, f"no route {request.url.path[:200]}")
+        return _error(404, f"no route {request.scope['path'][:200]}")
 
     async def method_not_allowed(request: Request, exc) -> JSONResponse:
-        return _error(405, f"{request.method[:16]} is not allowed on {request.url.path[:200]}")
+        return _error(405, f"{request.method[:16]} is not allowed on {request.scope['path'][:200]}")
 
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("usage API: %s on %s", type(exc).__name__, request.url.path[:200], exc_info=exc)
+        log.error("usage API: %s on %s", type(exc).__name__, request.scope['path'][:200], exc_info=exc)
         return _error(500, "internal error; see the sink log")
 
     routes = [Route("/healthz", healthz)]
