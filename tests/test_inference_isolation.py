@@ -181,11 +181,12 @@ HEADER_VALUE = st.one_of(st.binary(max_size=40), st.sampled_from([b"application/
                                                                    b"99999999999999999999", b"-1", b"1e3"]))
 
 
-def _fuzz_headers(key: str):
-    auth = st.one_of(st.just(f"Bearer {key}".encode()), st.binary(max_size=30),
-                     st.just(b"Bearer"), st.just(("Bearer " + "\u00ff" * 3).encode("latin-1")))
-    return st.fixed_dictionaries({"content-type": st.one_of(st.just(b"application/json"), HEADER_VALUE),
-                                  "authorization": auth},
+def _fuzz_headers(key: str, *, auth_ok: bool):
+    auth = st.just(f"Bearer {key}".encode()) if auth_ok else st.one_of(
+        st.binary(max_size=30), st.just(b"Bearer"), st.just(("Bearer " + "\u00ff" * 3).encode("latin-1")),
+        st.just(f"bearer   {key}  ".encode()))
+    ctype = st.just(b"application/json") if auth_ok else st.one_of(st.just(b"application/json"), HEADER_VALUE)
+    return st.fixed_dictionaries({"content-type": ctype, "authorization": auth},
                                  optional={"content-length": HEADER_VALUE, "x-request-id": HEADER_VALUE,
                                            "x-forwarded-for": HEADER_VALUE})
 
@@ -195,31 +196,54 @@ def _assert_openai_error(status: int, raw: bytes) -> None:
     if status >= 400:
         err = json_body(raw)["error"]
         assert set(err) == {"type", "message", "param", "code"} and err["message"] and err["code"], err
+    if status == 503:  # only back-pressure may answer 503 here, never a crash
+        assert json_body(raw)["error"]["code"] in ("queue_full", "queue_timeout"), raw
 
 
-def test_fuzzed_requests_never_get_a_500(served):
+def _send(app, method, path, body, headers, query=b""):
+    status, _, raw = run(app, method, path, query=query, body=body,
+                         headers=[(k.encode(), v) for k, v in headers.items()])
+    _assert_openai_error(status, raw)
+    return status
+
+
+def test_fuzzed_bodies_never_get_a_500(served):
     app, key = served.app, served.keys["acme"]
-    paths = st.sampled_from(["/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz",
-                             "/v1/nothing", "/metrics"])
+    seen: Counter = Counter()
+    ok_headers = {"content-type": b"application/json", "authorization": f"Bearer {key}".encode()}
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(path=paths, method=st.sampled_from(["POST", "GET", "PUT"]), body=BODIES, headers=_fuzz_headers(key),
-           query=st.binary(max_size=30))
-    @example(path="/v1/generate", method="POST", body=b"[" * 100000, headers={"content-type": b"application/json",
-             "authorization": f"Bearer {key}".encode()}, query=b"")
-    @example(path="/v1/generate", method="POST", body=b'{"prompt": "x", "max_new_tokens": ' + b"1" * 5000 + b"}",
-             headers={"content-type": b"application/json", "authorization": f"Bearer {key}".encode()}, query=b"")
-    @example(path="/v1/generate", method="POST", body=b'{"prompt": "x"}', headers={
-             "content-type": b"application/json", "authorization": f"Bearer {key}".encode(),
-             "content-length": "\u00b2".encode("utf-8")}, query=b"")
-    def check(path, method, body, headers, query):
-        status, _, raw = run(app, method, path, query=query, body=body,
-                             headers=[(k.encode(), v) for k, v in headers.items()])
-        _assert_openai_error(status, raw)
-        if status == 503:  # only back-pressure may answer 503 here, never a crash
-            assert json_body(raw)["error"]["code"] in ("queue_full", "queue_timeout"), raw
+    @given(path=st.sampled_from(["/v1/generate", "/v1/completions", "/v1/chat/completions"]), body=BODIES,
+           headers=_fuzz_headers(key, auth_ok=True))
+    @example(path="/v1/generate", body=b"[" * 100000, headers=ok_headers)
+    @example(path="/v1/generate", body=b'{"prompt": "x", "max_new_tokens": ' + b"1" * 5000 + b"}", headers=ok_headers)
+    @example(path="/v1/generate", body=b'{"prompt": "x"}', headers={**ok_headers, "content-length": "\u00b2".encode()})
+    @example(path="/v1/chat/completions", body=b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+             headers=ok_headers)
+    def check(path, body, headers):
+        seen[_send(app, "POST", path, body, headers)] += 1
 
     check()
+    assert seen[400] > 30 and seen[200] + seen[503] >= 1, seen  # the fuzz reached validation and the model
+
+
+def test_fuzzed_headers_methods_paths_and_queries_never_get_a_500(served):
+    app, key = served.app, served.keys["acme"]
+    paths = st.one_of(st.sampled_from(["/v1/generate", "/v1/models", "/healthz", "/readyz", "/metrics", "/v1/nothing"]),
+                      st.text(max_size=30).map(lambda t: "/" + t))
+    seen: Counter = Counter()
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(path=paths, method=st.sampled_from(["POST", "GET", "PUT", "DELETE"]), body=BODIES,
+           headers=st.one_of(_fuzz_headers(key, auth_ok=False), _fuzz_headers(key, auth_ok=True)),
+           query=st.binary(max_size=30))
+    @example(path="/v1/nothing", method="GET", body=b"", headers={"authorization": f"Bearer {key}".encode(),
+             "content-type": b""}, query=b"\x80")
+    def check(path, method, body, headers, query):
+        seen[_send(app, method, path, body, headers, query)] += 1
+
+    check()
+    assert {401, 404, 405} <= set(seen), seen
 
 
 # --- keys: revoked or expired, refused everywhere within 2 s -----------------------------------
