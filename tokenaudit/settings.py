@@ -203,7 +203,9 @@ class Settings(BaseSettings):
 
     @property
     def effective_api_keys_file(self) -> Path | None:
-        """The registry the app enforces: the configured file, else the default one if it exists."""
+        """The registry file in force now: the configured one, else the default one if it exists
+        (None: none yet). Services follow the registry through ``KeyRegistry.from_settings``,
+        which also fails closed once one has existed."""
         if self.api_keys_file:
             return self.api_keys_file
         default = self.data_dir / "api_keys.toml"
