@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -111,7 +112,7 @@ class FastHistogram:
 
 
 def _fmt(bound: float) -> str:
-    return repr(float(bound))
+    return floatToGoString(bound)  # the library's own "le" spelling (1.6777216e+07)
 
 
 class _Collector:
@@ -136,8 +137,8 @@ def publisher_families(pub) -> Iterator:
     stats = pub.stats
     for f in dataclasses.fields(stats):
         value = getattr(stats, f.name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            continue
+        if f.name == "produced" or isinstance(value, bool) or not isinstance(value, int):
+            continue  # "produced" is derived below; flags and text are not counters
         doc = f.metadata.get("doc") or PUBLISHER_COUNTER_DOCS.get(f.name) or f"Publisher counter {f.name}."
         yield CounterMetricFamily(f"tokenaudit_events_{f.name}", doc, value=value)
     yield CounterMetricFamily("tokenaudit_events_produced",
