@@ -23,7 +23,7 @@ from starlette.routing import Route
 from tokenaudit.inference import routes
 from tokenaudit.inference.api_keys import KeyRegistry
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
-from tokenaudit.inference.batcher import MicroBatcher
+from tokenaudit.inference.batcher import MicroBatcher, QueueFull
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics, start_metrics_listener
 from tokenaudit.inference.publisher import EventPublisher
@@ -49,6 +49,7 @@ class AppState:
         # tokenizing happens here, on the request side: never on the event loop (a 1 MB prompt
         # takes ~1.5 s) and never on the model thread (it would stall everyone's batch)
         self.tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
+        self._tokenizing = 0  # requests in (or waiting for) the tokenizer pool; event loop only
         self.ready = False
         self.load_error: str | None = None
 
@@ -63,7 +64,16 @@ class AppState:
                                        "Rows run again alone after their batch failed.")}
 
     async def tokenize(self, prompt: str) -> Encoded:
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.runner.tokenize, prompt)
+        """The prompt's ids, from the tokenizer pool. Requests waiting here count against
+        ``max_queue`` too: the pool's own queue is unbounded, and a flood of long prompts must
+        meet the same bound as a flood of short ones."""
+        if self._tokenizing >= self.settings.max_queue:
+            raise QueueFull(f"{self._tokenizing} requests are waiting to be tokenized")
+        self._tokenizing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.runner.tokenize, prompt)
+        finally:
+            self._tokenizing -= 1
 
     def publish(self, event: dict) -> None:
         if self.publisher is not None:

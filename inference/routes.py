@@ -47,6 +47,8 @@ async def _generate(request: Request, prompt: str, max_new: int, param: str = "p
         encoded = await state.tokenize(prompt)
     except InvalidPrompt as exc:
         raise ApiError(400, "invalid_prompt", str(exc), param) from None
+    except Overloaded as exc:
+        raise _overloaded(exc) from None
     job = asyncio.ensure_future(state.batcher.submit(encoded, max_new))
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
@@ -61,8 +63,7 @@ async def _generate(request: Request, prompt: str, max_new: int, param: str = "p
         if gone:
             ctx.disconnected, ctx.error_type = True, "client_disconnect"
             return None
-        raise ApiError(503, exc.code, f"{exc}; retry later", None,
-                       {"Retry-After": str(exc.retry_after_seconds)}) from None
+        raise _overloaded(exc) from None
     except Exception:
         ctx.error_type = "generation_failed"
         raise
@@ -75,6 +76,10 @@ async def _generate(request: Request, prompt: str, max_new: int, param: str = "p
         ctx.disconnected, ctx.error_type = True, "client_disconnect"
         return None
     return result
+
+
+def _overloaded(exc: Overloaded) -> ApiError:
+    return ApiError(503, exc.code, f"{exc}; retry later", None, {"Retry-After": str(exc.retry_after_seconds)})
 
 
 async def _body(request: Request) -> dict:

@@ -135,3 +135,30 @@ def test_queue_bound_and_deadline_refuse_without_running():
     while batcher.depth and time.monotonic() < deadline:
         time.sleep(0.01)
     assert runner.calls == [[[1]]], "requests whose deadline passed in the queue never ran"
+
+
+def test_requests_waiting_for_the_tokenizer_count_against_the_queue_bound(tmp_path):
+    from tokenaudit.inference.app import AppState
+
+    gate = threading.Event()
+
+    class SlowTokenizer(FakeRunner):
+        def tokenize(self, prompt):
+            gate.wait(10)
+            return _enc(1)
+
+    state = AppState(load_settings(data_dir=tmp_path, max_queue=2, tokenizer_threads=1), SlowTokenizer())
+
+    async def go():
+        waiting = [asyncio.ensure_future(state.tokenize(f"p{i}")) for i in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="tokenized"):
+            await state.tokenize("one too many")
+        gate.set()
+        return await asyncio.gather(*waiting)
+
+    try:
+        assert [e.ids for e in asyncio.run(go())] == [[1], [1]]
+    finally:
+        gate.set()
+        state.tokenizer_pool.shutdown()

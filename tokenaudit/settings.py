@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(16, ge=1, description="max_new_tokens when a request gives none.")
     batch_max_size: int = Field(16, ge=1, le=1024, description="Micro-batch size bound.")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="Micro-batch wait bound in milliseconds.")
-    max_queue: int = Field(256, ge=1, description="Most requests waiting for a micro-batch; beyond it a 503 `queue_full` with Retry-After.")
+    max_queue: int = Field(256, ge=1, description="Most requests waiting for the tokenizer or for a micro-batch (each bound); beyond it a 503 `queue_full` with Retry-After.")
     queue_timeout_seconds: float = Field(30.0, gt=0, description="Longest wait in the batch queue; beyond it a 503 `queue_timeout` with Retry-After (the request is not run).")
     tokenizer_threads: int = Field(2, ge=1, le=64, description="Threads that tokenize prompts, off the event loop and the model thread.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Also serve /metrics on 127.0.0.1 at this port (0 = off).")
