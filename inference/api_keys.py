@@ -194,9 +194,11 @@ class KeyRegistry:
             st = self.path.stat()
         except FileNotFoundError:
             self._stamp = None
-            if self.required or (self.marker is not None and self.marker.exists()):
-                self._unavailable(f"API-key registry {self.path} is missing (a registry existed before: "
-                                  "refusing every key until it is back)")
+            existed = self.marker is not None and self.marker.exists()
+            if self.required or existed:
+                why = "one existed before" if existed else "it is configured"
+                self._unavailable(f"API-key registry {self.path} is missing ({why}: every key is refused "
+                                  "until it is back)")
             elif self.state != "open":
                 self.state, self._by_hash = "open", {}
             return

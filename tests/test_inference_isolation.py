@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections import Counter
@@ -78,9 +79,27 @@ async def _post_all(base: str, bodies: list[bytes], key: str) -> list[httpx.Resp
 def test_a_lone_surrogate_fails_alone_inside_a_batch_of_honest_requests(served, kafka_bootstrap):
     honest = [json.dumps({"prompt": f"honest request {i} about licences", "max_new_tokens": 4}).encode()
               for i in range(MAX_QUEUE - 2)]  # within the queue bound: this test is not about back-pressure
+    honest[1] = json.dumps({"prompt": "a long prompt to be cut " * 40, "max_new_tokens": 4}).encode()
     bad = b'{"prompt": "looks fine \\ud800 until the tokenizer sees it", "max_new_tokens": 4}'
     bodies = honest[:3] + [bad] + honest[3:]
-    responses = asyncio.run(_post_all(served.base_url, bodies, served.keys["acme"]))
+    runner = served.app.state.runner
+    backend, threads = runner._backend, Counter()
+
+    class Counting:  # every call into the Rust tokenizer, by the thread that made it
+        def encode_batch(self, *args, **kwargs):
+            threads[threading.current_thread().name.split("_")[0]] += 1
+            return backend.encode_batch(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+    runner._backend = Counting()
+    try:
+        responses = asyncio.run(_post_all(served.base_url, bodies, served.keys["acme"]))
+    finally:
+        runner._backend = backend
+    assert threads == {"tokenize": len(bodies)}, "each prompt tokenized once, in the tokenizer pool only"
+    assert responses[1].json()["usage"]["truncated"] is True
     statuses = [r.status_code for r in responses]
     assert statuses == [200] * 3 + [400] + [200] * (len(bodies) - 4), [r.text for r in responses]
     err = responses[3].json()["error"]
