@@ -54,7 +54,6 @@ TOKEN_USAGE = HistogramSpec("gen_ai_client_token_usage",
 QUEUE_TIME = HistogramSpec("tokenaudit_queue_time_seconds",
                            "Time a request waited in the micro-batch queue (requests that reached it).",
                            QUEUE_BUCKETS, ("model", "status"))
-HISTOGRAMS = (REQUEST_DURATION, TOKEN_USAGE, QUEUE_TIME)
 
 #: publisher stats field -> help text; a field missing here is still exported (generic help)
 PUBLISHER_COUNTER_DOCS = {
@@ -93,11 +92,6 @@ class FastHistogram:
         if series is None:
             series = self.series[labels] = _Series(len(self.bounds))
         return series
-
-    def observe(self, series: _Series, value: float) -> None:
-        cells = series.cells
-        cells[bisect_left(self.bounds, value)] += 1
-        cells[-1] += value
 
     def collect(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.spec.name, self.spec.doc, labels=self.spec.labels)
