@@ -1,30 +1,69 @@
-"""API-key registry: a TOML file of key hashes, each mapping to a client and department.
+"""API keys: the registry file, its life cycle, and bearer authentication for every HTTP service.
 
-Keys are random 256-bit tokens, so a plain SHA-256 is a safe one-way store (no salt or slow
-hash needed: there is nothing to brute-force). ``key_id`` (a prefix of the hash) identifies a
-key in events and logs without revealing it. Importing this module does not load TensorFlow.
+The one module that parses ``Authorization: Bearer`` headers and follows the registry, used by
+the inference app (``identity.py``) and the usage API alike, so both accept, expire and revoke
+exactly the same keys.
+
+The registry is a TOML file of key hashes, each mapping to a client, department and role, with
+its creation and optional expiry time. Keys are random 256-bit tokens, so a plain SHA-256 is a
+safe one-way store (no salt or slow hash needed: there is nothing to brute-force). ``key_id``
+(a prefix of the hash) identifies a key in events, logs and ``keys list`` without revealing it.
+
+Writes (``add_key``, ``revoke_key``) rewrite the whole file under a lock: a new file, fsynced,
+renamed over the old one, so a reader sees the old registry or the new one, never half of
+one. Running processes re-check the file every :data:`RELOAD_CHECK_SECONDS`, so an added,
+revoked or expired key takes effect everywhere within about a second (an unknown key makes
+the check at once, so a key just added works on its first request).
+
+Fail closed: once a registry has existed (a marker file in the data dir, written by every
+writer and every process that loads one), or when ``TOKENAUDIT_API_KEYS_FILE`` names one, a
+missing or unreadable registry is *unavailable* (503), never open. Only a deployment that has
+never had a registry runs open (development mode). Importing this module does not load
+TensorFlow.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import logging
+import math
 import os
+import re
 import secrets
 import time
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Iterator
+
+from tokenaudit.schemas.identifiers import identifier_problem
 
 log = logging.getLogger("tokenaudit.api_keys")
 
 ROLES = ("client", "admin")
 KEY_PREFIX = "ta_"
+MARKER_NAME = "api_keys.required"
+RELOAD_CHECK_SECONDS = 0.5
+_DURATION = re.compile(r"(\d{1,6})([mhdw])")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class KeyRegistryError(ValueError):
-    """The registry file is unreadable or malformed; the message names the file and entry."""
+    """The registry file is unreadable or malformed, or a write was refused; the message names
+    the file and entry."""
+
+
+class AuthError(Exception):
+    """A request cannot be authenticated. ``status`` 401 (no, unknown or expired key) or 503
+    (the registry is unavailable: fail closed)."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
 
 
 @dataclass(frozen=True)
@@ -33,84 +72,195 @@ class ApiKey:
     client_id: str
     department: str
     role: str = "client"
+    created: datetime | None = None
+    expires: datetime | None = None
+    expires_at: float = math.inf  # ``expires`` as epoch seconds: one float compare per request
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
 
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) >= self.expires_at
+
 
 def hash_key(raw_key: str) -> str:
-    return hashlib.sha256(raw_key.encode()).hexdigest()
+    return hashlib.sha256(raw_key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def key_id_of(raw_key: str) -> str:
     return "k_" + hash_key(raw_key)[:12]
 
 
+def bearer_token(authorization: str | bytes | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, else None."""
+    if authorization is None:
+        return None
+    if isinstance(authorization, bytes):
+        authorization = authorization.decode("latin-1")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+# --- reading ------------------------------------------------------------------------------------
+def _utc(value: object, what: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise ValueError(f"{what} must be a TOML date-time with a zone (e.g. 2026-01-31T12:00:00Z)")
+    return value.astimezone(timezone.utc)
+
+
+def parse_registry(path: Path) -> dict[str, ApiKey]:
+    """hash -> key for every entry; :class:`KeyRegistryError` naming the file and entry."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KeyRegistryError(f"API-key registry {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise KeyRegistryError(f"API-key registry {path} is unreadable: {exc}") from None
+    entries: dict[str, ApiKey] = {}
+    items = data.get("keys", [])
+    if not isinstance(items, list):
+        raise KeyRegistryError(f"API-key registry {path}: 'keys' must be an array of tables")
+    for i, item in enumerate(items):
+        try:
+            digest = str(item["hash"]).removeprefix("sha256:")
+            role = item.get("role", "client")
+            if role not in ROLES or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(f"role must be one of {ROLES} and hash a sha256 hex digest")
+            client_id, department = item["client_id"], item.get("department", "")
+            for name, value, required in (("client_id", client_id, True), ("department", department, False)):
+                problem = identifier_problem(value, required=required)
+                if problem:
+                    raise ValueError(f"{name} {problem}")
+            created, expires = _utc(item.get("created"), "created"), _utc(item.get("expires"), "expires")
+            entries[digest] = ApiKey("k_" + digest[:12], client_id, department, role, created, expires,
+                                     expires.timestamp() if expires else math.inf)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise KeyRegistryError(f"API-key registry {path}: entry {i} is invalid ({exc})") from None
+    return entries
+
+
+def list_keys(path: Path) -> list[ApiKey]:
+    """Every key in the registry (none when it does not exist), in the order they were added."""
+    if not Path(path).exists():
+        return []
+    return list(parse_registry(path).values())
+
+
+# --- the registry a running service follows ----------------------------------------------------
 class KeyRegistry:
-    """Lookups by key hash. A registry loaded from a file follows it: `keys add` takes effect
-    in running processes within about a second, without a restart (a broken edit keeps the
-    last good entries and is logged)."""
+    """The registry as a running process sees it: ``open`` (no registry ever: development
+    mode), ``enforced`` or ``unavailable`` (fail closed). Re-checked at most every
+    :data:`RELOAD_CHECK_SECONDS` on use: a stat, and a parse only when the file changed (a
+    rename gives it a new inode)."""
 
-    RELOAD_CHECK_SECONDS = 1.0
+    RELOAD_CHECK_SECONDS = RELOAD_CHECK_SECONDS
 
-    def __init__(self, entries: dict[str, ApiKey], path: Path | None = None, mtime_ns: int = 0):
-        self._by_hash = entries
-        self._path = path
-        self._mtime_ns = mtime_ns
-        self._checked = time.monotonic()
+    def __init__(self, path: Path, *, marker: Path | None = None, required: bool = False):
+        self.path = Path(path)
+        self.marker = marker
+        self.required = required
+        self.state = "open"
+        self.problem = ""
+        self._by_hash: dict[str, ApiKey] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = -math.inf
+        self._refresh(force=True)
 
     @classmethod
     def load(cls, path: Path) -> "KeyRegistry":
-        path = Path(path)
-        try:
-            mtime_ns = path.stat().st_mtime_ns
-        except OSError:
-            mtime_ns = 0
-        return cls(cls._parse(path), path, mtime_ns)
+        """A registry that must exist and be valid now (:class:`KeyRegistryError` otherwise)."""
+        registry = cls(path, required=True)
+        if registry.state != "enforced":
+            raise KeyRegistryError(registry.problem)
+        return registry
 
-    def _maybe_reload(self) -> None:
+    @classmethod
+    def from_settings(cls, settings) -> "KeyRegistry":
+        """The registry of a service: TOKENAUDIT_API_KEYS_FILE (always required), else
+        <data_dir>/api_keys.toml, required once the data dir's marker says one existed."""
+        return cls(settings.default_api_keys_file, marker=marker_path(settings),
+                   required=settings.api_keys_file is not None)
+
+    def _refresh(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self._path is None or now - self._checked < self.RELOAD_CHECK_SECONDS:
+        if not force and now - self._checked < self.RELOAD_CHECK_SECONDS:
             return
         self._checked = now
         try:
-            mtime_ns = self._path.stat().st_mtime_ns
-        except OSError:
-            return
-        if mtime_ns == self._mtime_ns:
-            return
-        try:
-            self._by_hash = self._parse(self._path)
-            self._mtime_ns = mtime_ns
-        except KeyRegistryError as exc:
-            log.error("keeping the previous API keys: %s", exc)
-
-    @staticmethod
-    def _parse(path: Path) -> dict[str, ApiKey]:
-        try:
-            data = tomllib.loads(Path(path).read_text())
+            st = self.path.stat()
         except FileNotFoundError:
-            raise KeyRegistryError(f"API-key registry {path} does not exist") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise KeyRegistryError(f"API-key registry {path} is unreadable: {exc}") from None
-        entries: dict[str, ApiKey] = {}
-        for i, item in enumerate(data.get("keys", [])):
-            try:
-                digest = str(item["hash"]).removeprefix("sha256:")
-                role = item.get("role", "client")
-                if role not in ROLES or len(digest) != 64:
-                    raise ValueError(f"role must be one of {ROLES} and hash a sha256 hex digest")
-                entries[digest] = ApiKey("k_" + digest[:12], str(item["client_id"]), str(item.get("department", "")),
-                                         role)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise KeyRegistryError(f"API-key registry {path}: entry {i} is invalid ({exc})") from None
-        return entries
+            self._stamp = None
+            existed = self.marker is not None and self.marker.exists()
+            if self.required or existed:
+                why = "one existed before" if existed else "it is configured"
+                self._unavailable(f"API-key registry {self.path} is missing ({why}: every key is refused "
+                                  "until it is back)")
+            elif self.state != "open":
+                self.state, self._by_hash = "open", {}
+            return
+        except OSError as exc:
+            self._stamp = None
+            self._unavailable(f"API-key registry {self.path} is unreadable: {exc}")
+            return
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            entries = parse_registry(self.path)
+        except KeyRegistryError as exc:
+            self._stamp = stamp
+            self._unavailable(str(exc))
+            return
+        self._by_hash, self._stamp, self.problem = entries, stamp, ""
+        if self.state != "enforced":
+            log.info("API-key registry %s enforced (%d keys)", self.path, len(entries))
+        self.state = "enforced"
+        if self.marker is not None and not self.marker.exists():
+            write_marker(self.marker, self.path)
+
+    def _unavailable(self, problem: str) -> None:
+        if self.state != "unavailable" or problem != self.problem:
+            log.error("%s; /v1 answers 503", problem)
+        self.state, self.problem, self._by_hash = "unavailable", problem, {}
+
+    def authenticate(self, authorization: str | bytes | None, *, allow_open: bool = True) -> ApiKey | None:
+        """The key of an ``Authorization`` header value. None only in open mode (and only with
+        ``allow_open``); :class:`AuthError` for a missing, unknown or expired key (401) or an
+        unavailable registry (503)."""
+        self._refresh()
+        if self.state == "unavailable":
+            raise AuthError(503, "api_keys_unavailable", "the API-key registry is unavailable; see the server log")
+        raw = bearer_token(authorization)
+        if self.state == "open" and allow_open:
+            return None
+        if raw is None:
+            raise AuthError(401, "invalid_api_key", "missing API key (send Authorization: Bearer <key>)")
+        found = self._find(raw)
+        if found is None:
+            raise AuthError(401, "invalid_api_key", "unknown API key")
+        if found.expired():
+            raise AuthError(401, "invalid_api_key", "expired API key")
+        return found
 
     def lookup(self, raw_key: str) -> ApiKey | None:
-        self._maybe_reload()
+        """The live key for a raw token, or None (unknown or expired). Raises
+        :class:`KeyRegistryError` while the registry is unavailable."""
+        self._refresh()
+        if self.state == "unavailable":
+            raise KeyRegistryError(self.problem)
+        found = self._find(raw_key)
+        return None if found is None or found.expired() else found
+
+    def _find(self, raw_key: str) -> ApiKey | None:
         digest = hash_key(raw_key)
         found = self._by_hash.get(digest)
+        if found is None:  # maybe added a moment ago: look now (a stat, a parse only if it changed)
+            self._refresh(force=True)
+            found = self._by_hash.get(digest)
         # compare_digest keeps the final check constant-time (the dict lookup is on a hash, not the key)
         if found is not None and hmac.compare_digest(found.key_id, "k_" + digest[:12]):
             return found
@@ -120,20 +270,143 @@ class KeyRegistry:
         return len(self._by_hash)
 
 
-def add_key(path: Path, client_id: str, department: str = "", role: str = "client") -> str:
-    """Append a new key to the registry (created 0600 if missing); returns the raw key, shown once."""
+def marker_path(settings) -> Path:
+    return settings.data_dir / MARKER_NAME
+
+
+def write_marker(marker: Path, registry: Path) -> None:
+    """Persist that this deployment has had a registry: from now on a missing one fails closed."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        log.warning("cannot write the API-key marker %s: %s", marker, exc)
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"An API-key registry ({registry}) exists for this deployment: a missing or unreadable one "
+                 "makes /v1 answer 503 instead of running open. Delete this file only to return to "
+                 "development mode on purpose.\n")
+
+
+# --- writing ------------------------------------------------------------------------------------
+def toml_string(value: str) -> str:
+    """A TOML basic string. Hand-written (the standard library reads TOML but cannot write it):
+    backslash, quote and every control character escaped; values are identifiers already."""
+    out = ['"']
+    for ch in value:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04X}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise KeyRegistryError(f"cannot store a lone surrogate in {value!r:.40}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_time(value: datetime) -> str:
+    return value.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _render(entries: list[tuple[str, ApiKey]]) -> str:
+    lines = ["# tokenaudit API keys: SHA-256 hashes only. Written by `tokenaudit keys add|revoke`",
+             "# (each write replaces the whole file atomically)."]
+    for digest, key in entries:
+        lines += ["", "[[keys]]", f'hash = "sha256:{digest}"', f"client_id = {toml_string(key.client_id)}",
+                  f"department = {toml_string(key.department)}", f'role = "{key.role}"']
+        if key.created is not None:
+            lines.append(f"created = {_toml_time(key.created)}")
+        if key.expires is not None:
+            lines.append(f"expires = {_toml_time(key.expires)}")
+    return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def _write_lock(path: Path) -> Iterator[None]:
+    """One writer at a time (read, change, rename): two `keys add` at once both land."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to a new file (mode 0600), fsync it, rename it over ``path``, fsync the dir."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _current(path: Path) -> list[tuple[str, ApiKey]]:
+    return list(parse_registry(path).items()) if path.exists() else []
+
+
+def parse_expiry(text: str, now: datetime | None = None) -> datetime:
+    """``30d``/``12h``/``90m``/``2w`` from now, or an ISO date/time (naive means UTC)."""
+    now = now or datetime.now(timezone.utc)
+    value = text.strip()
+    match = _DURATION.fullmatch(value)
+    try:
+        if match:
+            when = now + timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        else:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            when = parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        raise KeyRegistryError(f"--expires: expected a duration like 90m, 12h, 30d, 2w or an ISO date/time, "
+                               f"got {text!r}") from None
+    if when <= now:
+        raise KeyRegistryError(f"--expires: {text!r} is not in the future")
+    return when
+
+
+def add_key(path: Path, client_id: str, department: str = "", role: str = "client", *,
+            expires: datetime | None = None) -> str:
+    """Add a new key to the registry (created 0600 if missing); returns the raw key, shown once.
+    A bad client_id or department is refused with the shared identifier rule, nothing written."""
     if role not in ROLES:
         raise KeyRegistryError(f"role must be one of {ROLES}")
-    if not client_id or any(c in client_id for c in '"\\\n'):
-        raise KeyRegistryError(f"invalid client_id {client_id!r}")
-    if any(c in department for c in '"\\\n'):
-        raise KeyRegistryError(f"invalid department {department!r}")
+    for name, value, required in (("client_id", client_id, True), ("department", department, False)):
+        problem = identifier_problem(value, required=required)
+        if problem:
+            raise KeyRegistryError(f"invalid {name}: {name} {problem}: {value!r:.80}")
     raw = KEY_PREFIX + secrets.token_urlsafe(32)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entry = (f'\n[[keys]]\nhash = "sha256:{hash_key(raw)}"\nclient_id = "{client_id}"\n'
-             f'department = "{department}"\nrole = "{role}"\n')
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as fh:
-        fh.write(entry)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    key = ApiKey(key_id_of(raw), client_id, department, role, now, expires)
+    with _write_lock(path):
+        _replace_file(path, _render([*_current(path), (hash_key(raw), key)]))
     return raw
+
+
+def revoke_key(path: Path, key_id: str) -> ApiKey:
+    """Remove the key with ``key_id`` (rewrites the registry); :class:`KeyRegistryError` if none."""
+    path = Path(path)
+    with _write_lock(path):
+        entries = _current(path)
+        kept = [(d, k) for d, k in entries if k.key_id != key_id]
+        if len(kept) == len(entries):
+            raise KeyRegistryError(f"no key {key_id!r} in {path} (see `tokenaudit keys list`)")
+        _replace_file(path, _render(kept))
+    return next(k for _, k in entries if k.key_id == key_id)

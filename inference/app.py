@@ -5,14 +5,17 @@ are audited), then the model loads on a background thread (building the offline 
 when no TOKENAUDIT_MODEL is configured and it is missing) and, with XLA on, compiles every
 shape bucket; only then does /readyz answer 200. Shutdown (uvicorn finishes in-flight requests
 first): the batcher drains, then the producer flushes within ``shutdown_flush_seconds`` and
-spools whatever is left.
+spools whatever is left. With ``TOKENAUDIT_METRICS_PORT`` set, /metrics is also served on
+127.0.0.1 at that port (a listener of its own, for a local scraper).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -20,11 +23,11 @@ from starlette.routing import Route
 from tokenaudit.inference import routes
 from tokenaudit.inference.api_keys import KeyRegistry
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
-from tokenaudit.inference.batcher import MicroBatcher
+from tokenaudit.inference.batcher import MicroBatcher, QueueFull
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
-from tokenaudit.inference.metrics import AppMetrics
+from tokenaudit.inference.metrics import AppMetrics, start_metrics_listener
 from tokenaudit.inference.publisher import EventPublisher
-from tokenaudit.inference.runner import ModelRunner
+from tokenaudit.inference.runner import Encoded, ModelRunner
 from tokenaudit.inference.spool import SpoolLocked
 from tokenaudit.settings import Settings
 
@@ -44,6 +47,10 @@ class AppState:
         self.publisher: EventPublisher | None = None
         self.batcher: MicroBatcher | None = None
         self.metrics = AppMetrics(lambda: self.publisher, self._extra_metrics)
+        # tokenizing happens here, on the request side: never on the event loop (a 1 MB prompt
+        # takes ~1.5 s) and never on the model thread (it would stall everyone's batch)
+        self.tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
+        self._tokenizing = 0  # requests in (or waiting for) the tokenizer pool; event loop only
         self.ready = False
         self.load_error: str | None = None
 
@@ -53,7 +60,21 @@ class AppState:
     def _extra_metrics(self) -> dict:
         return {"model_ready": (1 if self.ready else 0, "1 once the model is loaded (and compiled)."),
                 "batcher_queue_depth": (self.batcher.depth if self.batcher else 0, "Requests waiting for a batch."),
-                "batches": (self.batcher.batches if self.batcher else 0, "Generate calls made.")}
+                "batches": (self.batcher.batches if self.batcher else 0, "Generate calls made."),
+                "batch_rows_retried": (self.batcher.retried_rows if self.batcher else 0,
+                                       "Rows run again alone after their batch failed.")}
+
+    async def tokenize(self, prompt: str) -> Encoded:
+        """The prompt's ids, from the tokenizer pool. Requests waiting here count against
+        ``max_queue`` too: the pool's own queue is unbounded, and a flood of long prompts must
+        meet the same bound as a flood of short ones."""
+        if self._tokenizing >= self.settings.max_queue:
+            raise QueueFull(f"{self._tokenizing} requests are waiting to be tokenized")
+        self._tokenizing += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.runner.tokenize, prompt)
+        finally:
+            self._tokenizing -= 1
 
     def publish(self, event: dict) -> None:
         if self.publisher is not None:
@@ -71,7 +92,9 @@ class AppState:
             self.runner.load()
             took = self.runner.warmup()
             log.info("model %s ready on %s (warm-up %.1fs)", self.model_name, self.runner.device, took)
-            self.batcher = MicroBatcher(self.runner, self.settings.batch_max_size, self.settings.batch_max_wait_ms)
+            s = self.settings
+            self.batcher = MicroBatcher(self.runner, s.batch_max_size, s.batch_max_wait_ms, max_queue=s.max_queue,
+                                        queue_timeout=s.queue_timeout_seconds)
             self.batcher.start()
             self.ready = True
         except Exception as exc:
@@ -99,8 +122,7 @@ def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | 
     """The ASGI app. ``audit=False`` exists only for the overhead benchmark: no events at all."""
     runner = runner or runner_from_settings(settings)
     state = AppState(settings, runner)
-    registry_path = settings.effective_api_keys_file
-    registry = KeyRegistry.load(registry_path) if registry_path else None
+    registry = KeyRegistry.from_settings(settings)
     trusted = parse_networks(settings.trusted_proxies)
 
     @contextlib.asynccontextmanager
@@ -110,6 +132,7 @@ def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | 
         except SpoolLocked as exc:
             log.error("cannot start: %s", exc)
             raise
+        listener = start_metrics_listener(state.metrics, settings.metrics_port) if settings.metrics_port else None
         loader = threading.Thread(target=state.load_model, name="model-loader", daemon=True)
         loader.start()
         if not load_in_background:
@@ -117,8 +140,12 @@ def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | 
         try:
             yield
         finally:
+            if listener is not None:
+                listener[0].shutdown()
+                listener[0].server_close()
             if state.batcher is not None:
                 state.batcher.stop()
+            state.tokenizer_pool.shutdown(wait=False)
             state.publisher.close(settings.shutdown_flush_seconds)
             log.info("publisher closed: %s", state.publisher.stats)
 

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 SCOPE_KEY = "tokenaudit.audit"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 STATUS_CLIENT_CLOSED = 499
+#: Longest path (and method) an event carries: a 16 KB URL must not make a 16 KB event (keyless
+#: 401s during a broker outage would fill the spool that paid events need).
+MAX_EVENT_PATH = 256
+MAX_EVENT_METHOD = 16
 
 
 @dataclass(slots=True)
@@ -70,12 +74,14 @@ class AuditContext:
     def to_event(self, method: str, path: str, status: int, instance: str = "") -> dict:
         """The Avro record (schema token_usage_event v3); a flat dict literal because this runs
         once per request and must stay in the low microseconds. ``event_id`` is fixed when the
-        context is made, so every copy of this event (retries, spool replays) carries it."""
+        context is made, so every copy of this event (retries, spool replays) carries it.
+        ``path`` is cut to :data:`MAX_EVENT_PATH` characters, ``method`` to
+        :data:`MAX_EVENT_METHOD`."""
         return {
             "request_id": self.request_id, "event_id": self.event_id, "instance": instance,
             "ts": self.ts_ms, "client_id": self.client_id,
             "department": self.department, "api_key_id": self.api_key_id, "client_ip": self.client_ip,
-            "method": method, "path": path, "status_code": status, "error_type": self.error_type,
+            "method": method[:MAX_EVENT_METHOD], "path": path[:MAX_EVENT_PATH], "status_code": status, "error_type": self.error_type,
             "model": self.model, "input_tokens": self.input_tokens,
             "untruncated_input_tokens": self.untruncated_input_tokens, "truncated": self.truncated,
             "output_tokens": self.output_tokens, "total_tokens": self.input_tokens + self.output_tokens,
@@ -107,10 +113,21 @@ def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
 
 
 # --- prompt digest ------------------------------------------------------------------------------
+SECRET_FILE = "prompt_digest.key"
+_MIN_SECRET_BYTES = 16
+
+
+class DigestSecretError(ValueError):
+    """The prompt-digest secret file is empty, unreadable or malformed: start-up stops, because
+    an HMAC with an empty or wrong key would silently break repeat detection."""
+
+
 class PromptDigester:
     """HMAC-SHA256 of the prompt with a deployment secret: finds repeats, reveals nothing."""
 
     def __init__(self, secret: bytes):
+        if not secret:
+            raise DigestSecretError("the prompt-digest secret is empty")
         self._key = secret
 
     def __call__(self, prompt: str) -> str:
@@ -120,20 +137,57 @@ class PromptDigester:
     def from_settings(cls, configured: str, data_dir: Path) -> "PromptDigester":
         if configured:
             return cls(configured.encode())
-        path = Path(data_dir) / "prompt_digest.key"
+        path = Path(data_dir) / SECRET_FILE
+        if not path.exists():
+            _create_secret(path)
+        return cls(_read_secret(path))
+
+
+def _create_secret(path: Path) -> None:
+    """Write a new secret so that no reader ever sees it partly written: an exclusively created
+    temp file (0600), fsynced, then linked to its name. A link, not a rename: a rename would
+    replace a secret another process created a moment earlier (and may already use); a link
+    fails instead, and the loser reads the winner's secret."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_bytes(32).hex())
+            fh.flush()
+            os.fsync(fh.fileno())
         try:
-            return cls(bytes.fromhex(path.read_text().strip()))
-        except FileNotFoundError:
-            pass
-        path.parent.mkdir(parents=True, exist_ok=True)
-        secret = secrets.token_bytes(32)
-        try:  # O_EXCL: two processes starting at once agree on one secret
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secret.hex())
-            return cls(secret)
+            os.link(tmp, path)
         except FileExistsError:
-            return cls(bytes.fromhex(path.read_text().strip()))
+            pass  # another process won the race: use its secret
+        except OSError:  # a filesystem without hard links: rename, unless someone was first
+            if not path.exists():
+                os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_secret(path: Path) -> bytes:
+    fix = "remove it to generate a new one, or set TOKENAUDIT_PROMPT_DIGEST_SECRET"
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DigestSecretError(f"prompt-digest secret {path} is unreadable ({exc}); {fix}") from None
+    if not text:
+        raise DigestSecretError(f"prompt-digest secret {path} is empty; {fix}")
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        raise DigestSecretError(f"prompt-digest secret {path} is not hex; {fix}") from None
+    if len(secret) < _MIN_SECRET_BYTES:
+        raise DigestSecretError(f"prompt-digest secret {path} is too short ({len(secret)} bytes, at least "
+                                f"{_MIN_SECRET_BYTES}); {fix}")
+    return secret
 
 
 # --- the middleware -----------------------------------------------------------------------------

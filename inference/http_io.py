@@ -22,9 +22,11 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, param: str | None = None):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers
 
 
 class Disconnected(Exception):
@@ -35,7 +37,7 @@ def error_response(request: Request, err: ApiError) -> JSONResponse:
     context_of(request.scope).error_type = err.code
     body = {"error": {"type": _TYPES.get(err.status, "invalid_request_error"), "message": err.message,
                       "param": err.param, "code": err.code}}
-    return JSONResponse(body, status_code=err.status)
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
 
 async def read_json_object(request: Request, limit: int) -> dict:
@@ -43,7 +45,7 @@ async def read_json_object(request: Request, limit: int) -> dict:
     if ctype != "application/json":
         raise ApiError(415, "unsupported_media_type", f"Content-Type must be application/json, got {ctype or 'none'!r}")
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:  # "²".isdigit() is True
         raise ApiError(413, "body_too_large", f"request body of {declared} bytes is over the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
@@ -65,6 +67,10 @@ async def read_json_object(request: Request, limit: int) -> dict:
     except json.JSONDecodeError as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                                             f"column {exc.colno}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "request body is nested too deeply") from None
+    except ValueError:  # an integer past Python's digit limit (int_max_str_digits)
+        raise ApiError(400, "invalid_json", "request body holds a number too long to read") from None
     if not isinstance(data, dict):
         raise ApiError(400, "invalid_json", f"request body must be a JSON object, got {type(data).__name__}")
     return data

@@ -1,5 +1,9 @@
 """Who is calling: an API key from the registry, or (development mode) the client address.
 
+Bearer parsing, expiry and the registry's life cycle live in ``api_keys`` (shared with the
+usage API); this layer only maps its answer onto the request: the key's identity, a 401, or a
+503 while the registry is unavailable (fail closed).
+
 Pure ASGI, inside the audit layer, so even a rejected request is audited with the identity
 that was established (client_id ``unauthenticated`` and the caller's address for a bad key).
 ``X-Forwarded-For`` is believed only when the direct peer is a configured trusted proxy, and
@@ -12,7 +16,7 @@ import ipaddress
 import json
 from typing import Iterable
 
-from tokenaudit.inference.api_keys import KeyRegistry
+from tokenaudit.inference.api_keys import AuthError, KeyRegistry
 from tokenaudit.inference.audit import context_of
 
 UNAUTHENTICATED = "unauthenticated"
@@ -53,16 +57,15 @@ def client_address(scope: dict, trusted: list) -> str:
     return peer
 
 
-def bearer_token(headers: list[tuple[bytes, bytes]]) -> str | None:
+def _authorization(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     for name, value in headers:
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+            return value
     return None
 
 
 class IdentityMiddleware:
-    def __init__(self, app, registry: KeyRegistry | None, trusted_proxies: list, open_paths: frozenset[str]):
+    def __init__(self, app, registry: KeyRegistry, trusted_proxies: list, open_paths: frozenset[str]):
         self.app = app
         self.registry = registry
         self.trusted = trusted_proxies
@@ -74,26 +77,32 @@ class IdentityMiddleware:
             return
         ctx = context_of(scope)
         ctx.client_ip = client_address(scope, self.trusted)
-        if self.registry is None:
-            ctx.client_id = ctx.client_ip or "unknown"
-            await self.app(scope, receive, send)
+        try:
+            key = self.registry.authenticate(_authorization(scope["headers"]))
+        except AuthError as err:
+            if scope["path"] in self.open_paths:  # probes and scrapes need no key
+                ctx.client_id = UNAUTHENTICATED
+                await self.app(scope, receive, send)
+                return
+            ctx.client_id, ctx.error_type = UNAUTHENTICATED, err.code
+            await _refuse(send, err)
             return
-        raw = bearer_token(scope["headers"])
-        key = self.registry.lookup(raw) if raw else None
-        if key is not None:
+        if key is None:  # development mode: no registry has ever existed
+            ctx.client_id = ctx.client_ip or "unknown"
+        else:
             ctx.client_id, ctx.department, ctx.api_key_id = key.client_id, key.department, key.key_id
             scope["tokenaudit.api_key"] = key
-        elif scope["path"] not in self.open_paths:
-            ctx.client_id, ctx.error_type = UNAUTHENTICATED, "invalid_api_key"
-            message = "missing API key" if raw is None else "invalid API key"
-            body = json.dumps({"error": {"type": "authentication_error", "message": message + " (send "
-                               "Authorization: Bearer <key>)", "param": None, "code": "invalid_api_key"}}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"www-authenticate", b'Bearer realm="tokenaudit"')]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        else:
-            ctx.client_id = UNAUTHENTICATED
         await self.app(scope, receive, send)
+
+
+async def _refuse(send, err: AuthError) -> None:
+    """401 (with WWW-Authenticate) or 503, in the OpenAI error shape."""
+    kind = "authentication_error" if err.status == 401 else "server_error"
+    body = json.dumps({"error": {"type": kind, "message": err.message, "param": None, "code": err.code}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if err.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="tokenaudit"'))
+    else:
+        headers.append((b"retry-after", b"5"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

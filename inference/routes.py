@@ -15,10 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tokenaudit.inference.audit import context_of
-from tokenaudit.inference.batcher import BatchResult
+from tokenaudit.inference.batcher import BatchResult, Overloaded
 from tokenaudit.inference.http_io import (ApiError, Disconnected, error_response, optional_bool, optional_int,
                                           read_json_object, require_prompt)
 from tokenaudit.inference.metrics import CONTENT_TYPE
+from tokenaudit.inference.runner import InvalidPrompt
 
 if TYPE_CHECKING:
     from tokenaudit.inference.app import AppState
@@ -33,15 +34,22 @@ async def _wait_disconnect(receive) -> None:
         pass
 
 
-async def _generate(request: Request, prompt: str, max_new: int) -> BatchResult | None:
-    """Run one prompt through the micro-batcher; None when the client left meanwhile (its tokens
-    are still accounted: the model spent them)."""
+async def _generate(request: Request, prompt: str, max_new: int, param: str = "prompt") -> BatchResult | None:
+    """Tokenize one prompt (off the event loop and the model thread), then run it through the
+    micro-batcher; None when the client left meanwhile (its tokens are still accounted: the
+    model spent them)."""
     state = _state(request)
     ctx = context_of(request.scope)
     if not state.ready:
         raise ApiError(503, "model_not_ready", state.not_ready_reason())
     ctx.prompt_digest = state.digest(prompt)
-    job = asyncio.ensure_future(state.batcher.submit(prompt, max_new))
+    try:
+        encoded = await state.tokenize(prompt)
+    except InvalidPrompt as exc:
+        raise ApiError(400, "invalid_prompt", str(exc), param) from None
+    except Overloaded as exc:
+        raise _overloaded(exc) from None
+    job = asyncio.ensure_future(state.batcher.submit(encoded, max_new))
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
         await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -50,6 +58,12 @@ async def _generate(request: Request, prompt: str, max_new: int) -> BatchResult 
     gone = not job.done()
     try:
         result = await job
+    except Overloaded as exc:
+        ctx.queue_ms = exc.queue_ms
+        if gone:
+            ctx.disconnected, ctx.error_type = True, "client_disconnect"
+            return None
+        raise _overloaded(exc) from None
     except Exception:
         ctx.error_type = "generation_failed"
         raise
@@ -62,6 +76,10 @@ async def _generate(request: Request, prompt: str, max_new: int) -> BatchResult 
         ctx.disconnected, ctx.error_type = True, "client_disconnect"
         return None
     return result
+
+
+def _overloaded(exc: Overloaded) -> ApiError:
+    return ApiError(503, exc.code, f"{exc}; retry later", None, {"Retry-After": str(exc.retry_after_seconds)})
 
 
 async def _body(request: Request) -> dict:
@@ -177,7 +195,7 @@ async def chat_completions(request: Request) -> Response:
     max_new = optional_int(data, ("max_completion_tokens", "max_tokens"), default, 1, limit)
     stream = optional_bool(data, "stream")
     prompt = _chat_prompt(request, data.get("messages"))
-    result = await _generate(request, prompt, max_new)
+    result = await _generate(request, prompt, max_new, "messages")
     if result is None:
         return Response(status_code=499)
     ident = "chatcmpl-" + context_of(request.scope).request_id
@@ -228,8 +246,14 @@ async def metrics(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
+def _path(request: Request) -> str:
+    """The path for a message, from the scope: ``request.url`` raises on a query string that is
+    not UTF-8 (any client can send one), which would turn a 404 into a 500."""
+    return request.scope["path"][:200]
+
+
 async def not_found(request: Request, exc) -> Response:
-    return error_response(request, ApiError(404, "not_found", f"no route {request.url.path}"))
+    return error_response(request, ApiError(404, "not_found", f"no route {_path(request)}"))
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -242,4 +266,4 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 async def method_not_allowed(request: Request, exc) -> Response:
     return error_response(request, ApiError(405, "method_not_allowed",
-                                            f"{request.method} is not allowed on {request.url.path}"))
+                                            f"{request.method[:16]} is not allowed on {_path(request)}"))

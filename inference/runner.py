@@ -23,6 +23,11 @@ class ModelLoadError(RuntimeError):
     """The checkpoint could not be loaded through the TFAuto classes."""
 
 
+class InvalidPrompt(ValueError):
+    """The tokenizer refused the prompt (a lone surrogate makes the Rust tokenizer raise): a 400
+    for that request alone, never an error of the batch it would have joined."""
+
+
 @dataclass(frozen=True)
 class Encoded:
     ids: list[int]
@@ -111,6 +116,8 @@ class ModelRunner:
         self.length_buckets = parse_buckets(length_buckets, max_input_tokens)
         self.new_token_buckets = parse_buckets(new_token_buckets, max_new_tokens_limit)
         self.tokenizer = None
+        self._backend = None  # private copy of the fast tokenizer's Rust backend, see tokenize()
+        self._specials = 0
         self.model = None
         self.device = ""
         self.encoder_decoder = False
@@ -131,9 +138,7 @@ class ModelRunner:
             self.model = cls.from_pretrained(self.name_or_path)
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for bad checkpoints
             raise ModelLoadError(f"cannot load model {self.name_or_path!r}: {exc}") from exc
-        tok = self.tokenizer
-        if tok.pad_token_id is None:  # GPT-2 checkpoints often have none; EOS is the usual stand-in
-            tok.pad_token = tok.eos_token
+        tok = self.use_tokenizer(self.tokenizer)
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -147,6 +152,23 @@ class ModelRunner:
         log.info("loaded %s (%s) on %s, xla=%s", self.model_name,
                  "encoder-decoder" if self.encoder_decoder else "decoder-only", self.device, self.xla)
         return self
+
+    def use_tokenizer(self, tok):
+        """Adopt ``tok`` (done by ``load``; tests of tokenization use it without a model)."""
+        if tok.pad_token_id is None:  # GPT-2 checkpoints often have none; EOS is the usual stand-in
+            tok.pad_token = tok.eos_token
+        self.tokenizer = tok
+        self._specials = tok.num_special_tokens_to_add(pair=False)
+        self._backend = None
+        if tok.is_fast:
+            from tokenizers import Tokenizer
+
+            # A copy of our own: HF's __call__ sets truncation and padding on its backend per
+            # call (shared state), so other users of ``self.tokenizer`` cannot leak into ours.
+            self._backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+        return tok
 
     def _fit_positions(self, config) -> None:
         """Models with absolute position embeddings fail on longer inputs (an opaque 500 per
@@ -187,19 +209,42 @@ class ModelRunner:
         return time.perf_counter() - start
 
     # --- tokens -------------------------------------------------------------------------------
-    def encode(self, prompts: Sequence[str]) -> list[Encoded]:
-        """Tokenize once; only prompts over the limit are re-encoded with the tokenizer's own
-        truncation (so special tokens such as T5's trailing </s> stay right for any tokenizer)."""
+    def tokenize(self, prompt: str) -> Encoded:
+        """One prompt's ids, tokenized once, truncated on the ids. Thread-safe; meant for the
+        request side (a small thread pool), never the model thread.
+
+        ``encode_batch`` of one text releases the GIL (``encode`` does not: measured, a 1 MB
+        prompt held it ~1.9 s), so a long prompt stalls neither the event loop nor the batcher.
+        Truncation cuts the content ids to ``max_input_tokens`` minus the special tokens the
+        tokenizer adds, then adds them (T5's trailing ``</s>`` stays last), which is what the
+        tokenizer's own ``truncation=True`` does (tested for T5 and GPT-2), without encoding the
+        text a second time."""
+        backend = self._backend
+        if backend is None:
+            return self._tokenize_slow(prompt)
+        try:
+            (content,) = backend.encode_batch([prompt], add_special_tokens=False)
+        except Exception as exc:  # TypeError for a lone surrogate; whatever else the tokenizer refuses
+            raise InvalidPrompt(f"the tokenizer cannot encode this prompt ({type(exc).__name__})") from None
+        untruncated = len(content.ids) + self._specials
+        if untruncated > self.max_input_tokens:
+            content.truncate(max(0, self.max_input_tokens - self._specials))
+        return Encoded(backend.post_process(content, None, True).ids, untruncated)
+
+    def _tokenize_slow(self, prompt: str) -> Encoded:
+        """The same rule for tokenizers without a Rust backend."""
         tok = self.tokenizer
-        full = tok(list(prompts), add_special_tokens=True)["input_ids"]
-        long = [i for i, ids in enumerate(full) if len(ids) > self.max_input_tokens]
-        out = [Encoded(ids, len(ids)) for ids in full]
-        if long:
-            cut = tok([prompts[i] for i in long], add_special_tokens=True, truncation=True,
-                      max_length=self.max_input_tokens)["input_ids"]
-            for i, ids in zip(long, cut):
-                out[i] = Encoded(ids, len(full[i]))
-        return out
+        try:
+            content = tok(prompt, add_special_tokens=False)["input_ids"]
+        except Exception as exc:
+            raise InvalidPrompt(f"the tokenizer cannot encode this prompt ({type(exc).__name__})") from None
+        untruncated = len(content) + self._specials
+        if untruncated > self.max_input_tokens:
+            content = content[:max(0, self.max_input_tokens - self._specials)]
+        return Encoded(list(tok.build_inputs_with_special_tokens(content)), untruncated)
+
+    def encode(self, prompts: Sequence[str]) -> list[Encoded]:
+        return [self.tokenize(p) for p in prompts]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

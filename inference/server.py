@@ -8,6 +8,7 @@ flushes the producer within ``shutdown_flush_seconds`` and spools the rest.
 from __future__ import annotations
 
 import logging
+import sys
 
 from tokenaudit.settings import Settings
 
@@ -23,4 +24,7 @@ def serve(settings: Settings, log_level: str = "info") -> None:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, lifespan="on",
                             log_level=log_level, timeout_graceful_shutdown=30, log_config=None)
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:  # uvicorn returns normally when start-up failed (a held spool lock, a
+        sys.exit(3)         # busy port): a supervisor must see a failure, not a clean exit

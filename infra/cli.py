@@ -176,13 +176,12 @@ def model_init() -> None:
 @main.command()
 def serve() -> None:
     """Run the inference app in the foreground (SIGTERM: graceful, flushes or spools events)."""
-    from tokenaudit.inference.api_keys import KeyRegistryError
     from tokenaudit.inference.server import serve as run_server
 
     s = _settings()
     try:
         run_server(s)
-    except (KeyRegistryError, ValueError) as exc:
+    except ValueError as exc:  # KeyRegistryError, DigestSecretError, a bad TRUSTED_PROXIES entry
         raise CliError(str(exc)) from None
 
 
@@ -195,18 +194,57 @@ def keys() -> None:
 @click.option("--client", "client_id", required=True, help="client_id the key maps to.")
 @click.option("--department", default="", show_default=True, help="Department of the client.")
 @click.option("--admin", is_flag=True, help="Give the key the admin role.")
-def keys_add(client_id: str, department: str, admin: bool) -> None:
+@click.option("--expires", default=None, metavar="WHEN",
+              help="Expiry: a duration from now (90m, 12h, 30d, 2w) or an ISO date/time; default never.")
+def keys_add(client_id: str, department: str, admin: bool, expires: str | None) -> None:
     """Add a key and print it once (only its hash is stored)."""
-    from tokenaudit.inference.api_keys import KeyRegistryError, add_key
+    from tokenaudit.inference.api_keys import KeyRegistryError, add_key, marker_path, parse_expiry, write_marker
 
     s = _settings()
     path = s.default_api_keys_file
     try:
-        raw = add_key(path, client_id, department, "admin" if admin else "client")
+        raw = add_key(path, client_id, department, "admin" if admin else "client",
+                      expires=parse_expiry(expires) if expires else None)
     except KeyRegistryError as exc:
         raise CliError(str(exc)) from None
+    write_marker(marker_path(s), path)
     click.echo(raw)
     click.echo(f"(added to {path}; store the key now, it is not shown again)", err=True)
+
+
+@keys.command("list")
+@FORMAT_OPTION
+def keys_list(fmt: str) -> None:
+    """List the keys (key_id, client, department, role, created, expires, state); never the key."""
+    import time
+
+    from tokenaudit.inference.api_keys import KeyRegistryError, list_keys
+
+    s = _settings()
+    try:
+        keys = list_keys(s.default_api_keys_file)
+    except KeyRegistryError as exc:
+        raise CliError(str(exc)) from None
+    now = time.time()
+    stamp = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else ""  # noqa: E731
+    print_rows([{"key_id": k.key_id, "client": k.client_id, "department": k.department, "role": k.role,
+                 "created": stamp(k.created), "expires": stamp(k.expires),
+                 "state": "expired" if k.expired(now) else "active"} for k in keys], fmt)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its key_id: every running service refuses it within about a second."""
+    from tokenaudit.inference.api_keys import KeyRegistryError, marker_path, revoke_key, write_marker
+
+    s = _settings()
+    try:
+        key = revoke_key(s.default_api_keys_file, key_id)
+    except KeyRegistryError as exc:
+        raise CliError(str(exc)) from None
+    write_marker(marker_path(s), s.default_api_keys_file)
+    click.echo(f"revoked {key.key_id} (client {key.client_id})")
 
 
 # --- streams -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ ADMIN_CLIENT_ID = "tokenaudit-admin"
 
 def registry_path(settings) -> Path:
     """The API-key registry file: TOKENAUDIT_API_KEYS_FILE, else <data_dir>/api_keys.toml."""
-    return Path(settings.api_keys_file) if settings.api_keys_file else settings.data_dir / "api_keys.toml"
+    return Path(settings.default_api_keys_file)
 
 
 def admin_key_path(settings) -> Path:

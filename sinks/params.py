@@ -32,6 +32,9 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 # human would type, and nothing with quotes, spaces, semicolons or comment markers
 _CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+/-]{0,127}")
 _MONTH = re.compile(r"(\d{4})-(\d{2})")
+# times the store can hold (DateTime64 reaches 2299) and arithmetic on them cannot overflow
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST = datetime(2200, 1, 1, tzinfo=timezone.utc)
 
 
 class QueryParamError(ValueError):
@@ -55,22 +58,28 @@ def parse_time(value: str, name: str, now: datetime) -> datetime:
     """``15m``/``24h``/``7d``/``2w`` before ``now``, or an ISO date/time (naive means UTC)."""
     text = value.strip()
     match = _RELATIVE.fullmatch(text)
-    if match:
-        return now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00")) if "T" in text or " " in text \
-            else datetime.combine(date.fromisoformat(text), datetime.min.time())
+        if match:
+            parsed = now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        else:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00")) if "T" in text or " " in text \
+                else datetime.combine(date.fromisoformat(text), datetime.min.time())
+            parsed = parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
     except ValueError:
         raise QueryParamError(
             f"{name}: expected a duration like 15m, 24h, 7d or an ISO time like 2026-01-31T12:00, got {value!r}"
         ) from None
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+    except OverflowError:  # 999999w back from now, or year 1 shifted by its zone
+        parsed = EARLIEST - timedelta(days=1)
+    if not EARLIEST <= parsed < LATEST:
+        raise QueryParamError(f"{name}: must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}, got {value!r}")
+    return parsed
 
 
 def parse_month(value: str) -> tuple[datetime, datetime]:
     """``YYYY-MM`` -> [first instant of the month, first instant of the next), UTC."""
     match = _MONTH.fullmatch(value.strip())
-    if not match or not 1 <= int(match.group(2)) <= 12 or int(match.group(1)) < 1970:
+    if not match or not 1 <= int(match.group(2)) <= 12 or not EARLIEST.year <= int(match.group(1)) < LATEST.year:
         raise QueryParamError(f"month: expected YYYY-MM (e.g. 2026-01), got {value!r}")
     year, month = int(match.group(1)), int(match.group(2))
     start = datetime(year, month, 1, tzinfo=timezone.utc)
@@ -79,9 +88,11 @@ def parse_month(value: str) -> tuple[datetime, datetime]:
 
 
 def parse_limit(value: str) -> int:
-    if not value.strip().isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    text = value.strip()
+    # isascii: "²".isdigit() is True, but int("²") raises
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
         raise QueryParamError(f"limit: expected a whole number from 1 to {MAX_LIMIT}, got {value!r}")
-    return int(value)
+    return int(text)
 
 
 def parse_client(value: str) -> str:

@@ -19,7 +19,6 @@ with a JSON error before any SQL runs. Answers are ``{"report", "scope", "rows":
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -28,35 +27,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tokenaudit.sinks.admin_key import registry_path
+from tokenaudit.inference.api_keys import AuthError, KeyRegistry, marker_path
 from tokenaudit.sinks.params import REPORT_PARAMS, QueryParamError, parse_report_params
 from tokenaudit.sinks.queries import run_report
 
 log = logging.getLogger(__name__)
-
-
-class _Registry:
-    """The key registry, re-read when the file changes (keys added while the sink runs work
-    at once, without a restart)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._stamp: tuple[int, int] | None = None
-        self._registry = None
-        self._lock = threading.Lock()
-
-    def lookup(self, raw: str):
-        from tokenaudit.inference.api_keys import KeyRegistry
-
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        with self._lock:
-            if self._stamp != (st.st_mtime_ns, st.st_size):
-                self._registry = KeyRegistry.load(self.path)
-                self._stamp = (st.st_mtime_ns, st.st_size)
-            return self._registry.lookup(raw)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -64,24 +39,24 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
-    """The usage API over ``store``; keys come from the registry named by ``settings``."""
-    registry = _Registry(Path(keys_path) if keys_path else registry_path(settings))
+    """The usage API over ``store``; keys come from the registry named by ``settings`` (the
+    same module, rules and reload as the inference app: revoked or expired keys stop working
+    within a second; a missing registry after one existed is a 503)."""
+    if keys_path:
+        registry = KeyRegistry(Path(keys_path), marker=marker_path(settings), required=True)
+    else:
+        registry = KeyRegistry.from_settings(settings)
 
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
     def endpoint(report: str):
         async def handle(request: Request) -> JSONResponse:
-            scheme, _, raw_key = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not raw_key.strip():
-                return _error(401, "missing Authorization: Bearer <api key>")
-            try:
-                key = registry.lookup(raw_key.strip())
-            except ValueError as exc:  # KeyRegistryError: the registry file is broken
-                log.error("usage API: %s", exc)
-                return _error(503, "API-key registry is unreadable; see the sink log")
-            if key is None:
-                return _error(401, "unknown API key")
+            try:  # never open: the usage API has no development mode
+                key = registry.authenticate(request.headers.get("authorization"), allow_open=False)
+            except AuthError as err:
+                return _error(err.status, err.message)
+            assert key is not None
             items = request.query_params.multi_items()
             names = [name for name, _ in items]
             if len(names) != len(set(names)):
@@ -104,6 +79,18 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
 
         return handle
 
+    # messages take the path from the scope: request.url raises on a query string that is not UTF-8
+    async def not_found(request: Request, exc) -> JSONResponse:
+        return _error(404, f"no route {request.scope['path'][:200]}")
+
+    async def method_not_allowed(request: Request, exc) -> JSONResponse:
+        return _error(405, f"{request.method[:16]} is not allowed on {request.scope['path'][:200]}")
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("usage API: %s on %s", type(exc).__name__, request.scope['path'][:200], exc_info=exc)
+        return _error(500, "internal error; see the sink log")
+
     routes = [Route("/healthz", healthz)]
     routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed,
+                                                        Exception: server_error})

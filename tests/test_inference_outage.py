@@ -244,7 +244,7 @@ def test_frozen_and_stopped_broker_full_disk_and_a_rival_app_lose_no_event_uncou
             assert app.metric("tokenaudit_producer_spooling") == 1
         app.wait_metric("tokenaudit_spool_bytes", lambda v: v == 0)
         # meanwhile a second app on the same spool directory was refused, naming the holder
-        rival.proc.wait(120)
+        assert rival.proc.wait(120) == 3, "a refused start is a failure a supervisor sees"
         assert (f"spool directory {spool_dir} is in use by another process (pid {app.proc.pid})"
                 in rival.log_text())
         # 2. the broker stops; the spool's small disk fills up: events are counted as dropped,

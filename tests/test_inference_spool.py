@@ -324,7 +324,7 @@ def test_keys_add_prints_a_key_once_and_the_app_uses_the_default_registry(data_d
     assert registry.lookup(raw_admin).is_admin
     get_settings.cache_clear()
     assert get_settings().effective_api_keys_file == path
-    bad = CliRunner().invoke(main, ["keys", "add", "--client", 'a"b'])
+    bad = CliRunner().invoke(main, ["keys", "add", "--client", "a\x07b"])  # quotes are fine now (escaped)
     assert bad.exit_code == 1 and "invalid client_id" in bad.output
 
 

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     http_host: str = Field("127.0.0.1", description="Inference app bind address.")
     http_port: int = Field(8000, ge=1, le=65535, description="Inference app port.")
     instance: str = Field("", max_length=128, description="This inference instance's name in events; default <hostname>:<http_port>.")
-    api_keys_file: Path | None = Field(None, description="API-key registry (TOML); unset means development mode.")
+    api_keys_file: Path | None = Field(None, description="API-key registry (TOML); unset: <data_dir>/api_keys.toml, open (development mode) only while no registry has ever existed.")
     trusted_proxies: str = Field("", description="Comma-separated proxy IPs/CIDRs whose X-Forwarded-For is trusted.")
     prompt_digest_secret: str = Field("", description="HMAC key for prompt digests; default: generated once in data_dir.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body (enforced while streaming).")
@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(16, ge=1, description="max_new_tokens when a request gives none.")
     batch_max_size: int = Field(16, ge=1, le=1024, description="Micro-batch size bound.")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="Micro-batch wait bound in milliseconds.")
+    max_queue: int = Field(256, ge=1, description="Most requests waiting for the tokenizer or for a micro-batch (each bound); beyond it a 503 `queue_full` with Retry-After.")
+    queue_timeout_seconds: float = Field(30.0, gt=0, description="Longest wait in the batch queue; beyond it a 503 `queue_timeout` with Retry-After (the request is not run).")
+    tokenizer_threads: int = Field(2, ge=1, le=64, description="Threads that tokenize prompts, off the event loop and the model thread.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Also serve /metrics on 127.0.0.1 at this port (0 = off).")
     xla: bool = Field(True, description="XLA-compile generation for padded shape buckets.")
     spool_max_bytes: int = Field(256 << 20, ge=1 << 16, description="Bound of the on-disk event spool.")
     producer_queue_max: int = Field(100_000, ge=100, description="confluent-kafka local queue bound (messages).")
@@ -200,7 +204,9 @@ class Settings(BaseSettings):
 
     @property
     def effective_api_keys_file(self) -> Path | None:
-        """The registry the app enforces: the configured file, else the default one if it exists."""
+        """The registry file in force now: the configured one, else the default one if it exists
+        (None: none yet). Services follow the registry through ``KeyRegistry.from_settings``,
+        which also fails closed once one has existed."""
         if self.api_keys_file:
             return self.api_keys_file
         default = self.data_dir / "api_keys.toml"
