@@ -25,6 +25,7 @@ from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.inference.runner import ModelRunner
+from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ def publisher_from_settings(s: Settings) -> EventPublisher:
     return EventPublisher(s.kafka_bootstrap, s.topic_usage, s.effective_spool_dir, spool_max_bytes=s.spool_max_bytes,
                           queue_max=s.producer_queue_max, message_timeout_ms=s.producer_message_timeout_ms,
                           linger_ms=s.producer_linger_ms, compression=s.producer_compression,
-                          retry_seconds=s.spool_retry_seconds, partitions=s.kafka_partitions)
+                          retry_seconds=s.spool_retry_seconds, partitions=s.kafka_partitions,
+                          client_config=kafka_config(s))
 
 
 def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | None = None,

@@ -38,9 +38,24 @@ def _fetch(report: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     settings = cli._settings()
     raw = {k: str(v) for k, v in params.items() if v is not None}
     try:
-        return open_reports(settings).fetch(report, raw)
+        rows = open_reports(settings).fetch(report, raw)
     except (QueryParamError, UsageApiError, ClickHouseError) as exc:
         raise cli.CliError(str(exc)) from None
+    if report in SETTLED_REPORTS:
+        _say_settled(settings)
+    return rows
+
+
+#: reports over usage_rollup, whose newest windows can still change
+SETTLED_REPORTS = ("usage", "top", "report")
+
+
+def _say_settled(settings) -> None:
+    """Tell the reader up to when the numbers are final (on stderr: stdout stays the data)."""
+    from tokenaudit.sinks.queries import iso_utc, settle_seconds, settled_until
+
+    click.echo(f"settled up to {iso_utc(settled_until(settings))}: windows starting later may still change "
+               f"(window + grace + idle timeout + sink batch = {settle_seconds(settings):g}s)", err=True)
 
 
 @click.command()
@@ -171,6 +186,7 @@ def anomalies(since: str | None, until: str | None, limit: int, client: str | No
 
 
 def _follow(since, limit, client, webhook, group, from_beginning, max_messages, fmt) -> None:
+    from tokenaudit.infra.kafka_clients import kafka_config
     from tokenaudit.sinks.anomaly_follow import FollowError, follow
     from tokenaudit.sinks.webhook import WebhookError, WebhookForwarder
 
@@ -199,7 +215,8 @@ def _follow(since, limit, client, webhook, group, from_beginning, max_messages, 
     try:
         follow(settings.kafka_bootstrap, settings.topic_anomalies, group or settings.anomaly_group_id, handle,
                from_beginning=from_beginning, max_messages=max_messages,
-               on_undecodable=lambda why: click.echo(f"warning: {why}", err=True))
+               on_undecodable=lambda why: click.echo(f"warning: {why}", err=True),
+               client_config=kafka_config(settings))
     except KeyboardInterrupt:
         pass
     except (FollowError, WebhookError) as exc:
