@@ -100,7 +100,7 @@ def kafka_status(fmt: str) -> None:
         click.echo("kafka is down")
         sys.exit(3)
     print_rows([{"broker": n.node_id, "address": n.address, "controller": n.controller, "state": n.state,
-                 "pid": n.pid or ""} for n in nodes], fmt)
+                 "pid": str(n.pid or "")} for n in nodes], fmt)
     if any(n.state != "running" for n in nodes):
         sys.exit(3)
 
@@ -354,9 +354,11 @@ def _print_verify(report) -> None:
     for note in out["notes"]:
         click.echo(f"note: {note}")
     if out["pending"]:
-        click.echo(f"pending (a late event arrived in the last moments; not compared): {len(out['pending'])} bucket(s)")
+        click.echo(f"pending: {len(out['pending'])} bucket(s) where an event arrived in the last "
+                   f"{out['settle_seconds']:g}s (late events still being applied); not compared, run again")
     if not out["drift"]:
-        click.echo("OK: ClickHouse holds every event on the topic, each once")
+        click.echo("OK: ClickHouse holds every event on the topic, each once"
+                   + (" (in the buckets compared)" if out["pending"] else ""))
         return
     rows = []
     for d in out["drift"]:

@@ -21,6 +21,7 @@ policy is corrected in place and a ``min.insync.replicas`` below the rule is rai
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +113,7 @@ def ensure_specs(config: dict[str, Any], specs: list[TopicSpec], timeout: float 
     brokers = kafka_clients.check_access(config, timeout)
     rule = Replication.for_brokers(brokers)
     admin = AdminClient(config)
-    existing = admin.list_topics(timeout=timeout).topics
+    existing = set(admin.list_topics(timeout=timeout).topics)
     new = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=rule.factor,
                     config=topic_configs(s, rule)) for s in specs if s.name not in existing]
     created = []
@@ -124,9 +125,25 @@ def ensure_specs(config: dict[str, Any], specs: list[TopicSpec], timeout: float 
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise
-    corrected = _correct_drift(admin, [s for s in specs if s.name in existing], existing, brokers, timeout)
-    partitions = {s.name: (len(existing[s.name].partitions) if s.name in existing else s.partitions) for s in specs}
+                existing.add(name)  # another process created it a moment ago: check it like the rest
+    metadata = _wait_visible(admin, {s.name for s in specs}, timeout)
+    corrected = _correct_drift(admin, [s for s in specs if s.name in existing], metadata, brokers, timeout)
+    partitions = {s.name: len(metadata[s.name].partitions) for s in specs}
     return Ensured(brokers, rule, partitions, tuple(created), tuple(corrected))
+
+
+def _wait_visible(admin, names: set[str], timeout: float):
+    """Topic metadata once every topic in ``names`` is listed with its partitions (a topic
+    just created reaches the brokers' metadata a moment after the controller said yes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        if all(n in topics and topics[n].error is None and topics[n].partitions for n in names):
+            return topics
+        if time.monotonic() > deadline:
+            missing = sorted(n for n in names if n not in topics or topics[n].error is not None)
+            raise kafka_clients.KafkaAccessError(f"topics {missing} did not appear in the cluster's metadata")
+        time.sleep(0.2)
 
 
 def _correct_drift(admin, specs: list[TopicSpec], metadata, brokers: int, timeout: float) -> list[str]:

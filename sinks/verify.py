@@ -267,6 +267,7 @@ class VerifyReport:
     checked_from: datetime
     checked_until: datetime
     settled_until: datetime
+    settle_seconds: float = 0.0
     buckets: int = 0
     drift: list[dict[str, Any]] = field(default_factory=list)
     pending: list[dict[str, Any]] = field(default_factory=list)
@@ -285,7 +286,8 @@ class VerifyReport:
         return {
             "ok": self.ok, "since": iso_utc(self.since), "until": iso_utc(self.until),
             "checked_from": iso_utc(self.checked_from), "checked_until": iso_utc(self.checked_until),
-            "settled_until": iso_utc(self.settled_until), "buckets": self.buckets, "ledger": self.ledger,
+            "settled_until": iso_utc(self.settled_until), "settle_seconds": self.settle_seconds,
+            "buckets": self.buckets, "ledger": self.ledger,
             "topic": {"records": s.records, "distinct_events": sum(t[0] for t in s.totals.values()),
                       "duplicates": s.duplicates, "undecodable": s.undecodable, "invalid": s.invalid},
             "drift": self.drift, "pending": self.pending, "notes": self.notes,
@@ -341,7 +343,7 @@ def run_verify(settings, since: str, until: str | None, now: datetime | None = N
         raise VerifyError("until: must be after since")
     settled = settled_until(settings, now)
     report = VerifyReport(since=start, until=end, checked_from=start, checked_until=min(end, settled),
-                          settled_until=settled)
+                          settled_until=settled, settle_seconds=settle_seconds(settings))
     if report.checked_until <= start:
         report.notes.append(f"nothing settled in range yet (windows settle {settle_seconds(settings):g}s after they start)")
         return report
