@@ -38,24 +38,21 @@ def _fetch(report: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     settings = cli._settings()
     raw = {k: str(v) for k, v in params.items() if v is not None}
     try:
-        rows = open_reports(settings).fetch(report, raw)
+        return open_reports(settings).fetch(report, raw)
     except (QueryParamError, UsageApiError, ClickHouseError) as exc:
         raise cli.CliError(str(exc)) from None
-    if report in SETTLED_REPORTS:
-        _say_settled(settings)
-    return rows
 
 
-#: reports over usage_rollup, whose newest windows can still change
-SETTLED_REPORTS = ("usage", "top", "report")
-
-
-def _say_settled(settings) -> None:
-    """Tell the reader up to when the numbers are final (on stderr: stdout stays the data)."""
+def _say_settled(fmt: str) -> None:
+    """Under a usage table: up to when its numbers are final. (JSON and CSV stay pure data;
+    the usage API's answers carry ``settled_until`` for programs.)"""
+    if fmt != "table":
+        return
     from tokenaudit.sinks.queries import iso_utc, settle_seconds, settled_until
 
+    settings = _cli()._settings()
     click.echo(f"settled up to {iso_utc(settled_until(settings))}: windows starting later may still change "
-               f"(window + grace + idle timeout + sink batch = {settle_seconds(settings):g}s)", err=True)
+               f"(window + grace + idle timeout + sink batch = {settle_seconds(settings):g}s)")
 
 
 @click.command()
@@ -68,6 +65,7 @@ def _say_settled(settings) -> None:
 def usage(since: str, until: str | None, by: str, client: str | None, fmt: str) -> None:
     """Tokens, requests and errors per client, department, model, hour or day."""
     _cli().print_rows(_fetch("usage", {"since": since, "until": until, "by": by, "client": client}), fmt)
+    _say_settled(fmt)
 
 
 @click.command()
@@ -79,6 +77,7 @@ def usage(since: str, until: str | None, by: str, client: str | None, fmt: str) 
 def top(since: str, until: str | None, limit: int, client: str | None, fmt: str) -> None:
     """The heaviest clients by tokens, with their share of the total."""
     _cli().print_rows(_fetch("top", {"since": since, "until": until, "limit": limit, "client": client}), fmt)
+    _say_settled(fmt)
 
 
 @click.command()
@@ -102,6 +101,7 @@ def report(month: str, prices_path: str | None, client: str | None, fmt: str) ->
     except PriceTableError as exc:
         raise cli.CliError(str(exc)) from None
     cli.print_rows(rows, fmt)
+    _say_settled(fmt)
 
 
 @click.command()
