@@ -112,7 +112,7 @@ def ensure_specs(config: dict[str, Any], specs: list[TopicSpec], timeout: float 
 
     brokers = kafka_clients.check_access(config, timeout)
     rule = Replication.for_brokers(brokers)
-    admin = AdminClient(config)
+    admin = AdminClient({**config, "log_level": 3})  # errors only: no librdkafka chatter in CLI output
     existing = set(admin.list_topics(timeout=timeout).topics)
     new = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=rule.factor,
                     config=topic_configs(s, rule)) for s in specs if s.name not in existing]

@@ -15,8 +15,9 @@ Only the fixed reports of :mod:`tokenaudit.sinks.queries` are exposed, never SQL
 Every /v1 call needs ``Authorization: Bearer <key>`` from the API-key registry. A client key
 is scoped to its own client_id (asking for another is 403); an admin key sees everything
 and may narrow with ``client=``. A bad or unknown parameter, or a repeated one, is a 400
-with a JSON error before any SQL runs. Answers are ``{"report", "scope", "settled_until", "rows": [...]}``: windows that start before
-``settled_until`` will not change any more (see :func:`~tokenaudit.sinks.queries.settled_until`).
+with a JSON error before any SQL runs. Answers are ``{"report", "scope", "settled_until",
+"rows": [...]}``: windows that start before ``settled_until`` will not change any more
+(see :func:`~tokenaudit.sinks.queries.settled_until`).
 """
 
 from __future__ import annotations
@@ -104,12 +105,13 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
             except Exception:  # never leak SQL or engine internals to the caller
                 log.exception("usage API: %s report failed", report)
                 return _error(500, f"{report} report failed; see the sink log")
-            return JSONResponse({"report": report, "scope": scope or "*", "settled_until": iso_utc(settled_until(settings)),
-                                 "rows": rows})
+            return JSONResponse({"report": report, "scope": scope or "*",
+                                 "settled_until": iso_utc(settled_until(settings)), "rows": rows})
 
         return handle
 
     routes = [Route("/healthz", healthz)]
     routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS]
-    routes.append(Route(f"/v1/{API_PATH}", admin_verify_endpoint(store, settings, registry.lookup, _error), methods=["GET"]))
+    routes.append(Route(f"/v1/{API_PATH}", admin_verify_endpoint(store, settings, registry.lookup, _error),
+                        methods=["GET"]))
     return Starlette(routes=routes)

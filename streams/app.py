@@ -139,8 +139,8 @@ def ensure_worker_topics(settings) -> int:
     """Create the topics the worker reads and writes; returns the source partition count."""
     from tokenaudit.infra.topics import ensure_declared
 
-    ensure_declared(settings)  # every topic as declared in infra/topics.py (rollups compacted)
-    return topic_partitions(settings.kafka_bootstrap, settings.topic_usage, config=kafka_clients.admin_config(settings))
+    # every topic as declared in infra/topics.py (rollups compacted); the source's actual partitions
+    return ensure_declared(settings).partitions[settings.topic_usage]
 
 
 def create_app(settings, partitions: int) -> faust.App:
