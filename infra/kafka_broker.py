@@ -379,6 +379,15 @@ def check_port_ranges(port: int, controller_port: int, brokers: int) -> None:
             f"set TOKENAUDIT_KAFKA_CONTROLLER_PORT to {clients[-1] + 1} or more, or below {port - brokers + 1}")
 
 
+def _node_home(home: Path, size: int, node_id: int) -> Path:
+    return home if size == 1 else home / f"broker-{node_id}"
+
+
+def _formatted(home: Path, layout: Layout) -> bool:
+    return any((_node_home(home, layout.brokers, i) / "storage" / "meta.properties").exists()
+               for i in range(1, layout.brokers + 1))
+
+
 def _shape(brokers: int, sasl: bool) -> str:
     return f"{brokers} broker{'s' if brokers != 1 else ''}{' with SASL' if sasl else ''}"
 
@@ -394,6 +403,8 @@ class KafkaCluster:
         self.config = config
         self.home = config.home
         recorded = read_layout(self.home)
+        if recorded is not None and not _formatted(self.home, recorded):
+            recorded = None  # recorded by a start that failed before any storage was formatted
         if recorded is not None:
             asked = (config.brokers or recorded.brokers, recorded.sasl if config.sasl is None else config.sasl)
             if asked != (recorded.brokers, recorded.sasl):
@@ -439,7 +450,7 @@ class KafkaCluster:
         quorum = ",".join(f"{i + 1}@{c.host}:{c.controller_port + i}" for i in range(self.size))
         security = tuple(sorted(self.client_security().items())) if users else ()
         return [KafkaBroker(BrokerConfig(
-            home=self.home if self.size == 1 else self.home / f"broker-{i + 1}",
+            home=_node_home(self.home, self.size, i + 1),
             cache_dir=c.cache_dir, version=c.version, host=c.host, port=c.port + i,
             controller_port=c.controller_port + i, heap=c.heap, partitions=c.partitions,
             start_timeout=c.start_timeout, node_id=i + 1, quorum=quorum, cluster_size=self.size,

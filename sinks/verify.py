@@ -295,7 +295,10 @@ class VerifyReport:
 
 
 def reconcile(scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int) -> tuple[int, list, list, bool]:
-    """(buckets compared, drift rows, pending buckets, ledger present) for buckets from since_ms."""
+    """(buckets compared, drift rows, pending buckets, ledger present) for the buckets of the
+    hours from the one holding ``since_ms`` on (both sides were already cut at the window
+    start; a partial first hour is compared like any other)."""
+    since_ms -= since_ms % HOUR_MS
     from tokenaudit.sinks.queries import iso_utc
 
     def hour(ms: int) -> str:

@@ -15,11 +15,15 @@ from tokenaudit.infra.topics import COMPACT, Replication, declared_topics
 from tokenaudit.settings import load_settings
 
 
-def _local_cluster(data_dir, brokers: int, sasl: bool) -> None:
+def _local_cluster(data_dir, brokers: int, sasl: bool, formatted: bool = True) -> None:
     """The files `kafka start --brokers N [--sasl]` leaves in the data dir."""
     home = data_dir / "kafka"
     home.mkdir(parents=True)
     (home / "cluster.json").write_text(json.dumps({"brokers": brokers, "sasl": sasl, "cluster_id": "x"}))
+    if formatted:
+        storage = (home / "broker-1" if brokers > 1 else home) / "storage"
+        storage.mkdir(parents=True)
+        (storage / "meta.properties").write_text("cluster.id=x\nnode.id=1\n")
     if sasl:
         (home / "credentials.json").write_text(json.dumps({"mechanism": "SCRAM-SHA-512", "users": {
             "broker": {"username": "broker", "password": "b-secret"},
@@ -123,6 +127,12 @@ def test_an_existing_cluster_keeps_its_shape(tmp_path):
         KafkaCluster(ClusterConfig(home=tmp_path / "kafka", cache_dir=tmp_path, brokers=1))
     with pytest.raises(KafkaLaunchError, match="cannot become 3 brokers in place"):
         KafkaCluster(ClusterConfig(home=tmp_path / "kafka", cache_dir=tmp_path, sasl=False))
+
+
+def test_a_shape_recorded_by_a_start_that_formatted_nothing_can_change(tmp_path):
+    _local_cluster(tmp_path, brokers=3, sasl=True, formatted=False)
+    cluster = KafkaCluster(ClusterConfig(home=tmp_path / "kafka", cache_dir=tmp_path, brokers=1))
+    assert (cluster.size, cluster.sasl) == (1, False)
 
 
 def test_replication_rule_and_declaration():

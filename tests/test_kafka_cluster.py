@@ -234,12 +234,13 @@ def test_sasl_cluster_loses_its_busiest_broker_and_every_answered_request_is_sto
     topics = [settings.topic_usage, settings.topic_rollups, settings.topic_sampled, settings.topic_anomalies,
               settings.topic_dlq, f"{settings.worker_id}-state-changelog"]
     md = admin.list_topics(timeout=15).topics
-    described = admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in topics])
-    for res, fut in described.items():
-        conf = fut.result(15)
-        assert {len(p.replicas) for p in md[res.name].partitions.values()} == {3}, res.name
-        assert conf["min.insync.replicas"].value == "2", res.name
-    assert conf["cleanup.policy"].value == "compact"  # the changelog, last
+    described = {res.name: fut.result(15) for res, fut in
+                 admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in topics]).items()}
+    for name, conf in described.items():
+        assert {len(p.replicas) for p in md[name].partitions.values()} == {3}, name
+        assert conf["min.insync.replicas"].value == "2", name
+    compacted = {n for n, c in described.items() if c["cleanup.policy"].value == "compact"}
+    assert compacted == {settings.topic_rollups, topics[-1]}, "the rollups topic and the changelog"
     assert {len(p.replicas) for p in md["__consumer_offsets"].partitions.values()} == {3}
 
     urls = [f"http://127.0.0.1:{settings.http_port}", f"http://127.0.0.1:{extra.app_port}"]

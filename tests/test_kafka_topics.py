@@ -4,6 +4,7 @@ delete policy) corrected in place."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
@@ -58,7 +59,10 @@ def test_rollups_topic_created_with_delete_policy_is_corrected(kafka_bootstrap, 
     assert _describe_one(s, s.topic_rollups) == "delete"
     ensured = ensure_declared(s)
     assert ensured.corrected == (s.topic_rollups,)
-    assert _describe_one(s, s.topic_rollups) == "compact"
+    deadline = time.monotonic() + 15  # the controller applied it; each broker's view follows shortly
+    while _describe_one(s, s.topic_rollups) != "compact":
+        assert time.monotonic() < deadline, "cleanup.policy was not corrected"
+        time.sleep(0.2)
     assert ensured.partitions[s.topic_dlq] == 1, "an existing topic keeps its partitions (keys would move)"
 
 

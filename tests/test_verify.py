@@ -78,6 +78,9 @@ def test_reconcile_reports_each_kind_of_difference_and_leaves_pending_out():
     assert {d["client_id"]: d["what"] for d in drift} == {
         "short": "differs: output_tokens, total_tokens", "lost": "missing in ClickHouse",
         "ghost": "in ClickHouse, not on the topic"}
+    # a range that starts inside an hour compares that partial hour too
+    assert reconcile(scan, store, hour + 1)[0] == 4
+    assert reconcile(scan, store, hour + HOUR_MS)[0] == 0
     # with the ledger, its distinct event count is compared too
     _, drift, _, ledger = reconcile(scan, [{**r, "events": 0} for r in store], hour)
     assert ledger and {d["client_id"] for d in drift} == {"ok", "short", "lost", "ghost"}
