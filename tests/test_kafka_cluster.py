@@ -304,11 +304,16 @@ def test_sasl_cluster_loses_its_busiest_broker_and_every_answered_request_is_sto
     assert set(got) == set(expected)
 
     def verified():
+        # once the last request's window is settled, verify covers every event, finds each once
+        # in ClickHouse, and has nothing pending; until then it checks less (never drift)
         proc = cli("verify", "--since", "1h", "--format", "json", check=False)
-        return proc if proc.returncode == 0 and not json.loads(proc.stdout)["pending"] else None
+        assert proc.returncode in (0, 1), proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["drift"] == [], out["drift"]
+        return out if out["topic"]["distinct_events"] == total and not out["pending"] and proc.returncode == 0 else None
 
-    report = json.loads(wait_for(verified, 60, "verify to pass with nothing pending", interval=2).stdout)
-    assert report["ok"] and report["drift"] == [] and report["topic"]["distinct_events"] == total
+    report = wait_for(verified, 60, "verify to cover every request with nothing pending", interval=2)
+    assert report["ok"] and report["buckets"] >= len(expected)
     assert {c: (r["requests"], r["input_tokens"], r["output_tokens"]) for c, r in usage_by_client().items()} == \
         {c: (e["requests"], e["input_tokens"], e["output_tokens"]) for c, e in expected.items()}
     extra.stop()
