@@ -229,3 +229,27 @@ def test_planted_gap_is_found_then_closed(kafka_bootstrap, tmp_path):
         assert closed.returncode == 0, closed.stdout + closed.stderr
     finally:
         procs.close()
+
+
+def test_a_range_the_topic_no_longer_retains_is_said_and_not_checked(kafka_bootstrap, topic_name, tmp_path):
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    from tokenaudit.infra.kafka_admin import ensure_topics
+    from tokenaudit.sinks.verify import run_verify, scan_topic
+
+    settings = load_settings(data_dir=tmp_path, kafka_bootstrap=kafka_bootstrap, topic_usage=topic_name)
+    ensure_topics(kafka_bootstrap, {topic_name: 1})
+    synth.produce(kafka_bootstrap, topic_name, [synth.event(f"r{i}", H10 + i, "c1") for i in range(10)])
+    whole = scan_topic(settings, H10, H10 + HOUR_MS, arrived_before_ms=0)
+    assert whole.retained_from_ms is None and whole.totals[("c1", "t5-tiny", H10)][0] == 10
+    # retention deletes the oldest records (as time- or size-based retention does)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for fut in admin.delete_records([TopicPartition(topic_name, 0, 4)]).values():
+        fut.result(10)
+    cut = scan_topic(settings, H10, H10 + HOUR_MS, arrived_before_ms=0)
+    assert cut.records == 6 and cut.retained_from_ms is not None and cut.retained_from_ms > H10
+    # the records left were produced just now: nothing of 2025 can be checked, and it says so
+    report = run_verify(settings, "2025-06-15T10:00", "2025-06-15T11:00")
+    assert report.ok and report.buckets == 0 and report.drift == []
+    assert any("no longer retains the start of the range" in note for note in report.notes)
