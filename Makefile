@@ -23,6 +23,14 @@ $(STAMP): pyproject.toml setup.py schemas/_native.pyx streams/_fastjson.pyx
 
 setup: $(STAMP)
 	@$(VENV)/bin/tokenaudit kafka install
+	@# promtool checks infra/alerts/ in the tests; Debian's prometheus package ships it
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo ">> installing promtool (apt-get install prometheus)"; \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
+	    || echo "!! could not install promtool: tests/test_alerts.py will fail until it is on PATH"; \
+	  else echo "!! promtool missing: install it (apt-get install prometheus) for tests/test_alerts.py"; fi; }
 
 demo: setup
 	@$(VENV)/bin/tokenaudit demo

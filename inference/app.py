@@ -29,6 +29,7 @@ from tokenaudit.inference.metrics import AppMetrics, start_metrics_listener
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.inference.runner import Encoded, ModelRunner
 from tokenaudit.inference.spool import SpoolLocked
+from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def publisher_from_settings(s: Settings) -> EventPublisher:
                           queue_max=s.producer_queue_max, message_timeout_ms=s.producer_message_timeout_ms,
                           linger_ms=s.producer_linger_ms, compression=s.producer_compression,
                           retry_seconds=s.spool_retry_seconds, partitions=s.kafka_partitions,
-                          unauthenticated_share=s.spool_unauthenticated_share)
+                          unauthenticated_share=s.spool_unauthenticated_share, client_config=kafka_config(s))
 
 
 def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | None = None,

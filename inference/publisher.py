@@ -131,7 +131,7 @@ class EventPublisher:
     def __init__(self, bootstrap: str, topic: str, spool_dir: Path, *, spool_max_bytes: int = 256 << 20,
                  queue_max: int = 100_000, message_timeout_ms: int = 15_000, linger_ms: float = 100.0,
                  compression: str = "lz4", retry_seconds: float = 2.0, partitions: int | None = None,
-                 unauthenticated_share: float = 0.1):
+                 unauthenticated_share: float = 0.1, client_config: dict | None = None):
         self.topic = topic
         self.bootstrap = bootstrap
         self.partitions = partitions
@@ -145,8 +145,10 @@ class EventPublisher:
         # first, so a spool directory held by another process stops us before any connection
         self.spool = Spool(spool_dir, spool_max_bytes, capped_key=UNAUTHENTICATED.encode(),
                            capped_share=unauthenticated_share, on_loss=self._count_spool_loss)
+        # bootstrap and security from tokenaudit.infra.kafka_clients (plaintext bootstrap when not given)
+        self._client_config = client_config or {"bootstrap.servers": bootstrap}
         self._config = {
-            "bootstrap.servers": bootstrap,
+            **self._client_config,
             "enable.idempotence": True,
             "acks": "all",
             "compression.type": compression,
@@ -344,10 +346,10 @@ class EventPublisher:
         broker with auto-creation, or an operator, may own topics; events wait in the queue)."""
         if not self.partitions:
             return
-        from tokenaudit.infra.kafka_admin import ensure_topics
+        from tokenaudit.infra.topics import ensure_specs, usage_topic
 
         try:
-            ensure_topics(self.bootstrap, {self.topic: self.partitions}, timeout=5.0)
+            ensure_specs(self._client_config, [usage_topic(self.topic, self.partitions)], timeout=5.0)
         except Exception as exc:
             log.info("could not ensure topic %s now (%s); relying on the broker", self.topic, exc)
 

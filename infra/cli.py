@@ -31,51 +31,78 @@ def main() -> None:
 # --- kafka -------------------------------------------------------------------------------------
 @main.group()
 def kafka() -> None:
-    """The local single-node Kafka broker (KRaft)."""
+    """The local Kafka (KRaft): one broker, or a cluster of N (--brokers N), optionally SASL."""
 
 
-def _broker():
-    from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
+def _cluster(brokers: int | None = None, sasl: bool | None = None):
+    from tokenaudit.infra.kafka_broker import ClusterConfig, KafkaCluster
 
-    return KafkaBroker(BrokerConfig.from_settings(_settings()))
+    return _run(lambda: KafkaCluster(ClusterConfig.from_settings(_settings(), brokers=brokers, sasl=sasl)))
 
 
 def _run(fn):
     """Call fn, turning the project's known error types into a one-line CliError."""
     from tokenaudit.infra.clickhouse import ClickHouseError
     from tokenaudit.infra.kafka_broker import KafkaLaunchError
+    from tokenaudit.infra.kafka_clients import KafkaAccessError, KafkaConfigError
     from tokenaudit.infra.kafka_install import KafkaInstallError
 
     try:
         return fn()
-    except (KafkaLaunchError, KafkaInstallError, ClickHouseError, SettingsError) as exc:
+    except (KafkaLaunchError, KafkaInstallError, KafkaAccessError, KafkaConfigError, ClickHouseError,
+            SettingsError) as exc:
         raise CliError(str(exc)) from None
 
 
+BROKERS_OPTION = click.option(
+    "--brokers", type=click.IntRange(1, 9), default=None,
+    help="Nodes of the local cluster when it is first created (default 1); an existing cluster keeps its size.")
+
+
 @kafka.command("start")
-def kafka_start() -> None:
-    """Start the broker (fetching Kafka on first use); returns once it answers metadata."""
-    broker = _broker()
-    started = _run(broker.start)
-    click.echo(f"kafka {'started' if started else 'already running'} at {broker.bootstrap}")
+@BROKERS_OPTION
+@click.option("--sasl", is_flag=True, default=None,
+              help="Create the cluster with SASL/SCRAM-SHA-512 client listeners (credentials in <data_dir>/kafka).")
+def kafka_start(brokers: int | None, sasl: bool | None) -> None:
+    """Start the nodes that are not running (fetching Kafka on first use); returns once every
+    node answers metadata."""
+    cluster = _cluster(brokers, sasl)
+    started = _run(cluster.start)
+    shape = f"{cluster.size} broker{'s' if cluster.size > 1 else ''}" + (" (SASL/SCRAM-SHA-512)" if cluster.sasl else "")
+    if not started:
+        click.echo(f"kafka already running at {cluster.bootstrap}: {shape}")
+    elif cluster.size == 1:
+        click.echo(f"kafka started at {cluster.bootstrap}" + (" (SASL/SCRAM-SHA-512)" if cluster.sasl else ""))
+    else:
+        others = [str(n) for n in range(1, cluster.size + 1) if n not in started]
+        click.echo(f"kafka at {cluster.bootstrap}: {shape}; started broker(s) {', '.join(map(str, started))}"
+                   + (f"; {', '.join(others)} already running" if others else ""))
+    if cluster.sasl:
+        from tokenaudit.infra.kafka_broker import CLIENT_USER, CREDENTIALS_FILE
+
+        click.echo(f"client user {CLIENT_USER!r}, password in {cluster.home / CREDENTIALS_FILE} (mode 0600)")
 
 
 @kafka.command("stop")
 def kafka_stop() -> None:
-    """Stop the broker gracefully."""
-    stopped = _run(_broker().stop)
-    click.echo("kafka stopped" if stopped else "kafka was not running")
+    """Stop every node of the local cluster gracefully."""
+    stopped = _run(_cluster().stop)
+    click.echo(f"kafka stopped ({stopped} broker{'s' if stopped != 1 else ''})" if stopped else "kafka was not running")
 
 
 @kafka.command("status")
-def kafka_status() -> None:
-    """Print the bootstrap address, or say it is down (exit 3)."""
-    broker = _broker()
-    status = broker.status()
-    if status == "down":
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True,
+              help="Output format.")
+def kafka_status(fmt: str) -> None:
+    """Every node's address and state; exit 3 unless all of them run."""
+    nodes = _run(_cluster().status)
+    if all(n.state == "down" for n in nodes):
         click.echo("kafka is down")
         sys.exit(3)
-    click.echo(f"{broker.bootstrap} ({status})")
+    print_rows([{"broker": n.node_id, "address": n.address, "controller": n.controller, "state": n.state,
+                 "pid": str(n.pid or "")} for n in nodes], fmt)
+    if any(n.state != "running" for n in nodes):
+        sys.exit(3)
 
 
 @kafka.command("install")
@@ -274,10 +301,10 @@ def sink() -> None:
 
 
 # --- pipeline ----------------------------------------------------------------------------------
-def _supervisor():
+def _supervisor(brokers: int | None = None):
     from tokenaudit.infra.services import Supervisor
 
-    return Supervisor(_settings(), echo=click.echo)
+    return _run(lambda: Supervisor(_settings(), echo=click.echo, brokers=brokers))
 
 
 def _run_up(supervisor) -> dict[str, str]:
@@ -290,10 +317,12 @@ def _run_up(supervisor) -> dict[str, str]:
 
 
 @main.command()
-def up() -> None:
-    """Start Kafka, the sink (+ usage API), the stream worker and the inference app in the
-    background (pid files and logs under the data directory); returns when all are ready."""
-    endpoints = _run_up(_supervisor())
+@BROKERS_OPTION
+def up(brokers: int | None) -> None:
+    """Start Kafka (the nodes not running, when the bootstrap is the local cluster), the sink
+    (+ usage API), the stream worker and the inference app in the background (pid files and
+    logs under the data directory); returns when all are ready."""
+    endpoints = _run_up(_supervisor(brokers))
     click.echo("tokenaudit is up:")
     for name, value in endpoints.items():
         click.echo(f"  {name:<10} {value}")
@@ -302,7 +331,7 @@ def up() -> None:
 @main.command()
 def down() -> None:
     """Stop every service gracefully (inference first, so its events reach Kafka)."""
-    stopped = _supervisor().down()
+    stopped = _run(_supervisor().down)
     click.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
@@ -328,6 +357,54 @@ def demo(steady: float, spike: float, keep_running: bool) -> None:
     except ServiceError as exc:
         raise CliError(str(exc)) from None
     sys.exit(code)
+
+
+@main.command()
+@click.option("--since", required=True, help="Start: a duration back from now (15m, 24h, 7d) or an ISO time.")
+@click.option("--until", default=None, help="End (exclusive), same forms; default now. Unsettled windows are left out.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Output format.")
+def verify(since: str, until: str | None, fmt: str) -> None:
+    """Reconcile the usage topic with ClickHouse per client, model and hour: print every
+    difference; exit 1 on drift, 0 when everything that reached the topic is stored once."""
+    from tokenaudit.sinks.params import QueryParamError
+    from tokenaudit.sinks.verify import VerifyError, run_verify
+
+    s = _settings()
+    try:
+        report = _run(lambda: run_verify(s, since, until))
+    except (VerifyError, QueryParamError) as exc:
+        raise CliError(str(exc)) from None
+    if fmt == "json":
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        _print_verify(report)
+    sys.exit(0 if report.ok else 1)
+
+
+def _print_verify(report) -> None:
+    out = report.as_json()
+    topic = out["topic"]
+    click.echo(f"checked window starts {out['checked_from']} .. {out['checked_until']} (settled up to "
+               f"{out['settled_until']}); {out['buckets']} client/model/hour buckets; topic: {topic['distinct_events']:,} "
+               f"distinct events in range, {topic['duplicates']:,} duplicate copies; "
+               f"ledger {'compared' if out['ledger'] else 'absent'}")
+    for note in out["notes"]:
+        click.echo(f"note: {note}")
+    if out["pending"]:
+        click.echo(f"pending: {len(out['pending'])} bucket(s) where an event arrived in the last "
+                   f"{out['settle_seconds']:g}s (late events still being applied); not compared, run again")
+    if not out["drift"]:
+        click.echo("OK: ClickHouse holds every event on the topic, each once"
+                   + (" (in the buckets compared)" if out["pending"] else ""))
+        return
+    rows = []
+    for d in out["drift"]:
+        rows.append({"client_id": d["client_id"], "model": d["model"], "hour": d["hour"], "what": d["what"],
+                     **{f"topic_{k}": v for k, v in d["topic"].items()},
+                     **{f"store_{k}": v for k, v in d["clickhouse"].items()}})
+    print_rows(rows, "table")
+    click.echo(f"DRIFT in {len(rows)} bucket(s)")
 
 
 # --- queries: usage, top, report, latency, anomalies (defined beside the queries, in sinks/) ----

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from tokenaudit.infra import procutil
-from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
+from tokenaudit.infra.kafka_broker import ClusterConfig, KafkaCluster
 
 
 class ServiceError(RuntimeError):
@@ -43,14 +43,17 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
 
 
 class Supervisor:
-    """Starts and stops the pipeline's processes; Kafka is started through its own launcher."""
+    """Starts and stops the pipeline's processes; Kafka is started through its own launcher.
 
-    def __init__(self, settings, echo: Callable[[str], None] = print):
+    ``brokers``: the size of the local Kafka cluster to start when none exists yet (an
+    existing one keeps its size; asking for another is an error from the launcher)."""
+
+    def __init__(self, settings, echo: Callable[[str], None] = print, brokers: int | None = None):
         self.settings = settings
         self.echo = echo
         self.run_dir: Path = settings.run_dir
         self.log_dir: Path = settings.log_dir
-        self.broker = KafkaBroker(BrokerConfig.from_settings(settings))
+        self.kafka = KafkaCluster(ClusterConfig.from_settings(settings, brokers=brokers))
 
     # --- the pipeline's parts ------------------------------------------------------------------
     def services(self) -> list[Service]:
@@ -71,8 +74,7 @@ class Supervisor:
     def endpoints(self) -> dict[str, str]:
         s = self.settings
         return {
-            "kafka": self.broker.bootstrap if not s.kafka_bootstrap or s.kafka_bootstrap == self.broker.bootstrap
-            else s.kafka_bootstrap,
+            "kafka": self.kafka.bootstrap if self._local_kafka() else s.kafka_bootstrap,
             "inference": f"http://{s.http_host}:{s.http_port}",
             "usage_api": f"http://{s.usage_api_host}:{s.usage_api_port}",
             "clickhouse": s.effective_clickhouse_dsn,
@@ -80,7 +82,10 @@ class Supervisor:
         }
 
     def _local_kafka(self) -> bool:
-        return self.settings.kafka_bootstrap == self.broker.bootstrap
+        """True when the settings' bootstrap names nodes of the local cluster (then `up`
+        starts it and `down` stops it); any other bootstrap is an external cluster."""
+        named = {a.strip() for a in self.settings.kafka_bootstrap.split(",") if a.strip()}
+        return bool(named) and named <= set(self.kafka.addresses())
 
     # --- up / down ----------------------------------------------------------------------------
     def pid_file(self, name: str) -> Path:
@@ -96,11 +101,14 @@ class Supervisor:
         try:
             if self._local_kafka():
                 t0 = time.monotonic()
-                if self.broker.start():
+                nodes = self.kafka.start()
+                where = f"at {self.kafka.bootstrap}{' (SASL)' if self.kafka.sasl else ''}"
+                if nodes:
                     started.append("kafka")
-                    self.echo(f"kafka      started ({time.monotonic() - t0:.1f}s) at {self.broker.bootstrap}")
+                    which = "" if self.kafka.size == 1 else f" broker(s) {', '.join(map(str, nodes))}"
+                    self.echo(f"kafka      started{which} ({time.monotonic() - t0:.1f}s) {where}")
                 else:
-                    self.echo(f"kafka      already running at {self.broker.bootstrap}")
+                    self.echo(f"kafka      already running {where}")
             self._prepare()
             for svc in self.services():
                 if self.pid(svc.name) is not None:
@@ -116,14 +124,13 @@ class Supervisor:
 
     def _prepare(self) -> None:
         """Topics and schema, before any consumer or the store owner starts."""
-        from tokenaudit.infra.kafka_admin import ensure_topics
+        from tokenaudit.infra.topics import ensure_declared
 
         s = self.settings
-        topics = {s.topic_usage: s.kafka_partitions, s.topic_anomalies: s.kafka_partitions, s.topic_dlq: 1}
-        for extra in ("topic_rollups", "topic_sampled"):
-            if hasattr(s, extra):
-                topics[getattr(s, extra)] = s.kafka_partitions
-        ensure_topics(s.kafka_bootstrap, topics)
+        ensured = ensure_declared(s)
+        if ensured.created or ensured.corrected:
+            self.echo(f"topics     created {len(ensured.created)}, corrected {len(ensured.corrected)} "
+                      f"(replication {ensured.replication.factor}, min.insync.replicas {ensured.replication.min_insync})")
         if s.embedded_clickhouse and self.pid("sink") is not None:
             self.echo("clickhouse store owned by the running sink (it migrated at start)")
         else:
@@ -185,13 +192,13 @@ class Supervisor:
         for svc in reversed(self.services()):
             if self._stop_one(svc.name):
                 stopped.append(svc.name)
-        if self._local_kafka() and self.broker.stop():
+        if self._local_kafka() and self.kafka.stop():
             stopped.append("kafka")
         return stopped
 
     def _stop_one(self, name: str) -> bool:
         if name == "kafka":
-            return self.broker.stop()
+            return self.kafka.stop() > 0
         pid = self.pid(name)
         if pid is None:
             self.pid_file(name).unlink(missing_ok=True)
@@ -202,7 +209,12 @@ class Supervisor:
         return True
 
     def status(self) -> dict[str, str]:
-        out = {"kafka": self.broker.status() if self._local_kafka() else f"external {self.settings.kafka_bootstrap}"}
+        out: dict[str, str] = {}
+        if not self._local_kafka():
+            out["kafka"] = f"external {self.settings.kafka_bootstrap}"
+        for node in self.kafka.status() if self._local_kafka() else []:
+            name = "kafka" if self.kafka.size == 1 else f"kafka-{node.node_id}"
+            out[name] = node.state if node.pid is None else f"{node.state} pid={node.pid} at {node.address}"
         for svc in self.services():
             pid = self.pid(svc.name)
             out[svc.name] = "down" if pid is None else (f"ready pid={pid}" if svc.ready() else f"starting pid={pid}")

@@ -31,13 +31,14 @@ class FollowError(RuntimeError):
 
 def follow(bootstrap: str, topic: str, group_id: str, on_anomaly: Callable[[dict[str, Any]], None], *,
            from_beginning: bool = False, max_messages: int | None = None, stop: threading.Event | None = None,
-           on_undecodable: Callable[[str], None] | None = None, poll_seconds: float = 0.5) -> int:
+           on_undecodable: Callable[[str], None] | None = None, poll_seconds: float = 0.5,
+           client_config: dict[str, Any] | None = None) -> int:
     """Consume until ``stop`` is set or ``max_messages`` anomalies were handled; returns how many.
 
     If ``on_anomaly`` raises, the offset is not committed and the error propagates.
     """
     consumer = Consumer({
-        "bootstrap.servers": bootstrap,
+        **(client_config or {"bootstrap.servers": bootstrap}),  # from tokenaudit.infra.kafka_clients
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest" if from_beginning else "latest",

@@ -43,6 +43,18 @@ def _fetch(report: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         raise cli.CliError(str(exc)) from None
 
 
+def _say_settled(fmt: str) -> None:
+    """Under a usage table: up to when its numbers are final. (JSON and CSV stay pure data;
+    the usage API's answers carry ``settled_until`` for programs.)"""
+    if fmt != "table":
+        return
+    from tokenaudit.sinks.queries import iso_utc, settle_seconds, settled_until
+
+    settings = _cli()._settings()
+    click.echo(f"settled up to {iso_utc(settled_until(settings))}: windows starting later may still change "
+               f"(window + grace + idle timeout + sink batch = {settle_seconds(settings):g}s)")
+
+
 @click.command()
 @SINCE
 @UNTIL
@@ -53,6 +65,7 @@ def _fetch(report: str, params: dict[str, Any]) -> list[dict[str, Any]]:
 def usage(since: str, until: str | None, by: str, client: str | None, fmt: str) -> None:
     """Tokens, requests and errors per client, department, model, hour or day."""
     _cli().print_rows(_fetch("usage", {"since": since, "until": until, "by": by, "client": client}), fmt)
+    _say_settled(fmt)
 
 
 @click.command()
@@ -64,6 +77,7 @@ def usage(since: str, until: str | None, by: str, client: str | None, fmt: str) 
 def top(since: str, until: str | None, limit: int, client: str | None, fmt: str) -> None:
     """The heaviest clients by tokens, with their share of the total."""
     _cli().print_rows(_fetch("top", {"since": since, "until": until, "limit": limit, "client": client}), fmt)
+    _say_settled(fmt)
 
 
 @click.command()
@@ -87,6 +101,7 @@ def report(month: str, prices_path: str | None, client: str | None, fmt: str) ->
     except PriceTableError as exc:
         raise cli.CliError(str(exc)) from None
     cli.print_rows(rows, fmt)
+    _say_settled(fmt)
 
 
 @click.command()
@@ -171,6 +186,7 @@ def anomalies(since: str | None, until: str | None, limit: int, client: str | No
 
 
 def _follow(since, limit, client, webhook, group, from_beginning, max_messages, fmt) -> None:
+    from tokenaudit.infra.kafka_clients import kafka_config
     from tokenaudit.sinks.anomaly_follow import FollowError, follow
     from tokenaudit.sinks.webhook import WebhookError, WebhookForwarder
 
@@ -199,7 +215,8 @@ def _follow(since, limit, client, webhook, group, from_beginning, max_messages, 
     try:
         follow(settings.kafka_bootstrap, settings.topic_anomalies, group or settings.anomaly_group_id, handle,
                from_beginning=from_beginning, max_messages=max_messages,
-               on_undecodable=lambda why: click.echo(f"warning: {why}", err=True))
+               on_undecodable=lambda why: click.echo(f"warning: {why}", err=True),
+               client_config=kafka_config(settings))
     except KeyboardInterrupt:
         pass
     except (FollowError, WebhookError) as exc:

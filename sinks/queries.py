@@ -10,7 +10,7 @@ directly or went through the usage API.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from tokenaudit.sinks.params import ReportParams, parse_report_params
@@ -38,6 +38,26 @@ _SUMS = """
     round(sum(latency_ms_sum) / greatest(sum(requests), 1), 2) AS avg_latency_ms"""
 
 
+def settle_seconds(settings) -> float:
+    """How long after a window starts its row can still change: the window itself, the grace
+    the worker waits for stragglers, the idle timeout that closes quiet windows, and the
+    sink's batch before the row reaches ClickHouse."""
+    return (settings.window_seconds + settings.grace_seconds + settings.idle_timeout_seconds
+            + settings.sink_batch_seconds)
+
+
+def settled_until(settings, now: datetime | None = None) -> datetime:
+    """Windows that start before this instant are settled: their rows will not change any
+    more (unless a late event arrives, which the stream applies as a correction)."""
+    now = now or datetime.now(timezone.utc)
+    return (now - timedelta(seconds=settle_seconds(settings))).replace(microsecond=0)
+
+
+def iso_utc(value: datetime) -> str:
+    """ISO 8601 UTC with a Z, as every report prints times."""
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
 def _ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
 
@@ -59,7 +79,7 @@ def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         clean = {}
         for key, value in row.items():
             if isinstance(value, datetime):
-                value = value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+                value = iso_utc(value)
             elif isinstance(value, date):
                 value = value.isoformat()
             clean[key] = value

@@ -19,10 +19,12 @@ log = logging.getLogger("tokenaudit.sink")
 def run_sink(settings) -> int:
     import uvicorn
 
+    from tokenaudit.infra.topics import ensure_declared
     from tokenaudit.sinks.sink import Sink
     from tokenaudit.sinks.store import Store
     from tokenaudit.sinks.usage_api import create_app
 
+    ensure_declared(settings)  # the topics it reads and dead-letters to, as declared, before subscribing
     store = Store.from_settings(settings)
     sink = Sink(settings, store)
     stop = threading.Event()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, Producer
 
+from tokenaudit.infra.kafka_clients import kafka_config, producer_config
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, AvroDecodeError
 from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.sinks import rows as R
@@ -64,13 +65,12 @@ class Sink:
         # sink shares the worker's host.
         self._decoders = {name: compile_decoder(name) for name in (ROLLUP, SAMPLED, ANOMALY)}
         assert all(self._decoders.values()), "the output schemas are flat by contract"
-        self.consumer = Consumer({
-            "bootstrap.servers": settings.kafka_bootstrap,
+        self.consumer = Consumer(kafka_config(settings, {
             "group.id": group_id or settings.sink_group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
-        })
+        }))
         self._dlq: Producer | None = None
         self.batch = Batch()
         self.ready = threading.Event()
@@ -131,7 +131,7 @@ class Sink:
         self.counters.undecodable += 1
         log.warning("%s (%s[%d]@%d)", reason, msg.topic(), msg.partition(), msg.offset())
         if self._dlq is None:
-            self._dlq = Producer({"bootstrap.servers": self.s.kafka_bootstrap})
+            self._dlq = Producer(producer_config(self.s))
         self._dlq.produce(self.s.topic_dlq, key=msg.key(), value=msg.value(), headers=[
             ("reason", reason[:500].encode()), ("source_topic", msg.topic().encode()),
             ("source_partition", str(msg.partition()).encode()), ("source_offset", str(msg.offset()).encode())])

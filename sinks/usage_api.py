@@ -9,11 +9,15 @@ Only the fixed reports of :mod:`tokenaudit.sinks.queries` are exposed, never SQL
                                                     the caller prices them)
     GET /v1/latency?since=&until=&client=
     GET /v1/anomalies?since=&until=&limit=&client=
+    GET /v1/admin/verify?since_ms=&until_ms=       (admin keys only: the store side of
+                                                    `tokenaudit verify`, see sinks/verify.py)
 
 Every /v1 call needs ``Authorization: Bearer <key>`` from the API-key registry. A client key
 is scoped to its own client_id (asking for another is 403); an admin key sees everything
 and may narrow with ``client=``. A bad or unknown parameter, or a repeated one, is a 400
-with a JSON error before any SQL runs. Answers are ``{"report", "scope", "rows": [...]}``.
+with a JSON error before any SQL runs. Answers are ``{"report", "scope", "settled_until",
+"rows": [...]}``: windows that start before ``settled_until`` will not change any more
+(see :func:`~tokenaudit.sinks.queries.settled_until`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from starlette.routing import Route
 
 from tokenaudit.inference.api_keys import AuthError, KeyRegistry, marker_path
 from tokenaudit.sinks.params import REPORT_PARAMS, QueryParamError, parse_report_params
-from tokenaudit.sinks.queries import run_report
+from tokenaudit.sinks.queries import iso_utc, run_report, settled_until
+from tokenaudit.sinks.verify import API_PATH, admin_verify_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +55,20 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
+    def authenticate(request: Request):
+        """The caller's key, or the error response to send (the usage API has no open mode)."""
+        try:
+            key = registry.authenticate(request.headers.get("authorization"), allow_open=False)
+        except AuthError as err:
+            return _error(err.status, err.message)
+        assert key is not None
+        return key
+
     def endpoint(report: str):
         async def handle(request: Request) -> JSONResponse:
-            try:  # never open: the usage API has no development mode
-                key = registry.authenticate(request.headers.get("authorization"), allow_open=False)
-            except AuthError as err:
-                return _error(err.status, err.message)
-            assert key is not None
+            key = authenticate(request)
+            if isinstance(key, JSONResponse):
+                return key
             items = request.query_params.multi_items()
             names = [name for name, _ in items]
             if len(names) != len(set(names)):
@@ -75,7 +87,8 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
             except Exception:  # never leak SQL or engine internals to the caller
                 log.exception("usage API: %s report failed", report)
                 return _error(500, f"{report} report failed; see the sink log")
-            return JSONResponse({"report": report, "scope": scope or "*", "rows": rows})
+            return JSONResponse({"report": report, "scope": scope or "*",
+                                 "settled_until": iso_utc(settled_until(settings)), "rows": rows})
 
         return handle
 
@@ -92,5 +105,7 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
 
     routes = [Route("/healthz", healthz)]
     routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS]
+    routes.append(Route(f"/v1/{API_PATH}", admin_verify_endpoint(store, settings, authenticate, _error),
+                        methods=["GET"]))
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed,
                                                         Exception: server_error})

@@ -33,6 +33,7 @@ from typing import Any
 import faust
 from faust.types import TP
 
+from tokenaudit.infra import kafka_clients, topics
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
 from tokenaudit.schemas.compiled import compile_encoder
 from tokenaudit.streams.batch_consumer import BatchTransport
@@ -124,10 +125,10 @@ def broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(","))
 
 
-def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0) -> int:
+def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0, config: dict | None = None) -> int:
     from confluent_kafka.admin import AdminClient
 
-    md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(topic=topic, timeout=timeout)
+    md = AdminClient(config or {"bootstrap.servers": bootstrap}).list_topics(topic=topic, timeout=timeout)
     meta = md.topics.get(topic)
     if meta is None or meta.error is not None or not meta.partitions:
         raise RuntimeError(f"topic {topic!r} is missing on {bootstrap}")
@@ -136,22 +137,21 @@ def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0) -> int:
 
 def ensure_worker_topics(settings) -> int:
     """Create the topics the worker reads and writes; returns the source partition count."""
-    from tokenaudit.infra.kafka_admin import ensure_topics
+    from tokenaudit.infra.topics import ensure_declared
 
-    n = settings.kafka_partitions
-    ensure_topics(settings.kafka_bootstrap, {
-        settings.topic_usage: n, settings.topic_anomalies: n, settings.topic_dlq: n,
-        settings.topic_rollups: n, settings.topic_sampled: n,
-    }, configs={settings.topic_rollups: {"cleanup.policy": "compact"}})
-    return topic_partitions(settings.kafka_bootstrap, settings.topic_usage)
+    # every topic as declared in infra/topics.py (rollups compacted); the source's actual partitions
+    return ensure_declared(settings).partitions[settings.topic_usage]
 
 
 def create_app(settings, partitions: int) -> faust.App:
     datadir = settings.data_dir / "worker" / settings.worker_id
     datadir.mkdir(parents=True, exist_ok=True)
+    replication = topics.replication(settings)  # faust's changelog and leader topics: the declared rule
     app = WorkerApp(
         settings.worker_id,
-        broker=broker_url(settings.kafka_bootstrap),
+        broker=broker_url(kafka_clients.bootstrap_servers(settings)),
+        **kafka_clients.faust_options(settings),  # security, acks=all
+        topic_replication_factor=replication.factor,
         store="memory://",
         datadir=str(datadir),
         web_enabled=True,
@@ -176,7 +176,8 @@ def create_app(settings, partitions: int) -> faust.App:
     source = app.topic(settings.topic_usage, partitions=partitions, **raw)
     for name in (settings.topic_rollups, settings.topic_sampled, settings.topic_anomalies, settings.topic_dlq):
         app.topic(name, **raw)  # declared (created if missing); written through the producer below
-    table = app.Table(STATE_TABLE, default=None, partitions=partitions)  # keys and values: JSON
+    table = app.Table(STATE_TABLE, default=None, partitions=partitions,  # keys and values: JSON
+                      extra_topic_configs=replication.topic_configs())
 
     def committed(partition: int) -> int | None:
         # faust's record of what it committed (next offset to read) for the source partition;

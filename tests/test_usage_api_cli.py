@@ -84,7 +84,8 @@ def test_usage_json_over_http_matches_the_store(served, monkeypatch):
     code, out = _cli("usage", "--since", "2h", "--by", "department", "--format", "csv")
     assert code == 0 and out.splitlines()[0].startswith("department,requests,errors,input_tokens")
     code, out = _cli("top", "--since", "2h", "--limit", "2")
-    assert code == 0 and "share_pct" in out and len(out.strip().splitlines()) == 4
+    assert code == 0 and "share_pct" in out and len(out.strip().splitlines()) == 5  # + the settled-up-to line
+    assert out.strip().splitlines()[-1].startswith("settled up to ")
     code, out = _cli("latency", "--since", "1h", "--format", "json")
     assert code == 0 and json.loads(out)[0]["input_tokens"] == "1-16"
     code, out = _cli("anomalies", "--since", "24h", "--format", "json")

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -48,16 +48,24 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Downloaded Kafka jars (never committed).")
 
     # --- Kafka ----------------------------------------------------------------------------
-    kafka_bootstrap: str = Field("", description="Bootstrap servers, comma separated; default: the local broker (127.0.0.1:<kafka_port>).")
+    kafka_bootstrap: str = Field("", description="Bootstrap servers, comma separated; default: the local broker (127.0.0.1:<kafka_port>; clients of a local cluster get all its nodes).")
     kafka_version: str = Field("4.4.0", description="Apache Kafka version the launcher fetches and runs.")
-    kafka_port: int = Field(9092, ge=1, le=65535, description="Local broker's client port.")
-    kafka_controller_port: int = Field(9093, ge=1, le=65535, description="Local broker's KRaft controller port.")
-    kafka_heap: str = Field("512m", pattern=r"^\d+[kmgKMG]$", description="Local broker's JVM heap (-Xmx and -Xms).")
+    kafka_port: int = Field(9092, ge=1, le=65535, description="Local broker's client port (broker i of a local cluster: this + i).")
+    kafka_controller_port: int = Field(9192, ge=1, le=65535, description="Local broker's KRaft controller port (broker i of a local cluster: this + i; moved from 9093 so 3 brokers' ranges do not overlap, see CHANGELOG).")
+    kafka_heap: str = Field("512m", pattern=r"^\d+[kmgKMG]$", description="JVM heap of each local broker (-Xmx and -Xms).")
     kafka_partitions: int = Field(4, ge=1, le=1024, description="Partitions of the topics the project creates.")
     kafka_start_timeout: float = Field(60.0, gt=0, description="Seconds `kafka start` waits for metadata.")
     topic_usage: str = Field("token-usage", min_length=1, description="Token-usage event topic.")
     topic_anomalies: str = Field("token-usage-anomalies", min_length=1, description="Anomaly topic.")
     topic_dlq: str = Field("token-usage-dlq", min_length=1, description="Dead-letter topic.")
+    kafka_security_protocol: str = Field("", pattern=r"^(|PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$", description="security.protocol of every Kafka client; default PLAINTEXT, or SASL_PLAINTEXT towards a local cluster started with `kafka start --sasl`.")
+    kafka_sasl_mechanism: str = Field("SCRAM-SHA-512", pattern=r"^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$", description="SASL mechanism (with a SASL_* protocol).")
+    kafka_sasl_username: str = Field("", description="SASL username; default: the local --sasl cluster's client user.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged); default: the local --sasl cluster's, from <data_dir>/kafka/credentials.json.")
+    kafka_ssl_ca_file: Path | None = Field(None, description="PEM CA bundle that signs the brokers' certificates (SSL, SASL_SSL); default: the system's.")
+    kafka_ssl_cert_file: Path | None = Field(None, description="PEM client certificate, for clusters that require TLS client authentication.")
+    kafka_ssl_key_file: Path | None = Field(None, description="PEM private key of TOKENAUDIT_KAFKA_SSL_CERT_FILE.")
+    kafka_ssl_key_password: SecretStr | None = Field(None, description="Password of an encrypted TOKENAUDIT_KAFKA_SSL_KEY_FILE.")
 
     # --- ClickHouse -----------------------------------------------------------------------
     clickhouse_dsn: str = Field("", description="chdb:///path (embedded, default <data_dir>/clickhouse) or http(s)://user:pass@host:port.")
