@@ -11,6 +11,8 @@ producer's v7 id.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -49,7 +51,44 @@ def event_id_of(event: dict[str, Any]) -> str:
 
 def id_hash64(event_id: str) -> int:
     """A 64-bit hash of an event id for compact sets (stable across processes, unlike hash())."""
-    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+    return int.from_bytes(id_digest(event_id), "little")
+
+
+def id_digest(event_id: str) -> bytes:
+    """:func:`id_hash64` as its 8 little-endian bytes: what packed id sets hold (no int is made,
+    which matters on the stream worker's per-event path)."""
+    return hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+
+
+# Packed id sets: the concatenated 8-byte digests of a set of events, as base64 text (the
+# usage_rollup record's and table's ``event_ids``). 8 bytes an id: a window of 25 events
+# carries 268 characters; a plain list of UUID texts would be 37 bytes an id.
+def pack_ids(digests: bytes | bytearray) -> str:
+    return base64.b64encode(digests).decode("ascii")
+
+
+def unpack_ids(text: str | None) -> bytes:
+    """The digests of a packed id set ("" or None: none); malformed text raises ValueError."""
+    if not text:
+        return b""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"malformed packed id set: {exc}") from None
+    if len(raw) % 8:
+        raise ValueError(f"packed id set of {len(raw)} bytes is not a whole number of 8-byte ids")
+    return raw
+
+
+def ids_contain(digests: bytes | bytearray, digest: bytes) -> bool:
+    """Whether ``digest`` is one of the 8-byte ids in ``digests`` (a match must start on an
+    8-byte boundary: ``find`` may also hit across two neighbouring ids)."""
+    i = digests.find(digest)
+    while i >= 0:
+        if not i & 7:
+            return True
+        i = digests.find(digest, i + 1)
+    return False
 
 
 _UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
