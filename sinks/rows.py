@@ -58,6 +58,9 @@ def merge_delta(current: dict | None, delta: dict) -> dict:
         merged["version"] = delta["requests"]
         return merged
     merged = {c: current.get(c, delta[c]) for c in ROLLUP_COLUMNS}
+    # the same window: its bounds as the delta has them (int epoch ms, like every other row the
+    # sink writes; a stored row reads back as datetimes, and one insert takes one kind)
+    merged["window_start"], merged["window_end"] = delta["window_start"], delta["window_end"]
     for c in ROLLUP_SUMS:
         merged[c] = current[c] + delta[c]
     for c in ROLLUP_MAXES:

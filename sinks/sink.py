@@ -220,7 +220,7 @@ class Sink:
             ends.append(stop_after_delay(within))
         retrying = Retrying(
             retry=retry_if_exception(lambda exc: True),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             stop=stop_any(*ends) if ends else (lambda state: False),
             sleep=stop.wait if stop is not None else time.sleep,
             before_sleep=self._insert_failed,

@@ -183,7 +183,10 @@ class Processor:
         self.open_by_end: dict[int, dict[int, set[str]]] = {}
         self.closed_by_end: dict[int, dict[int, set[str]]] = {}
         self.touched: dict[str, float] = {}
-        self.emitted: dict[str, int] = {}
+        # what each window's last emitted rollup held: (requests, ids) -- after a crash, ids come
+        # back as the replay passes their events, and a row emitted before that is emitted
+        # again once they are all back (same version: the later row replaces it)
+        self.emitted: dict[str, tuple[int, int]] = {}
         self.sketches: dict[tuple[int, str], sampler.TopSampler] = {}  # (partition, model)
         self.dirty_sketches: set[tuple[int, str]] = set()
         self.batch_partitions: set[int] = set()
@@ -253,7 +256,7 @@ class Processor:
                 by_first[w[FIRST]] = key
             if w[CLOSED] >= 0:
                 if resumed is not None and max(w[OFF], w[CLOSED]) < resumed:
-                    self.emitted[key] = w[REQ]
+                    self.emitted[key] = (w[REQ], 0)
                 elif self.dedup and max(w[OFF], w[CLOSED]) > last:
                     deferred[key] = max(w[OFF], w[CLOSED])
                 else:
@@ -737,7 +740,7 @@ class Processor:
                 for wkey in keys:
                     if self.touched.get(wkey, 0.0) <= limit:
                         w = self.state.get(wkey)
-                        if w is not None and self.emitted.get(wkey) != w[REQ]:
+                        if w is not None and self.emitted.get(wkey) != self._mark(wkey, w):
                             self._emit(wkey, w, p, out, closing=False)
 
     def _emit(self, wkey: str, w: list, p: int, out: Outputs, closing: bool) -> None:
@@ -748,10 +751,15 @@ class Processor:
             _, client, model, ws_text = parts
             dept, akey = w[DEPT], ""
         ws = int(ws_text)
-        if self.emitted.get(wkey) != w[REQ]:
-            self.emitted[wkey] = w[REQ]
+        mark = self._mark(wkey, w)
+        if self.emitted.get(wkey) != mark:
+            self.emitted[wkey] = mark
             out.rollups.append(self._rollup(client, dept, akey, model, ws, w, event_ids=self._packed_ids(wkey)))
         self._window_rules(client, dept, akey, model, ws, w, p, out, closing)
+
+    def _mark(self, wkey: str, w: list) -> tuple[int, int]:
+        ids = self.window_ids.get(wkey)
+        return (w[REQ], len(ids) if ids is not None else 0)
 
     def _packed_ids(self, wkey: str) -> str:
         ids = self.window_ids.get(wkey)
