@@ -66,8 +66,9 @@ def migrate(client: Client, db: str, ttl_days: dict[str, int] | None = None) -> 
 
 
 TTL_COLUMNS = {"usage_rollup": "window_start", "usage_sampled": "ts", "anomalies": "ts"}
-# Column TTLs ("table.column": the time column they count from): data only needed for a while.
-COLUMN_TTLS = {"usage_rollup.event_ids": "window_start"}
+# Column TTLs ("table.column": the time column they count from): data only needed for a while
+# after the row was written.
+COLUMN_TTLS = {"usage_rollup.event_ids": "emitted_at"}
 
 
 def apply_ttls(client: Client, db: str, ttl_days: dict[str, int]) -> None:

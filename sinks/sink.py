@@ -64,6 +64,7 @@ DATA_ERROR_CODES = frozenset({
     691,  # UNKNOWN_ELEMENT_OF_ENUM
 })
 _CODE = re.compile(r"Code: (\d+)")
+_COLUMN = re.compile(r"column `([^`]+)`")
 
 
 def is_data_error(exc: BaseException) -> bool:
@@ -133,6 +134,9 @@ class Sink:
         self.batch = Batch()
         self.ready = threading.Event()
         self._stop: threading.Event | None = None
+        # clickhouse-connect logs a traceback for every row it cannot encode before raising; the
+        # split below meets each bad row several times and logs it itself, once, when isolated
+        logging.getLogger("clickhouse_connect.driver.transform").setLevel(logging.CRITICAL)
 
     # --- loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -283,9 +287,11 @@ class Sink:
 
     def _reject(self, table: str, record: dict, exc: BaseException) -> None:
         reason = " ".join(str(exc).split())[:1000] or type(exc).__name__
-        cause = exc.__cause__
-        if cause is not None and str(cause):
-            reason = f"{reason} ({type(cause).__name__}: {str(cause)[:200]})"
+        column = _COLUMN.search(reason) if isinstance(exc, DataError) else None
+        if column is not None and column.group(1) in record:
+            # the client could not encode it (clickhouse-connect names the column, not the value)
+            name = column.group(1)
+            reason = f"column {name} cannot hold {record[name]!r}: {exc.__cause__ or reason}"
         raw = json.dumps(record, default=str, sort_keys=True)
         self.store.insert("rejected_rows", [[table, reason, raw]], R.REJECTED_COLUMNS)
         self.counters.rejected_rows += 1

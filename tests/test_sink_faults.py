@@ -88,7 +88,7 @@ def test_refused_rows_land_in_rejected_rows_and_their_neighbours_are_stored(kafk
         [("usage_rollup", "c07"), ("usage_rollup", "c29")]
     by_client = {json.loads(r["record"])["client_id"]: r["reason"] for r in rejected}
     assert "VIOLATED_CONSTRAINT" in by_client["c07"] and "sane_requests" in by_client["c07"]
-    assert "requests" in by_client["c29"] and "UInt64" in by_client["c29"]
+    assert by_client["c29"].startswith("column requests cannot hold -3") and "out of range" in by_client["c29"]
     assert json.loads(rejected[1]["record"])["requests"] == -3  # the raw record, as it came
     assert sink.counters.rejected_rows == 2 and sink.counters.inserted_rollups == 38
     # committed after storing: a fresh consumer of the group starts after the 40 records

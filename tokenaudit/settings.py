@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     ttl_rollup_days: int = Field(730, ge=0, description="usage_rollup retention in days (0 keeps forever).")
     ttl_sampled_days: int = Field(30, ge=0, description="usage_sampled retention in days (0 keeps forever).")
     ttl_anomalies_days: int = Field(365, ge=0, description="anomalies retention in days (0 keeps forever).")
-    dedup_retention_days: int = Field(7, ge=0, description="Days usage_rollup keeps each row's event ids (event_ids), so a copy of an event replayed that much later still counts once (0 keeps them forever).")
+    dedup_retention_days: int = Field(7, ge=0, description="Days usage_rollup keeps a row's event ids (event_ids) after the row was written: a copy of an event arriving up to that much later still counts once (0 keeps them forever).")
 
     # --- inference ------------------------------------------------------------------------
     model: str = Field("", description="HF TF checkpoint path or name; default <data_dir>/models/t5-tiny (built by `model init`).")

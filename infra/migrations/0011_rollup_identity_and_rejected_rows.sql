@@ -3,11 +3,12 @@
 -- usage_rollup gains api_key_id ('' when unknown) and event_ids (the packed id set of the events
 -- the row counts: base64 of 8-byte hashes, schemas/event_ids.py), which lets the sink skip a late
 -- delta whose event the row already holds. event_ids is only needed while late copies can still
--- arrive, so it has a column TTL (TOKENAUDIT_DEDUP_RETENTION_DAYS, re-applied by every migrate;
--- 7 days here until then).
+-- arrive, so it has a column TTL counted from when the row was last written (emitted_at: a
+-- backfill of old windows still deduplicates; TOKENAUDIT_DEDUP_RETENTION_DAYS, re-applied by
+-- every migrate; 7 days here until then).
 ALTER TABLE {db}.usage_rollup ADD COLUMN IF NOT EXISTS api_key_id String DEFAULT '' AFTER department;
 --;;
-ALTER TABLE {db}.usage_rollup ADD COLUMN IF NOT EXISTS event_ids String DEFAULT '' TTL toDateTime(window_start) + INTERVAL 7 DAY;
+ALTER TABLE {db}.usage_rollup ADD COLUMN IF NOT EXISTS event_ids String DEFAULT '' TTL toDateTime(emitted_at) + INTERVAL 7 DAY;
 --;;
 -- The dedup key is the sorting key, so it is rebuilt as migration 0010 did: copy, swap, drop
 -- (re-running the copy is harmless: ReplacingMergeTree collapses the duplicates). Rows written
