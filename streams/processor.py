@@ -17,7 +17,7 @@ Why it is built this way (see DESIGN.md):
   can be emitted again after a crash.
 * **Each event counted once** (:mod:`tokenaudit.schemas.event_ids`). Copies of an event
   (producer retries, spool replays) share its ``event_id`` and, keyed by client_id, its
-  partition. While a window is open, the 8-byte id digests of its events are held in memory
+  partition. While a window is open, the ids of its events (16 bytes each) are held in memory
   and a copy is dropped (counted in the partition's meta record, so the count survives
   restarts). Their durable form is one *id chunk* per partition and batch (``d<US>p<US>...``:
   the batch's new ids grouped by window), written after the batch's window records and before
@@ -57,7 +57,7 @@ from typing import Any
 
 from tokenaudit.schemas import EVENT, AvroDecodeError
 from tokenaudit.schemas.compiled import compile_decoder
-from tokenaudit.schemas.event_ids import derived_event_id, id_digest, is_uuid_text, pack_ids, unpack_ids
+from tokenaudit.schemas.event_ids import ID_BYTES, derived_event_id, id_bytes, is_uuid_text, pack_ids, unpack_ids
 from tokenaudit.schemas.identifiers import identifier_problem
 from tokenaudit.streams import sampler
 from tokenaudit.streams.state import CHUNK_PREFIX, State
@@ -65,15 +65,15 @@ from tokenaudit.streams.state import CHUNK_PREFIX, State
 log = logging.getLogger("tokenaudit.worker")
 
 SEP = "\x1f"
-_blake2b = hashlib.blake2b
+_fromhex = bytes.fromhex
 # An id chunk holds at most this many ids (~350 KB of base64): one changelog record must stay
 # well inside the producer's 1 MiB batch.
-CHUNK_MAX_IDS = 32768
+CHUNK_MAX_IDS = 16384
 # A rollup carries at most this many ids (~700 KB of base64) for the same reason; a window
-# with more events (one client, department, key and model past 65k requests in one window)
+# with more events (one client, department, key and model past 32k requests in one window)
 # still counts each event once while it is open, but late copies of the ids left out of its
 # row are not recognised by the sink (logged once).
-ROLLUP_MAX_IDS = 65536
+ROLLUP_MAX_IDS = 32768
 
 # Events as dicts with ``ts`` in int epoch ms: the native codec reads the current writer
 # version in ~1.5 us (generated Python without a compiler: ~7 us; fastavro's generic reader:
@@ -196,9 +196,9 @@ class Processor:
         # the offset the replay must pass}).
         self.deferred: dict[int, dict[str, int]] = {}
         self._meta_keys: dict[int, str] = {}
-        # Dedup: the id digests of each window that is open (or closed, until its close is
-        # committed): 8 bytes an id in one bytearray per window (a set of ints costs ~85 bytes
-        # an id; a window's ids are searched with one C ``find``).
+        # Dedup: the ids of each window that is open (or closed, until its close is committed):
+        # 16 bytes an id in one bytearray per window (a set of ints costs ~85 bytes an id; a
+        # window's ids are searched with one C ``find``).
         self.window_ids: dict[str, bytearray] = {}
         self.batch_ids: dict[int, dict[str, int]] = {}  # p -> {wkey: where this batch's new ids start}
         self.batch_chunk: dict[int, list[int]] = {}  # p -> [first offset with a new id, max window end]
@@ -268,12 +268,17 @@ class Processor:
                      holders: list, last: int) -> None:
         data, window_ids = self.state.data, self.window_ids
         for ckey in sorted(chunk_keys, key=lambda k: self.state.get(k)[0]):
-            first, max_end, entries = self.state.get(ckey)
+            first, max_end, packed, index = self.state.get(ckey)
             if first > last or not self.dedup:
                 self.state.delete(ckey)  # a lost batch's chunk (or dedup switched off): redone
                 continue
             self.chunks[p][ckey] = [max_end, None]
-            for win_first, text in entries:
+            blob = unpack_ids(packed)
+            at = 0
+            for k in range(0, len(index), 2):
+                win_first, count = index[k], index[k + 1]
+                run = blob[at:at + ID_BYTES * count]
+                at += ID_BYTES * count
                 wkey = by_first.get(win_first)
                 if wkey is None:
                     continue  # retired window
@@ -285,7 +290,7 @@ class Processor:
                     ids = window_ids[wkey] = bytearray()
                     if w[CLOSED] >= 0:
                         heapq.heappush(holders, (w[CLOSED], wkey))
-                ids += unpack_ids(text)
+                ids += run
 
     def drop_partitions(self, partitions, drop_state: bool = True) -> None:
         """Forget derived state of partitions this worker no longer owns."""
@@ -357,13 +362,12 @@ class Processor:
         skew_limit = int(self.wall_clock() * 1000) + self.skew_ms
         max_tokens = self.max_tokens
         decode = decode_event
-        uuid_text = is_uuid_text
+        fromhex = _fromhex
         window_ms, grace_ms = self.window_ms, self.grace_ms
         mkey = self._meta_keys.get(p) or self._meta_key(p)
         per_request = self._per_request
         dedup = self.dedup
         window_ids = self.window_ids
-        blake = _blake2b
         norms: dict[str, tuple[str, list]] = {}  # model -> (key, value) for this run
         meta: list = []
         batch_ids: dict[str, int] = {}
@@ -400,9 +404,22 @@ class Processor:
                     and (akey is None or (len(akey) <= 128 and akey.isprintable()))
                     and 0 <= ev["input_tokens"] <= max_tokens and 0 <= ev["output_tokens"] <= max_tokens
                     and 0 <= ev["total_tokens"] <= max_tokens and 100 <= ev["status_code"] <= 599
-                    and 0.0 <= ev["latency_ms"] < INF and (eid is None or uuid_text(eid))):
+                    and 0.0 <= ev["latency_ms"] < INF):
                 self._dead(out, key, value, validate(ev, max_tokens) or "invalid", p, offset)
                 continue
+            if eid is not None:
+                # the id's 16 bytes, which also checks it is UUID text (schemas.event_ids.id_bytes,
+                # inline: the per-event path)
+                try:
+                    h = fromhex(eid.replace("-", "")) if (len(eid) == 36 and eid[8] == "-" and eid[13] == "-"
+                                                          and eid[18] == "-" and eid[23] == "-") else b""
+                except ValueError:
+                    h = b""
+                if len(h) != ID_BYTES:
+                    self._dead(out, key, value, validate(ev, max_tokens) or "invalid: event_id", p, offset)
+                    continue
+            elif dedup:
+                h = id_bytes(derived_event_id(ev))  # a record without one (v1/v2, other producers)
             ts = ev["ts"]
             fresh = offset > meta[1]
             if fresh:
@@ -449,11 +466,10 @@ class Processor:
                 continue
             w = data.get(wkey)
             if dedup:
-                h = blake((eid or derived_event_id(ev)).encode(), digest_size=8).digest()  # = id_digest
                 ids = window_ids.get(wkey)
                 if ids is not None:
                     i = ids.find(h)
-                    while i > 0 and i & 7:  # a hit across two ids is not one
+                    while i > 0 and i & 15:  # a hit across two ids is not one
                         i = ids.find(h, i + 1)
                     if i >= 0:
                         if fresh:  # a copy of an event this window counts: dropped
@@ -672,31 +688,38 @@ class Processor:
 
     def _write_chunks(self) -> None:
         """One id chunk per partition for this batch's new ids (split when large); the State
-        writes chunks after the batch's window records and before its meta record."""
+        writes chunks after the batch's window records and before its meta record.
+
+        A chunk is ``[first offset, max window end, packed ids, [window FIRST, count, ...]]``:
+        the batch's new ids back to back, then which window each run of them belongs to (one
+        base64 string and one flat int list, whatever the number of windows)."""
         data, window_ids = self.state.data, self.window_ids
+        limit = ID_BYTES * CHUNK_MAX_IDS
         for p, new in self.batch_ids.items():
             if not new:
                 continue
             first, max_end = self.batch_chunk[p]
             last = self._meta(p)[M_LAST]
-            entries, pieces, size = [], [], 0
+            pieces: list[tuple[bytearray, list[int]]] = []
+            blob, index = bytearray(), []
             for wkey, pos in new.items():
                 w, ids = data.get(wkey), window_ids.get(wkey)
                 if w is None or ids is None:
                     continue
-                for start in range(pos, len(ids), 8 * CHUNK_MAX_IDS):
-                    part = ids[start:min(len(ids), start + 8 * CHUNK_MAX_IDS)]
-                    if size and size + len(part) > 8 * CHUNK_MAX_IDS:
-                        pieces.append(entries)
-                        entries, size = [], 0
-                    entries.append([w[FIRST], pack_ids(part)])
-                    size += len(part)
-            if entries:
-                pieces.append(entries)
+                while pos < len(ids):
+                    take = min(len(ids) - pos, limit - len(blob))
+                    blob += ids[pos:pos + take]
+                    index += (w[FIRST], take // ID_BYTES)
+                    pos += take
+                    if len(blob) >= limit:
+                        pieces.append((blob, index))
+                        blob, index = bytearray(), []
+            if blob:
+                pieces.append((blob, index))
             chunks = self.chunks.setdefault(p, {})
-            for n, piece in enumerate(pieces):
+            for n, (blob, index) in enumerate(pieces):
                 ckey = f"{CHUNK_PREFIX}{p}{SEP}{first}{SEP}{last}{SEP}{n}"
-                self.state.put(p, ckey, [first, max_end, piece])
+                self.state.put(p, ckey, [first, max_end, pack_ids(blob), index])
                 chunks[ckey] = [max_end, None]
             new.clear()
             self.batch_chunk[p] = [-1, 0]
@@ -765,12 +788,13 @@ class Processor:
         ids = self.window_ids.get(wkey)
         if not ids:
             return ""
-        if len(ids) > 8 * ROLLUP_MAX_IDS:
+        if len(ids) > ID_BYTES * ROLLUP_MAX_IDS:
             if not self._warned_big_window:
                 self._warned_big_window = True
                 log.warning("window %r has %d events: its rollup carries the ids of the first %d only "
-                            "(late copies of the others would be counted)", wkey, len(ids) // 8, ROLLUP_MAX_IDS)
-            ids = ids[:8 * ROLLUP_MAX_IDS]
+                            "(late copies of the others would be counted)", wkey, len(ids) // ID_BYTES,
+                            ROLLUP_MAX_IDS)
+            ids = ids[:ID_BYTES * ROLLUP_MAX_IDS]
         return pack_ids(ids)
 
     def _rollup(self, client: str, dept: str, akey: str, model: str, ws: int, w: list, delta_id: str | None = None,
@@ -792,7 +816,7 @@ class Processor:
         w = [dept, 1, int(ev["status_code"] >= 400), ev["input_tokens"], ev["output_tokens"],
              ev["total_tokens"], ev["latency_ms"], ev["latency_ms"], ev["input_tokens"], int(bool(ev["truncated"])),
              offset, 1, -1, 0.0, 0, 0]
-        event_ids = pack_ids(id_digest(ev["event_id"] or derived_event_id(ev))) if self.dedup else ""
+        event_ids = pack_ids(id_bytes(ev["event_id"] or derived_event_id(ev)) or b"") if self.dedup else ""
         out.rollups.append(self._rollup(client, dept, akey, model, ws, w, delta_id=f"{self.s.topic_usage}:{p}:{offset}",
                                         event_ids=event_ids))
 

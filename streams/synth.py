@@ -55,10 +55,14 @@ def mixed_stream(n: int, clients: int, models: int, start_ms: int, span_ms: int,
         if late_ms and rnd.random() < late_share:
             ts -= rnd.randint(late_ms // 2, late_ms)
         inp = rnd.randint(1, 400)
-        out.append(event(f"{prefix}{i}", max(ts, 1), f"client-{rnd.randrange(clients)}", f"model-{rnd.randrange(models)}",
+        client = rnd.randrange(clients)
+        # each client has its department; 2% of its requests are charged to another one (a key
+        # moved between departments), so windows split by department now and then
+        dept = client % 3 if rnd.random() >= 0.02 else rnd.randrange(3)
+        out.append(event(f"{prefix}{i}", max(ts, 1), f"client-{client}", f"model-{rnd.randrange(models)}",
                          input_tokens=inp, output_tokens=rnd.randint(1, 64),
                          status_code=500 if rnd.random() < errors else 200, truncated=rnd.random() < 0.03,
-                         department=f"dept-{rnd.randrange(3)}"))
+                         department=f"dept-{dept}"))
     return out
 
 

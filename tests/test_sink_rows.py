@@ -3,7 +3,7 @@ event id; a copy of an event the row counts (in its window or merged earlier) is
 
 from __future__ import annotations
 
-from tokenaudit.schemas.event_ids import id_digest, ids_contain, pack_ids, unpack_ids
+from tokenaudit.schemas.event_ids import id_bytes, ids_contain, pack_ids, unpack_ids
 from tokenaudit.sinks import rows as R
 from tokenaudit.streams.synth import synthetic_event_id
 
@@ -11,7 +11,7 @@ WS = 1_750_000_000_000
 
 
 def _ids(*names: str) -> str:
-    return pack_ids(b"".join(id_digest(synthetic_event_id(n)) for n in names))
+    return pack_ids(b"".join(id_bytes(synthetic_event_id(n)) for n in names))
 
 
 def _row(requests: int, ids: str, applied_offset: int = 10) -> dict:
@@ -31,7 +31,7 @@ def test_deltas_merge_once_per_delta_and_once_per_event():
     assert R.delta_skip(row, _delta("a", 20)) == "duplicate"  # a copy of an event the window counted
     merged = R.merge_delta(row, _delta("c", 21))
     assert merged["requests"] == 3 and merged["version"] == 3 and merged["late_ids"] == ["u:0:21"]
-    assert ids_contain(unpack_ids(merged["event_ids"]), id_digest(synthetic_event_id("c")))
+    assert ids_contain(unpack_ids(merged["event_ids"]), id_bytes(synthetic_event_id("c")))
     assert R.delta_skip(merged, _delta("c", 21)) == "replayed"  # the same delta again
     assert R.delta_skip(merged, _delta("c", 35)) == "duplicate"  # a later copy of the merged event
     assert R.delta_skip(merged, _delta("e", 9)) == "replayed"  # at or below the row's offset: counted
@@ -42,9 +42,31 @@ def test_deltas_merge_once_per_delta_and_once_per_event():
 
 
 def test_packed_ids_match_only_whole_ids():
-    a, b = id_digest("one"), id_digest("two")
+    a, b = id_bytes(synthetic_event_id("one")), id_bytes(synthetic_event_id("two"))
     packed = a + b
     assert ids_contain(packed, a) and ids_contain(packed, b)
-    straddle = packed[4:12]  # 8 bytes across two ids: not an id of the set
+    straddle = packed[8:24]  # 16 bytes across two ids: not an id of the set
     assert not ids_contain(packed, straddle)
     assert unpack_ids(pack_ids(packed)) == packed and unpack_ids("") == b""
+
+
+def test_id_bytes_accepts_exactly_uuid_text():
+    """The worker's inline check (id_bytes) and the shared rule (is_uuid_text) agree."""
+    import random
+    import uuid
+
+    from tokenaudit.schemas.event_ids import is_uuid_text
+
+    rnd = random.Random(5)
+    alphabet = "0123456789abcdefABCDEF-g \t\n+_é٣"
+    samples = [str(uuid.UUID(int=rnd.getrandbits(128))) for _ in range(200)]
+    for text in list(samples):
+        for _ in range(20):  # one character changed, kept or lost, at a random place
+            i = rnd.randrange(36)
+            samples.append(text[:i] + rnd.choice(alphabet) + text[i + 1:])
+            samples.append(text[:i] + text[i + 1:] + rnd.choice("0a"))
+    samples += [t.upper() for t in samples[:50]] + ["", "x" * 36, "-" * 36]
+    for text in samples:
+        got = id_bytes(text)
+        assert (got is not None) == is_uuid_text(text), text
+        assert got is None or got == uuid.UUID(text).bytes
