@@ -301,10 +301,16 @@ class Sink:
         """Late deltas merged into their stored rows: one query for every row they touch, the
         merge in memory (deltas of one window in order), one insert of the merged rows."""
         keys = list({R.rollup_key(d) for d in deltas})
+        starts = [k[4] for k in keys]
+        # the window range and the clients first: they lead the sorting key, so FINAL reads only
+        # the granules that can hold these rows
         found = self.store.query(
             "SELECT *, toUnixTimestamp64Milli(window_start) AS ws_ms FROM {db}.usage_rollup FINAL "
-            "WHERE (client_id, department, api_key_id, model, toUnixTimestamp64Milli(window_start)) "
-            "IN {keys:Array(Tuple(String, String, String, String, Int64))}", {"keys": keys})
+            "WHERE window_start BETWEEN fromUnixTimestamp64Milli({lo:Int64}, 'UTC') "
+            "AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC') AND client_id IN {clients:Array(String)} "
+            "AND (client_id, department, api_key_id, model, toUnixTimestamp64Milli(window_start)) "
+            "IN {keys:Array(Tuple(String, String, String, String, Int64))}",
+            {"lo": min(starts), "hi": max(starts), "clients": sorted({k[0] for k in keys}), "keys": keys})
         rows: dict[tuple, dict | None] = {
             (r["client_id"], r["department"], r["api_key_id"], r["model"], r["ws_ms"]): r for r in found}
         changed: dict[tuple, dict] = {}
