@@ -50,7 +50,8 @@ import hashlib
 import logging
 import math
 import time
-import heapq
+import binascii
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,7 @@ log = logging.getLogger("tokenaudit.worker")
 
 SEP = "\x1f"
 _fromhex = bytes.fromhex
+_b2a = binascii.b2a_base64
 # An id chunk holds at most this many ids (~350 KB of base64): one changelog record must stay
 # well inside the producer's 1 MiB batch.
 CHUNK_MAX_IDS = 16384
@@ -203,7 +205,10 @@ class Processor:
         self.batch_ids: dict[int, dict[str, int]] = {}  # p -> {wkey: where this batch's new ids start}
         self.batch_chunk: dict[int, list[int]] = {}  # p -> [first offset with a new id, max window end]
         self.chunks: dict[int, dict[str, list]] = {}  # p -> {chunk key: [max window end, closed at offset or None]}
-        self.id_holders: dict[int, list] = {}  # p -> heap of (closing offset, wkey): closed windows holding ids
+        # p -> (closing offset, wkey) of closed windows holding ids, in closing order (windows
+        # close in offset order; ids restored after a crash are queued first, or behind, which
+        # only delays their release)
+        self.id_holders: dict[int, deque] = {}
         self._warned_big_window = False
         # settings read per event, hoisted (pydantic attribute access is not free)
         self.input_threshold = settings.anomaly_input_tokens
@@ -235,7 +240,7 @@ class Processor:
         opened = self.open_by_end.setdefault(p, {})
         closed = self.closed_by_end.setdefault(p, {})
         self.chunks.setdefault(p, {})
-        holders = self.id_holders.setdefault(p, [])
+        holders = self.id_holders.setdefault(p, deque())
         meta = self.state.get(f"p{SEP}{p}")
         last = meta[M_LAST] if meta is not None else -1
         deferred = self.deferred.setdefault(p, {})
@@ -265,8 +270,9 @@ class Processor:
             self._restore_ids(p, chunk_keys, by_first, resumed, holders, last)
 
     def _restore_ids(self, p: int, chunk_keys: list[str], by_first: dict[int, str], resumed: int | None,
-                     holders: list, last: int) -> None:
+                     holders: deque, last: int) -> None:
         data, window_ids = self.state.data, self.window_ids
+        holding = []
         for ckey in sorted(chunk_keys, key=lambda k: self.state.get(k)[0]):
             first, max_end, packed, index = self.state.get(ckey)
             if first > last or not self.dedup:
@@ -289,8 +295,9 @@ class Processor:
                 if ids is None:
                     ids = window_ids[wkey] = bytearray()
                     if w[CLOSED] >= 0:
-                        heapq.heappush(holders, (w[CLOSED], wkey))
+                        holding.append((w[CLOSED], wkey))
                 ids += run
+        holders.extend(sorted(holding))
 
     def drop_partitions(self, partitions, drop_state: bool = True) -> None:
         """Forget derived state of partitions this worker no longer owns."""
@@ -481,17 +488,20 @@ class Processor:
                         touched[wkey] = now
                         per_request(ev, w, wkey, ws, p, offset, out, False)
                         continue
+                    if wkey not in batch_ids:
+                        batch_ids[wkey] = len(ids)
+                        if end > chunk[1]:
+                            chunk[1] = end
+                    ids += h
                 else:
-                    ids = window_ids[wkey] = bytearray()
-                    if w is not None and w[CLOSED] >= 0:  # restored closed (deferred): ids come back
-                        heapq.heappush(self.id_holders[p], (w[CLOSED], wkey))
-                if wkey not in batch_ids:
-                    batch_ids[wkey] = len(ids)
-                    if chunk[0] < 0:
-                        chunk[0] = offset
+                    window_ids[wkey] = bytearray(h)
+                    batch_ids[wkey] = 0
                     if end > chunk[1]:
                         chunk[1] = end
-                ids += h
+                    if w is not None and w[CLOSED] >= 0:  # restored closed (deferred): ids come back
+                        self.id_holders[p].append((w[CLOSED], wkey))
+                if chunk[0] < 0:
+                    chunk[0] = offset
             if w is None:
                 # A client's state comes with its first window and is never retired, so a
                 # window in state implies its client's (put first: a changelog prefix that
@@ -618,7 +628,7 @@ class Processor:
         window_ids = self.window_ids
         holders = self.id_holders.get(p)
         if holders is None:
-            holders = self.id_holders[p] = []
+            holders = self.id_holders[p] = deque()
         at = meta[1]
         for end in sorted(due):
             now_closed = closed.get(end)
@@ -633,7 +643,7 @@ class Processor:
                 emit(wkey, w, p, out, True)
                 now_closed.add(wkey)
                 if wkey in window_ids:
-                    heapq.heappush(holders, (at, wkey))  # its ids go once the close is committed
+                    holders.append((at, wkey))  # its ids go once the close is committed
 
     def end_batch(self, out: Outputs) -> None:
         """Close windows the watermark has passed, emit corrections, persist dirty state."""
@@ -730,7 +740,7 @@ class Processor:
         windows: a replay from the committed offset never looks them up."""
         holders = self.id_holders.get(p)
         while holders and holders[0][0] < committed:
-            self.window_ids.pop(heapq.heappop(holders)[1], None)
+            self.window_ids.pop(holders.popleft()[1], None)
         chunks = self.chunks.get(p)
         if not chunks:
             return
@@ -774,20 +784,21 @@ class Processor:
             _, client, model, ws_text = parts
             dept, akey = w[DEPT], ""
         ws = int(ws_text)
-        mark = self._mark(wkey, w)
+        # emitted again when its count changed, or its ids (they come back after a crash as the
+        # replay passes their events: the same version, the later row replaces the earlier)
+        ids = self.window_ids.get(wkey)
+        mark = (w[REQ], len(ids) if ids is not None else 0)
         if self.emitted.get(wkey) != mark:
             self.emitted[wkey] = mark
-            out.rollups.append(self._rollup(client, dept, akey, model, ws, w, event_ids=self._packed_ids(wkey)))
+            out.rollups.append(self._rollup(client, dept, akey, model, ws, w,
+                                            event_ids=self._packed_ids(wkey, ids) if ids else ""))
         self._window_rules(client, dept, akey, model, ws, w, p, out, closing)
 
     def _mark(self, wkey: str, w: list) -> tuple[int, int]:
         ids = self.window_ids.get(wkey)
         return (w[REQ], len(ids) if ids is not None else 0)
 
-    def _packed_ids(self, wkey: str) -> str:
-        ids = self.window_ids.get(wkey)
-        if not ids:
-            return ""
+    def _packed_ids(self, wkey: str, ids: bytearray) -> str:
         if len(ids) > ID_BYTES * ROLLUP_MAX_IDS:
             if not self._warned_big_window:
                 self._warned_big_window = True
@@ -795,7 +806,7 @@ class Processor:
                             "(late copies of the others would be counted)", wkey, len(ids) // ID_BYTES,
                             ROLLUP_MAX_IDS)
             ids = ids[:ID_BYTES * ROLLUP_MAX_IDS]
-        return pack_ids(ids)
+        return _b2a(ids, newline=False).decode("ascii")  # = pack_ids
 
     def _rollup(self, client: str, dept: str, akey: str, model: str, ws: int, w: list, delta_id: str | None = None,
                 event_ids: str = "") -> dict:
