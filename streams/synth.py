@@ -46,8 +46,10 @@ def event(request_id: str, ts_ms: int, client_id: str, model: str = "t5-tiny", i
 
 def mixed_stream(n: int, clients: int, models: int, start_ms: int, span_ms: int, seed: int = 7,
                  late_share: float = 0.05, late_ms: int = 0, jitter_ms: int = 0, errors: float = 0.02,
-                 prefix: str = "r") -> list[dict]:
-    """Events in roughly increasing time with jitter (out of order) and a share of late ones."""
+                 prefix: str = "r", dept_switch: float = 0.02) -> list[dict]:
+    """Events in roughly increasing time with jitter (out of order) and a share of late ones.
+    Each client has its department; ``dept_switch`` of its requests are charged to another one
+    (a key moved between departments), so windows split by department now and then."""
     rnd = random.Random(seed)
     out = []
     for i in range(n):
@@ -56,9 +58,7 @@ def mixed_stream(n: int, clients: int, models: int, start_ms: int, span_ms: int,
             ts -= rnd.randint(late_ms // 2, late_ms)
         inp = rnd.randint(1, 400)
         client = rnd.randrange(clients)
-        # each client has its department; 2% of its requests are charged to another one (a key
-        # moved between departments), so windows split by department now and then
-        dept = client % 3 if rnd.random() >= 0.02 else rnd.randrange(3)
+        dept = client % 3 if rnd.random() >= dept_switch else rnd.randrange(3)
         out.append(event(f"{prefix}{i}", max(ts, 1), f"client-{client}", f"model-{rnd.randrange(models)}",
                          input_tokens=inp, output_tokens=rnd.randint(1, 64),
                          status_code=500 if rnd.random() < errors else 200, truncated=rnd.random() < 0.03,

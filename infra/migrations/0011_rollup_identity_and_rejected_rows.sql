@@ -1,7 +1,7 @@
 -- Issue 11: a window is one (client_id, department, api_key_id, model, window_start), so a
 -- client used under two departments (or keys) in one window is charged to each in turn.
 -- usage_rollup gains api_key_id ('' when unknown) and event_ids (the packed id set of the events
--- the row counts: base64 of 8-byte hashes, schemas/event_ids.py), which lets the sink skip a late
+-- the row counts: base64 of their 16-byte ids, schemas/event_ids.py), which lets the sink skip a late
 -- delta whose event the row already holds. event_ids is only needed while late copies can still
 -- arrive, so it has a column TTL counted from when the row was last written (emitted_at: a
 -- backfill of old windows still deduplicates; TOKENAUDIT_DEDUP_RETENTION_DAYS, re-applied by
