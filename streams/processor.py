@@ -403,7 +403,8 @@ class Processor:
             except Exception as exc:  # never let one message stop the worker
                 self._dead(out, key, value, f"undecodable: {exc!r}", p, offset)
                 continue
-            client, model, dept, akey, eid = ev["client_id"], ev["model"], ev["department"], ev["api_key_id"], ev["event_id"]
+            client, model, dept = ev["client_id"], ev["model"], ev["department"]
+            akey, eid = ev["api_key_id"], ev["event_id"]
             # validate()'s checks, inline for the valid case (NaN fails the chained comparison;
             # identifiers: printable, at most 128 characters, as schemas.identifiers rules)
             if not (0 < len(client) <= 128 and client.isprintable() and 0 < len(model) <= 128 and model.isprintable()
@@ -878,7 +879,8 @@ class Processor:
         self.counters.anomalies += 1
         severity = "critical" if thr > 0 and observed >= 2 * thr else "warning"
         return {
-            "anomaly_id": anomaly_id(rule, client, model, ws, dept, api_key_id), "ts": ts if ts is not None else ws + self.window_ms,
+            "anomaly_id": anomaly_id(rule, client, model, ws, dept, api_key_id),
+            "ts": ts if ts is not None else ws + self.window_ms,
             "client_id": client, "department": dept, "model": model, "rule": rule, "severity": severity,
             "observed": float(observed), "threshold": float(thr), "window_start": ws,
             "request_id": request_id, "message": message,
