@@ -404,15 +404,21 @@ class Processor:
                 self._dead(out, key, value, f"undecodable: {exc!r}", p, offset)
                 continue
             client, model, dept = ev["client_id"], ev["model"], ev["department"]
-            akey, eid = ev["api_key_id"], ev["event_id"]
-            # validate()'s checks, inline for the valid case (NaN fails the chained comparison;
-            # identifiers: printable, at most 128 characters, as schemas.identifiers rules)
-            if not (0 < len(client) <= 128 and client.isprintable() and 0 < len(model) <= 128 and model.isprintable()
-                    and len(dept) <= 128 and dept.isprintable()
-                    and (akey is None or (len(akey) <= 128 and akey.isprintable()))
-                    and 0 <= ev["input_tokens"] <= max_tokens and 0 <= ev["output_tokens"] <= max_tokens
+            akey, eid, ts = ev["api_key_id"], ev["event_id"], ev["ts"]
+            ws = ts - ts % window_ms
+            wkey = f"w{SEP}{client}{SEP}{dept}{SEP}{akey or ''}{SEP}{model}{SEP}{ws}"
+            w = data.get(wkey)
+            # validate()'s checks, inline for the valid case (NaN fails the chained comparison).
+            # Identifiers (printable, at most 128 characters: schemas.identifiers) only when the
+            # window is not in state: one in state was made from checked ones, and a key built
+            # from identifiers holding the separator has more parts than any window's key.
+            if not (0 <= ev["input_tokens"] <= max_tokens and 0 <= ev["output_tokens"] <= max_tokens
                     and 0 <= ev["total_tokens"] <= max_tokens and 100 <= ev["status_code"] <= 599
-                    and 0.0 <= ev["latency_ms"] < INF):
+                    and 0.0 <= ev["latency_ms"] < INF
+                    and (w is not None or (
+                        0 < len(client) <= 128 and client.isprintable() and 0 < len(model) <= 128
+                        and model.isprintable() and len(dept) <= 128 and dept.isprintable()
+                        and (akey is None or (len(akey) <= 128 and akey.isprintable()))))):
                 self._dead(out, key, value, validate(ev, max_tokens) or "invalid", p, offset)
                 continue
             if eid is not None:
@@ -428,7 +434,6 @@ class Processor:
                     continue
             elif dedup:
                 h = id_bytes(derived_event_id(ev))  # a record without one (v1/v2, other producers)
-            ts = ev["ts"]
             fresh = offset > meta[1]
             if fresh:
                 if ts > skew_limit:
@@ -451,11 +456,9 @@ class Processor:
                 dirty[mkey] = p
                 if advanced:  # the closing offset is this event's: a replay from here re-closes
                     self._close_due(p, out, meta)
-            ws = ts - ts % window_ms
             end = ws + window_ms
             if akey is None:
                 akey = ""
-            wkey = f"w{SEP}{client}{SEP}{dept}{SEP}{akey}{SEP}{model}{SEP}{ws}"
             if end + grace_ms <= meta[0]:
                 # The window has closed (or the watermark passed it before any of its events
                 # came): a one-event delta the sink merges once, by event id.
@@ -472,7 +475,6 @@ class Processor:
                 self._delta(ev, client, dept, akey, model, ws, p, offset, out)
                 per_request(ev, None, wkey, ws, p, offset, out, fresh)
                 continue
-            w = data.get(wkey)
             if dedup:
                 ids = window_ids.get(wkey)
                 if ids is not None:
