@@ -1,13 +1,17 @@
 """Worker RSS with 100k distinct clients in flight (target < 600 MB), and its growth over a
-longer run in which windows close and retire (must stay flat).
+longer run in which windows close and retire (must stay flat); then RSS at the 30k events/s
+live shape (60 s windows, 10 s grace: ~2 million event ids in flight) with deduplication off
+and on, side by side over the same topic (target < 600 MB with it on).
 
 Starts its own broker; the worker runs as a subprocess; its /metrics page tells when it has
-caught up. Prints RESULT lines. Usage: python bench/bench_stream_memory.py [clients] [rounds]
+caught up. Prints RESULT lines.
+Usage: python bench/bench_stream_memory.py [clients] [rounds] [live_seconds] (0 skips a part)
 """
 
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -18,12 +22,16 @@ import httpx
 
 from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
 from tokenaudit.infra.procutil import free_port
+from tokenaudit.schemas import EVENT
+from tokenaudit.schemas.compiled import compile_encoder
 from tokenaudit.settings import load_settings
 from tokenaudit.streams import synth
 from tokenaudit.streams.app import ensure_worker_topics
 
 CLIENTS = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 6
+LIVE_SECONDS = int(sys.argv[3]) if len(sys.argv) > 3 else 150
+LIVE_RATE = 30_000  # events per second of event time
 WINDOW_MS = 60_000
 T0 = (int(time.time() * 1000) - 86_400_000) // WINDOW_MS * WINDOW_MS
 
@@ -52,12 +60,79 @@ def round_events(r: int) -> list[dict]:
                         input_tokens=20 + i % 200, output_tokens=10) for i in range(CLIENTS)]
 
 
+def live_records(seconds: int, start_ms: int):
+    """(key, value) of the live shape: 2000 clients x 3 models, event time at LIVE_RATE/s with
+    +-500 ms jitter, each event with its own event id; encoded as produced (millions of them)."""
+    encode = compile_encoder(EVENT)
+    rnd = random.Random(1)
+    for i in range(seconds * LIVE_RATE):
+        ts = start_ms + i * 1000 // LIVE_RATE + rnd.randint(-500, 500)
+        ev = synth.event(f"l{i}", ts, f"client-{rnd.randrange(2000)}", f"model-{rnd.randrange(3)}",
+                         input_tokens=rnd.randint(1, 400), output_tokens=rnd.randint(1, 64))
+        yield ev["client_id"].encode(), encode(ev)
+
+
+def live_shape(broker: KafkaBroker, tmp: Path) -> None:
+    n = LIVE_SECONDS * LIVE_RATE
+    topic = "bench-mem-live"
+    base_env = {"TOKENAUDIT_KAFKA_BOOTSTRAP": broker.bootstrap, "TOKENAUDIT_DATA_DIR": str(tmp / "data-live"),
+                "TOKENAUDIT_WINDOW_SECONDS": "60", "TOKENAUDIT_GRACE_SECONDS": "10",
+                "TOKENAUDIT_LATE_RETENTION_SECONDS": "60", "TOKENAUDIT_IDLE_TIMEOUT_SECONDS": "600",
+                "TOKENAUDIT_KAFKA_PARTITIONS": "4", "TOKENAUDIT_TOPIC_USAGE": topic}
+    s = load_settings(**{k[len("TOKENAUDIT_"):].lower(): v for k, v in base_env.items()})
+    ensure_worker_topics(s)
+    started = time.monotonic()
+    synth.produce(broker.bootstrap, topic, live_records(LIVE_SECONDS, T0), raw=True)
+    print(f"RESULT live_produced_events={n} in {time.monotonic() - started:.0f} s", flush=True)
+    peaks = {}
+    for dedup in (False, True):
+        label = "dedup_on" if dedup else "dedup_off"
+        port = free_port()
+        env = dict(base_env, TOKENAUDIT_WORKER_ID=f"bench-mem-live-{label}", TOKENAUDIT_WORKER_WEB_PORT=str(port),
+                   TOKENAUDIT_DEDUP=str(dedup).lower(),
+                   **{f"TOKENAUDIT_TOPIC_{t.upper()}": f"{topic}-{label}-{t}"
+                      for t in ("anomalies", "dlq", "rollups", "sampled")})
+        ensure_worker_topics(load_settings(**{k[len("TOKENAUDIT_"):].lower(): v for k, v in env.items()}))
+        worker = subprocess.Popen([sys.executable, "-m", "tokenaudit.streams.app"], env=dict(os.environ, **env),
+                                  stdout=open(tmp / f"worker-live-{label}.log", "wb"), stderr=subprocess.STDOUT)
+        try:
+            peak, began, deadline = 0.0, time.monotonic(), time.monotonic() + 900
+            while metric(port, "tokenaudit_worker_events_total") < n and time.monotonic() < deadline:
+                peak = max(peak, rss_mb(worker.pid))
+                time.sleep(1)
+            took = time.monotonic() - began
+            time.sleep(3)
+            end = rss_mb(worker.pid)
+            peak = max(peak, end)
+            peaks[dedup] = peak
+            print(f"RESULT live_{label}_worker_rss_peak_mb={peak:.0f} end_mb={end:.0f} "
+                  f"state_keys={metric(port, 'tokenaudit_worker_state_keys')} "
+                  f"duplicates={metric(port, 'tokenaudit_worker_duplicates_total')} "
+                  f"catch_up_s={took:.0f}", flush=True)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+    print(f"RESULT live_worker_rss_peak_mb_dedup_off={peaks[False]:.0f} dedup_on={peaks[True]:.0f} "
+          f"(+{peaks[True] - peaks[False]:.0f} MB for ~{(s.window_seconds + s.grace_seconds) * LIVE_RATE / 1e6:.1f}M "
+          f"ids in flight; target < 600)", flush=True)
+
+
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-mem-"))
     base = load_settings()
     broker = KafkaBroker(BrokerConfig(home=tmp / "kafka", cache_dir=base.cache_dir, version=base.kafka_version,
                                       port=free_port(), controller_port=free_port(), heap="512m"))
     broker.start()
+    try:
+        if CLIENTS and ROUNDS:
+            clients_shape(broker, tmp)
+        if LIVE_SECONDS:
+            live_shape(broker, tmp)
+    finally:
+        broker.stop()
+
+
+def clients_shape(broker: KafkaBroker, tmp: Path) -> None:
     port = free_port()
     env = {"TOKENAUDIT_KAFKA_BOOTSTRAP": broker.bootstrap, "TOKENAUDIT_DATA_DIR": str(tmp / "data"),
            "TOKENAUDIT_WORKER_ID": "bench-mem", "TOKENAUDIT_WINDOW_SECONDS": "60", "TOKENAUDIT_GRACE_SECONDS": "5",
@@ -99,7 +174,6 @@ def main() -> None:
     finally:
         worker.terminate()
         worker.wait(30)
-        broker.stop()
 
 
 if __name__ == "__main__":

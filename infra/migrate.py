@@ -66,11 +66,17 @@ def migrate(client: Client, db: str, ttl_days: dict[str, int] | None = None) -> 
 
 
 TTL_COLUMNS = {"usage_rollup": "window_start", "usage_sampled": "ts", "anomalies": "ts"}
+# Column TTLs ("table.column": the time column they count from): data only needed for a while
+# after the row was written.
+COLUMN_TTLS = {"usage_rollup.event_ids": "emitted_at"}
 
 
 def apply_ttls(client: Client, db: str, ttl_days: dict[str, int]) -> None:
-    """Set (or remove, for 0 days) each table's retention TTL."""
+    """Set (or remove, for 0 days) each table's retention TTL, and each listed column's."""
     for table, days in ttl_days.items():
+        if table in COLUMN_TTLS:
+            _apply_column_ttl(client, db, table, days)
+            continue
         column = TTL_COLUMNS[table]
         if days > 0:
             client.command(f"ALTER TABLE {db}.{table} MODIFY TTL toDateTime({column}) + INTERVAL {int(days)} DAY")
@@ -82,9 +88,23 @@ def apply_ttls(client: Client, db: str, ttl_days: dict[str, int]) -> None:
                     raise
 
 
+def _apply_column_ttl(client: Client, db: str, target: str, days: int) -> None:
+    table, column = target.split(".")
+    if days > 0:
+        client.command(f"ALTER TABLE {db}.{table} MODIFY COLUMN {column} "
+                       f"TTL toDateTime({COLUMN_TTLS[target]}) + INTERVAL {int(days)} DAY")
+    else:
+        try:
+            client.command(f"ALTER TABLE {db}.{table} MODIFY COLUMN {column} REMOVE TTL")
+        except Exception as exc:  # no TTL set: nothing to remove
+            if "TTL" not in str(exc):
+                raise
+
+
 def ttl_days_from_settings(settings) -> dict[str, int]:
     return {
         "usage_rollup": settings.ttl_rollup_days,
         "usage_sampled": settings.ttl_sampled_days,
         "anomalies": settings.ttl_anomalies_days,
+        "usage_rollup.event_ids": settings.dedup_retention_days,
     }

@@ -11,6 +11,8 @@ producer's v7 id.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
@@ -50,6 +52,54 @@ def event_id_of(event: dict[str, Any]) -> str:
 def id_hash64(event_id: str) -> int:
     """A 64-bit hash of an event id for compact sets (stable across processes, unlike hash())."""
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+
+
+ID_BYTES = 16
+
+
+def id_bytes(event_id: str) -> bytes | None:
+    """The 16 bytes of a UUID-text event id (what packed id sets hold), or None when it is not
+    canonical UUID text (8-4-4-4-12 hex digits). Exact (no hash, no collision), and one C call
+    on the stream worker's per-event path: ~0.15 us against ~0.7 us for a blake2b digest."""
+    if len(event_id) != 36 or event_id[8] != "-" or event_id[13] != "-" or event_id[18] != "-" \
+            or event_id[23] != "-":
+        return None
+    try:
+        raw = bytes.fromhex(event_id.replace("-", ""))
+    except ValueError:
+        return None
+    return raw if len(raw) == ID_BYTES else None  # fromhex skips whitespace: fewer bytes
+
+
+# Packed id sets: the 16-byte ids of a set of events back to back, as base64 text (the
+# usage_rollup record's and table's ``event_ids``): ~21 characters an id, a window of 25
+# events carries 536; every id is an event_id_of() value (derived ids are UUIDv8 text too).
+def pack_ids(ids: bytes | bytearray) -> str:
+    return binascii.b2a_base64(ids, newline=False).decode("ascii")  # = base64.b64encode, one call less
+
+
+def unpack_ids(text: str | None) -> bytes:
+    """The ids of a packed id set ("" or None: none); malformed text raises ValueError."""
+    if not text:
+        return b""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"malformed packed id set: {exc}") from None
+    if len(raw) % ID_BYTES:
+        raise ValueError(f"packed id set of {len(raw)} bytes is not a whole number of {ID_BYTES}-byte ids")
+    return raw
+
+
+def ids_contain(ids: bytes | bytearray, one: bytes) -> bool:
+    """Whether ``one`` is among the 16-byte ids packed in ``ids`` (a match must start on an id
+    boundary: ``find`` may also hit across two neighbouring ids)."""
+    i = ids.find(one)
+    while i >= 0:
+        if not i % ID_BYTES:
+            return True
+        i = ids.find(one, i + 1)
+    return False
 
 
 _UUID_TEXT = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")

@@ -4,7 +4,10 @@ In embedded mode only one process may open the chDB store, so the process that w
 also where queries are answered: the usage API (``tokenaudit.sinks.usage_api``) shares the
 sink's :class:`Store`. ``GET /healthz`` on ``usage_api_host:usage_api_port`` answering means
 the store is open and migrated and the consumer is subscribed: that is the readiness check.
-SIGTERM/SIGINT: the API stops, the sink inserts its batch, commits, and the process exits 0.
+``GET /metrics`` on the same listener has the sink's counters (``tokenaudit.sinks.metrics``).
+SIGTERM/SIGINT: the API stops, the sink inserts its batch, commits, and the process exits 0;
+while ClickHouse is unreachable it retries that batch for at most ``sink_shutdown_seconds``
+and exits without committing it (it is read again at the next start).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ def run_sink(settings) -> int:
     import uvicorn
 
     from tokenaudit.infra.topics import ensure_declared
+    from tokenaudit.sinks.metrics import metrics_route
     from tokenaudit.sinks.sink import Sink
     from tokenaudit.sinks.store import Store
     from tokenaudit.sinks.usage_api import create_app
@@ -29,7 +33,9 @@ def run_sink(settings) -> int:
     sink = Sink(settings, store)
     stop = threading.Event()
     failed: list[BaseException] = []
-    server = uvicorn.Server(uvicorn.Config(create_app(store, settings), host=settings.usage_api_host,
+    app = create_app(store, settings)
+    app.router.routes.append(metrics_route(sink))
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.usage_api_host,
                                            port=settings.usage_api_port, log_level="warning", lifespan="off"))
 
     def loop() -> None:

@@ -1,21 +1,40 @@
 """The ClickHouse sink: consume rollups, sampled records and anomalies; batch; insert; commit.
 
-Order matters for exactness: rows are inserted first and offsets committed only after the
-insert succeeded, so a crash replays at most the last batch, and a replayed row changes no
-query result (every table is a ReplacingMergeTree on its natural key; rollups carry a
-version that only grows). Within a batch, rows are deduplicated by key (highest rollup
-version wins) before the insert. Late deltas (``delta_id`` set) are merged into the stored
-row one by one; the row carries the ids it contains, so a replayed delta is skipped.
+The flush is a numbered protocol (batch, deduplicate, insert, commit):
+
+1. consume into a batch, deduplicated by key (highest rollup version wins);
+2. insert each table's rows, then merge the late deltas in bulk (one query for the stored
+   rows they belong to, one insert of the merged rows): a delta is skipped when its delta id
+   is in the row's ``late_ids`` (replayed) or its event id in the row's ``event_ids`` (a copy
+   of an event the row counts);
+3. a batch ClickHouse refuses as data (a value out of range for its column, a violated
+   constraint) is split in halves until the refused rows are isolated: they go to
+   ``rejected_rows`` with the reason, the rest is stored; a store that is down (connection
+   errors, anything not recognised as a data error) is retried whole with exponential backoff,
+   which a stop request ends within the backoff's sleep;
+4. commit offsets only after everything was stored. A stopping sink tries its last batch for
+   at most ``sink_shutdown_seconds``, and otherwise exits without committing it.
+
+So a crash replays at most the last batch, and a replayed row changes no query result (every
+table is a ReplacingMergeTree on its natural key; rollups carry a version that only grows).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import struct
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError
 from confluent_kafka import Consumer, KafkaError, Producer
+from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_any, stop_when_event_set
+from tenacity import wait_exponential_jitter
 
 from tokenaudit.infra.kafka_clients import kafka_config, producer_config
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, AvroDecodeError
@@ -25,6 +44,44 @@ from tokenaudit.sinks.store import Store
 
 log = logging.getLogger("tokenaudit.sink")
 
+# ClickHouse error codes that mean "these rows", not "the store": parse and type errors, a value
+# out of range, a violated constraint. Anything else is treated as the store being unavailable
+# (retried whole), so an unknown error never turns a whole batch into rejected rows.
+DATA_ERROR_CODES = frozenset({
+    6,    # CANNOT_PARSE_TEXT
+    27,   # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,   # CANNOT_PARSE_DATE
+    41,   # CANNOT_PARSE_DATETIME
+    53,   # TYPE_MISMATCH
+    69,   # ARGUMENT_OUT_OF_BOUND
+    70,   # CANNOT_CONVERT_TYPE
+    72,   # CANNOT_PARSE_NUMBER
+    117,  # INCORRECT_DATA
+    131,  # TOO_LARGE_STRING_SIZE
+    321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    407,  # DECIMAL_OVERFLOW
+    469,  # VIOLATED_CONSTRAINT
+    691,  # UNKNOWN_ELEMENT_OF_ENUM
+})
+_CODE = re.compile(r"Code: (\d+)")
+_COLUMN = re.compile(r"column `([^`]+)`")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Whether ClickHouse (or the client encoding rows for it) refused the rows themselves."""
+    if isinstance(exc, OperationalError):
+        return False  # connection refused, timeout: the store
+    if isinstance(exc, DataError):
+        return True  # clickhouse-connect could not encode a value for its column type
+    if isinstance(exc, DatabaseError):
+        code = getattr(exc, "code", None)
+        if code is None:
+            match = _CODE.search(str(exc))
+            code = int(match.group(1)) if match else None
+        return code in DATA_ERROR_CODES
+    return isinstance(exc, (ValueError, TypeError, OverflowError, struct.error))
+
 
 @dataclass
 class SinkCounters:
@@ -32,8 +89,10 @@ class SinkCounters:
     inserted_rollups: int = 0
     inserted_sampled: int = 0
     inserted_anomalies: int = 0
+    rejected_rows: int = 0
     deltas_merged: int = 0
     deltas_replayed: int = 0
+    deltas_duplicate: int = 0
     undecodable: int = 0
     batches: int = 0
     insert_errors: int = 0
@@ -74,16 +133,24 @@ class Sink:
         self._dlq: Producer | None = None
         self.batch = Batch()
         self.ready = threading.Event()
+        self._stop: threading.Event | None = None
+        # clickhouse-connect logs a traceback for every row it cannot encode before raising; the
+        # split below meets each bad row several times and logs it itself, once, when isolated
+        logging.getLogger("clickhouse_connect.driver.transform").setLevel(logging.CRITICAL)
 
     # --- loop ------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Consume until ``stop`` is set; then flush the batch, commit and close."""
+        """Consume until ``stop`` is set; then store the batch (for at most
+        ``sink_shutdown_seconds`` while the store is down), commit what was stored and close."""
+        self._stop = stop
         self.consumer.subscribe(list(self.topics), on_revoke=self._on_revoke)
         self.ready.set()
         try:
             while not stop.is_set():
                 self.poll(timeout=0.2, stop=stop)
-            self.flush(stop=None)
+            if not self.flush(stop=None, within=self.s.sink_shutdown_seconds):
+                log.warning("stopping with %d messages not stored (ClickHouse unreachable): not committed, "
+                            "they are read again at the next start", self.batch.messages)
         finally:
             self.consumer.close()
             if self._dlq is not None:
@@ -138,27 +205,36 @@ class Sink:
         self._dlq.poll(0)
 
     def _on_revoke(self, consumer, partitions) -> None:
-        self.flush(stop=None)
+        if not self.flush(stop=self._stop, within=self.s.sink_shutdown_seconds):
+            # Not stored, so not committed: whoever owns the partitions next reads them again
+            # (a re-assigned partition restarts at its committed offset).
+            log.warning("partitions revoked with %d messages not stored: left to be read again", self.batch.messages)
+            self.batch = Batch()
 
     # --- writes ----------------------------------------------------------------------------
-    def flush(self, stop: threading.Event | None = None) -> bool:
-        """Insert the batch (retrying while not stopping), then commit. False if not written."""
+    def flush(self, stop: threading.Event | None = None, within: float | None = None) -> bool:
+        """Store the batch, then commit. While the store is down the insert is retried with
+        backoff until it works, ``stop`` is set or ``within`` seconds have passed; then False
+        (nothing committed)."""
         b = self.batch
         if not b.messages:
             return True
-        delay = 0.2
-        while True:
-            try:
-                self._insert(b)
-                break
-            except Exception as exc:  # server down, chDB busy: keep the offsets, retry
-                self.counters.insert_errors += 1
-                log.error("insert failed, will retry: %s", str(exc).splitlines()[0][:300])
-                if stop is not None and stop.wait(delay):
-                    return False
-                if stop is None:
-                    time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        ends = [stop_when_event_set(stop)] if stop is not None else []
+        if within is not None:
+            ends.append(stop_after_delay(within))
+        retrying = Retrying(
+            retry=retry_if_exception(lambda exc: True),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
+            stop=stop_any(*ends) if ends else (lambda state: False),
+            sleep=stop.wait if stop is not None else time.sleep,
+            before_sleep=self._insert_failed,
+            reraise=True)
+        try:
+            retrying(self._insert, b)
+        except Exception as exc:  # gave up (stopping or out of time): keep the offsets
+            self.counters.insert_errors += 1
+            log.error("insert failed, giving up for now: %s", str(exc).splitlines()[0][:300] if str(exc) else repr(exc))
+            return False
         try:
             self.consumer.commit(asynchronous=False)
         except Exception as exc:  # nothing to commit, or a rebalance in flight: the rows are idempotent
@@ -167,34 +243,94 @@ class Sink:
         self.batch = Batch()
         return True
 
+    def _insert_failed(self, retry_state) -> None:
+        self.counters.insert_errors += 1
+        exc = retry_state.outcome.exception()
+        text = str(exc).splitlines()[0][:300] if str(exc) else repr(exc)
+        log.error("insert failed (store unavailable?), retrying in %.1f s: %s", retry_state.upcoming_sleep, text)
+
     def _insert(self, b: Batch) -> None:
-        st = self.store
+        """Each table's rows, then the deltas; a part that was stored is not stored again
+        when a later part fails and the batch is retried."""
         if b.rollups:
-            st.insert("usage_rollup", [R.rollup_row(r) for r in b.rollups.values()], R.ROLLUP_COLUMNS)
-            self.counters.inserted_rollups += len(b.rollups)
+            self.counters.inserted_rollups += self._store("usage_rollup", list(b.rollups.values()),
+                                                          R.ROLLUP_COLUMNS, R.rollup_row)
             b.rollups = {}
         if b.sampled:
-            st.insert("usage_sampled", [R.sampled_row(r) for r in b.sampled.values()], R.SAMPLED_COLUMNS)
-            self.counters.inserted_sampled += len(b.sampled)
+            self.counters.inserted_sampled += self._store("usage_sampled", list(b.sampled.values()),
+                                                          R.SAMPLED_COLUMNS, R.sampled_row)
             b.sampled = {}
         if b.anomalies:
-            st.insert("anomalies", [R.anomaly_row(r) for r in b.anomalies.values()], R.ANOMALY_COLUMNS)
-            self.counters.inserted_anomalies += len(b.anomalies)
+            self.counters.inserted_anomalies += self._store("anomalies", list(b.anomalies.values()),
+                                                            R.ANOMALY_COLUMNS, R.anomaly_row)
             b.anomalies = {}
-        while b.deltas:
-            self._merge_delta(b.deltas[0])
-            b.deltas.pop(0)
+        if b.deltas:
+            self._merge_deltas(b.deltas)
+            b.deltas = []
 
-    def _merge_delta(self, d: dict) -> None:
+    def _store(self, table: str, records: list[dict], columns: Sequence[str], to_row: Callable[[dict], Any]) -> int:
+        """Insert ``records``; when ClickHouse refuses them as data, split until the refused
+        rows are isolated (into rejected_rows) and store the rest. Returns the rows stored.
+        Other errors (the store is down) propagate: the caller retries the batch whole."""
+        try:
+            self.store.insert(table, [to_row(r) for r in records], columns)
+            return len(records)
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            if len(records) == 1:
+                self._reject(table, records[0], exc)
+                return 0
+        mid = len(records) // 2
+        return (self._store(table, records[:mid], columns, to_row)
+                + self._store(table, records[mid:], columns, to_row))
+
+    def _reject(self, table: str, record: dict, exc: BaseException) -> None:
+        reason = " ".join(str(exc).split())[:1000] or type(exc).__name__
+        column = _COLUMN.search(reason) if isinstance(exc, DataError) else None
+        if column is not None and column.group(1) in record:
+            # the client could not encode it (clickhouse-connect names the column, not the value)
+            name = column.group(1)
+            reason = f"column {name} cannot hold {record[name]!r}: {exc.__cause__ or reason}"
+        raw = json.dumps(record, default=str, sort_keys=True)
+        self.store.insert("rejected_rows", [[table, reason, raw]], R.REJECTED_COLUMNS)
+        self.counters.rejected_rows += 1
+        log.error("%s refused a row, kept in rejected_rows: %s", table, reason[:300])
+
+    def _merge_deltas(self, deltas: list[dict]) -> None:
+        """Late deltas merged into their stored rows: one query for every row they touch, the
+        merge in memory (deltas of one window in order), one insert of the merged rows."""
+        keys = list({R.rollup_key(d) for d in deltas})
+        starts = [k[4] for k in keys]
+        # Every stored version of those rows, newest picked here, rather than FINAL: FINAL merges
+        # every part that overlaps them at query time (the table takes a part per sink batch),
+        # which made this query most of the sink's time; the primary key finds the few versions
+        # (window range and clients first: they lead the sorting key).
         found = self.store.query(
-            "SELECT * FROM {db}.usage_rollup FINAL WHERE client_id = {c:String} AND model = {m:String} "
-            "AND window_start = fromUnixTimestamp64Milli({ws:Int64}, 'UTC')",
-            {"c": d["client_id"], "m": d["model"], "ws": d["window_start"]})
-        current = found[0] if found else None
-        if R.delta_included(current, d):
-            self.counters.deltas_replayed += 1
-            return
-        merged = R.merge_delta(current, d)
-        columns = R.ROLLUP_COLUMNS + ["late_ids"]
-        self.store.insert("usage_rollup", [[merged[c] for c in columns]], columns)
-        self.counters.deltas_merged += 1
+            "SELECT *, toUnixTimestamp64Milli(window_start) AS ws_ms FROM {db}.usage_rollup "
+            "WHERE window_start BETWEEN fromUnixTimestamp64Milli({lo:Int64}, 'UTC') "
+            "AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC') AND client_id IN {clients:Array(String)} "
+            "AND (client_id, department, api_key_id, model, toUnixTimestamp64Milli(window_start)) "
+            "IN {keys:Array(Tuple(String, String, String, String, Int64))}",
+            {"lo": min(starts), "hi": max(starts), "clients": sorted({k[0] for k in keys}), "keys": keys})
+        rows: dict[tuple, dict | None] = {}
+        for r in found:  # what FINAL keeps: the highest version, the last written among equals
+            key = (r["client_id"], r["department"], r["api_key_id"], r["model"], r["ws_ms"])
+            cur = rows.get(key)
+            if cur is None or (r["version"], r["emitted_at"]) > (cur["version"], cur["emitted_at"]):
+                rows[key] = r
+        changed: dict[tuple, dict] = {}
+        for d in deltas:
+            key = R.rollup_key(d)
+            current = rows.get(key)
+            why = R.delta_skip(current, d)
+            if why == "replayed":
+                self.counters.deltas_replayed += 1
+            elif why == "duplicate":
+                self.counters.deltas_duplicate += 1
+            else:
+                rows[key] = changed[key] = R.merge_delta(current, d)
+                self.counters.deltas_merged += 1
+        if changed:
+            columns = R.ROLLUP_COLUMNS + ["late_ids"]
+            self._store("usage_rollup", list(changed.values()), columns, lambda r: [r[c] for c in columns])

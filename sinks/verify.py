@@ -73,7 +73,8 @@ def scan_topic(settings, since_ms: int, until_ms: int, arrived_before_ms: int, t
         "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest",
         "log_level": 3}))
     scan = TopicScan()
-    counter = _EventCounter(scan, settings.window_seconds * 1000, since_ms, until_ms, arrived_before_ms)
+    counter = _EventCounter(scan, settings.window_seconds * 1000, since_ms, until_ms, arrived_before_ms,
+                            settings.max_tokens_per_event)
     try:
         meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
@@ -122,7 +123,8 @@ def scan_topic(settings, since_ms: int, until_ms: int, arrived_before_ms: int, t
 class _EventCounter:
     """Adds one usage-topic record to a scan: decoded, validated and deduplicated as the worker does."""
 
-    def __init__(self, scan: TopicScan, window_ms: int, since_ms: int, until_ms: int, arrived_before_ms: int):
+    def __init__(self, scan: TopicScan, window_ms: int, since_ms: int, until_ms: int, arrived_before_ms: int,
+                 max_tokens: int = 10_000_000):
         from tokenaudit.schemas import EVENT, AvroDecodeError
         from tokenaudit.schemas.compiled import compile_decoder
         from tokenaudit.schemas.event_ids import event_id_of, id_hash64
@@ -132,7 +134,8 @@ class _EventCounter:
         self.since_ms, self.until_ms, self.arrived_before_ms = since_ms, until_ms, arrived_before_ms
         self.decode = compile_decoder(EVENT)
         assert self.decode is not None, "token_usage_event is a flat record by contract"
-        self.decode_error, self.validate = AvroDecodeError, validate
+        self.decode_error = AvroDecodeError
+        self.validate = lambda ev: validate(ev, max_tokens)  # the worker's own rule and limit
         self.event_id_of, self.id_hash64 = event_id_of, id_hash64
         self.seen: set[int] = set()
 

@@ -247,7 +247,8 @@ def create_app(settings, partitions: int) -> faust.App:
             rollups = topic == settings.topic_rollups
             for r in records:
                 client = r["client_id"]
-                key = f"{client}\x1f{r['model']}\x1f{r['window_start']}".encode() if rollups else client.encode()
+                key = (f"{client}\x1f{r['department']}\x1f{r['api_key_id']}\x1f{r['model']}\x1f{r['window_start']}".encode()
+                       if rollups else client.encode())
                 value = encoder(r)
                 p = client_partition(client)
                 if p is None:
@@ -307,10 +308,32 @@ def create_app(settings, partitions: int) -> faust.App:
             # that are not re-assigned (and does not re-read those that are).
             processor.drop_partitions(parts, drop_state=False)
 
+    def owned_source_partitions() -> list:
+        return [tp for tp in app.consumer.assignment() if tp.topic == settings.topic_usage]
+
+    def consumer_lag(tps) -> int:
+        """Records behind the high watermark, summed over the owned source partitions."""
+        lag = 0
+        consumer = app.consumer
+        for tp in tps:
+            try:
+                high = consumer.highwater(tp)
+                read = consumer._read_offset.get(tp)  # faust's own bookkeeping (see batch_consumer)
+                position = read + 1 if read is not None else (consumer._committed_offset.get(tp) or 0)
+            except Exception:
+                continue
+            if high is not None:
+                lag += max(high - position, 0)
+        return lag
+
     @app.page("/metrics")
     async def metrics(web, request):
         c = processor.counters
         lines = [f"tokenaudit_worker_{name}_total {value}" for name, value in vars(c).items()]
+        tps = owned_source_partitions()
+        # copies dropped, ever, on the owned partitions: from their meta records (survives restarts)
+        lines.append(f"tokenaudit_worker_duplicates_total {processor.duplicates({tp.partition for tp in tps})}")
+        lines.append(f"tokenaudit_worker_consumer_lag {consumer_lag(tps)}")
         lines.append(f"tokenaudit_worker_state_keys {len(processor.state.data)}")
         # live Python objects' blocks: flat while RSS creeps means allocator fragmentation, not a leak
         lines.append(f"tokenaudit_worker_python_allocated_blocks {sys.getallocatedblocks()}")

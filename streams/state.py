@@ -14,6 +14,7 @@ from typing import Any
 
 
 META_PREFIX = "p\x1f"
+CHUNK_PREFIX = "d\x1f"  # id chunks (the ids a batch added, per partition): written after the windows
 
 
 class State:
@@ -59,14 +60,20 @@ class State:
     def flush(self) -> int:
         """Persist dirty keys and deletions; returns how many writes were made."""
         n = len(self.dirty) + len(self.deleted)
-        metas = []
+        metas, chunks = [], []
         for key, partition in self.dirty.items():
             if key.startswith(META_PREFIX):
                 metas.append((key, partition))
+            elif key.startswith(CHUNK_PREFIX):
+                chunks.append((key, partition))
             else:
                 self._write(partition, key, self.data[key])
         for key, partition in self.deleted.items():
             self._write(partition, key, None)
+        # Id chunks after the windows: a restored chunk implies the windows it names were
+        # restored with the counts of its events.
+        for key, partition in chunks:
+            self._write(partition, key, self.data[key])
         # The partition's meta record (watermark, last offset) goes last: a changelog
         # partition is appended in order, so a restored meta implies every other write of
         # its batch was restored too, and replays re-make the same event-time decisions.

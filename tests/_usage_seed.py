@@ -45,9 +45,18 @@ def superseded(rows: list[list]) -> list[list]:
 
 def seed_rollups(store, now: datetime, windows: int = 30) -> list[list]:
     rows = rollup_rows(now, windows)
-    store.insert("usage_rollup", superseded(rows), ROLLUP_COLUMNS)
-    store.insert("usage_rollup", rows, ROLLUP_COLUMNS)
-    store.insert("usage_rollup", rows[: len(rows) // 2], ROLLUP_COLUMNS)  # a replay of half of them
+    columns = ROLLUP_COLUMNS
+    if store.query("SELECT count() AS n FROM system.columns WHERE database = {d:String} AND table = 'usage_rollup' "
+                   "AND name = 'api_key_id'", {"d": store.database})[0]["n"]:
+        # a window is (client, department, api key, model, start) since migration 0011: each
+        # client's rows come from one key (the rows keep their shape: totals index them)
+        columns = ROLLUP_COLUMNS + ["api_key_id"]
+        keyed = lambda rs: [r + [f"key-{r[0]}"] for r in rs]  # noqa: E731
+    else:  # seeding a store migrated only up to an older version (migration tests)
+        keyed = lambda rs: rs  # noqa: E731
+    store.insert("usage_rollup", keyed(superseded(rows)), columns)
+    store.insert("usage_rollup", keyed(rows), columns)
+    store.insert("usage_rollup", keyed(rows[: len(rows) // 2]), columns)  # a replay of half of them
     return rows
 
 

@@ -31,7 +31,8 @@ def test_changing_ttl_settings_and_migrating_again_changes_the_tables(ch_client,
     assert [ttl_days(store, t) for t in ("usage_rollup", "usage_sampled", "anomalies")] == [400, 7, None]
     ddl = store.query("SELECT create_table_query AS q FROM system.tables WHERE database = {d:String} "
                       "AND name = 'usage_rollup'", {"d": ch_database})[0]["q"]
-    assert "ORDER BY (toStartOfDay(window_start), client_id, model, window_start)" in ddl  # migration 0010
+    assert ("ORDER BY (toStartOfDay(window_start), client_id, department, api_key_id, model, window_start)"
+            in ddl)  # migrations 0010 and 0011
 
 
 def test_db_migrate_applies_ttl_from_environment(ch_database, chdb_dsn, data_dir, monkeypatch):

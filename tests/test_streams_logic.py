@@ -1,10 +1,12 @@
-"""The stream job's logic without Kafka: windows against exact ground truth, crash replays
-from persisted state, the top-fraction sampler against exact quantiles, anomaly rules,
-dead letters. (The same code runs inside the faust worker; see test_streams_exact.py.)"""
+"""The stream job's logic without Kafka: windows against exact ground truth (copies of events
+counted once), crash replays from persisted state, the top-fraction sampler against exact
+quantiles, anomaly rules, dead letters. (The same code runs inside the faust worker; see
+test_streams_exact.py.)"""
 
 from __future__ import annotations
 
 import random
+import time
 import zlib
 
 import pytest
@@ -34,14 +36,17 @@ class Table:
         self.rows: dict = {}
         self.anomalies: dict = {}
         self.sampled: dict = {}
+        self.duplicate_deltas = 0
 
     def apply(self, out: Outputs) -> None:
         for r in out.rollups:
             k = R.rollup_key(r)
             if r["delta_id"]:
                 cur = self.rows.get(k)
-                if not R.delta_included(cur, r):
+                why = R.delta_skip(cur, r)
+                if why is None:
                     self.rows[k] = R.merge_delta(cur, r)
+                self.duplicate_deltas += why == "duplicate"
             elif k not in self.rows or self.rows[k]["version"] <= r["version"]:
                 self.rows[k] = dict(r, late_ids=[])
         for a in out.anomalies:
@@ -93,17 +98,24 @@ def test_rollups_exact_with_out_of_order_late_and_very_late_events():
     proc, table = Processor(settings(), MemoryState()), Table()
     run(proc, table, partitioned(events))
     drain_idle(proc, table)
-    assert proc.counters.late > 0 and proc.counters.late_beyond_retention > 0
+    assert proc.counters.late > 0
     truth = synth.ground_truth(events, 2000)
     assert table.totals() == truth
     # A second worker group replays the topic into the same table with a different
-    # retirement history (it retires windows as soon as possible): still exact.
+    # retirement history (it retires windows and drops ids as soon as possible): still exact,
+    # and every event it sends again is recognised by the sink.
     msgs = partitioned(events)
     eager = Processor(settings(), MemoryState(), committed=lambda p: 1 << 40)
     run(eager, table, msgs)
     drain_idle(eager, table)
-    assert eager.counters.late_beyond_retention > proc.counters.late_beyond_retention
+    assert eager.counters.late == proc.counters.late
     assert table.totals() == truth
+    # ids are held for open windows only (the stream's last windows never close)
+    from tokenaudit.streams.processor import CLOSED
+
+    assert eager.window_ids and all(eager.state.get(k)[CLOSED] == -1 for k in eager.window_ids)
+    held_chunks = sum(len(c) for c in eager.chunks.values())
+    assert 0 < held_chunks <= 4 * 6  # a few batches per partition, not the whole stream
 
 
 def _crash(state: MemoryState, since: int, rnd: random.Random) -> MemoryState:
@@ -151,7 +163,18 @@ def test_crash_at_random_points_replays_exactly(seed):
     rnd = random.Random(seed)
     events = synth.mixed_stream(8_000, clients=80, models=2, start_ms=T0, span_ms=20_000, seed=8,
                                 late_share=0.05, late_ms=9_000, jitter_ms=700)
-    msgs = partitioned(events)
+    # Copies (producer retries, spool replays): most within a few hundred ms of event time,
+    # some ~5-10 s later, after their window closed (sent as deltas, skipped by the sink).
+    stream, near = synth.with_copies(events, 0.08, seed=seed, max_delay=40)
+    stream, far = synth.with_copies(stream, 0.02, seed=seed + 100, max_delay=2_500)
+    msgs = partitioned(stream)
+    reference, ref_table = Processor(settings(), MemoryState()), Table()  # the same stream, no crash
+    run(reference, ref_table, msgs, batch=300)
+    drain_idle(reference, ref_table)
+    assert ref_table.totals() == synth.ground_truth(events, 2000)
+    # every copy is dropped by the worker (window open) or skipped by the sink (window closed)
+    assert reference.duplicates() + ref_table.duplicate_deltas == near + far
+    assert reference.duplicates() > 0 and ref_table.duplicate_deltas > 0
     s = settings()
     state, table = MemoryState(), Table()
     offsets: dict[int, int] = {}  # the group's committed offsets (next to read)
@@ -177,11 +200,23 @@ def test_crash_at_random_points_replays_exactly(seed):
         state = _crash(state, flushed_writes, rnd)
         replayed += proc.counters.replayed
         proc = Processor(s, state, committed=offsets.get)
+        # the restarted worker's idle sweep runs before the replay reaches the restored windows'
+        # events (their ids are not all back yet)
+        out = Outputs()
+        proc.idle_sweep(out)
+        proc.clock = lambda: 1e12
+        proc.idle_sweep(out)
+        proc.clock = time.monotonic
+        pending.append(out)
         pos = committed
+    for o in pending:  # the live worker's outputs get through
+        table.apply(o)
     run(proc, table, msgs[pos:], batch=300)
     drain_idle(proc, table)
     assert replayed + proc.counters.replayed > 0  # replays happened and were absorbed
     assert table.totals() == synth.ground_truth(events, 2000)
+    # the copies dropped, as persisted in the meta records, are exactly the crash-free count
+    assert proc.duplicates() == reference.duplicates()
 
 
 @pytest.mark.parametrize("dist", ["lognormal", "tied"])
@@ -276,27 +311,136 @@ def test_each_anomaly_rule_fires_on_its_planted_case_and_replay_dedups():
 
 
 def test_dead_letters_for_poison_and_invalid_events():
-    proc = Processor(settings(), MemoryState())
+    """Each kind of poison goes to the dead-letter output with its reason; the valid events
+    after it are counted exactly, and none of it moves the watermark."""
+    now_ms = T0 + 60_000
+    proc = Processor(settings(max_clock_skew_seconds=300, max_tokens_per_event=1_000_000), MemoryState(),
+                     wall_clock=lambda: now_ms / 1000)
     good = synth.event("ok", T0, "c1")
-    bad_client = dict(good, client_id="")
     valid = encode(EVENT, good)
     poison = {
         b"random": b"\x8a\x00\xff garbage",
         b"truncated": valid[: len(valid) // 2],
         b"fingerprint": b"\xc3\x01" + b"\x42" * 8 + valid[10:],
-        b"invalid": encode(EVENT, bad_client),
+        b"empty": encode(EVENT, dict(good, client_id="")),
+        b"separator": encode(EVENT, dict(good, client_id="c\x1fx")),  # once crashed the emit path
+        b"long": encode(EVENT, dict(good, model="m" * 129)),
+        b"department": encode(EVENT, dict(good, department="sales\n")),
+        b"key": encode(EVENT, dict(good, api_key_id="k\x00")),
+        b"negative": encode(EVENT, dict(good, output_tokens=-3)),
+        b"huge": encode(EVENT, dict(good, total_tokens=1_000_001)),
+        b"event_id": encode(EVENT, dict(good, event_id="not-a-uuid")),
+        b"future": encode(EVENT, dict(good, ts=now_ms + 301_000)),  # 301 s ahead of the clock
     }
     out = Outputs()
     for i, (key, value) in enumerate(poison.items()):
         proc.process(0, i, key, value, out)
-    proc.process(0, 99, b"c1", valid, out)
+    after = [synth.event(f"after-{i}", T0 + 10 * i, "c1") for i in range(5)]  # on time: none is late
+    for i, e in enumerate(after):
+        proc.process(0, 100 + i, b"c1", encode(EVENT, e), out)
     proc.end_batch(out)
     reasons = {key: reason for key, _, reason, _, _ in out.dlq}
     assert set(reasons) == set(poison)
     assert reasons[b"fingerprint"].startswith("undecodable: unknown writer schema fingerprint")
-    assert reasons[b"invalid"] == "invalid: empty client_id"
+    assert reasons[b"empty"] == "invalid: client_id must not be empty"
+    assert "control" in reasons[b"separator"] and reasons[b"separator"].startswith("invalid: client_id")
+    assert reasons[b"department"].startswith("invalid: department") and reasons[b"key"].startswith("invalid: api_key_id")
+    assert reasons[b"long"] == "invalid: model is 129 characters long (at most 128)"
+    assert reasons[b"negative"] == "invalid: negative output_tokens"
+    assert reasons[b"huge"] == "invalid: total_tokens 1000001 above the limit of 1000000"
+    assert reasons[b"event_id"].startswith("invalid: event_id is not UUID text")
+    assert reasons[b"future"].startswith("invalid: event time") and "301 s ahead" in reasons[b"future"]
     assert [v for _, v, _, _, _ in out.dlq] == list(poison.values())  # bytes kept as they came
-    assert proc.counters.dlq == 4 and proc.counters.events == 1
+    assert proc.counters.dead_lettered == len(poison) and proc.counters.events == 5
+    assert proc.counters.late == 0  # the future-dated event did not move the watermark
+    assert proc.state.get("p\x1f0")[0] == T0 + 40
+    table = Table()
+    table.apply(out)
+    drain_idle(proc, table)
+    assert table.totals() == synth.ground_truth(after, 2000)
+
+
+def test_clock_skew_decision_replays_the_same_after_a_crash():
+    """The future-dated event was dead-lettered; after a crash the replay happens when the clock
+    has caught up, and still dead-letters it (the decision is kept until committed)."""
+    clock = [T0 / 1000]
+    state = MemoryState()
+    proc = Processor(settings(), state, wall_clock=lambda: clock[0])
+    events = [synth.event("a", T0, "c1"), synth.event("b", T0 + 400_000, "c1"), synth.event("c", T0 + 5, "c1")]
+    out = Outputs()
+    for i, e in enumerate(events):
+        proc.process(0, i, b"c1", encode(EVENT, e), out)
+    proc.end_batch(out)
+    assert [r for _, _, r, _, _ in out.dlq][0].startswith("invalid: event time")
+    clock[0] = (T0 + 500_000) / 1000  # much later: "b" is no longer in the future
+    again = Processor(settings(), state.persisted(), wall_clock=lambda: clock[0])
+    out2 = Outputs()
+    for i, e in enumerate(events):
+        again.process(0, i, b"c1", encode(EVENT, e), out2)
+    again.end_batch(out2)
+    assert len(out2.dlq) == 1 and again.state.get("p\x1f0")[0] == T0 + 5
+
+
+def test_a_client_changing_department_mid_window_is_charged_to_each():
+    proc, table = Processor(settings(), MemoryState()), Table()
+    events = [synth.event("r1", T0 + 10, "c1", department="sales", input_tokens=10, output_tokens=1),
+              synth.event("r2", T0 + 20, "c1", department="research", input_tokens=20, output_tokens=2),
+              synth.event("r3", T0 + 30, "c1", department="sales", input_tokens=30, output_tokens=3, api_key_id="k9"),
+              synth.event("r4", T0 + 40, "c1", department="sales", input_tokens=40, output_tokens=4)]
+    run(proc, table, partitioned(events))
+    drain_idle(proc, table)
+    got = {(k[1], k[2]): v[0:3] for k, v in table.totals().items()}
+    assert got == {("sales", ""): (2, 0, 50), ("research", ""): (1, 0, 20), ("sales", "k9"): (1, 0, 30)}
+    assert table.totals() == synth.ground_truth(events, 2000)
+
+
+def test_old_writer_versions_get_derived_ids_so_their_copies_count_once():
+    """A v2 record (no event_id) sent twice, and the same event as v3 without event_id: one id."""
+    from tokenaudit.schemas import registry
+
+    proc, table = Processor(settings(), MemoryState()), Table()
+    e = synth.event("old-1", T0 + 5, "c1")
+    bare = {k: v for k, v in e.items() if k not in ("event_id", "instance")}
+    v2 = registry.encode(EVENT, bare, version=2)
+    v3 = encode(EVENT, dict(bare, event_id=None))
+    other = synth.event("new-1", T0 + 6, "c1")
+    out = Outputs()
+    for i, value in enumerate([v2, v2, v3, encode(EVENT, other), encode(EVENT, other)]):
+        proc.process(0, i, b"c1", value, out)
+    proc.end_batch(out)
+    table.apply(out)
+    drain_idle(proc, table)
+    assert [v[0] for v in table.totals().values()] == [2] and proc.duplicates() == 3
+
+
+def test_id_chunks_stay_bounded_and_copies_after_the_window_go_to_the_sink():
+    """Ids are held only while their window is open: with committed offsets advancing, chunks
+    are tombstoned and window ids dropped; a copy after its window closed is a delta the sink
+    recognises."""
+    events = synth.mixed_stream(6_000, clients=30, models=1, start_ms=T0, span_ms=60_000, seed=4, late_share=0.0)
+    msgs = partitioned(events)
+    proc, table = Processor(settings(), MemoryState(), committed=lambda p: 1 << 40), Table()
+    held = []
+    for i in range(0, len(msgs), 200):
+        out = Outputs()
+        for p, off, key, value in msgs[i:i + 200]:
+            proc.process(p, off, key, value, out)
+        proc.end_batch(out)
+        table.apply(out)
+        held.append(sum(len(v) for v in proc.window_ids.values()) // 8)
+    assert max(held) < 6_000 * 3 / 60 * 2  # ~ (window + grace) of events, not the stream
+    live_chunks = [k for k in proc.state.data if k.startswith("d\x1f")]
+    assert 0 < len(live_chunks) <= 4 * 4
+    assert sum(1 for _, k, v in proc.state.writes if k.startswith("d\x1f") and v is None) > 20  # tombstoned
+    copy = dict(events[10])  # its window closed long ago
+    out = Outputs()
+    p = partitioned([copy])[0][0]
+    proc.process(p, 10_000, copy["client_id"].encode(), encode(EVENT, copy), out)
+    proc.end_batch(out)
+    assert [r["delta_id"] is not None for r in out.rollups] == [True]
+    table.apply(out)
+    drain_idle(proc, table)
+    assert table.duplicate_deltas == 1 and table.totals() == synth.ground_truth(events, 2000)
 
 
 def _random_json_value(rng: random.Random, depth: int = 0):

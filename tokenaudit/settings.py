@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     ttl_rollup_days: int = Field(730, ge=0, description="usage_rollup retention in days (0 keeps forever).")
     ttl_sampled_days: int = Field(30, ge=0, description="usage_sampled retention in days (0 keeps forever).")
     ttl_anomalies_days: int = Field(365, ge=0, description="anomalies retention in days (0 keeps forever).")
+    dedup_retention_days: int = Field(7, ge=0, description="Days usage_rollup keeps a row's event ids (event_ids) after the row was written: a copy of an event arriving up to that much later still counts once (0 keeps them forever).")
 
     # --- inference ------------------------------------------------------------------------
     model: str = Field("", description="HF TF checkpoint path or name; default <data_dir>/models/t5-tiny (built by `model init`).")
@@ -123,7 +124,7 @@ class Settings(BaseSettings):
     anomaly_new_client_tokens: int = Field(50_000, ge=1, description="Tokens in a never-seen client's first window.")
     sample_fraction: float = Field(0.10, gt=0, le=1, description="Share of requests kept as detailed records.")
     sample_warmup: int = Field(200, ge=0, description="Requests per model seen before the top-fraction sampler keeps any.")
-    late_retention_seconds: int = Field(3600, ge=0, description="Event time a closed window is kept for late corrections.")
+    late_retention_seconds: int = Field(3600, ge=0, description="Event time a closed window stays in worker state after closing (re-emitted after a crash until its close is committed); later events for it go to the sink as deltas.")
     anomaly_latency_min_requests: int = Field(200, ge=1, description="Requests of a model before its latency norm is trusted.")
     topic_rollups: str = Field("token-usage-rollups", min_length=1, description="Internal topic: window rollups for the sink.")
     topic_sampled: str = Field("token-usage-sampled", min_length=1, description="Internal topic: sampled records for the sink.")
@@ -133,10 +134,14 @@ class Settings(BaseSettings):
     worker_commit_seconds: float = Field(1.0, gt=0, description="Worker offset commit interval (state is flushed first).")
     worker_session_timeout: float = Field(10.0, ge=6.0, description="Worker consumer session timeout: how soon a dead worker's partitions move.")
     sink_group_id: str = Field("tokenaudit-sink", min_length=1, description="Consumer group of the ClickHouse sink.")
+    dedup: bool = Field(True, description="Count each event_id once: the worker drops copies of an event while its window is open, the sink skips late copies (false only to measure what it costs).")
+    max_tokens_per_event: int = Field(10_000_000, ge=1, description="Largest token count an event may carry; an event above it (or below 0) goes to the dead-letter topic.")
+    max_clock_skew_seconds: float = Field(300.0, ge=0, description="How far an event's time may be ahead of the worker's clock; a later one goes to the dead-letter topic and never moves a watermark.")
 
     # --- sinks / queries --------------------------------------------------------------------
     sink_batch_rows: int = Field(5000, ge=1, description="Rows per ClickHouse insert.")
     sink_batch_seconds: float = Field(1.0, gt=0, description="Longest wait before a partial batch is inserted.")
+    sink_shutdown_seconds: float = Field(5.0, ge=0, description="How long a stopping sink keeps retrying its last batch while ClickHouse is unreachable; then it exits without committing it (replayed on the next start).")
     usage_api_host: str = Field("127.0.0.1", description="Read-only usage API bind address.")
     usage_api_port: int = Field(8001, ge=1, le=65535, description="Read-only usage API port.")
     price_table: Path | None = Field(None, description="TOML price table for `report` (per model, per 1K tokens).")
