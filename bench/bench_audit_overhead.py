@@ -79,7 +79,7 @@ def wait_ready(url: str, proc, timeout: float = 240) -> None:
 
 
 def main() -> None:
-    from tokenaudit.inference.testing import cached_model
+    from tests.support.apps import cached_model
     from tokenaudit.infra.kafka_admin import ensure_topics
     from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
     from tokenaudit.infra.procutil import free_port

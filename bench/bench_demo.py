@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: the suite's helpers
+
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.settings import load_settings
 
@@ -55,7 +57,7 @@ def main() -> None:
 
 
 def _cached_model() -> Path:
-    from tokenaudit.inference.testing import cached_model
+    from tests.support.apps import cached_model
 
     return cached_model("t5", load_settings().cache_dir)
 

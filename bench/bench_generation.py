@@ -55,7 +55,7 @@ def run(runner, max_size: int, n: int) -> tuple[float, list[float], int]:
 
 def main() -> None:
     from tokenaudit.inference.runner import ModelRunner
-    from tokenaudit.inference.testing import cached_model
+    from tests.support.apps import cached_model
     from tokenaudit.settings import load_settings
 
     path = str(cached_model("t5", load_settings().cache_dir))

@@ -16,14 +16,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 ROUNDS = 10
 TARGET_S = 2.0
 
 
 def main() -> None:
-    from _asgi import call
+    from tests.support.asgi import call
 
     from tokenaudit.inference.api_keys import add_key, key_id_of, revoke_key
     from tokenaudit.inference.app import create_app

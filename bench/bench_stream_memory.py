@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: the suite's helpers
+
 import httpx
 
 from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
@@ -25,8 +27,8 @@ from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import EVENT
 from tokenaudit.schemas.compiled import compile_encoder
 from tokenaudit.settings import load_settings
-from tokenaudit.streams import synth
 from tokenaudit.streams.app import ensure_worker_topics
+from tests.support import synth  # noqa: E402
 
 CLIENTS = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
 ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 6

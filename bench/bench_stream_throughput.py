@@ -39,6 +39,8 @@ import time
 import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: the suite's helpers
+
 from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import EVENT, decode
@@ -46,8 +48,8 @@ from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
 from tokenaudit.sinks.store import Store
-from tokenaudit.streams import synth
 from tokenaudit.streams.app import ensure_worker_topics
+from tests.support import synth  # noqa: E402
 
 N_LIVE = int(sys.argv[1]) if len(sys.argv) > 1 else 300_000
 N_BACKFILL = int(sys.argv[2]) if len(sys.argv) > 2 else 200_000

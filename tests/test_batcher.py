@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull, QueueTimeout
 from tokenaudit.inference.runner import Encoded, Generated, InvalidPrompt, ModelRunner
-from tokenaudit.inference.testing import cached_model
+from tests.support.apps import cached_model
 from tokenaudit.settings import load_settings
 
 POISON = 666

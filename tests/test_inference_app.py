@@ -15,7 +15,7 @@ import pytest
 from tokenaudit.inference.api_keys import KeyRegistry, add_key
 from tokenaudit.inference.app import create_app
 from tokenaudit.inference.identity import client_address
-from tokenaudit.inference.testing import ThreadedServer, cached_model, decode_events, read_events
+from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.settings import load_settings
 

@@ -15,7 +15,7 @@ from collections import Counter
 
 import httpx
 import pytest
-from _asgi import json_body, run
+from tests.support.asgi import json_body, run
 from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from tokenaudit.inference.api_keys import add_key, key_id_of
 from tokenaudit.inference.app import create_app
 from tokenaudit.inference.audit import MAX_EVENT_PATH
-from tokenaudit.inference.testing import ThreadedServer, cached_model, decode_events, read_events
+from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.settings import load_settings

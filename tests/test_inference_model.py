@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from tokenaudit.inference.runner import ModelRunner, as_token_ids, count_generated
-from tokenaudit.inference.testing import cached_model
+from tests.support.apps import cached_model
 from tokenaudit.settings import load_settings
 
 LONG = "the quick brown fox jumps over the lazy dog " * 40

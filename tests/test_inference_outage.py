@@ -29,7 +29,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from tokenaudit.inference.audit import AuditContext
 from tokenaudit.inference.spool import Spool, SpoolRecord, parse_segment
-from tokenaudit.inference.testing import cached_model, decode_events, read_events
+from tests.support.apps import cached_model, decode_events, read_events
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
 from tokenaudit.infra.procutil import free_port

@@ -53,7 +53,7 @@ def _free_range(n: int, avoid: set[int] = frozenset()) -> int:
 
 @pytest.fixture(scope="module")
 def model():
-    from tokenaudit.inference.testing import cached_model
+    from tests.support.apps import cached_model
 
     return cached_model("t5", load_settings().cache_dir)
 

@@ -26,7 +26,7 @@ CLI = [sys.executable, "-m", "tokenaudit.infra.cli"]
 
 @pytest.fixture(scope="module")
 def model_path():
-    from tokenaudit.inference.testing import cached_model
+    from tests.support.apps import cached_model
 
     return cached_model("t5", load_settings().cache_dir)
 

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
-from _usage_seed import ROLLUP_COLUMNS, rollup_rows, superseded
+from tests.support.usage_seed import ROLLUP_COLUMNS, rollup_rows, superseded
 
 from tokenaudit.sinks.params import parse_report_params
 from tokenaudit.sinks.prices import PriceTable, PriceTableError, cost_report

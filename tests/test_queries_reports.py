@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from _usage_seed import CLIENTS, seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
+from tests.support.usage_seed import CLIENTS, seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 
 from tokenaudit.sinks.params import QueryParamError, parse_month, parse_report_params, parse_time
 from tokenaudit.sinks.queries import run_raw

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-from _usage_seed import SAMPLED_COLUMNS, utcnow
+from tests.support.usage_seed import SAMPLED_COLUMNS, utcnow
 from click.testing import CliRunner
 
 from tokenaudit.infra.cli import main
@@ -59,7 +59,7 @@ def test_expired_detailed_records_are_dropped(ch_client, ch_database):
 
 
 def test_migration_0010_rebuilds_rollups_without_losing_or_doubling_rows(ch_client, ch_database, monkeypatch):
-    from _usage_seed import seed_rollups, totals
+    from tests.support.usage_seed import seed_rollups, totals
 
     from tokenaudit.infra import migrate as migrate_module
     from tokenaudit.sinks.queries import run_raw

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tokenaudit.schemas.event_ids import id_bytes, ids_contain, pack_ids, unpack_ids
 from tokenaudit.sinks import rows as R
-from tokenaudit.streams.synth import synthetic_event_id
+from tests.support.synth import synthetic_event_id
 
 WS = 1_750_000_000_000
 

@@ -22,7 +22,7 @@ from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
 from tokenaudit.sinks.store import Store
-from tokenaudit.streams import synth
+from tests.support import synth
 
 pytestmark = pytest.mark.timeout(120)
 WS = int(time.time() * 1000) // 60_000 * 60_000  # recent: the TTLs (30 days for sampled) apply

@@ -25,7 +25,7 @@ from tokenaudit.schemas import EVENT, encode
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
 from tokenaudit.sinks.store import Store
-from tokenaudit.streams import synth
+from tests.support import synth
 from tokenaudit.streams.app import ensure_worker_topics
 from tokenaudit.streams.processor import Outputs, Processor
 from tokenaudit.streams.state import MemoryState

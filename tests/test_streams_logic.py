@@ -14,7 +14,8 @@ import pytest
 from tokenaudit.schemas import EVENT, encode
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks import rows as R
-from tokenaudit.streams import sampler, synth
+from tests.support import synth
+from tokenaudit.streams import sampler
 from tokenaudit.streams.processor import Outputs, Processor
 from tokenaudit.streams.state import MemoryState
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import uvicorn
-from _usage_seed import seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
+from tests.support.usage_seed import seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 from click.testing import CliRunner
 
 from tokenaudit.infra.cli import main

@@ -7,7 +7,7 @@ from collections import Counter
 from urllib.parse import quote
 
 import pytest
-from _asgi import json_body, run
+from tests.support.asgi import json_body, run
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 

@@ -4,7 +4,7 @@ scoping, errors, and injection attempts in every parameter (400, nothing execute
 from __future__ import annotations
 
 import pytest
-from _usage_seed import CLIENTS, seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
+from tests.support.usage_seed import CLIENTS, seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 from starlette.testclient import TestClient
 
 from tokenaudit.inference.api_keys import add_key

@@ -26,7 +26,7 @@ from tokenaudit.settings import load_settings
 from tokenaudit.sinks.store import Store
 from tokenaudit.sinks.usage_api import create_app
 from tokenaudit.sinks.verify import HOUR_MS, TopicScan, _EventCounter, reconcile, store_totals
-from tokenaudit.streams import synth
+from tests.support import synth
 
 CLI = [sys.executable, "-m", "tokenaudit.infra.cli"]
 H10 = int(datetime(2025, 6, 15, 10, tzinfo=timezone.utc).timestamp() * 1000)  # an hour long settled
