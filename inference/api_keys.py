@@ -40,6 +40,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
+from tokenaudit.errors import AuthError, KeyRegistryError  # noqa: F401 (raised here, declared there)
 from tokenaudit.schemas.identifiers import identifier_problem
 
 log = logging.getLogger("tokenaudit.api_keys")
@@ -50,20 +51,6 @@ MARKER_NAME = "api_keys.required"
 RELOAD_CHECK_SECONDS = 0.5
 _DURATION = re.compile(r"(\d{1,6})([mhdw])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-class KeyRegistryError(ValueError):
-    """The registry file is unreadable or malformed, or a write was refused; the message names
-    the file and entry."""
-
-
-class AuthError(Exception):
-    """A request cannot be authenticated. ``status`` 401 (no, unknown or expired key) or 503
-    (the registry is unavailable: fail closed)."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from typing import Awaitable, Callable
 
 import uuid_utils
 
+from tokenaudit.errors import DigestSecretError  # noqa: F401 (raised here, declared there)
+
 log = logging.getLogger(__name__)
 
 SCOPE_KEY = "tokenaudit.audit"
@@ -115,11 +117,6 @@ def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
 # --- prompt digest ------------------------------------------------------------------------------
 SECRET_FILE = "prompt_digest.key"
 _MIN_SECRET_BYTES = 16
-
-
-class DigestSecretError(ValueError):
-    """The prompt-digest secret file is empty, unreadable or malformed: start-up stops, because
-    an HMAC with an empty or wrong key would silently break repeat detection."""
 
 
 class PromptDigester:

@@ -16,6 +16,7 @@ import ipaddress
 import json
 from typing import Iterable
 
+from tokenaudit.errors import SettingsError
 from tokenaudit.inference.api_keys import AuthError, KeyRegistry
 from tokenaudit.inference.audit import context_of
 
@@ -30,7 +31,7 @@ def parse_networks(spec: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Netw
             try:
                 nets.append(ipaddress.ip_network(part, strict=False))
             except ValueError:
-                raise ValueError(f"TOKENAUDIT_TRUSTED_PROXIES: {part!r} is not an IP address or CIDR") from None
+                raise SettingsError(f"TOKENAUDIT_TRUSTED_PROXIES: {part!r} is not an IP address or CIDR") from None
     return nets
 
 

@@ -16,15 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from tokenaudit.errors import ModelInitError  # noqa: F401 (raised here, declared there)
+
 log = logging.getLogger(__name__)
 
 PAD, EOS, UNK, BOS = "<pad>", "</s>", "<unk>", "<s>"
 VOCAB_SIZE = 2000
 MARKER = "tokenaudit_model.json"  # written last: its presence means the build completed
-
-
-class ModelInitError(RuntimeError):
-    """The default model could not be built or did not reload intact."""
 
 
 def _corpus_files(limit_bytes: int = 6 << 20) -> list[str]:

@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
+from tokenaudit.errors import SpoolLocked  # noqa: F401 (raised here, declared there)
+
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 4 << 20
@@ -79,10 +81,6 @@ NULL_HEADER = 0xFFFFFFFF
 MAX_BODY = 64 << 20  # sanity bound: a "length" beyond it is garbage, not a record
 
 Headers = Sequence[tuple[str, "bytes | str | None"]]
-
-
-class SpoolLocked(RuntimeError):
-    """Another process holds the spool directory."""
 
 
 class Appended(enum.Enum):

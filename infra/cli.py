@@ -8,21 +8,30 @@ import sys
 
 import click
 
-from tokenaudit.settings import SettingsError, get_settings
+from tokenaudit.errors import TokenauditError
+from tokenaudit.settings import get_settings
 
 
 class CliError(click.ClickException):
     """A one-line error for the user (exit code 1)."""
 
 
+class TokenauditGroup(click.Group):
+    """Catches the project's errors once, for every command: the message, one line, exit 1
+    (click prints ``Error: <message>``). Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TokenauditError as exc:
+            raise CliError(str(exc)) from None
+
+
 def _settings():
-    try:
-        return get_settings()
-    except SettingsError as exc:
-        raise CliError(str(exc)) from None
+    return get_settings()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=TokenauditGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tokenaudit")
 def main() -> None:
     """Token-usage audit pipeline for self-hosted LLM inference."""
@@ -41,17 +50,7 @@ def _cluster(brokers: int | None = None, sasl: bool | None = None):
 
 
 def _run(fn):
-    """Call fn, turning the project's known error types into a one-line CliError."""
-    from tokenaudit.infra.clickhouse import ClickHouseError
-    from tokenaudit.infra.kafka_broker import KafkaLaunchError
-    from tokenaudit.infra.kafka_clients import KafkaAccessError, KafkaConfigError
-    from tokenaudit.infra.kafka_install import KafkaInstallError
-
-    try:
-        return fn()
-    except (KafkaLaunchError, KafkaInstallError, KafkaAccessError, KafkaConfigError, ClickHouseError,
-            SettingsError) as exc:
-        raise CliError(str(exc)) from None
+    return fn()
 
 
 BROKERS_OPTION = click.option(
@@ -186,17 +185,14 @@ def model() -> None:
 @model.command("init")
 def model_init() -> None:
     """Build the offline default model (small T5, seeded weights, locally trained tokenizer)."""
-    from tokenaudit.inference.model_init import ModelInitError, build_default_model
+    from tokenaudit.inference.model_init import build_default_model
 
     s = _settings()
     path = s.effective_model
     if s.model:
         click.echo(f"TOKENAUDIT_MODEL is set ({s.model}); the app serves that, building the default anyway")
         path = str(s.data_dir / "models" / "t5-tiny")
-    try:
-        built = build_default_model(path)
-    except ModelInitError as exc:
-        raise CliError(str(exc)) from None
+    built = build_default_model(path)
     click.echo(f"model {'built' if built else 'already present'} at {path}")
 
 
@@ -205,11 +201,7 @@ def serve() -> None:
     """Run the inference app in the foreground (SIGTERM: graceful, flushes or spools events)."""
     from tokenaudit.inference.server import serve as run_server
 
-    s = _settings()
-    try:
-        run_server(s)
-    except ValueError as exc:  # KeyRegistryError, DigestSecretError, a bad TRUSTED_PROXIES entry
-        raise CliError(str(exc)) from None
+    run_server(_settings())
 
 
 @main.group()
@@ -225,15 +217,12 @@ def keys() -> None:
               help="Expiry: a duration from now (90m, 12h, 30d, 2w) or an ISO date/time; default never.")
 def keys_add(client_id: str, department: str, admin: bool, expires: str | None) -> None:
     """Add a key and print it once (only its hash is stored)."""
-    from tokenaudit.inference.api_keys import KeyRegistryError, add_key, marker_path, parse_expiry, write_marker
+    from tokenaudit.inference.api_keys import add_key, marker_path, parse_expiry, write_marker
 
     s = _settings()
     path = s.default_api_keys_file
-    try:
-        raw = add_key(path, client_id, department, "admin" if admin else "client",
-                      expires=parse_expiry(expires) if expires else None)
-    except KeyRegistryError as exc:
-        raise CliError(str(exc)) from None
+    raw = add_key(path, client_id, department, "admin" if admin else "client",
+                  expires=parse_expiry(expires) if expires else None)
     write_marker(marker_path(s), path)
     click.echo(raw)
     click.echo(f"(added to {path}; store the key now, it is not shown again)", err=True)
@@ -245,13 +234,9 @@ def keys_list(fmt: str) -> None:
     """List the keys (key_id, client, department, role, created, expires, state); never the key."""
     import time
 
-    from tokenaudit.inference.api_keys import KeyRegistryError, list_keys
+    from tokenaudit.inference.api_keys import list_keys
 
-    s = _settings()
-    try:
-        keys = list_keys(s.default_api_keys_file)
-    except KeyRegistryError as exc:
-        raise CliError(str(exc)) from None
+    keys = list_keys(_settings().default_api_keys_file)
     now = time.time()
     stamp = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else ""  # noqa: E731
     print_rows([{"key_id": k.key_id, "client": k.client_id, "department": k.department, "role": k.role,
@@ -263,13 +248,10 @@ def keys_list(fmt: str) -> None:
 @click.argument("key_id")
 def keys_revoke(key_id: str) -> None:
     """Revoke a key by its key_id: every running service refuses it within about a second."""
-    from tokenaudit.inference.api_keys import KeyRegistryError, marker_path, revoke_key, write_marker
+    from tokenaudit.inference.api_keys import marker_path, revoke_key, write_marker
 
     s = _settings()
-    try:
-        key = revoke_key(s.default_api_keys_file, key_id)
-    except KeyRegistryError as exc:
-        raise CliError(str(exc)) from None
+    key = revoke_key(s.default_api_keys_file, key_id)
     write_marker(marker_path(s), s.default_api_keys_file)
     click.echo(f"revoked {key.key_id} (client {key.client_id})")
 
@@ -307,22 +289,13 @@ def _supervisor(brokers: int | None = None):
     return _run(lambda: Supervisor(_settings(), echo=click.echo, brokers=brokers))
 
 
-def _run_up(supervisor) -> dict[str, str]:
-    from tokenaudit.infra.services import ServiceError
-
-    try:
-        return _run(supervisor.up)
-    except ServiceError as exc:
-        raise CliError(str(exc)) from None
-
-
 @main.command()
 @BROKERS_OPTION
 def up(brokers: int | None) -> None:
     """Start Kafka (the nodes not running, when the bootstrap is the local cluster), the sink
     (+ usage API), the stream worker and the inference app in the background (pid files and
     logs under the data directory); returns when all are ready."""
-    endpoints = _run_up(_supervisor(brokers))
+    endpoints = _supervisor(brokers).up()
     click.echo("tokenaudit is up:")
     for name, value in endpoints.items():
         click.echo(f"  {name:<10} {value}")
@@ -350,13 +323,8 @@ def status(fmt: str) -> None:
 def demo(steady: float, spike: float, keep_running: bool) -> None:
     """Run the whole pipeline end to end on embedded defaults: up, traffic, reports, down."""
     from tokenaudit.infra.demo import run_demo
-    from tokenaudit.infra.services import ServiceError
 
-    try:
-        code = _run(lambda: run_demo(click.echo, steady, spike, keep_running))
-    except ServiceError as exc:
-        raise CliError(str(exc)) from None
-    sys.exit(code)
+    sys.exit(run_demo(click.echo, steady, spike, keep_running))
 
 
 @main.command()
@@ -367,14 +335,9 @@ def demo(steady: float, spike: float, keep_running: bool) -> None:
 def verify(since: str, until: str | None, fmt: str) -> None:
     """Reconcile the usage topic with ClickHouse per client, model and hour: print every
     difference; exit 1 on drift, 0 when everything that reached the topic is stored once."""
-    from tokenaudit.sinks.params import QueryParamError
-    from tokenaudit.sinks.verify import VerifyError, run_verify
+    from tokenaudit.sinks.verify import run_verify
 
-    s = _settings()
-    try:
-        report = _run(lambda: run_verify(s, since, until))
-    except (VerifyError, QueryParamError) as exc:
-        raise CliError(str(exc)) from None
+    report = run_verify(_settings(), since, until)
     if fmt == "json":
         click.echo(json.dumps(report.as_json(), indent=2))
     else:

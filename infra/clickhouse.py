@@ -15,9 +15,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError as _DriverError
 
-
-class ClickHouseError(RuntimeError):
-    """ClickHouse is unreachable, locked or misconfigured; the message says which."""
+from tokenaudit.errors import ClickHouseError  # noqa: F401 (raised here, declared there)
 
 
 _SCHEMES = ("chdb", "http", "https", "clickhouse", "clickhouses")

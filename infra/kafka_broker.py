@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from tokenaudit.errors import KafkaLaunchError  # noqa: F401 (raised here, declared there)
 from tokenaudit.infra import kafka_install, procutil
 
 LAYOUT_FILE = "cluster.json"
@@ -46,10 +47,6 @@ CREDENTIALS_FILE = "credentials.json"
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 CLIENT_USER = "tokenaudit"
 BROKER_USER = "broker"
-
-
-class KafkaLaunchError(RuntimeError):
-    """The broker could not be started or stopped; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -21,21 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokenaudit.errors import KafkaAccessError, KafkaAuthError, KafkaConfigError  # noqa: F401 (raised here, declared there)
+
 PLAINTEXT = "PLAINTEXT"
 SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
 TLS_PROTOCOLS = ("SSL", "SASL_SSL")
-
-
-class KafkaConfigError(ValueError):
-    """The Kafka security settings contradict each other; the message names the variables."""
-
-
-class KafkaAccessError(RuntimeError):
-    """The cluster cannot be reached or refused this client; the message says which and what to check."""
-
-
-class KafkaAuthError(KafkaAccessError):
-    """The cluster refused the client's credentials (or its TLS handshake)."""
 
 
 @dataclass(frozen=True)

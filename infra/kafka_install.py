@@ -12,9 +12,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-
-class KafkaInstallError(RuntimeError):
-    """The broker runtime could not be fetched; the message says what to do."""
+from tokenaudit.errors import KafkaInstallError  # noqa: F401 (raised here, declared there)
 
 
 def libs_dir(cache_dir: Path, version: str) -> Path:

@@ -18,12 +18,9 @@ from pathlib import Path
 
 import httpx
 
+from tokenaudit.errors import ServiceError  # noqa: F401 (raised here, declared there)
 from tokenaudit.infra import procutil
 from tokenaudit.infra.kafka_broker import ClusterConfig, KafkaCluster
-
-
-class ServiceError(RuntimeError):
-    """A service failed to start; the message carries the tail of its log."""
 
 
 @dataclass

@@ -18,6 +18,8 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from tokenaudit.errors import AvroDecodeError  # noqa: F401 (raised here, declared there)
+
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
 
@@ -25,11 +27,6 @@ EVENT = "token_usage_event"
 ANOMALY = "anomaly"
 ROLLUP = "usage_rollup"
 SAMPLED = "sampled_record"
-
-
-class AvroDecodeError(ValueError):
-    """Bytes that are not a decodable single-object Avro message: bad magic, an unknown
-    writer fingerprint, a truncated or corrupt body, or a record of the wrong type."""
 
 
 @dataclass(frozen=True)

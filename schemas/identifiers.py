@@ -11,11 +11,9 @@ enough for the worker's per-event path.
 
 from __future__ import annotations
 
+from tokenaudit.errors import InvalidIdentifier  # noqa: F401 (raised here, declared there)
+
 MAX_IDENTIFIER_LENGTH = 128
-
-
-class InvalidIdentifier(ValueError):
-    """An identifier breaks the rule; the message names the field and the reason."""
 
 
 def identifier_problem(value: object, *, required: bool = True) -> str | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
+from tokenaudit.errors import FollowError  # noqa: F401 (raised here, declared there)
 from tokenaudit.schemas import ANOMALY, AvroDecodeError, decode
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,6 @@ log = logging.getLogger(__name__)
 # The callback may wait a long time for a dead webhook; keep the group membership meanwhile
 # (the longest librdkafka allows) instead of being evicted and re-reading from the last commit.
 _MAX_POLL_INTERVAL_MS = 86_400_000
-
-
-class FollowError(RuntimeError):
-    """The anomaly topic cannot be consumed (bad bootstrap, missing topic...)."""
 
 
 def follow(bootstrap: str, topic: str, group_id: str, on_anomaly: Callable[[dict[str, Any]], None], *,

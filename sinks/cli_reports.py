@@ -30,17 +30,10 @@ def _cli():
 
 def _fetch(report: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Run one report through the right backend, turning known errors into one-line CLI errors."""
-    from tokenaudit.infra.clickhouse import ClickHouseError
-    from tokenaudit.sinks.params import QueryParamError
-    from tokenaudit.sinks.usage_client import UsageApiError, open_reports
+    from tokenaudit.sinks.usage_client import open_reports
 
-    cli = _cli()
-    settings = cli._settings()
     raw = {k: str(v) for k, v in params.items() if v is not None}
-    try:
-        return open_reports(settings).fetch(report, raw)
-    except (QueryParamError, UsageApiError, ClickHouseError) as exc:
-        raise cli.CliError(str(exc)) from None
+    return open_reports(_cli()._settings()).fetch(report, raw)
 
 
 def _say_settled(fmt: str) -> None:

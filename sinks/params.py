@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 
+from tokenaudit.errors import QueryParamError  # noqa: F401 (raised here, declared there)
+
 GROUPINGS = ("client", "department", "model", "hour", "day")
 
 #: report name -> the parameters it accepts (anything else is an error, not ignored)
@@ -35,10 +37,6 @@ _MONTH = re.compile(r"(\d{4})-(\d{2})")
 # times the store can hold (DateTime64 reaches 2299) and arithmetic on them cannot overflow
 EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
 LATEST = datetime(2200, 1, 1, tzinfo=timezone.utc)
-
-
-class QueryParamError(ValueError):
-    """A report parameter is invalid; the message names the parameter and what is accepted."""
 
 
 @dataclass(frozen=True)

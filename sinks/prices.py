@@ -24,12 +24,10 @@ from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from tokenaudit.errors import PriceTableError  # noqa: F401 (raised here, declared there)
+
 CENT = Decimal("0.01")
 _PRICE_KEYS = ("input_per_1k", "output_per_1k")
-
-
-class PriceTableError(ValueError):
-    """The price table is missing, malformed, or lacks a model; the message names the file and entry."""
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,10 @@ from typing import Any, Protocol
 
 import httpx
 
+from tokenaudit.errors import UsageApiError, UsageApiUnreachable  # noqa: F401 (raised here, declared there)
 from tokenaudit.sinks.admin_key import admin_key_path, read_api_key
 from tokenaudit.sinks.params import parse_report_params
 from tokenaudit.sinks.queries import run_report
-
-
-class UsageApiError(RuntimeError):
-    """The usage API refused or failed a request; the message is the API's own."""
-
-
-class UsageApiUnreachable(UsageApiError):
-    """Nothing answers at the usage API address."""
 
 
 class Reports(Protocol):

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from tokenaudit.errors import VerifyError  # noqa: F401 (raised here, declared there)
+
 HOUR_MS = 3_600_000
 FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens")
 # How far a Kafka timestamp may trail an event's own time (both stamped on the producing
@@ -42,10 +44,6 @@ SKEW_MS = 60_000
 API_PATH = "admin/verify"
 
 Key = tuple[str, str, int]  # client_id, model, hour start (epoch ms)
-
-
-class VerifyError(RuntimeError):
-    """The check could not run (topic missing, store unreachable...); the message says why."""
 
 
 # --- the topic side ----------------------------------------------------------------------------

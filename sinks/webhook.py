@@ -19,17 +19,10 @@ from urllib.parse import urlparse
 import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential_jitter
 
+from tokenaudit.errors import WebhookError, WebhookRejected  # noqa: F401 (raised here, declared there)
 from tokenaudit.sinks.queries import _jsonable
 
 log = logging.getLogger(__name__)
-
-
-class WebhookError(RuntimeError):
-    """The webhook could not be delivered to (bad URL, rejected payload, gave up)."""
-
-
-class WebhookRejected(WebhookError):
-    """The endpoint answered a non-retryable 4xx."""
 
 
 class _Retryable(Exception):

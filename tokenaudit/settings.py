@@ -20,12 +20,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from tokenaudit.errors import SettingsError  # noqa: F401 (raised here, declared there)
 
 ENV_PREFIX = "TOKENAUDIT_"
-
-
-class SettingsError(ValueError):
-    """A configuration value is missing or invalid; the message names the variable."""
 
 
 def _default_data_dir() -> Path:
