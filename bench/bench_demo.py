@@ -37,7 +37,7 @@ def main() -> None:
             "TOKENAUDIT_MODEL": str(_cached_model()),
         })
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "tokenaudit.infra.cli", "demo", "--steady", str(steady),
+        proc = subprocess.run([sys.executable, "-m", "tokenaudit.cli", "demo", "--steady", str(steady),
                                "--spike", str(spike)], env=env, capture_output=True, text=True, timeout=1200)
         wall = time.monotonic() - t0
     out = proc.stdout + proc.stderr

@@ -24,12 +24,12 @@ TARGET_S = 2.0
 def main() -> None:
     from tests.support.asgi import call
 
-    from tokenaudit.inference.api_keys import add_key, key_id_of, revoke_key
+    from tokenaudit.infra.keys import add_key, key_id_of, revoke_key
     from tokenaudit.inference.app import create_app
     from tokenaudit.infra.clickhouse import connect
     from tokenaudit.settings import load_settings
-    from tokenaudit.sinks.store import Store
-    from tokenaudit.sinks.usage_api import create_app as usage_app
+    from tokenaudit.infra.store import Store
+    from tokenaudit.reports.usage_api import create_app as usage_app
 
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp) / "keys.toml"

@@ -22,7 +22,8 @@ N = 40_000
 
 def main() -> None:
     from tokenaudit.inference.audit import AuditContext
-    from tokenaudit.inference.spool import Spool, encode_legacy_record
+    from tokenaudit.inference.spool import Spool
+    from tokenaudit.inference.spool_format import encode_legacy_record
     from tokenaudit.schemas import EVENT, encode
 
     def event(i: int) -> bytes:

@@ -47,7 +47,7 @@ from tokenaudit.schemas import EVENT, decode
 from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
-from tokenaudit.sinks.store import Store
+from tokenaudit.infra.store import Store
 from tokenaudit.streams.app import ensure_worker_topics
 from tests.support import synth  # noqa: E402
 

@@ -26,9 +26,9 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
-from tokenaudit.sinks.params import parse_report_params
-from tokenaudit.sinks.queries import usage
-from tokenaudit.sinks.store import Store
+from tokenaudit.reports.params import parse_report_params
+from tokenaudit.reports.queries import usage
+from tokenaudit.infra.store import Store
 
 PAIRS = 10_000  # 2,000 clients x 5 models
 COLUMNS = ("client_id, department, model, window_start, window_end, requests, errors, input_tokens, "

@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from tokenaudit.inference import routes
-from tokenaudit.inference.api_keys import KeyRegistry
+from tokenaudit.infra.keys import KeyRegistry
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks

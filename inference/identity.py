@@ -17,7 +17,7 @@ import json
 from typing import Iterable
 
 from tokenaudit.errors import SettingsError
-from tokenaudit.inference.api_keys import AuthError, KeyRegistry
+from tokenaudit.infra.keys import AuthError, KeyRegistry
 from tokenaudit.inference.audit import context_of
 
 UNAUTHENTICATED = "unauthenticated"

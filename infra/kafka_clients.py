@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenaudit.errors import KafkaAccessError, KafkaAuthError, KafkaConfigError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import KafkaAccessError, KafkaAuthError, KafkaConfigError, KafkaLaunchError  # noqa: F401 (raised here, declared there)
+from tokenaudit.infra.kafka_layout import SCRAM_MECHANISM, read_credentials, read_layout
 
 PLAINTEXT = "PLAINTEXT"
 SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
@@ -93,8 +94,6 @@ class Security:
 # --- from settings -----------------------------------------------------------------------------
 def _local_cluster(settings):
     """The local cluster of this data directory, if the settings' bootstrap names it."""
-    from tokenaudit.infra.kafka_broker import KafkaLaunchError, read_layout
-
     home = settings.data_dir / "kafka"
     try:
         layout = read_layout(home)
@@ -125,8 +124,6 @@ def local_cluster_security(users) -> Security:
     """Security towards a local cluster whose SCRAM users are ``users`` (None: no SASL)."""
     if not users:
         return Security()
-    from tokenaudit.infra.kafka_broker import SCRAM_MECHANISM
-
     client = users["client"]
     return Security("SASL_PLAINTEXT", SCRAM_MECHANISM, client.username, client.password)
 
@@ -138,8 +135,6 @@ def security(settings) -> Security:
     mechanism = settings.kafka_sasl_mechanism
     found = _local_cluster(settings)
     if found is not None and found[1].sasl and protocol in ("", "SASL_PLAINTEXT"):
-        from tokenaudit.infra.kafka_broker import read_credentials
-
         local = local_cluster_security(read_credentials(found[0]))
         protocol, mechanism = local.protocol, local.mechanism
         username, password = username or local.username, password or local.password

@@ -20,7 +20,7 @@ import httpx
 
 from tokenaudit.errors import ServiceError  # noqa: F401 (raised here, declared there)
 from tokenaudit.infra import procutil
-from tokenaudit.infra.kafka_broker import ClusterConfig, KafkaCluster
+from tokenaudit.infra.kafka_cluster import ClusterConfig, KafkaCluster
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Supervisor:
     # --- the pipeline's parts ------------------------------------------------------------------
     def services(self) -> list[Service]:
         s = self.settings
-        cli = [sys.executable, "-m", "tokenaudit.infra.cli"]
+        cli = [sys.executable, "-m", "tokenaudit.cli"]
         api = f"http://{s.usage_api_host}:{s.usage_api_port}"
         app = f"http://{s.http_host}:{s.http_port}"
         return [
@@ -132,14 +132,14 @@ class Supervisor:
             self.echo("clickhouse store owned by the running sink (it migrated at start)")
         else:
             self._migrate()
-        from tokenaudit.sinks.admin_key import admin_key_path, ensure_admin_key
+        from tokenaudit.infra.keys import admin_key_path, ensure_admin_key
 
         ensure_admin_key(s)  # the CLI's key for the usage API (embedded mode)
         self.echo(f"admin key  {admin_key_path(s)}")
 
     def _migrate(self) -> None:
         # In embedded mode only one process may open the store, so migrate in a short-lived child.
-        proc = subprocess.run([sys.executable, "-m", "tokenaudit.infra.cli", "db", "migrate"],
+        proc = subprocess.run([sys.executable, "-m", "tokenaudit.cli", "db", "migrate"],
                               capture_output=True, text=True, env=self._env())
         if proc.returncode != 0:
             raise ServiceError(f"db migrate failed: {(proc.stderr or proc.stdout).strip()}")

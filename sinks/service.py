@@ -1,8 +1,8 @@
 """``tokenaudit sink``: the sink loop in a thread, the read-only usage API in the main thread.
 
 In embedded mode only one process may open the chDB store, so the process that writes is
-also where queries are answered: the usage API (``tokenaudit.sinks.usage_api``) shares the
-sink's :class:`Store`. ``GET /healthz`` on ``usage_api_host:usage_api_port`` answering means
+also where queries are answered: the usage API (``tokenaudit.reports.usage_api``, wired in by
+the CLI) shares the sink's :class:`Store`. ``GET /healthz`` on ``usage_api_host:usage_api_port`` answering means
 the store is open and migrated and the consumer is subscribed: that is the readiness check.
 ``GET /metrics`` on the same listener has the sink's counters (``tokenaudit.sinks.metrics``).
 SIGTERM/SIGINT: the API stops, the sink inserts its batch, commits, and the process exits 0;
@@ -15,25 +15,30 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
+
+from starlette.applications import Starlette
+
+from tokenaudit.infra.store import Store
 
 log = logging.getLogger("tokenaudit.sink")
 
 
-def run_sink(settings) -> int:
+def run_sink(settings, api: Callable[[Store], Starlette]) -> int:
+    """``api(store)``: the usage API app over the sink's store (composed by the CLI: the read
+    side is not the sink's to import)."""
     import uvicorn
 
     from tokenaudit.infra.topics import ensure_declared
     from tokenaudit.sinks.metrics import metrics_route
     from tokenaudit.sinks.sink import Sink
-    from tokenaudit.sinks.store import Store
-    from tokenaudit.sinks.usage_api import create_app
 
     ensure_declared(settings)  # the topics it reads and dead-letters to, as declared, before subscribing
     store = Store.from_settings(settings)
     sink = Sink(settings, store)
     stop = threading.Event()
     failed: list[BaseException] = []
-    app = create_app(store, settings)
+    app = api(store)
     app.router.routes.append(metrics_route(sink))
     server = uvicorn.Server(uvicorn.Config(app, host=settings.usage_api_host,
                                            port=settings.usage_api_port, log_level="warning", lifespan="off"))

@@ -40,7 +40,7 @@ from tokenaudit.infra.kafka_clients import kafka_config, producer_config
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, AvroDecodeError
 from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.sinks import rows as R
-from tokenaudit.sinks.store import Store
+from tokenaudit.infra.store import Store
 
 log = logging.getLogger("tokenaudit.sink")
 

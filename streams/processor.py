@@ -58,8 +58,8 @@ from typing import Any
 
 from tokenaudit.schemas import EVENT, AvroDecodeError
 from tokenaudit.schemas.compiled import compile_decoder
-from tokenaudit.schemas.event_ids import ID_BYTES, derived_event_id, id_bytes, is_uuid_text, pack_ids, unpack_ids
-from tokenaudit.schemas.identifiers import identifier_problem
+from tokenaudit.schemas.event_ids import ID_BYTES, derived_event_id, id_bytes, pack_ids, unpack_ids
+from tokenaudit.schemas.validation import event_problem
 from tokenaudit.streams import sampler
 from tokenaudit.streams.state import CHUNK_PREFIX, State
 
@@ -138,31 +138,6 @@ def anomaly_id(rule: str, client_id: str, model: str, window_start: int, departm
     if department or api_key_id:
         text += f"{SEP}{department}{SEP}{api_key_id}"
     return hashlib.sha1(text.encode()).hexdigest()[:24]
-
-
-def validate(ev: dict, max_tokens: int = 10_000_000) -> str | None:
-    """Why an event is unusable, or None (the clock check needs the worker's clock: see
-    :meth:`Processor.process_records`)."""
-    for name, required in (("client_id", True), ("model", True), ("department", False), ("api_key_id", False)):
-        value = ev.get(name)
-        if value is None and not required:
-            continue
-        problem = identifier_problem(value, required=required)
-        if problem is not None:
-            return f"invalid: {name} {problem}"
-    for name in ("input_tokens", "output_tokens", "total_tokens"):
-        if ev[name] < 0:
-            return f"invalid: negative {name}"
-        if ev[name] > max_tokens:
-            return f"invalid: {name} {ev[name]} above the limit of {max_tokens}"
-    if not 100 <= ev["status_code"] <= 599:
-        return f"invalid: status_code {ev['status_code']}"
-    if not math.isfinite(ev["latency_ms"]) or ev["latency_ms"] < 0:
-        return "invalid: latency_ms"
-    event_id = ev.get("event_id")
-    if event_id is not None and not is_uuid_text(event_id):
-        return f"invalid: event_id is not UUID text: {event_id!r:.60}"
-    return None
 
 
 class Processor:
@@ -408,7 +383,7 @@ class Processor:
             ws = ts - ts % window_ms
             wkey = f"w{SEP}{client}{SEP}{dept}{SEP}{akey or ''}{SEP}{model}{SEP}{ws}"
             w = data.get(wkey)
-            # validate()'s checks, inline for the valid case (NaN fails the chained comparison).
+            # event_problem()'s checks (schemas.validation), inline for the valid case (NaN fails the chained comparison).
             # Identifiers (printable, at most 128 characters: schemas.identifiers) only when the
             # window is not in state: one in state was made from checked ones, and a key built
             # from identifiers holding the separator has more parts than any window's key.
@@ -419,7 +394,7 @@ class Processor:
                         0 < len(client) <= 128 and client.isprintable() and 0 < len(model) <= 128
                         and model.isprintable() and len(dept) <= 128 and dept.isprintable()
                         and (akey is None or (len(akey) <= 128 and akey.isprintable()))))):
-                self._dead(out, key, value, validate(ev, max_tokens) or "invalid", p, offset)
+                self._dead(out, key, value, event_problem(ev, max_tokens) or "invalid", p, offset)
                 continue
             if eid is not None:
                 # the id's 16 bytes, which also checks it is UUID text (schemas.event_ids.id_bytes,
@@ -430,7 +405,7 @@ class Processor:
                 except ValueError:
                     h = b""
                 if len(h) != ID_BYTES:
-                    self._dead(out, key, value, validate(ev, max_tokens) or "invalid: event_id", p, offset)
+                    self._dead(out, key, value, event_problem(ev, max_tokens) or "invalid: event_id", p, offset)
                     continue
             elif dedup:
                 h = id_bytes(derived_event_id(ev))  # a record without one (v1/v2, other producers)

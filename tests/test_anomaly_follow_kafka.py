@@ -14,13 +14,13 @@ import pytest
 from click.testing import CliRunner
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from tokenaudit.infra.cli import main
+from tokenaudit.cli import main
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import ANOMALY, encode
 from tokenaudit.settings import get_settings
-from tokenaudit.sinks.anomaly_follow import follow
-from tokenaudit.sinks.webhook import WebhookError, WebhookForwarder, WebhookRejected, anomaly_json
+from tokenaudit.reports.anomaly_follow import follow
+from tokenaudit.reports.webhook import WebhookError, WebhookForwarder, WebhookRejected, anomaly_json
 
 
 def planted(i: int = 0) -> dict:

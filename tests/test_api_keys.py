@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenaudit.inference.api_keys import (AuthError, KeyRegistry, KeyRegistryError, add_key, bearer_token,
+from tokenaudit.infra.keys import (AuthError, KeyRegistry, KeyRegistryError, add_key, bearer_token,
                                            hash_key, key_id_of, list_keys, parse_expiry, parse_registry,
                                            revoke_key, toml_string, write_marker)
 
@@ -201,7 +201,7 @@ def test_parse_expiry():
 
 
 def test_keys_cli_add_list_revoke(data_dir):
-    from tokenaudit.infra.cli import main
+    from tokenaudit.cli import main
 
     run = lambda *args: CliRunner().invoke(main, list(args))  # noqa: E731
     added = run("keys", "add", "--client", "acme", "--department", "research", "--expires", "30d")

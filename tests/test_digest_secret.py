@@ -57,7 +57,7 @@ def test_an_unreadable_secret_stops_start_up(tmp_path):
 
 
 def test_serve_refuses_to_start_with_an_empty_secret(data_dir):
-    from tokenaudit.infra.cli import main
+    from tokenaudit.cli import main
 
     data_dir.mkdir(parents=True)
     (data_dir / SECRET_FILE).write_text("")

@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from tokenaudit.inference.api_keys import KeyRegistry, add_key
+from tokenaudit.infra.keys import KeyRegistry, add_key
 from tokenaudit.inference.app import create_app
 from tokenaudit.inference.identity import client_address
 from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events

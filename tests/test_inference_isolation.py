@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tokenaudit.inference.api_keys import add_key, key_id_of
+from tokenaudit.infra.keys import add_key, key_id_of
 from tokenaudit.inference.app import create_app
 from tokenaudit.inference.audit import MAX_EVENT_PATH
 from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
@@ -272,10 +272,10 @@ def test_revoked_or_expired_keys_get_401_on_the_app_and_the_usage_api_within_2s(
 
     import uvicorn
 
-    from tokenaudit.infra.cli import main
+    from tokenaudit.cli import main
     from tokenaudit.settings import get_settings
-    from tokenaudit.sinks.store import Store
-    from tokenaudit.sinks.usage_api import create_app as usage_app
+    from tokenaudit.infra.store import Store
+    from tokenaudit.reports.usage_api import create_app as usage_app
 
     keys_file = served.settings.api_keys_file
     store = Store(ch_client, ch_database)
@@ -323,7 +323,7 @@ def _in(seconds: float):
 
 
 def _parse_left(raw: str, keys_file) -> float:
-    from tokenaudit.inference.api_keys import KeyRegistry
+    from tokenaudit.infra.keys import KeyRegistry
 
     return KeyRegistry.load(keys_file).lookup(raw).expires_at - time.time()
 

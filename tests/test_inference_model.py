@@ -27,7 +27,7 @@ def gpt2_path():
 def test_model_init_builds_reloadable_model_and_is_idempotent(data_dir):
     from transformers import AutoTokenizer, TFAutoModelForSeq2SeqLM
 
-    from tokenaudit.infra.cli import main
+    from tokenaudit.cli import main
 
     first = CliRunner().invoke(main, ["model", "init"])
     assert first.exit_code == 0, first.output

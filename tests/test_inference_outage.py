@@ -28,7 +28,8 @@ import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
 from tokenaudit.inference.audit import AuditContext
-from tokenaudit.inference.spool import Spool, SpoolRecord, parse_segment
+from tokenaudit.inference.spool import Spool
+from tokenaudit.inference.spool_format import SpoolRecord, parse_segment
 from tests.support.apps import cached_model, decode_events, read_events
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
@@ -83,7 +84,7 @@ class App:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = data_dir.parent / f"serve-{self.port}.log"
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tokenaudit.infra.cli", "serve"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tokenaudit.cli", "serve"], env=self.env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
         _started.append(self.proc)
 

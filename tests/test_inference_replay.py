@@ -15,7 +15,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 
 from tokenaudit.inference.audit import AuditContext
 from tokenaudit.inference.publisher import EventPublisher
-from tokenaudit.inference.spool import encode_legacy_record
+from tokenaudit.inference.spool_format import encode_legacy_record
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import EVENT, decode, encode

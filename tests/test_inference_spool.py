@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tokenaudit.inference.api_keys import KeyRegistry
+from tokenaudit.infra.keys import KeyRegistry
 from tokenaudit.inference.audit import AuditContext, PromptDigester
 from tokenaudit.inference.identity import UNAUTHENTICATED
 from tokenaudit.inference.publisher import EventPublisher
-from tokenaudit.inference.spool import (ACK_SUFFIX, SYNC, Appended, Spool, SpoolLocked, encode_legacy_record,
-                                        encode_record)
+from tokenaudit.inference.spool import ACK_SUFFIX, Appended, Spool, SpoolLocked
+from tokenaudit.inference.spool_format import SYNC, encode_legacy_record, encode_record
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import EVENT, decode
 
@@ -308,7 +308,7 @@ def test_prompt_digest_is_keyed_and_the_secret_is_kept(tmp_path):
 
 
 def test_keys_add_prints_a_key_once_and_the_app_uses_the_default_registry(data_dir):
-    from tokenaudit.infra.cli import main
+    from tokenaudit.cli import main
     from tokenaudit.settings import get_settings
 
     assert get_settings().effective_api_keys_file is None, "no registry: development mode"

@@ -9,7 +9,7 @@ import ssl
 import pytest
 
 from tokenaudit.infra import kafka_clients
-from tokenaudit.infra.kafka_broker import ClusterConfig, KafkaCluster, KafkaLaunchError, check_port_ranges
+from tokenaudit.infra.kafka_cluster import ClusterConfig, KafkaCluster, KafkaLaunchError, check_port_ranges
 from tokenaudit.infra.kafka_clients import KafkaConfigError
 from tokenaudit.infra.topics import COMPACT, Replication, declared_topics
 from tokenaudit.settings import load_settings

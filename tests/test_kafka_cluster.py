@@ -30,14 +30,14 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
-from tokenaudit.inference.api_keys import add_key
+from tokenaudit.infra.keys import add_key
 from tokenaudit.infra import kafka_clients
 from tokenaudit.infra.procutil import free_port, pid_alive, port_in_use
 from tokenaudit.settings import get_settings, load_settings
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(480)]
 
-CLI = [sys.executable, "-m", "tokenaudit.infra.cli"]
+CLI = [sys.executable, "-m", "tokenaudit.cli"]
 CLIENTS = {"acme-web": "sales", "acme-etl": "data", "globex": "research"}
 
 

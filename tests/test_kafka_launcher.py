@@ -84,7 +84,7 @@ def test_failed_download_fails_clearly(tmp_path):
 def test_cli_status_when_down(tmp_path):
     env = {"TOKENAUDIT_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
            "TOKENAUDIT_KAFKA_PORT": str(free_port()), "TOKENAUDIT_KAFKA_CONTROLLER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-m", "tokenaudit.infra.cli", "kafka", "status"],
+    proc = subprocess.run([sys.executable, "-m", "tokenaudit.cli", "kafka", "status"],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 3
     assert "kafka is down" in proc.stdout

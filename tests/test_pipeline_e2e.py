@@ -21,7 +21,7 @@ import pytest
 from tokenaudit.infra.procutil import free_port, pid_alive
 from tokenaudit.settings import get_settings, load_settings
 
-CLI = [sys.executable, "-m", "tokenaudit.infra.cli"]
+CLI = [sys.executable, "-m", "tokenaudit.cli"]
 
 
 @pytest.fixture(scope="module")

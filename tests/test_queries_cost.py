@@ -8,10 +8,10 @@ from decimal import ROUND_HALF_UP, Decimal
 import pytest
 from tests.support.usage_seed import ROLLUP_COLUMNS, rollup_rows, superseded
 
-from tokenaudit.sinks.params import parse_report_params
-from tokenaudit.sinks.prices import PriceTable, PriceTableError, cost_report
-from tokenaudit.sinks.queries import month_tokens
-from tokenaudit.sinks.store import Store
+from tokenaudit.reports.params import parse_report_params
+from tokenaudit.reports.prices import PriceTable, PriceTableError, cost_report
+from tokenaudit.reports.queries import month_tokens
+from tokenaudit.infra.store import Store
 
 PRICES = """
 currency = "USD"

@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from tests.support.usage_seed import CLIENTS, seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 
-from tokenaudit.sinks.params import QueryParamError, parse_month, parse_report_params, parse_time
-from tokenaudit.sinks.queries import run_raw
-from tokenaudit.sinks.store import Store
+from tokenaudit.reports.params import QueryParamError, parse_month, parse_report_params, parse_time
+from tokenaudit.reports.queries import run_raw
+from tokenaudit.infra.store import Store
 
 SUMS = ("requests", "errors", "input_tokens", "output_tokens", "total_tokens")
 

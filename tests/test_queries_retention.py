@@ -9,10 +9,10 @@ from datetime import timedelta
 from tests.support.usage_seed import SAMPLED_COLUMNS, utcnow
 from click.testing import CliRunner
 
-from tokenaudit.infra.cli import main
+from tokenaudit.cli import main
 from tokenaudit.infra.migrate import ttl_days_from_settings
 from tokenaudit.settings import get_settings, load_settings
-from tokenaudit.sinks.store import Store
+from tokenaudit.infra.store import Store
 
 
 def ttl_days(store: Store, table: str) -> int | None:
@@ -62,7 +62,7 @@ def test_migration_0010_rebuilds_rollups_without_losing_or_doubling_rows(ch_clie
     from tests.support.usage_seed import seed_rollups, totals
 
     from tokenaudit.infra import migrate as migrate_module
-    from tokenaudit.sinks.queries import run_raw
+    from tokenaudit.reports.queries import run_raw
 
     every = migrate_module.load_migrations()
     monkeypatch.setattr(migrate_module, "load_migrations", lambda: [m for m in every if m.version < 10])

@@ -24,7 +24,7 @@ from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import ROLLUP, encode
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
-from tokenaudit.sinks.store import Store
+from tokenaudit.infra.store import Store
 
 pytestmark = pytest.mark.timeout(180)
 WS = int(time.time() * 1000) // 60_000 * 60_000
@@ -107,7 +107,7 @@ def _metric(port: int, name: str) -> float | None:
 
 
 def _start_sink(env: dict, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tokenaudit.infra.cli", "sink"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tokenaudit.cli", "sink"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -173,7 +173,7 @@ def test_sigterm_during_a_store_outage_exits_promptly_and_commits_nothing_unstor
             if proc.poll() is None:
                 proc.kill()
         assert sum(_committed(kafka_bootstrap, f"{tag}-sink", s.topic_rollups, 2)) == 30
-        script = ("import json; from tokenaudit.sinks.store import Store; from tokenaudit.settings import get_settings;"
+        script = ("import json; from tokenaudit.infra.store import Store; from tokenaudit.settings import get_settings;"
                   "st=Store.from_settings(get_settings(), migrate_schema=False);"
                   "print(json.dumps(st.query('SELECT count() AS n, sum(requests) AS r FROM {db}.usage_rollup FINAL')[0]))")
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)

@@ -21,7 +21,7 @@ from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
-from tokenaudit.sinks.store import Store
+from tokenaudit.infra.store import Store
 from tests.support import synth
 
 pytestmark = pytest.mark.timeout(120)
@@ -115,7 +115,7 @@ def test_sink_process_ready_then_sigterm_flushes(kafka_bootstrap, tmp_path):
                TOKENAUDIT_SINK_BATCH_ROWS="100000", TOKENAUDIT_SINK_BATCH_SECONDS="60")
     s = _settings(kafka_bootstrap, tag)
     ensure_topics(kafka_bootstrap, {s.topic_rollups: 2, s.topic_sampled: 2, s.topic_anomalies: 2, s.topic_dlq: 1})
-    proc = subprocess.Popen([sys.executable, "-m", "tokenaudit.infra.cli", "sink"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tokenaudit.cli", "sink"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -136,7 +136,7 @@ def test_sink_process_ready_then_sigterm_flushes(kafka_bootstrap, tmp_path):
         if proc.poll() is None:
             proc.kill()
     # The store belongs to no process now; read it from a fresh one (one chDB store per process).
-    script = ("import json,sys; from tokenaudit.sinks.store import Store; from tokenaudit.settings import get_settings;"
+    script = ("import json,sys; from tokenaudit.infra.store import Store; from tokenaudit.settings import get_settings;"
               "st=Store.from_settings(get_settings(), migrate_schema=False);"
               "print(json.dumps({t: st.query(f'SELECT count() AS n FROM {{db}}.{t} FINAL')[0]['n'] "
               "for t in ['usage_rollup','usage_sampled','anomalies']}))")

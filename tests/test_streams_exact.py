@@ -24,7 +24,7 @@ from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import EVENT, encode
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
-from tokenaudit.sinks.store import Store
+from tokenaudit.infra.store import Store
 from tests.support import synth
 from tokenaudit.streams.app import ensure_worker_topics
 from tokenaudit.streams.processor import Outputs, Processor

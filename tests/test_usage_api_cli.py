@@ -14,12 +14,12 @@ import uvicorn
 from tests.support.usage_seed import seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 from click.testing import CliRunner
 
-from tokenaudit.infra.cli import main
+from tokenaudit.cli import main
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.settings import get_settings
-from tokenaudit.sinks.admin_key import admin_key_path, ensure_admin_key, registry_path
-from tokenaudit.sinks.store import Store
-from tokenaudit.sinks.usage_api import create_app
+from tokenaudit.infra.keys import admin_key_path, ensure_admin_key, registry_path
+from tokenaudit.infra.store import Store
+from tokenaudit.reports.usage_api import create_app
 
 PRICES = '[models."t5-tiny"]\ninput_per_1k = 0.0004\noutput_per_1k = 0.0016\n' \
          '[models."gpt2-tiny"]\ninput_per_1k = 0.0003\noutput_per_1k = 0.0012\n'

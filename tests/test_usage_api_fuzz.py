@@ -11,11 +11,11 @@ from tests.support.asgi import json_body, run
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tokenaudit.inference.api_keys import add_key
+from tokenaudit.infra.keys import add_key
 from tokenaudit.settings import load_settings
-from tokenaudit.sinks.params import REPORT_PARAMS
-from tokenaudit.sinks.store import Store
-from tokenaudit.sinks.usage_api import create_app
+from tokenaudit.reports.params import REPORT_PARAMS
+from tokenaudit.infra.store import Store
+from tokenaudit.reports.usage_api import create_app
 
 NASTY = ["999999w", "\u00b2", "0001-01-01", "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "9999-12",
          "0000-01", "1e9", "-1", "24h", "2026-01", "2026-01-31T12:00", "7d", "acme", "", " ", "\x00", "%",

@@ -7,12 +7,12 @@ import pytest
 from tests.support.usage_seed import CLIENTS, seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 from starlette.testclient import TestClient
 
-from tokenaudit.inference.api_keys import add_key
+from tokenaudit.infra.keys import add_key
 from tokenaudit.settings import load_settings
-from tokenaudit.sinks.params import REPORT_PARAMS
-from tokenaudit.sinks.store import Store
-from tokenaudit.sinks.usage_api import create_app
-from tokenaudit.sinks.usage_client import ApiReports, DirectReports, UsageApiError
+from tokenaudit.reports.params import REPORT_PARAMS
+from tokenaudit.infra.store import Store
+from tokenaudit.reports.usage_api import create_app
+from tokenaudit.reports.usage_client import ApiReports, DirectReports, UsageApiError
 
 INJECTIONS = [
     "1; DROP TABLE {db}.usage_rollup",

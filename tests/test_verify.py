@@ -19,16 +19,16 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from tokenaudit.inference.api_keys import add_key
+from tokenaudit.infra.keys import add_key
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import EVENT, encode
 from tokenaudit.settings import load_settings
-from tokenaudit.sinks.store import Store
-from tokenaudit.sinks.usage_api import create_app
-from tokenaudit.sinks.verify import HOUR_MS, TopicScan, _EventCounter, reconcile, store_totals
+from tokenaudit.infra.store import Store
+from tokenaudit.reports.usage_api import create_app
+from tokenaudit.reports.verify import HOUR_MS, TopicScan, _EventCounter, reconcile, store_totals
 from tests.support import synth
 
-CLI = [sys.executable, "-m", "tokenaudit.infra.cli"]
+CLI = [sys.executable, "-m", "tokenaudit.cli"]
 H10 = int(datetime(2025, 6, 15, 10, tzinfo=timezone.utc).timestamp() * 1000)  # an hour long settled
 
 
@@ -188,7 +188,7 @@ def test_planted_gap_is_found_then_closed(kafka_bootstrap, tmp_path):
     settings = load_settings(**{k[len("TOKENAUDIT_"):].lower(): v for k, v in env.items()
                                 if k.startswith("TOKENAUDIT_") and k != "TOKENAUDIT_CONFIG"})
     from tokenaudit.infra.topics import ensure_declared
-    from tokenaudit.sinks.admin_key import ensure_admin_key
+    from tokenaudit.infra.keys import ensure_admin_key
 
     ensure_declared(settings)
     ensure_admin_key(settings)  # the CLI's key for the sink's admin route
@@ -236,7 +236,7 @@ def test_a_range_the_topic_no_longer_retains_is_said_and_not_checked(kafka_boots
     from confluent_kafka.admin import AdminClient
 
     from tokenaudit.infra.kafka_admin import ensure_topics
-    from tokenaudit.sinks.verify import run_verify, scan_topic
+    from tokenaudit.reports.verify import run_verify, scan_topic
 
     settings = load_settings(data_dir=tmp_path, kafka_bootstrap=kafka_bootstrap, topic_usage=topic_name)
     ensure_topics(kafka_bootstrap, {topic_name: 1})

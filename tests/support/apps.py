@@ -1,4 +1,4 @@
-"""Helpers for tests, benchmarks and the demo: cached tiny models, an app on a real uvicorn
+"""Helpers for tests and benchmarks: cached tiny models, an app on a real uvicorn
 server in a thread, and reading events back from Kafka. Real components only."""
 
 from __future__ import annotations

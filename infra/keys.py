@@ -1,8 +1,10 @@
-"""API keys: the registry file, its life cycle, and bearer authentication for every HTTP service.
+"""API keys: the registry file, its life cycle, bearer authentication for every HTTP service,
+and the admin key the CLI presents to the usage API.
 
 The one module that parses ``Authorization: Bearer`` headers and follows the registry, used by
-the inference app (``identity.py``) and the usage API alike, so both accept, expire and revoke
-exactly the same keys.
+the inference app (``inference/identity.py``) and the usage API alike, so both accept, expire
+and revoke exactly the same keys. It lives in the platform layer because both services (and
+``up``, which creates the admin key) stand on it.
 
 The registry is a TOML file of key hashes, each mapping to a client, department and role, with
 its creation and optional expiry time. Keys are random 256-bit tokens, so a plain SHA-256 is a
@@ -397,3 +399,60 @@ def revoke_key(path: Path, key_id: str) -> ApiKey:
             raise KeyRegistryError(f"no key {key_id!r} in {path} (see `tokenaudit keys list`)")
         _replace_file(path, _render(kept))
     return next(k for _, k in entries if k.key_id == key_id)
+
+
+# --- the admin key the CLI presents to the usage API -------------------------------------------
+# In embedded mode the CLI cannot open the chDB store the sink holds, so it asks the sink's
+# usage API, which wants a Bearer key from the registry. ``TOKENAUDIT_API_KEY`` names one
+# explicitly; otherwise the CLI reads ``<data_dir>/admin.key``, which `up` writes once (mode
+# 0600) with :func:`ensure_admin_key`.
+ADMIN_CLIENT_ID = "tokenaudit-admin"
+
+
+def registry_path(settings) -> Path:
+    """The API-key registry file: TOKENAUDIT_API_KEYS_FILE, else <data_dir>/api_keys.toml."""
+    return Path(settings.default_api_keys_file)
+
+
+def admin_key_path(settings) -> Path:
+    return settings.data_dir / "admin.key"
+
+
+def read_api_key(settings) -> str | None:
+    """TOKENAUDIT_API_KEY, else the contents of <data_dir>/admin.key, else None."""
+    if settings.api_key:
+        return settings.api_key
+    return read_file_key(admin_key_path(settings))
+
+
+def ensure_admin_key(settings) -> str:
+    """Return a working admin key, creating one (registry entry + admin.key file) if needed.
+
+    Idempotent: an existing admin.key whose key the registry knows as an admin is reused,
+    so running `up` twice does not pile up keys.
+    """
+    registry = registry_path(settings)
+    key_file = admin_key_path(settings)
+    existing = read_file_key(key_file)
+    if existing and registry.exists():
+        try:
+            found = KeyRegistry.load(registry).lookup(existing)
+        except KeyRegistryError:
+            found = None
+        if found is not None and found.is_admin:
+            return existing
+    raw = add_key(registry, ADMIN_CLIENT_ID, department="", role="admin")
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = key_file.with_name(key_file.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(raw + "\n")
+    os.replace(tmp, key_file)  # atomic: a reader sees the old key or the new one, never half
+    return raw
+
+
+def read_file_key(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None

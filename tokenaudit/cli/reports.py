@@ -1,18 +1,17 @@
 """CLI commands over the fixed reports: ``usage``, ``top``, ``report``, ``latency``, ``anomalies``.
 
-Registered on the ``tokenaudit`` group by ``infra/cli.py``. Kept here, beside the queries,
-so the commands stay thin: options become the raw string parameters of
-:mod:`tokenaudit.sinks.params`, and :func:`tokenaudit.sinks.usage_client.open_reports`
-decides whether they go to ClickHouse directly or to the usage API.
+Options become the raw string parameters of :mod:`tokenaudit.reports.params`, and
+:func:`tokenaudit.reports.usage_client.open_reports` decides whether they go to ClickHouse
+directly or to the usage API; printing is :mod:`tokenaudit.reports.formatting`'s.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any
 
 import click
+
+from tokenaudit.cli.common import settings
 
 FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
                       show_default=True, help="Output format.")
@@ -22,18 +21,18 @@ UNTIL = click.option("--until", default=None, help="End (exclusive), same forms 
 CLIENT = click.option("--client", default=None, help="Only this client_id (an admin key may pick any).")
 
 
-def _cli():
-    from tokenaudit.infra import cli
-
-    return cli
-
-
 def _fetch(report: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run one report through the right backend, turning known errors into one-line CLI errors."""
-    from tokenaudit.sinks.usage_client import open_reports
+    """Run one report through the right backend (its errors are one-line CLI errors)."""
+    from tokenaudit.reports.usage_client import open_reports
 
     raw = {k: str(v) for k, v in params.items() if v is not None}
-    return open_reports(_cli()._settings()).fetch(report, raw)
+    return open_reports(settings()).fetch(report, raw)
+
+
+def _print(rows: list[dict[str, Any]], fmt: str) -> None:
+    from tokenaudit.reports.formatting import print_rows
+
+    print_rows(rows, fmt)
 
 
 def _say_settled(fmt: str) -> None:
@@ -41,11 +40,11 @@ def _say_settled(fmt: str) -> None:
     the usage API's answers carry ``settled_until`` for programs.)"""
     if fmt != "table":
         return
-    from tokenaudit.sinks.queries import iso_utc, settle_seconds, settled_until
+    from tokenaudit.reports.queries import iso_utc, settle_seconds, settled_until
 
-    settings = _cli()._settings()
-    click.echo(f"settled up to {iso_utc(settled_until(settings))}: windows starting later may still change "
-               f"(window + grace + idle timeout + sink batch = {settle_seconds(settings):g}s)")
+    s = settings()
+    click.echo(f"settled up to {iso_utc(settled_until(s))}: windows starting later may still change "
+               f"(window + grace + idle timeout + sink batch = {settle_seconds(s):g}s)")
 
 
 @click.command()
@@ -57,7 +56,7 @@ def _say_settled(fmt: str) -> None:
 @FORMAT
 def usage(since: str, until: str | None, by: str, client: str | None, fmt: str) -> None:
     """Tokens, requests and errors per client, department, model, hour or day."""
-    _cli().print_rows(_fetch("usage", {"since": since, "until": until, "by": by, "client": client}), fmt)
+    _print(_fetch("usage", {"since": since, "until": until, "by": by, "client": client}), fmt)
     _say_settled(fmt)
 
 
@@ -69,7 +68,7 @@ def usage(since: str, until: str | None, by: str, client: str | None, fmt: str) 
 @FORMAT
 def top(since: str, until: str | None, limit: int, client: str | None, fmt: str) -> None:
     """The heaviest clients by tokens, with their share of the total."""
-    _cli().print_rows(_fetch("top", {"since": since, "until": until, "limit": limit, "client": client}), fmt)
+    _print(_fetch("top", {"since": since, "until": until, "limit": limit, "client": client}), fmt)
     _say_settled(fmt)
 
 
@@ -81,19 +80,14 @@ def top(since: str, until: str | None, limit: int, client: str | None, fmt: str)
 @FORMAT
 def report(month: str, prices_path: str | None, client: str | None, fmt: str) -> None:
     """Tokens and cost per department and client for one month, from a price table."""
-    from tokenaudit.sinks.prices import PriceTable, PriceTableError, cost_report
+    from tokenaudit.reports.prices import PriceTable, cost_report
 
-    cli = _cli()
-    path = prices_path or cli._settings().price_table
+    path = prices_path or settings().price_table
     if not path:
-        raise cli.CliError('no price table: pass --prices FILE or set TOKENAUDIT_PRICE_TABLE (TOML, per model: '
-                           '[models."<name>"] input_per_1k = ..., output_per_1k = ...)')
-    try:
-        prices = PriceTable.load(path)
-        rows = cost_report(_fetch("report", {"month": month, "client": client}), prices)
-    except PriceTableError as exc:
-        raise cli.CliError(str(exc)) from None
-    cli.print_rows(rows, fmt)
+        raise click.ClickException('no price table: pass --prices FILE or set TOKENAUDIT_PRICE_TABLE (TOML, per '
+                                   'model: [models."<name>"] input_per_1k = ..., output_per_1k = ...)')
+    prices = PriceTable.load(path)
+    _print(cost_report(_fetch("report", {"month": month, "client": client}), prices), fmt)
     _say_settled(fmt)
 
 
@@ -104,51 +98,7 @@ def report(month: str, prices_path: str | None, client: str | None, fmt: str) ->
 @FORMAT
 def latency(since: str, until: str | None, client: str | None, fmt: str) -> None:
     """Latency p50/p95 by input-token bucket (sampled requests): where long inputs start to hurt."""
-    _cli().print_rows(_fetch("latency", {"since": since, "until": until, "client": client}), fmt)
-
-
-class AnomalyPrinter:
-    """Prints anomalies one at a time (a stream has no end to wait for before printing)."""
-
-    TABLE = ("ts", "severity", "rule", "client_id", "observed", "threshold", "message")
-
-    def __init__(self, fmt: str, out=None):
-        from tokenaudit.sinks.queries import ANOMALY_COLUMNS
-
-        self.fmt, self.out, self.columns, self._header = fmt, out or sys.stdout, ANOMALY_COLUMNS, False
-
-    def __call__(self, anomaly: dict[str, Any]) -> None:
-        from tokenaudit.sinks.webhook import anomaly_json
-
-        row = anomaly_json(anomaly)
-        if self.fmt == "json":
-            line = json.dumps(row)
-        elif self.fmt == "csv":
-            import csv
-            import io
-
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
-            if not self._header:
-                writer.writeheader()
-            writer.writerow(row)
-            line = buf.getvalue().rstrip("\n")
-        else:
-            cells = [_short(row.get(c)) for c in self.TABLE]
-            head = "" if self._header else "  ".join(c.ljust(w) for c, w in zip(self.TABLE, _WIDTHS)) + "\n"
-            line = head + "  ".join(v.ljust(w) for v, w in zip(cells, _WIDTHS))
-        self._header = True
-        click.echo(line, file=self.out)
-        self.out.flush()
-
-
-_WIDTHS = (24, 8, 14, 20, 12, 12, 0)
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
+    _print(_fetch("latency", {"since": since, "until": until, "client": client}), fmt)
 
 
 @click.command()
@@ -168,32 +118,28 @@ def anomalies(since: str | None, until: str | None, limit: int, client: str | No
               webhook: str | None, group: str | None, from_beginning: bool, max_messages: int | None,
               fmt: str) -> None:
     """List anomalies, or follow the anomaly topic (--follow) and optionally forward them to a webhook."""
-    cli = _cli()
     if not follow:
         if webhook:
-            raise cli.CliError("--webhook needs --follow")
-        cli.print_rows(_fetch("anomalies", {"since": since or "24h", "until": until, "limit": limit,
-                                            "client": client}), fmt)
+            raise click.ClickException("--webhook needs --follow")
+        _print(_fetch("anomalies", {"since": since or "24h", "until": until, "limit": limit, "client": client}), fmt)
         return
     _follow(since, limit, client, webhook, group, from_beginning, max_messages, fmt)
 
 
 def _follow(since, limit, client, webhook, group, from_beginning, max_messages, fmt) -> None:
+    from tokenaudit.errors import FollowError, WebhookError
     from tokenaudit.infra.kafka_clients import kafka_config
-    from tokenaudit.sinks.anomaly_follow import FollowError, follow
-    from tokenaudit.sinks.webhook import WebhookError, WebhookForwarder
+    from tokenaudit.reports.anomaly_follow import follow
+    from tokenaudit.reports.formatting import AnomalyPrinter
+    from tokenaudit.reports.webhook import WebhookForwarder
 
-    cli = _cli()
-    settings = cli._settings()
+    s = settings()
     printer = AnomalyPrinter(fmt)
     forwarder = None
     if webhook:
-        try:
-            forwarder = WebhookForwarder(
-                webhook, timeout=settings.webhook_timeout_seconds, backoff_max=settings.webhook_backoff_max_seconds,
-                on_retry=lambda n, why: click.echo(f"webhook: attempt {n} failed ({why}); retrying", err=True))
-        except WebhookError as exc:
-            raise cli.CliError(str(exc)) from None
+        forwarder = WebhookForwarder(
+            webhook, timeout=s.webhook_timeout_seconds, backoff_max=s.webhook_backoff_max_seconds,
+            on_retry=lambda n, why: click.echo(f"webhook: attempt {n} failed ({why}); retrying", err=True))
     if since:
         for row in _fetch("anomalies", {"since": since, "limit": limit, "client": client}):
             printer(row)
@@ -206,14 +152,14 @@ def _follow(since, limit, client, webhook, group, from_beginning, max_messages, 
             forwarder.deliver(anomaly)
 
     try:
-        follow(settings.kafka_bootstrap, settings.topic_anomalies, group or settings.anomaly_group_id, handle,
+        follow(s.kafka_bootstrap, s.topic_anomalies, group or s.anomaly_group_id, handle,
                from_beginning=from_beginning, max_messages=max_messages,
                on_undecodable=lambda why: click.echo(f"warning: {why}", err=True),
-               client_config=kafka_config(settings))
+               client_config=kafka_config(s))
     except KeyboardInterrupt:
         pass
     except (FollowError, WebhookError) as exc:
-        raise cli.CliError(f"{exc} (offsets of undelivered anomalies were not committed)") from None
+        raise click.ClickException(f"{exc} (offsets of undelivered anomalies were not committed)") from None
     finally:
         if forwarder is not None:
             forwarder.close()
@@ -222,6 +168,6 @@ def _follow(since, limit, client, webhook, group, from_beginning, max_messages, 
 COMMANDS = (usage, top, report, latency, anomalies)
 
 
-def register(group: click.Group) -> None:
+def register(main: click.Group) -> None:
     for command in COMMANDS:
-        group.add_command(command)
+        main.add_command(command)

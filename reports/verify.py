@@ -13,7 +13,7 @@ that straddle an hour (window lengths that do not divide 3600 s).
 What is left out, and said so:
 
 * windows that are not settled yet (window + grace + idle timeout + the sink's batch, see
-  :func:`~tokenaudit.sinks.queries.settled_until`): the check runs up to that instant;
+  :func:`~tokenaudit.reports.queries.settled_until`): the check runs up to that instant;
 * buckets holding an event that *arrived* (Kafka timestamp) within that same delay, i.e. a
   late event the stream may still be applying: reported as pending, not as drift;
 * records the worker dead-letters (undecodable or invalid): counted and reported;
@@ -126,14 +126,14 @@ class _EventCounter:
         from tokenaudit.schemas import EVENT, AvroDecodeError
         from tokenaudit.schemas.compiled import compile_decoder
         from tokenaudit.schemas.event_ids import event_id_of, id_hash64
-        from tokenaudit.streams.processor import validate
+        from tokenaudit.schemas.validation import event_problem
 
         self.scan, self.window_ms = scan, window_ms
         self.since_ms, self.until_ms, self.arrived_before_ms = since_ms, until_ms, arrived_before_ms
         self.decode = compile_decoder(EVENT)
         assert self.decode is not None, "token_usage_event is a flat record by contract"
         self.decode_error = AvroDecodeError
-        self.validate = lambda ev: validate(ev, max_tokens)  # the worker's own rule and limit
+        self.validate = lambda ev: event_problem(ev, max_tokens)  # the worker's own rule and limit
         self.event_id_of, self.id_hash64 = event_id_of, id_hash64
         self.seen: set[int] = set()
 
@@ -227,8 +227,8 @@ class EmbeddedTotals:
         self.settings = settings
 
     def fetch(self, since_ms: int, until_ms: int) -> list[dict[str, Any]]:
-        from tokenaudit.sinks.admin_key import read_api_key
-        from tokenaudit.sinks.usage_client import ApiReports, UsageApiError, UsageApiUnreachable, usage_api_url
+        from tokenaudit.infra.keys import read_api_key
+        from tokenaudit.reports.usage_client import ApiReports, UsageApiError, UsageApiUnreachable, usage_api_url
 
         key = read_api_key(self.settings)
         if key is not None:
@@ -240,7 +240,7 @@ class EmbeddedTotals:
             except UsageApiError as exc:
                 raise VerifyError(str(exc)) from None
         from tokenaudit.infra.clickhouse import ClickHouseError
-        from tokenaudit.sinks.store import Store
+        from tokenaudit.infra.store import Store
 
         try:
             store = Store.from_settings(self.settings, migrate_schema=False)
@@ -255,7 +255,7 @@ class EmbeddedTotals:
 def open_totals(settings):
     if settings.embedded_clickhouse:
         return EmbeddedTotals(settings)
-    from tokenaudit.sinks.store import Store
+    from tokenaudit.infra.store import Store
 
     return DirectTotals(Store.from_settings(settings, migrate_schema=False), settings.window_seconds * 1000)
 
@@ -281,7 +281,7 @@ class VerifyReport:
         return not self.drift
 
     def as_json(self) -> dict[str, Any]:
-        from tokenaudit.sinks.queries import iso_utc
+        from tokenaudit.reports.queries import iso_utc
 
         s = self.scan or TopicScan()
         return {
@@ -300,7 +300,7 @@ def reconcile(scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int) 
     hours from the one holding ``since_ms`` on (both sides were already cut at the window
     start; a partial first hour is compared like any other)."""
     since_ms -= since_ms % HOUR_MS
-    from tokenaudit.sinks.queries import iso_utc
+    from tokenaudit.reports.queries import iso_utc
 
     def hour(ms: int) -> str:
         return iso_utc(datetime.fromtimestamp(ms / 1000, timezone.utc))
@@ -337,8 +337,8 @@ def reconcile(scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int) 
 def run_verify(settings, since: str, until: str | None, now: datetime | None = None,
                totals=None, timeout: float = 30.0) -> VerifyReport:
     """Reconcile [since, until) (report time forms: 24h, 7d, ISO) up to the settled instant."""
-    from tokenaudit.sinks.params import parse_time
-    from tokenaudit.sinks.queries import settle_seconds, settled_until
+    from tokenaudit.reports.params import parse_time
+    from tokenaudit.reports.queries import settle_seconds, settled_until
 
     now = now or datetime.now(timezone.utc)
     start = parse_time(since, "since", now)

@@ -73,7 +73,7 @@ def apply_overrides() -> dict[str, str]:
 
 def demo_keys(settings, echo: Callable[[str], None]) -> dict[str, str]:
     """One API key per demo client, created once and reused (kept in <data_dir>/demo_keys.json)."""
-    from tokenaudit.inference.api_keys import KeyRegistry, KeyRegistryError, add_key
+    from tokenaudit.infra.keys import KeyRegistry, KeyRegistryError, add_key
 
     registry = settings.default_api_keys_file
     store = settings.data_dir / "demo_keys.json"
@@ -151,7 +151,7 @@ async def send_traffic(base_url: str, keys: dict[str, str], steady_s: float, spi
 
 def wait_accounted(settings, since: str, sent: Counter, timeout: float, echo) -> dict[str, int]:
     """Poll the usage reports until every sent request is in usage_rollup (exactly)."""
-    from tokenaudit.sinks.usage_client import UsageApiError, open_reports
+    from tokenaudit.reports.usage_client import UsageApiError, open_reports
 
     deadline = time.monotonic() + timeout
     seen: dict[str, int] = {}
@@ -171,7 +171,7 @@ def wait_accounted(settings, since: str, sent: Counter, timeout: float, echo) ->
 
 def show(title: str, args: list[str], echo) -> None:
     echo(f"\n=== {title}  (tokenaudit {' '.join(args)})")
-    out = subprocess.run([sys.executable, "-m", "tokenaudit.infra.cli", *args], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tokenaudit.cli", *args], capture_output=True, text=True)
     echo((out.stdout + out.stderr).rstrip())
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from tokenaudit.sinks.params import ReportParams, parse_report_params
-from tokenaudit.sinks.store import Store
+from tokenaudit.reports.params import ReportParams, parse_report_params
+from tokenaudit.infra.store import Store
 
 # prefer_column_name_to_alias: `sum(requests) AS requests` must not make a later
 # `sum(requests)` refer to the alias (an aggregate inside an aggregate).

@@ -20,7 +20,7 @@ import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential_jitter
 
 from tokenaudit.errors import WebhookError, WebhookRejected  # noqa: F401 (raised here, declared there)
-from tokenaudit.sinks.queries import _jsonable
+from tokenaudit.reports.queries import _jsonable
 
 log = logging.getLogger(__name__)
 

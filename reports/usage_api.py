@@ -1,6 +1,6 @@
 """Read-only usage API, served by the process that owns the store (the sink, in embedded mode).
 
-Only the fixed reports of :mod:`tokenaudit.sinks.queries` are exposed, never SQL:
+Only the fixed reports of :mod:`tokenaudit.reports.queries` are exposed, never SQL:
 
     GET /healthz                                   (no key)
     GET /v1/usage?since=&until=&by=&client=
@@ -10,14 +10,14 @@ Only the fixed reports of :mod:`tokenaudit.sinks.queries` are exposed, never SQL
     GET /v1/latency?since=&until=&client=
     GET /v1/anomalies?since=&until=&limit=&client=
     GET /v1/admin/verify?since_ms=&until_ms=       (admin keys only: the store side of
-                                                    `tokenaudit verify`, see sinks/verify.py)
+                                                    `tokenaudit verify`, see reports/verify.py)
 
 Every /v1 call needs ``Authorization: Bearer <key>`` from the API-key registry. A client key
 is scoped to its own client_id (asking for another is 403); an admin key sees everything
 and may narrow with ``client=``. A bad or unknown parameter, or a repeated one, is a 400
 with a JSON error before any SQL runs. Answers are ``{"report", "scope", "settled_until",
 "rows": [...]}``: windows that start before ``settled_until`` will not change any more
-(see :func:`~tokenaudit.sinks.queries.settled_until`).
+(see :func:`~tokenaudit.reports.queries.settled_until`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tokenaudit.inference.api_keys import AuthError, KeyRegistry, marker_path
-from tokenaudit.sinks.params import REPORT_PARAMS, QueryParamError, parse_report_params
-from tokenaudit.sinks.queries import iso_utc, run_report, settled_until
-from tokenaudit.sinks.verify import API_PATH, admin_verify_endpoint
+from tokenaudit.infra.keys import AuthError, KeyRegistry, marker_path
+from tokenaudit.reports.params import REPORT_PARAMS, QueryParamError, parse_report_params
+from tokenaudit.reports.queries import iso_utc, run_report, settled_until
+from tokenaudit.reports.verify import API_PATH, admin_verify_endpoint
 
 log = logging.getLogger(__name__)
 

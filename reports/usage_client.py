@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import httpx
 
 from tokenaudit.errors import UsageApiError, UsageApiUnreachable  # noqa: F401 (raised here, declared there)
-from tokenaudit.sinks.admin_key import admin_key_path, read_api_key
-from tokenaudit.sinks.params import parse_report_params
-from tokenaudit.sinks.queries import run_report
+from tokenaudit.infra.keys import admin_key_path, read_api_key
+from tokenaudit.reports.params import parse_report_params
+from tokenaudit.reports.queries import run_report
 
 
 class Reports(Protocol):
@@ -95,7 +95,7 @@ class _EmbeddedReports:
 
     def _open_direct(self, unreachable: UsageApiUnreachable, no_key: bool) -> DirectReports:
         from tokenaudit.infra.clickhouse import ClickHouseError
-        from tokenaudit.sinks.store import Store
+        from tokenaudit.infra.store import Store
 
         try:
             return DirectReports(Store.from_settings(self.settings))
@@ -109,6 +109,6 @@ def open_reports(settings) -> Reports:
     """The right report source for these settings (see the module docstring)."""
     if settings.embedded_clickhouse:
         return _EmbeddedReports(settings)
-    from tokenaudit.sinks.store import Store
+    from tokenaudit.infra.store import Store
 
     return DirectReports(Store.from_settings(settings, migrate_schema=False))
