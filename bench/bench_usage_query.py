@@ -29,10 +29,13 @@ from datetime import datetime, timezone
 from tokenaudit.reports.params import parse_report_params
 from tokenaudit.reports.queries import usage
 from tokenaudit.infra.store import Store
+from tokenaudit.schemas import columns
 
 PAIRS = 10_000  # 2,000 clients x 5 models
-COLUMNS = ("client_id, department, model, window_start, window_end, requests, errors, input_tokens, "
-           "output_tokens, total_tokens, latency_ms_sum, latency_ms_max, max_input_tokens, truncated, version")
+COLUMNS = ", ".join(columns.subset(columns.USAGE_ROLLUP, "client_id", "department", "model", "window_start",
+                                   "window_end", "requests", "errors", "input_tokens", "output_tokens",
+                                   "total_tokens", "latency_ms_sum", "latency_ms_max", "max_input_tokens",
+                                   "truncated", "version"))
 
 
 def generate(store: Store, first: int, count: int, start_ms: int, version: int = 1) -> None:

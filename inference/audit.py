@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -25,16 +24,15 @@ from typing import Awaitable, Callable
 import uuid_utils
 
 from tokenaudit.errors import DigestSecretError  # noqa: F401 (raised here, declared there)
+from tokenaudit.schemas.records import MAX_EVENT_METHOD, MAX_EVENT_PATH  # noqa: F401 (the event's limits)
+from tokenaudit.schemas.http_errors import send_error
+from tokenaudit.schemas.records import TokenUsageEvent, token_usage_event
 
 log = logging.getLogger(__name__)
 
 SCOPE_KEY = "tokenaudit.audit"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 STATUS_CLIENT_CLOSED = 499
-#: Longest path (and method) an event carries: a 16 KB URL must not make a 16 KB event (keyless
-#: 401s during a broker outage would fill the spool that paid events need).
-MAX_EVENT_PATH = 256
-MAX_EVENT_METHOD = 16
 
 
 @dataclass(slots=True)
@@ -73,25 +71,11 @@ class AuditContext:
         event_id = str(uuid_utils.uuid7())
         return cls(request_id or event_id.replace("-", ""), event_id, int(time.time() * 1000), time.perf_counter())
 
-    def to_event(self, method: str, path: str, status: int, instance: str = "") -> dict:
-        """The Avro record (schema token_usage_event v3); a flat dict literal because this runs
-        once per request and must stay in the low microseconds. ``event_id`` is fixed when the
-        context is made, so every copy of this event (retries, spool replays) carries it.
-        ``path`` is cut to :data:`MAX_EVENT_PATH` characters, ``method`` to
-        :data:`MAX_EVENT_METHOD`."""
-        return {
-            "request_id": self.request_id, "event_id": self.event_id, "instance": instance,
-            "ts": self.ts_ms, "client_id": self.client_id,
-            "department": self.department, "api_key_id": self.api_key_id, "client_ip": self.client_ip,
-            "method": method[:MAX_EVENT_METHOD], "path": path[:MAX_EVENT_PATH], "status_code": status, "error_type": self.error_type,
-            "model": self.model, "input_tokens": self.input_tokens,
-            "untruncated_input_tokens": self.untruncated_input_tokens, "truncated": self.truncated,
-            "output_tokens": self.output_tokens, "total_tokens": self.input_tokens + self.output_tokens,
-            "latency_ms": (time.perf_counter() - self.started) * 1000, "queue_ms": self.queue_ms,
-            "inference_ms": self.inference_ms, "batch_id": self.batch_id, "batch_size": self.batch_size,
-            "position_in_batch": self.position_in_batch, "device": self.device,
-            "prompt_digest": self.prompt_digest, "finish_reason": self.finish_reason,
-        }
+    def to_event(self, method: str, path: str, status: int, instance: str = "") -> TokenUsageEvent:
+        """The request's event (schemas.records.token_usage_event, the one builder), its latency
+        measured now. ``event_id`` is fixed when the context is made, so every copy of this event
+        (retries, spool replays) carries it."""
+        return token_usage_event(self, method, path, status, instance, (time.perf_counter() - self.started) * 1000)
 
 
 def context_of(scope: dict) -> AuditContext:
@@ -234,13 +218,8 @@ class AuditMiddleware:
                 log.error("request %s failed: %s", ctx.request_id, type(exc).__name__, exc_info=exc)
                 ctx.error_type = ctx.error_type or "internal_error"
                 if status == 0:
-                    body = json.dumps({"error": {"type": "server_error", "message": "internal error",
-                                                 "param": None, "code": "internal_error"}}).encode()
                     try:
-                        await send_wrapper({"type": "http.response.start", "status": 500,
-                                            "headers": [(b"content-type", b"application/json"),
-                                                        (b"content-length", str(len(body)).encode())]})
-                        await send({"type": "http.response.body", "body": body})
+                        await send_error(send_wrapper, 500, "internal_error", "internal error")
                     except Exception:
                         ctx.disconnected = True
                 status = status or 500

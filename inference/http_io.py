@@ -2,8 +2,9 @@
 
 The body limit is enforced while the body streams in (a declared Content-Length over the limit
 is refused before reading anything), so an oversized upload costs at most the limit in memory.
-Errors use OpenAI's shape ``{"error": {"type", "message", "param", "code"}}``; ``code`` is
-also the event's ``error_type``.
+Errors use OpenAI's shape ``{"error": {"type", "message", "param", "code"}}``, written by
+:mod:`tokenaudit.schemas.http_errors` (the one envelope of every HTTP service); ``code`` is also
+the event's ``error_type``.
 """
 
 from __future__ import annotations
@@ -12,13 +13,10 @@ import json
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from tokenaudit.inference.audit import context_of
-
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-          503: "server_error", 500: "server_error"}
+from tokenaudit.schemas import http_errors
 
 
 class ApiError(Exception):
@@ -33,11 +31,9 @@ class Disconnected(Exception):
     """The client went away while we were reading its request."""
 
 
-def error_response(request: Request, err: ApiError) -> JSONResponse:
+def error_response(request: Request, err: ApiError) -> Response:
     context_of(request.scope).error_type = err.code
-    body = {"error": {"type": _TYPES.get(err.status, "invalid_request_error"), "message": err.message,
-                      "param": err.param, "code": err.code}}
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+    return http_errors.error_response(err.status, err.code, err.message, err.param, err.headers)
 
 
 async def read_json_object(request: Request, limit: int) -> dict:

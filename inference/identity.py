@@ -13,12 +13,12 @@ then the right-most address that is not itself a trusted proxy is the client.
 from __future__ import annotations
 
 import ipaddress
-import json
 from typing import Iterable
 
 from tokenaudit.errors import SettingsError
 from tokenaudit.infra.keys import AuthError, KeyRegistry
 from tokenaudit.inference.audit import context_of
+from tokenaudit.schemas.http_errors import send_error
 
 UNAUTHENTICATED = "unauthenticated"
 
@@ -98,12 +98,5 @@ class IdentityMiddleware:
 
 async def _refuse(send, err: AuthError) -> None:
     """401 (with WWW-Authenticate) or 503, in the OpenAI error shape."""
-    kind = "authentication_error" if err.status == 401 else "server_error"
-    body = json.dumps({"error": {"type": kind, "message": err.message, "param": None, "code": err.code}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if err.status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="tokenaudit"'))
-    else:
-        headers.append((b"retry-after", b"5"))
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    extra = (b"www-authenticate", b'Bearer realm="tokenaudit"') if err.status == 401 else (b"retry-after", b"5")
+    await send_error(send, err.status, err.code, err.message, headers=[extra])

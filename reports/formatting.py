@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from tokenaudit.reports.queries import ANOMALY_COLUMNS as ANOMALIES
+from tokenaudit.schemas.columns import ANOMALIES
 
 
 def print_rows(rows: list[dict], fmt: str) -> None:

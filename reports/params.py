@@ -65,12 +65,13 @@ def parse_time(value: str, name: str, now: datetime) -> datetime:
             parsed = parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
     except ValueError:
         raise QueryParamError(
-            f"{name}: expected a duration like 15m, 24h, 7d or an ISO time like 2026-01-31T12:00, got {value!r}"
-        ) from None
+            f"{name}: expected a duration like 15m, 24h, 7d or an ISO time like 2026-01-31T12:00, got {value!r}",
+            name) from None
     except OverflowError:  # 999999w back from now, or year 1 shifted by its zone
         parsed = EARLIEST - timedelta(days=1)
     if not EARLIEST <= parsed < LATEST:
-        raise QueryParamError(f"{name}: must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}, got {value!r}")
+        raise QueryParamError(f"{name}: must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}, got {value!r}",
+                              name)
     return parsed
 
 
@@ -78,7 +79,7 @@ def parse_month(value: str) -> tuple[datetime, datetime]:
     """``YYYY-MM`` -> [first instant of the month, first instant of the next), UTC."""
     match = _MONTH.fullmatch(value.strip())
     if not match or not 1 <= int(match.group(2)) <= 12 or not EARLIEST.year <= int(match.group(1)) < LATEST.year:
-        raise QueryParamError(f"month: expected YYYY-MM (e.g. 2026-01), got {value!r}")
+        raise QueryParamError(f"month: expected YYYY-MM (e.g. 2026-01), got {value!r}", "month")
     year, month = int(match.group(1)), int(match.group(2))
     start = datetime(year, month, 1, tzinfo=timezone.utc)
     end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=timezone.utc)
@@ -89,13 +90,14 @@ def parse_limit(value: str) -> int:
     text = value.strip()
     # isascii: "²".isdigit() is True, but int("²") raises
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIMIT:
-        raise QueryParamError(f"limit: expected a whole number from 1 to {MAX_LIMIT}, got {value!r}")
+        raise QueryParamError(f"limit: expected a whole number from 1 to {MAX_LIMIT}, got {value!r}", "limit")
     return int(text)
 
 
 def parse_client(value: str) -> str:
     if not _CLIENT.fullmatch(value):
-        raise QueryParamError(f"client: expected a client id (letters, digits, _ . : @ + / -), got {value!r}")
+        raise QueryParamError(f"client: expected a client id (letters, digits, _ . : @ + / -), got {value!r}",
+                              "client")
     return value
 
 
@@ -107,27 +109,27 @@ def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | Non
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise QueryParamError(f"{report}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                              f"accepted: {', '.join(sorted(allowed))}")
+                              f"accepted: {', '.join(sorted(allowed))}", unknown[0])
     for name, value in raw.items():
         if not isinstance(value, str) or len(value) > _MAX_VALUE_LEN:
-            raise QueryParamError(f"{name}: value too long or not text")
+            raise QueryParamError(f"{name}: value too long or not text", name)
     now = now or datetime.now(timezone.utc)
     values: dict = {}
     if "since" in allowed:
         values["since"] = parse_time(raw.get("since") or DEFAULT_SINCE, "since", now)
         values["until"] = parse_time(raw["until"], "until", now) if raw.get("until") else now
         if values["until"] <= values["since"]:
-            raise QueryParamError("until: must be after since")
+            raise QueryParamError("until: must be after since", "until")
     if "by" in allowed:
         by = raw.get("by") or "client"
         if by not in GROUPINGS:
-            raise QueryParamError(f"by: expected one of {'|'.join(GROUPINGS)}, got {by!r}")
+            raise QueryParamError(f"by: expected one of {'|'.join(GROUPINGS)}, got {by!r}", "by")
         values["by"] = by
     if "limit" in allowed:
         values["limit"] = parse_limit(raw["limit"]) if raw.get("limit") else (10 if report == "top" else 1000)
     if "month" in allowed:
         if not raw.get("month"):
-            raise QueryParamError("month: required (YYYY-MM)")
+            raise QueryParamError("month: required (YYYY-MM)", "month")
         values["month_start"], values["month_end"] = parse_month(raw["month"])
     if raw.get("client"):
         values["client"] = parse_client(raw["client"])

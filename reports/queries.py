@@ -15,6 +15,7 @@ from typing import Any
 
 from tokenaudit.reports.params import ReportParams, parse_report_params
 from tokenaudit.infra.store import Store
+from tokenaudit.schemas import columns
 
 # prefer_column_name_to_alias: `sum(requests) AS requests` must not make a later
 # `sum(requests)` refer to the alias (an aggregate inside an aggregate).
@@ -147,8 +148,7 @@ def latency(store: Store, params: ReportParams, client: str | None = None) -> li
              "p50_latency_ms": round(r["q"][0], 2), "p95_latency_ms": round(r["q"][1], 2)} for r in rows]
 
 
-ANOMALY_COLUMNS = ("anomaly_id", "ts", "client_id", "department", "model", "rule", "severity", "observed",
-                   "threshold", "window_start", "request_id", "message")
+ANOMALY_COLUMNS = columns.ANOMALIES
 
 
 def anomalies(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:

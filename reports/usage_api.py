@@ -15,7 +15,7 @@ Only the fixed reports of :mod:`tokenaudit.reports.queries` are exposed, never S
 Every /v1 call needs ``Authorization: Bearer <key>`` from the API-key registry. A client key
 is scoped to its own client_id (asking for another is 403); an admin key sees everything
 and may narrow with ``client=``. A bad or unknown parameter, or a repeated one, is a 400
-with a JSON error before any SQL runs. Answers are ``{"report", "scope", "settled_until",
+with the error envelope before any SQL runs. Answers are ``{"report", "scope", "settled_until",
 "rows": [...]}``: windows that start before ``settled_until`` will not change any more
 (see :func:`~tokenaudit.reports.queries.settled_until`).
 """
@@ -28,19 +28,21 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tokenaudit.infra.keys import AuthError, KeyRegistry, marker_path
 from tokenaudit.reports.params import REPORT_PARAMS, QueryParamError, parse_report_params
 from tokenaudit.reports.queries import iso_utc, run_report, settled_until
 from tokenaudit.reports.verify import API_PATH, admin_verify_endpoint
+from tokenaudit.schemas.http_errors import error_response
 
 log = logging.getLogger(__name__)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, code: str, message: str, param: str | None = None) -> Response:
+    """Every error of the usage API: the OpenAI envelope both HTTP services answer with."""
+    return error_response(status, code, message, param)
 
 
 def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
@@ -60,48 +62,48 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
         try:
             key = registry.authenticate(request.headers.get("authorization"), allow_open=False)
         except AuthError as err:
-            return _error(err.status, err.message)
+            return _error(err.status, err.code, err.message)
         assert key is not None
         return key
 
     def endpoint(report: str):
         async def handle(request: Request) -> JSONResponse:
             key = authenticate(request)
-            if isinstance(key, JSONResponse):
+            if isinstance(key, Response):
                 return key
             items = request.query_params.multi_items()
             names = [name for name, _ in items]
             if len(names) != len(set(names)):
-                return _error(400, "a parameter was given more than once")
+                return _error(400, "invalid_parameter", "a parameter was given more than once")
             try:
                 params = parse_report_params(report, dict(items))
             except QueryParamError as exc:
-                return _error(400, str(exc))
+                return _error(400, "invalid_parameter", str(exc), exc.param)
             scope = params.client
             if not key.is_admin:
                 if scope is not None and scope != key.client_id:
-                    return _error(403, "a client key can only read its own usage")
+                    return _error(403, "forbidden_client", "a client key can only read its own usage", "client")
                 scope = key.client_id
             try:
                 rows = await run_in_threadpool(run_report, store, report, params, scope)
             except Exception:  # never leak SQL or engine internals to the caller
                 log.exception("usage API: %s report failed", report)
-                return _error(500, f"{report} report failed; see the sink log")
+                return _error(500, "report_failed", f"{report} report failed; see the sink log")
             return JSONResponse({"report": report, "scope": scope or "*",
                                  "settled_until": iso_utc(settled_until(settings)), "rows": rows})
 
         return handle
 
     # messages take the path from the scope: request.url raises on a query string that is not UTF-8
-    async def not_found(request: Request, exc) -> JSONResponse:
-        return _error(404, f"no route {request.scope['path'][:200]}")
+    async def not_found(request: Request, exc) -> Response:
+        return _error(404, "not_found", f"no route {request.scope['path'][:200]}")
 
-    async def method_not_allowed(request: Request, exc) -> JSONResponse:
-        return _error(405, f"{request.method[:16]} is not allowed on {request.scope['path'][:200]}")
+    async def method_not_allowed(request: Request, exc) -> Response:
+        return _error(405, "method_not_allowed", f"{request.method[:16]} is not allowed on {request.scope['path'][:200]}")
 
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+    async def server_error(request: Request, exc: Exception) -> Response:
         log.error("usage API: %s on %s", type(exc).__name__, request.scope['path'][:200], exc_info=exc)
-        return _error(500, "internal error; see the sink log")
+        return _error(500, "internal_error", "internal error; see the sink log")
 
     routes = [Route("/healthz", healthz)]
     routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS]

@@ -62,7 +62,9 @@ class ApiReports:
         except ValueError:
             body = {}
         if response.status_code != 200:
-            raise UsageApiError(f"usage API: {body.get('error') or f'HTTP {response.status_code}'}")
+            error = body.get("error") if isinstance(body, dict) else None
+            message = error.get("message") if isinstance(error, dict) else None  # the OpenAI envelope
+            raise UsageApiError(f"usage API: {message or f'HTTP {response.status_code}'}")
         return body["rows"]
 
 

@@ -1,6 +1,9 @@
 """Avro schemas (``avsc/<name>.v<N>.avsc``) and their single-object encoding.
 
-Public API: :func:`encode`, :func:`decode`, :class:`AvroDecodeError`, :data:`registry`.
+Public API: :func:`encode`, :func:`decode`, :class:`AvroDecodeError`, :data:`catalog` (the
+schema versions shipped in ``avsc/``). The rest of the contract: typed records and their
+builders (``records``), ClickHouse column lists (``columns``), the event rule
+(``validation``), identifiers, event ids, and the HTTP error envelope (``http_errors``).
 """
 
 from tokenaudit.schemas.codec import (
@@ -9,11 +12,11 @@ from tokenaudit.schemas.codec import (
     ROLLUP,
     SAMPLED,
     AvroDecodeError,
-    SchemaRegistry,
+    SchemaCatalog,
     decode,
     encode,
-    registry,
+    catalog,
 )
 
-__all__ = ["EVENT", "ANOMALY", "ROLLUP", "SAMPLED", "AvroDecodeError", "SchemaRegistry",
-           "decode", "encode", "registry"]
+__all__ = ["EVENT", "ANOMALY", "ROLLUP", "SAMPLED", "AvroDecodeError", "SchemaCatalog",
+           "decode", "encode", "catalog"]

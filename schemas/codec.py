@@ -71,8 +71,13 @@ def schema_fingerprint(raw: dict) -> bytes:
 
 
 @dataclass
-class SchemaRegistry:
-    """Every schema version shipped in ``avsc/``; the highest version of a name is current."""
+class SchemaCatalog:
+    """Every schema version shipped in ``avsc/``, by name and by fingerprint; the highest
+    version of a name is current.
+
+    A local, read-only table of the schemas this package ships: what the single-object
+    encoding's fingerprint points into. Not a schema registry (a service that assigns ids and
+    checks compatibility as schemas are registered), which a later release adds beside it."""
 
     by_fingerprint: dict[bytes, SchemaVersion] = field(default_factory=dict)
     by_name: dict[str, list[SchemaVersion]] = field(default_factory=dict)
@@ -99,14 +104,14 @@ class SchemaRegistry:
         raise KeyError(f"no version {version} of schema {name!r}")
 
     @classmethod
-    def load_builtin(cls) -> "SchemaRegistry":
-        reg = cls()
+    def load_builtin(cls) -> "SchemaCatalog":
+        found = cls()
         folder = resources.files("tokenaudit.schemas").joinpath("avsc")
         for entry in sorted(folder.iterdir(), key=lambda e: e.name):
             match = re.fullmatch(r"(\w+)\.v(\d+)\.avsc", entry.name)
             if match:
-                reg.add(match.group(1), int(match.group(2)), json.loads(entry.read_text()))
-        return reg
+                found.add(match.group(1), int(match.group(2)), json.loads(entry.read_text()))
+        return found
 
     # --- encoding --------------------------------------------------------------------------
     def encode(self, name: str, record: dict, version: int | None = None) -> bytes:
@@ -153,12 +158,12 @@ class SchemaRegistry:
         return record
 
 
-registry = SchemaRegistry.load_builtin()
+catalog = SchemaCatalog.load_builtin()
 
 
 def encode(name: str, record: dict, version: int | None = None) -> bytes:
-    return registry.encode(name, record, version)
+    return catalog.encode(name, record, version)
 
 
 def decode(data: bytes, name: str | None = None) -> dict:
-    return registry.decode(data, name)
+    return catalog.decode(data, name)

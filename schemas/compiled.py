@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from tokenaudit.schemas.codec import HEADER_LEN, AvroDecodeError, decode as generic_decode
 from tokenaudit.schemas.codec import encode as generic_encode
-from tokenaudit.schemas.codec import registry
+from tokenaudit.schemas.codec import catalog
 
 # The same codecs in C (schemas/_native.pyx, built by setup.py with Cython): ~5x faster
 # again. Optional: without a C compiler the generated Python below is used.
@@ -138,7 +138,7 @@ def compile_encoder(name: str, memo_large: bool = False, native: bool | None = N
     datetime for a timestamp, a missing field) goes through that function instead.
     ``memo_large``: memoise varints of large values (for records whose large values repeat;
     generated Python only). ``native``: the C codec (default: when built)."""
-    sv = registry.current(name)
+    sv = catalog.current(name)
     if sv.raw.get("type") != "record":
         return None
     if NATIVE if native is None else native:
@@ -233,7 +233,7 @@ def compile_decoder(name: str, native: bool | None = None) -> Callable[[bytes], 
     schema is not flat. Timestamp-millis fields come back as int epoch ms, whichever path
     read them; bad bytes raise :class:`AvroDecodeError`. ``native``: the C codec (default:
     when built)."""
-    sv = registry.current(name)
+    sv = catalog.current(name)
     if sv.raw.get("type") != "record":
         return None
     if NATIVE if native is None else native:

@@ -332,5 +332,4 @@ class Sink:
                 rows[key] = changed[key] = R.merge_delta(current, d)
                 self.counters.deltas_merged += 1
         if changed:
-            columns = R.ROLLUP_COLUMNS + ["late_ids"]
-            self._store("usage_rollup", list(changed.values()), columns, lambda r: [r[c] for c in columns])
+            self._store("usage_rollup", list(changed.values()), R.MERGED_ROLLUP_COLUMNS, R.merged_rollup_row)

@@ -46,7 +46,6 @@ Why it is built this way (see DESIGN.md):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -56,7 +55,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenaudit.schemas import EVENT, AvroDecodeError
+from tokenaudit.schemas import EVENT, AvroDecodeError, records
 from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.schemas.event_ids import ID_BYTES, derived_event_id, id_bytes, pack_ids, unpack_ids
 from tokenaudit.schemas.validation import event_problem
@@ -127,17 +126,6 @@ class Counters:
     rollups: int = 0
     sampled: int = 0
     anomalies: int = 0
-
-
-def anomaly_id(rule: str, client_id: str, model: str, window_start: int, department: str = "",
-               api_key_id: str = "") -> str:
-    """Deterministic: the same anomaly (rule, window) gets the same id in every replay. The
-    department and key are part of the window's identity; left out when both are empty, so
-    such ids are what they were before windows had them."""
-    text = f"{rule}{SEP}{client_id}{SEP}{model}{SEP}{window_start}"
-    if department or api_key_id:
-        text += f"{SEP}{department}{SEP}{api_key_id}"
-    return hashlib.sha1(text.encode()).hexdigest()[:24]
 
 
 class Processor:
@@ -854,24 +842,9 @@ class Processor:
     def _anomaly(self, rule: str, client: str, dept: str, model: str, ws: int, observed: float, thr: float,
                  message: str, request_id: str | None = None, ts: Any = None, api_key_id: str = "") -> dict:
         self.counters.anomalies += 1
-        severity = "critical" if thr > 0 and observed >= 2 * thr else "warning"
-        return {
-            "anomaly_id": anomaly_id(rule, client, model, ws, dept, api_key_id),
-            "ts": ts if ts is not None else ws + self.window_ms,
-            "client_id": client, "department": dept, "model": model, "rule": rule, "severity": severity,
-            "observed": float(observed), "threshold": float(thr), "window_start": ws,
-            "request_id": request_id, "message": message,
-        }
+        return records.anomaly(rule, client, dept, model, ws, observed, thr, message,
+                               ts if ts is not None else ws + self.window_ms, request_id, api_key_id)
 
     def _sampled(self, ev: dict, reason: str, thr: float) -> dict:
         self.counters.sampled += 1
-        return {
-            "request_id": ev["request_id"], "ts": ev["ts"], "client_id": ev["client_id"],
-            "department": ev["department"], "model": ev["model"], "input_tokens": ev["input_tokens"],
-            "output_tokens": ev["output_tokens"], "total_tokens": ev["total_tokens"],
-            "latency_ms": ev["latency_ms"], "status_code": ev["status_code"], "sample_reason": reason,
-            "threshold": thr, "untruncated_input_tokens": ev["untruncated_input_tokens"],
-            "truncated": bool(ev["truncated"]), "queue_ms": ev["queue_ms"], "inference_ms": ev["inference_ms"],
-            "path": ev["path"], "error_type": ev["error_type"] or "", "batch_size": ev["batch_size"],
-            "device": ev["device"], "prompt_digest": ev["prompt_digest"] or "",
-        }
+        return records.sampled_record(ev, reason, thr)

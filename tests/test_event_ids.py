@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from tokenaudit.schemas import EVENT, decode, registry
+from tokenaudit.schemas import EVENT, decode, catalog
 from tokenaudit.schemas.event_ids import derived_event_id, event_id_of, id_hash64, is_uuid_text
 
 from test_avro_kafka_roundtrip import sample_event
@@ -22,12 +22,12 @@ def test_event_id_wins_and_derived_ids_are_stable_uuid8_text():
 
 def test_the_same_event_gets_the_same_id_whatever_writer_version():
     bare = {k: v for k, v in sample_event(5).items() if k not in ("event_id", "instance")}
-    v2 = decode(registry.encode(EVENT, bare, version=2), EVENT)
-    v3 = decode(registry.encode(EVENT, dict(bare, event_id=None)), EVENT)
+    v2 = decode(catalog.encode(EVENT, bare, version=2), EVENT)
+    v3 = decode(catalog.encode(EVENT, dict(bare, event_id=None)), EVENT)
     assert event_id_of(v2) == event_id_of(v3)
     from tokenaudit.schemas.compiled import compile_decoder
 
-    fast = compile_decoder(EVENT)(registry.encode(EVENT, dict(bare, event_id=None)))  # ts as int ms
+    fast = compile_decoder(EVENT)(catalog.encode(EVENT, dict(bare, event_id=None)))  # ts as int ms
     assert isinstance(fast["ts"], int) and event_id_of(fast) == event_id_of(v3)
 
 

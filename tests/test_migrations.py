@@ -7,7 +7,14 @@ import pytest
 from tokenaudit.infra.clickhouse import ClickHouseError, connect, validate_dsn
 from tokenaudit.infra.migrate import applied_versions, load_migrations, migrate
 
-CONTRACT_COLUMNS = {
+from tokenaudit.schemas import columns
+from tests.support.usage_seed import ROLLUP_COLUMNS
+
+# every column the sink writes and the reports read (the one list per table), and DESIGN.md's
+# contract columns, which those lists include
+CONTRACT_COLUMNS = {table: set(names) for table, names in columns.TABLES.items()}
+CONTRACT_COLUMNS["usage_rollup"].add(columns.ROLLUP_LATE_IDS)
+DESIGN_COLUMNS = {
     "usage_rollup": {"client_id", "department", "model", "window_start", "window_end", "requests", "errors",
                      "input_tokens", "output_tokens", "total_tokens", "latency_ms_sum", "latency_ms_max"},
     "usage_sampled": {"request_id", "ts", "client_id", "department", "model", "input_tokens", "output_tokens",
@@ -23,6 +30,7 @@ def test_migrate_twice_records_version_and_creates_tables(ch_client, ch_database
     assert applied_versions(ch_client, ch_database) == [m.version for m in load_migrations()]  # numbers may skip
     tables = {r[0] for r in ch_client.query(f"SHOW TABLES FROM {ch_database}").result_rows}
     assert set(CONTRACT_COLUMNS) <= tables
+    assert all(DESIGN_COLUMNS[t] <= CONTRACT_COLUMNS[t] for t in DESIGN_COLUMNS)
     for table, columns in CONTRACT_COLUMNS.items():
         have = {r[0] for r in ch_client.query(
             "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
@@ -40,9 +48,7 @@ def test_replayed_rollup_insert_reads_once(ch_client, ch_database):
 
     row = ["c1", "d", "m", datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 1, 1, 0, 1, tzinfo=timezone.utc),
            3, 0, 30, 10, 40, 9.0, 4.0, 12, 0, 3]
-    cols = ["client_id", "department", "model", "window_start", "window_end", "requests", "errors", "input_tokens",
-            "output_tokens", "total_tokens", "latency_ms_sum", "latency_ms_max", "max_input_tokens", "truncated",
-            "version"]
+    cols = ROLLUP_COLUMNS
     for _ in range(3):
         ch_client.insert(f"{ch_database}.usage_rollup", [row], column_names=cols)
     total = ch_client.query(f"SELECT count(), sum(total_tokens) FROM {ch_database}.usage_rollup FINAL").result_rows

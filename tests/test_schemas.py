@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError, registry
-from tokenaudit.schemas.codec import MAGIC, SchemaRegistry, schema_fingerprint
+from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError, catalog
+from tokenaudit.schemas.codec import MAGIC, SchemaCatalog, schema_fingerprint
 
 from test_avro_kafka_roundtrip import sample_event
 
@@ -16,34 +16,34 @@ def test_fingerprint_matches_avro_spec_vector():
 
 
 def test_header_is_magic_and_fingerprint():
-    data = registry.encode(EVENT, sample_event())
+    data = catalog.encode(EVENT, sample_event())
     assert data[:2] == MAGIC == b"\xc3\x01"
-    assert data[2:10] == registry.current(EVENT).fingerprint
+    assert data[2:10] == catalog.current(EVENT).fingerprint
 
 
 def test_old_writer_reads_with_current_reader_default_filled():
     v1_event = {k: v for k, v in sample_event().items() if k not in ("finish_reason", "event_id", "instance")}
-    data = registry.encode(EVENT, v1_event, version=1)
-    assert registry.writer_of(data).version == 1
-    decoded = registry.decode(data)
+    data = catalog.encode(EVENT, v1_event, version=1)
+    assert catalog.writer_of(data).version == 1
+    decoded = catalog.decode(data)
     assert decoded["finish_reason"] is None
     assert {k: decoded[k] for k in v1_event} == v1_event
 
 
 def test_new_writer_reads_with_old_reader():
     """A consumer still on v1 reads v2 messages: the added field is ignored."""
-    old_reader = SchemaRegistry()
-    for sv in registry.by_name[EVENT]:
+    old_reader = SchemaCatalog()
+    for sv in catalog.by_name[EVENT]:
         old_reader.add(EVENT, sv.version, sv.raw)
     old_reader.by_name[EVENT] = [old_reader.version(EVENT, 1)]  # v1 is the newest this reader knows
-    data = registry.encode(EVENT, sample_event())
+    data = catalog.encode(EVENT, sample_event())
     decoded = old_reader.decode(data)
     assert "finish_reason" not in decoded
     assert decoded["input_tokens"] == sample_event()["input_tokens"]
 
 
 def test_event_carries_every_design_field():
-    names = {f["name"] for f in registry.current(EVENT).raw["fields"]}
+    names = {f["name"] for f in catalog.current(EVENT).raw["fields"]}
     required = {
         "client_id", "department", "api_key_id", "client_ip", "method", "path", "status_code", "model",
         "error_type", "input_tokens", "untruncated_input_tokens", "truncated", "output_tokens", "total_tokens",
@@ -54,26 +54,26 @@ def test_event_carries_every_design_field():
 
 
 def test_v3_event_id_is_a_uuid_string_and_older_writers_read_without_one():
-    current = registry.current(EVENT)
+    current = catalog.current(EVENT)
     assert current.version >= 3
     (event_id,) = [f for f in current.raw["fields"] if f["name"] == "event_id"]
     assert event_id["type"] == ["null", {"type": "string", "logicalType": "uuid"}] and event_id["default"] is None
     v2_event = {k: v for k, v in sample_event().items() if k not in ("event_id", "instance")}
-    decoded = registry.decode(registry.encode(EVENT, v2_event, version=2))
+    decoded = catalog.decode(catalog.encode(EVENT, v2_event, version=2))
     assert decoded["event_id"] is None and decoded["instance"] == "", "v2 records read with v3 defaults"
     record = dict(sample_event(), event_id="0190b9c3-5f4e-7b2a-9c1d-123456789abc", instance="host-a:8000")
-    decoded = registry.decode(registry.encode(EVENT, record))
+    decoded = catalog.decode(catalog.encode(EVENT, record))
     assert decoded["event_id"] == record["event_id"] and isinstance(decoded["event_id"], str)
     assert decoded["instance"] == "host-a:8000"
 
 
 @pytest.mark.parametrize("name", [ANOMALY, ROLLUP, SAMPLED])
 def test_other_schemas_are_registered(name):
-    assert registry.current(name).version >= 1
+    assert catalog.current(name).version >= 1
 
 
 def _good() -> bytes:
-    return registry.encode(EVENT, sample_event())
+    return catalog.encode(EVENT, sample_event())
 
 
 @pytest.mark.parametrize(
@@ -89,22 +89,22 @@ def _good() -> bytes:
 )
 def test_garbage_raises_specific_error(data, match):
     with pytest.raises(AvroDecodeError, match=match):
-        registry.decode(data)
+        catalog.decode(data)
 
 
 def test_random_bytes_never_escape_as_other_errors():
     import random
 
     rng = random.Random(7)
-    header = registry.current(EVENT).header
+    header = catalog.current(EVENT).header
     for _ in range(500):
         body = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 200)))
         try:
-            registry.decode(header + body)
+            catalog.decode(header + body)
         except AvroDecodeError:
             pass
 
 
 def test_wrong_record_type_is_rejected():
     with pytest.raises(AvroDecodeError, match="expected 'anomaly'"):
-        registry.decode(_good(), ANOMALY)
+        catalog.decode(_good(), ANOMALY)

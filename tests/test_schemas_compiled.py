@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError, decode, encode, registry
+from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError, decode, encode, catalog
 from tokenaudit.schemas.compiled import NATIVE, compile_decoder, compile_encoder
 
 from test_avro_kafka_roundtrip import sample_event
@@ -47,7 +47,7 @@ def test_the_native_codec_is_built_and_used_by_default():
 
 
 def random_record(name: str, rng: random.Random) -> dict:
-    return {f["name"]: _value(f["type"], rng) for f in registry.current(name).raw["fields"]}
+    return {f["name"]: _value(f["type"], rng) for f in catalog.current(name).raw["fields"]}
 
 
 def as_epoch_ms(record: dict) -> dict:
@@ -90,14 +90,14 @@ def test_encoder_hands_what_it_does_not_write_to_the_schemas_codec(native):
 def test_decoder_reads_older_writer_versions_through_avro_resolution(native):
     fast_decode = compile_decoder(EVENT, native=native)
     v1_event = {k: v for k, v in sample_event().items() if k != "finish_reason"}
-    got = fast_decode(registry.encode(EVENT, v1_event, version=1))
+    got = fast_decode(catalog.encode(EVENT, v1_event, version=1))
     assert got["finish_reason"] is None
     assert got["ts"] == int(v1_event["ts"].timestamp() * 1000)  # int epoch ms on this path too
     assert got["request_id"] == v1_event["request_id"]
 
 
 def _good() -> bytes:
-    return registry.encode(EVENT, sample_event())
+    return catalog.encode(EVENT, sample_event())
 
 
 @pytest.mark.parametrize("data, match", [
@@ -107,7 +107,7 @@ def _good() -> bytes:
     (_good()[:-5], "truncated"),
     (_good()[:11], "truncated"),
     (_good() + b"\x00", "trailing bytes"),
-    (registry.encode(ROLLUP, random_record(ROLLUP, random.Random(1))), "expected 'token_usage_event'|expected"),
+    (catalog.encode(ROLLUP, random_record(ROLLUP, random.Random(1))), "expected 'token_usage_event'|expected"),
 ])
 def test_decoder_errors_name_the_problem(data, match, native):
     with pytest.raises(AvroDecodeError, match=match):

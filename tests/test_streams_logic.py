@@ -397,12 +397,12 @@ def test_a_client_changing_department_mid_window_is_charged_to_each():
 
 def test_old_writer_versions_get_derived_ids_so_their_copies_count_once():
     """A v2 record (no event_id) sent twice, and the same event as v3 without event_id: one id."""
-    from tokenaudit.schemas import registry
+    from tokenaudit.schemas import catalog
 
     proc, table = Processor(settings(), MemoryState()), Table()
     e = synth.event("old-1", T0 + 5, "c1")
     bare = {k: v for k, v in e.items() if k not in ("event_id", "instance")}
-    v2 = registry.encode(EVENT, bare, version=2)
+    v2 = catalog.encode(EVENT, bare, version=2)
     v3 = encode(EVENT, dict(bare, event_id=None))
     other = synth.event("new-1", T0 + 6, "c1")
     out = Outputs()

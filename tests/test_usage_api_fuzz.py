@@ -1,4 +1,4 @@
-"""Malformed input to the usage API is a 4xx with ``{"error": "..."}``, never a 500: fuzzed
+"""Malformed input to the usage API is a 4xx with the OpenAI error envelope, never a 500: fuzzed
 query strings, parameter values and headers against the app in process, over a real chDB store."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tokenaudit.infra.keys import add_key
 from tokenaudit.settings import load_settings
 from tokenaudit.reports.params import REPORT_PARAMS
+from tokenaudit.schemas.http_errors import error_type
 from tokenaudit.infra.store import Store
 from tokenaudit.reports.usage_api import create_app
 
@@ -37,11 +38,20 @@ def _query(pairs) -> bytes:
     return "&".join(f"{quote(k, safe='')}={quote(v, safe='', errors='surrogatepass')}" for k, v in pairs).encode()
 
 
+def _is_envelope(body, status: int) -> bool:
+    """The OpenAI error shape every HTTP service answers with (schemas/http_errors.py)."""
+    err = body.get("error") if set(body) == {"error"} else None
+    return (isinstance(err, dict) and set(err) == {"type", "message", "param", "code"}
+            and isinstance(err["message"], str) and err["message"] != "" and isinstance(err["code"], str)
+            and err["code"] != "" and err["type"] == error_type(status)
+            and (err["param"] is None or isinstance(err["param"], str)))
+
+
 def _check(status: int, raw: bytes) -> None:
     assert status < 500, (status, raw[:300])
     body = json_body(raw)
     if status >= 400:
-        assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], body
+        assert _is_envelope(body, status), body
     else:
         assert isinstance(body["rows"], list)
 
@@ -82,6 +92,6 @@ def test_fuzzed_raw_queries_headers_and_paths_never_get_a_500(usage_app):
         assert status < 500, (status, raw[:300])
         if status >= 400:
             body = json_body(raw)
-            assert set(body) == {"error"} and body["error"], body
+            assert _is_envelope(body, status), body
 
     check()

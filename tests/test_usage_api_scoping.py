@@ -58,7 +58,9 @@ def test_missing_or_unknown_key_is_401(api):
     assert _get(client, "/v1/usage").status_code == 401
     assert _get(client, "/v1/usage", key="ta_not-a-real-key").status_code == 401
     r = client.get("/v1/usage", headers={"Authorization": f"Basic {keys['admin']}"})
-    assert r.status_code == 401 and "Bearer" in r.json()["error"]
+    err = r.json()["error"]
+    assert r.status_code == 401 and "Bearer" in err["message"]
+    assert (err["type"], err["code"]) == ("authentication_error", "invalid_api_key")
 
 
 def test_client_key_sees_only_its_own_usage(api):
@@ -85,7 +87,8 @@ def test_client_key_cannot_ask_for_another_client(api):
                           ("anomalies", {})):
         r = _get(client, f"/v1/{report}", keys["acme-web"], client="beta-app", **extra)
         assert r.status_code == 403, report
-        assert "own usage" in r.json()["error"]
+        err = r.json()["error"]
+        assert "own usage" in err["message"] and (err["type"], err["param"]) == ("permission_error", "client")
 
 
 def test_admin_sees_all_and_can_narrow(api):
@@ -118,7 +121,9 @@ def test_injection_attempts_in_every_parameter_are_400(api, report):
             params[name] = attempt
             r = _get(client, f"/v1/{report}", keys["admin"], **params)
             assert r.status_code == 400, (report, name, attempt, r.text)
-            assert name in r.json()["error"]
+            err = r.json()["error"]
+            assert name in err["message"] and err["param"] == name, err
+            assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_parameter")
     # smuggled extra parameters and repeated ones are refused too
     assert _get(client, f"/v1/{report}", keys["admin"], **{"format": "1; SELECT 1"}).status_code == 400
     r = client.get(f"/v1/{report}?since=1h&since=2h", headers={"Authorization": f"Bearer {keys['admin']}"})

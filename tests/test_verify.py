@@ -27,6 +27,7 @@ from tokenaudit.infra.store import Store
 from tokenaudit.reports.usage_api import create_app
 from tokenaudit.reports.verify import HOUR_MS, TopicScan, _EventCounter, reconcile, store_totals
 from tests.support import synth
+from tests.support.usage_seed import ROLLUP_COLUMNS
 
 CLI = [sys.executable, "-m", "tokenaudit.cli"]
 H10 = int(datetime(2025, 6, 15, 10, tzinfo=timezone.utc).timestamp() * 1000)  # an hour long settled
@@ -89,9 +90,7 @@ def test_reconcile_reports_each_kind_of_difference_and_leaves_pending_out():
 def test_admin_route_gives_store_totals_to_admin_keys_only(ch_client, ch_database, tmp_path):
     store = Store(ch_client, ch_database)
     store.migrate()
-    cols = ["client_id", "department", "model", "window_start", "window_end", "requests", "errors", "input_tokens",
-            "output_tokens", "total_tokens", "latency_ms_sum", "latency_ms_max", "max_input_tokens", "truncated",
-            "version"]
+    cols = ROLLUP_COLUMNS
     ws = datetime(2025, 6, 15, 10, 59, 30, tzinfo=timezone.utc)
     row = ["c1", "d", "m", ws, ws, 2, 0, 10, 5, 15, 1.0, 1.0, 5, 0, 2]
     earlier = ws.replace(minute=58)

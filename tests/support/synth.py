@@ -11,7 +11,9 @@ import random
 from collections import defaultdict
 from collections.abc import Iterable
 
+from tokenaudit.inference.audit import AuditContext
 from tokenaudit.schemas import EVENT, encode
+from tokenaudit.schemas.records import token_usage_event
 
 ROLLUP_FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "total_tokens",
                  "latency_ms_sum", "latency_ms_max", "max_input_tokens", "truncated")
@@ -30,18 +32,18 @@ def synthetic_event_id(request_id: str) -> str:
 def event(request_id: str, ts_ms: int, client_id: str, model: str = "t5-tiny", input_tokens: int = 20,
           output_tokens: int = 10, latency_ms: float | None = None, status_code: int = 200,
           department: str = "eng", truncated: bool = False, api_key_id: str | None = None) -> dict:
+    """A synthetic request's event, made by the one event builder (schemas.records) from what
+    the inference app's audit context would hold for it."""
     if latency_ms is None:
         latency_ms = 5.0 + 0.05 * input_tokens + 0.5 * output_tokens
-    return {
-        "request_id": request_id, "ts": ts_ms, "client_id": client_id, "department": department,
-        "api_key_id": api_key_id, "client_ip": "127.0.0.1", "method": "POST", "path": "/v1/generate",
-        "status_code": status_code, "error_type": None if status_code < 400 else "error", "model": model,
-        "input_tokens": input_tokens, "untruncated_input_tokens": input_tokens + (50 if truncated else 0),
-        "truncated": truncated, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
-        "latency_ms": float(latency_ms), "queue_ms": 1.0, "inference_ms": float(latency_ms) - 1.0,
-        "batch_id": None, "batch_size": 1, "position_in_batch": 0, "device": "cpu", "prompt_digest": None,
-        "finish_reason": "stop", "event_id": synthetic_event_id(request_id), "instance": "synth:0",
-    }
+    request = AuditContext(
+        request_id, synthetic_event_id(request_id), ts_ms, 0.0, client_id=client_id, department=department,
+        api_key_id=api_key_id, client_ip="127.0.0.1", model=model, input_tokens=input_tokens,
+        untruncated_input_tokens=input_tokens + (50 if truncated else 0), truncated=truncated,
+        output_tokens=output_tokens, queue_ms=1.0, inference_ms=float(latency_ms) - 1.0, batch_id=None, batch_size=1,
+        position_in_batch=0, device="cpu", prompt_digest=None, finish_reason="stop",
+        error_type=None if status_code < 400 else "error")
+    return token_usage_event(request, "POST", "/v1/generate", status_code, "synth:0", float(latency_ms))
 
 
 def mixed_stream(n: int, clients: int, models: int, start_ms: int, span_ms: int, seed: int = 7,

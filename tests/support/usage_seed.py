@@ -1,5 +1,6 @@
 """Seed data for the query / usage API tests: rollups, sampled records and anomalies written
-straight into a chDB database, plus the expected totals computed from the same rows."""
+straight into a chDB database, plus the expected totals computed from the same rows. The seeds
+name a few columns of each table, in the order of its one column list (schemas/columns.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import random
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 
-ROLLUP_COLUMNS = ["client_id", "department", "model", "window_start", "window_end", "requests", "errors",
-                  "input_tokens", "output_tokens", "total_tokens", "latency_ms_sum", "latency_ms_max",
-                  "max_input_tokens", "truncated", "version"]
+from tokenaudit.schemas import columns
+
+ROLLUP_COLUMNS = columns.subset(columns.USAGE_ROLLUP, "client_id", "department", "model", "window_start", "window_end",
+                                "requests", "errors", "input_tokens", "output_tokens", "total_tokens",
+                                "latency_ms_sum", "latency_ms_max", "max_input_tokens", "truncated", "version")
 CLIENTS = {"acme-web": "sales", "acme-batch": "research", "beta-app": "sales", "gamma-bot": "support"}
 MODELS = ["t5-tiny", "gpt2-tiny"]
 
@@ -72,8 +75,9 @@ def totals(rows: list[list], key_index: int) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in out.items()}
 
 
-SAMPLED_COLUMNS = ["request_id", "ts", "client_id", "department", "model", "input_tokens", "output_tokens",
-                   "total_tokens", "latency_ms", "status_code", "sample_reason"]
+SAMPLED_COLUMNS = columns.subset(columns.USAGE_SAMPLED, "request_id", "ts", "client_id", "department", "model",
+                                 "input_tokens", "output_tokens", "total_tokens", "latency_ms", "status_code",
+                                 "sample_reason")
 
 
 def seed_sampled(store, now: datetime) -> list[list]:
@@ -89,8 +93,7 @@ def seed_sampled(store, now: datetime) -> list[list]:
     return rows
 
 
-ANOMALY_COLUMNS = ["anomaly_id", "ts", "client_id", "department", "model", "rule", "severity", "observed",
-                   "threshold", "window_start", "request_id", "message"]
+ANOMALY_COLUMNS = list(columns.ANOMALIES)
 
 
 def seed_anomalies(store, now: datetime) -> list[list]:
