@@ -15,6 +15,8 @@ import hashlib
 
 from datasketches import kll_floats_sketch
 
+from tokenaudit.streams.state_keys import sketch_key
+
 SKETCH_K = 400
 
 
@@ -98,3 +100,35 @@ class TopSampler:
 
 def threshold(sketch: kll_floats_sketch, fraction: float) -> float:
     return float(sketch.get_quantile(1.0 - fraction)) if sketch.n else 0.0
+
+
+class Sampling:
+    """The top-fraction sampler of each (source partition, model), kept in state (``s`` keys)
+    so a restarted worker samples as it would have: written once per batch, for the models
+    whose sketch took new values."""
+
+    def __init__(self, state, fraction: float, warmup: int):
+        self.state = state
+        self.fraction = fraction
+        self.warmup = warmup
+        self.sketches: dict[tuple[int, str], TopSampler] = {}  # (partition, model)
+        self.dirty: set[tuple[int, str]] = set()
+
+    def sketch(self, p: int, model: str) -> TopSampler:
+        entry = self.sketches.get((p, model))
+        if entry is None:
+            stored = self.state.get(sketch_key(p, model))
+            entry = TopSampler(load_sketch(stored[0]), stored[1]) if stored else TopSampler(new_sketch())
+            self.sketches[(p, model)] = entry
+        return entry
+
+    def flush(self) -> None:
+        for p, model in self.dirty:
+            top = self.sketches[(p, model)]
+            self.state.put(p, sketch_key(p, model), [dump_sketch(top.sketch), top.offset])
+        self.dirty.clear()
+
+    def drop(self, p: int) -> None:
+        for key in [k for k in self.sketches if k[0] == p]:
+            self.sketches.pop(key, None)
+            self.dirty.discard(key)

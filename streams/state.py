@@ -2,7 +2,7 @@
 
 The processor reads and writes plain Python values through :class:`State`; what backs it is
 a detail: :class:`MemoryState` in unit tests, the faust Table in the worker
-(:class:`tokenaudit.streams.app.TableState`), whose changelog topic makes it survive a crash.
+(:class:`tokenaudit.streams.changelog.TableState`), whose changelog topic makes it survive a crash.
 Every value carries the source offset that last changed it, so replays are idempotent
 (see :mod:`tokenaudit.streams.processor`).
 """
@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-
-META_PREFIX = "p\x1f"
-CHUNK_PREFIX = "d\x1f"  # id chunks (the ids a batch added, per partition): written after the windows
+from tokenaudit.streams.state_keys import CHUNK_PREFIX, META_PREFIX
+from tokenaudit.streams.window_state import state_value_for_changelog
 
 
 class State:
@@ -97,7 +96,8 @@ class MemoryState(State):
     def _write(self, partition: int, key: str, value: Any) -> None:
         import copy
 
-        self.writes.append((partition, key, copy.deepcopy(value)))
+        # what the changelog holds (a window as its list), so persisted() restores as recovery does
+        self.writes.append((partition, key, copy.deepcopy(state_value_for_changelog(value))))
 
     def persisted(self) -> "MemoryState":
         """A fresh state rebuilt from the writes so far, as recovery after a crash would."""

@@ -1,7 +1,7 @@
 """The architecture as written down in pyproject.toml's import-linter contracts: the rooms in
 layers (the CLI, the demo, then inference | streams | sinks | reports beside each other, infra,
 schemas, settings, errors), no import cycle between the modules of a room (imports inside
-functions count)."""
+functions count), and no production module over 500 lines."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # top-level folders assembled into the package by [tool.setuptools.package-dir]
 ROOMS = ("inference", "schemas", "streams", "sinks", "reports", "infra")
+MAX_LINES = 500
 
 
 def _assembled(tmp: Path) -> Path:
@@ -36,3 +37,12 @@ def test_import_contracts_hold(tmp_path):
     assert done.returncode == 0, f"an import contract is broken:\n{report[-8000:]}\n{done.stderr[-2000:]}"
     assert "0 broken" in report and "2 kept" in report, report
 
+
+def test_no_production_module_over_500_lines():
+    long = {}
+    for room in ("tokenaudit", *ROOMS):
+        for path in (ROOT / room).rglob("*.py"):
+            lines = len(path.read_text().splitlines())
+            if lines > MAX_LINES:
+                long[str(path.relative_to(ROOT))] = lines
+    assert not long, f"split these modules (at most {MAX_LINES} lines each): {long}"

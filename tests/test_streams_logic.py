@@ -112,10 +112,8 @@ def test_rollups_exact_with_out_of_order_late_and_very_late_events():
     assert eager.counters.late == proc.counters.late
     assert table.totals() == truth
     # ids are held for open windows only (the stream's last windows never close)
-    from tokenaudit.streams.processor import CLOSED
-
-    assert eager.window_ids and all(eager.state.get(k)[CLOSED] == -1 for k in eager.window_ids)
-    held_chunks = sum(len(c) for c in eager.chunks.values())
+    assert eager.ids.window_ids and all(eager.state.get(k).closed_at == -1 for k in eager.ids.window_ids)
+    held_chunks = sum(len(c) for c in eager.ids.chunks.values())
     assert 0 < held_chunks <= 4 * 6  # a few batches per partition, not the whole stream
 
 
@@ -428,7 +426,7 @@ def test_id_chunks_stay_bounded_and_copies_after_the_window_go_to_the_sink():
             proc.process(p, off, key, value, out)
         proc.end_batch(out)
         table.apply(out)
-        held.append(sum(len(v) for v in proc.window_ids.values()) // 8)
+        held.append(sum(len(v) for v in proc.ids.window_ids.values()) // 8)
     assert max(held) < 6_000 * 3 / 60 * 2  # ~ (window + grace) of events, not the stream
     live_chunks = [k for k in proc.state.data if k.startswith("d\x1f")]
     assert 0 < len(live_chunks) <= 4 * 4
@@ -470,7 +468,7 @@ def test_changelog_records_are_written_as_faust_json_reads_them():
     bytes json.dumps (faust's codec) writes, on random nested values, state lists included."""
     import json
 
-    from tokenaudit.streams import app
+    from tokenaudit.streams import changelog as app
 
     assert app._fastjson is not None, "streams/_fastjson.pyx is not built: see the install output"
     rng = random.Random(3)

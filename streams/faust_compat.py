@@ -1,12 +1,23 @@
-"""A faust (aiokafka driver) Consumer that hands each fetched batch of one topic to a handler.
+"""Every use of faust's and aiokafka's private internals, in one module.
 
-Why: faust's per-event path (a Message and an Event per record, a ``wait_first`` with two
-tasks per record in the fetcher, a queue hop into the stream, per-event sensors and acks)
-cost more CPU than our whole processing (profiled on bench_stream_throughput: the event
-loop machinery alone ran ~5 asyncio callbacks per record). Everything else stays faust:
-the same consumer thread, subscription, partition assignment, Table changelog recovery
-(changelog records still take faust's per-message path), rebalance flow and the commit
-machinery. The only change is how the batch topic's records are delivered and acked:
+faust-streaming and aiokafka are pinned to exact versions in pyproject.toml because of what is
+here: the worker hands whole fetched batches to its handler (a faust Consumer subclass that
+replaces ``_drain_messages``), keeps faust's commit bookkeeping in step for them, reads
+faust's committed and read offsets, writes its Table's store in place and sends through the
+aiokafka producer in record batches. Each of those needs an attribute with a leading
+underscore. They are listed in :data:`PRIVATE_API`; :func:`check_private_api` looks each of
+them up (the worker does at start, tests/test_faust_compat.py in the suite), so an upgrade
+that removes or renames one fails loudly, naming it, instead of misbehaving at run time.
+Nothing outside this module touches a private faust or aiokafka name.
+
+The batch consumer, and why: faust's per-event path (a Message and an Event per record, a
+``wait_first`` with two tasks per record in the fetcher, a queue hop into the stream,
+per-event sensors and acks) cost more CPU than our whole processing (profiled on
+bench_stream_throughput: the event loop machinery alone ran ~5 asyncio callbacks per
+record). Everything else stays faust: the same consumer thread, subscription, partition
+assignment, Table changelog recovery (changelog records still take faust's per-message
+path), rebalance flow and the commit machinery. The only change is how the batch topic's
+records are delivered and acked:
 
 * records of the batch topic from one ``getmany`` (at most ``broker_max_poll_records``)
   go to ``handler(batch)`` as ``[(tp, [aiokafka ConsumerRecord, ...]), ...]``;
@@ -25,10 +36,108 @@ from collections.abc import Awaitable, Callable
 from time import monotonic
 from typing import Any
 
+import faust
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.futures import notify
+
+from tokenaudit.errors import IncompatibleDependency
+
+#: (what, attribute, why): every private faust/aiokafka name this module uses. ``what`` is where
+#: :func:`check_private_api` looks it up: ``consumer`` (an instance of faust's aiokafka
+#: Consumer), ``store`` (a Table's memory store), ``producer`` (faust's aiokafka Producer),
+#: ``client`` (aiokafka's AIOKafkaClient class), ``app`` (faust.App), ``fetcher`` (faust's Fetcher).
+PRIVATE_API: tuple[tuple[str, str, str], ...] = (
+    ("consumer", "_drain_messages", "replaced: whole fetched batches to one handler"),
+    ("consumer", "_wait_next_records", "one fetch (getmany) with the consumer thread"),
+    ("consumer", "_stopped", "the consumer's stop flag in the drain loop"),
+    ("consumer", "_read_offset", "offsets handed out (skip re-read records; consumer lag)"),
+    ("consumer", "_buffered_partitions", "partitions with buffered records, as faust's own loop checks"),
+    ("consumer", "_add_gap", "offset gaps the commit may pass over"),
+    ("consumer", "_unacked_messages", "a batch in flight holds back a rebalance's wait_empty"),
+    ("consumer", "_waiting_for_ack", "wakes wait_empty once a batch is acked"),
+    ("consumer", "_committed_offset", "what faust committed: windows retire below it; lag"),
+    ("consumer", "_acked", "acked offsets, the commit's input (bulk ack of a batch)"),
+    ("consumer", "_acked_index", "acked offsets as a set (no double ack)"),
+    ("consumer", "_to_message", "faust's per-message path for other topics (changelog recovery)"),
+    ("consumer", "_commit_every", "faust's per-message commit cadence on that path"),
+    ("consumer", "_n_acked", "faust's per-message commit counter on that path"),
+    ("fetcher", "_stopped", "the fetcher's stop flag in the drain loop"),
+    ("app", "_new_transport", "replaced: the transport that makes our consumer"),
+    ("store", "_key_partition", "each state key's source partition (changelog records per key)"),
+    ("producer", "_ensure_producer", "the aiokafka producer under faust's, for record batches"),
+    ("client", "_wait_on_metadata", "partition counts of the output topics"),
+)
+
+
+def committed_offset(consumer, tp: TP) -> int | None:
+    """faust's record of what it committed (the next offset to read) for ``tp``."""
+    return consumer._committed_offset.get(tp)
+
+
+def read_offset(consumer, tp: TP) -> int | None:
+    """The last offset faust (or the batch consumer) handed out for ``tp``."""
+    return consumer._read_offset.get(tp)
+
+
+def key_partitions(table: faust.Table) -> dict:
+    """The Table's store's key -> source partition map (faust keeps it for changelog records)."""
+    return table.data._key_partition
+
+
+def store_dict(table: faust.Table) -> dict:
+    """The Table's memory store's dict: one object for the store's lifetime (cleared and
+    updated in place, never replaced). Public attribute, kept here beside its twin above."""
+    return table.data.data
+
+
+def aiokafka_producer(app: faust.App):
+    """The aiokafka producer under faust's producer (started with the app)."""
+    return app.producer._ensure_producer()
+
+
+async def partitions_for(producer, topic: str) -> int:
+    """The partition count of ``topic``, from the producer's metadata (refreshed for it)."""
+    await producer.client._wait_on_metadata(topic)
+    return len(producer.client.cluster.partitions_for_topic(topic))
+
+
+def check_private_api(app: faust.App | None = None) -> None:
+    """Look up every name in :data:`PRIVATE_API`; :class:`IncompatibleDependency` naming the
+    missing ones (and the versions pinned) if an upgrade removed or renamed any. Builds no
+    connection: the objects are only constructed."""
+    from aiokafka.client import AIOKafkaClient
+
+    app = app or faust.App("tokenaudit-compat-check", broker="kafka://127.0.0.1:1", store="memory://",
+                           web_enabled=False)
+    consumer = app.consumer
+    owners = {"consumer": consumer, "app": faust.App, "client": AIOKafkaClient,
+              "producer": app.producer, "store": app.Table("tokenaudit-compat-check", default=None).data,
+              "fetcher": faust.transport.consumer.Fetcher(app)}
+    missing = [f"{what}.{name} ({why})" for what, name, why in PRIVATE_API if not hasattr(owners[what], name)]
+    if missing:
+        raise IncompatibleDependency(
+            f"the installed faust-streaming {_version('faust-streaming')} / aiokafka {_version('aiokafka')} lack "
+            f"internals the worker relies on: {'; '.join(missing)}. Install the versions pinned in "
+            "pyproject.toml, or port streams/faust_compat.py to the new ones")
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+class WorkerApp(faust.App):
+    """faust.App whose consumer delivers the source topic in whole batches (BatchConsumer)."""
+
+    def _new_transport(self):
+        return BatchTransport(self.conf.broker_consumer, self)
+
 
 BatchHandler = Callable[[list[tuple[TP, list[Any]]]], Awaitable[None]]
 

@@ -1,0 +1,102 @@
+"""The anomaly rules: per window (token spike against the client's baseline, error-rate burst,
+latency per input token against the model's norm, a never-seen client's volume) and per
+request (input tokens over a threshold). Anomalies are built by the contract's one builder
+(:func:`tokenaudit.schemas.records.anomaly`); their ids are fixed by (rule, window), so a
+replay re-emits the same anomaly, never a new one.
+
+The baseline (``C_*`` slots of the client's state value) is an EWMA of tokens per window,
+updated once per window, when it closes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from tokenaudit.schemas import records
+from tokenaudit.streams.outputs import Counters
+from tokenaudit.streams.state_keys import client_key
+from tokenaudit.streams.window_state import C_FIRST, C_LAST, C_MEAN, C_N, C_VAR, Window
+
+EWMA_ALPHA = 0.1  # after warm-up; before it, 1/(n+1) (the running mean and variance)
+
+
+class Rules:
+    def __init__(self, settings, window_ms: int, counters: Counters):
+        self.window_ms = window_ms
+        self.counters = counters
+        # settings read per event, hoisted (pydantic attribute access is not free)
+        self.input_threshold = settings.anomaly_input_tokens
+        self.spike_min_history = settings.anomaly_spike_min_history
+        self.spike_floor = float(settings.anomaly_spike_floor_tokens)
+        self.spike_k = settings.anomaly_spike_k
+        self.error_min_requests = settings.anomaly_error_min_requests
+        self.error_rate = settings.anomaly_error_rate
+        self.latency_min_requests = settings.anomaly_latency_min_requests
+        self.latency_factor = settings.anomaly_latency_factor
+        self.new_client_tokens = settings.anomaly_new_client_tokens
+
+    def anomaly(self, rule: str, client: str, dept: str, model: str, ws: int, observed: float, thr: float,
+                message: str, request_id: str | None = None, ts: int | None = None, api_key_id: str = "") -> dict:
+        self.counters.anomalies += 1
+        return records.anomaly(rule, client, dept, model, ws, observed, thr, message,
+                               ts if ts is not None else ws + self.window_ms, request_id, api_key_id)
+
+    def window(self, data: dict, touch: Callable[[str], None], client: str, dept: str, akey: str, model: str,
+               ws: int, w: Window, closing: bool, anomalies: list) -> None:
+        """The window rules on ``w`` (appended to ``anomalies``); ``closing``: the window closes
+        now, so it also moves its client's baseline (once per window)."""
+        ckey = client_key(client)
+        c = data.get(ckey)
+        tokens = w.total_tokens
+        if c is not None and c[C_N] >= self.spike_min_history:
+            sigma = max(math.sqrt(max(c[C_VAR], 0.0)), 0.1 * c[C_MEAN], 1.0)
+            thr = max(self.spike_floor, c[C_MEAN] + self.spike_k * sigma)
+            if tokens > thr:
+                anomalies.append(self.anomaly(
+                    "token_spike", client, dept, model, ws, tokens, thr,
+                    f"{tokens} tokens in the window vs a baseline of {c[C_MEAN]:.0f} (band {thr:.0f})", api_key_id=akey))
+        if w.requests >= self.error_min_requests and w.errors / w.requests >= self.error_rate:
+            rate = w.errors / w.requests
+            anomalies.append(self.anomaly(
+                "error_rate", client, dept, model, ws, rate, self.error_rate,
+                f"{w.errors} of {w.requests} requests failed ({rate:.0%})", api_key_id=akey))
+        if (w.norm_count is not None and w.norm_count >= self.latency_min_requests and w.norm_input > 0
+                and w.input_tokens > 0 and w.requests >= 3):
+            model_ratio = w.norm_latency / w.norm_input
+            ratio = w.latency_ms_sum / w.input_tokens
+            if ratio > self.latency_factor * model_ratio:
+                anomalies.append(self.anomaly(
+                    "latency_per_token", client, dept, model, ws, ratio, model_ratio,
+                    f"{ratio:.3f} ms per input token vs {model_ratio:.3f} for {model}", api_key_id=akey))
+        if c is not None and c[C_N] == 0 and c[C_FIRST] == ws and tokens >= self.new_client_tokens:
+            anomalies.append(self.anomaly(
+                "new_client_volume", client, dept, model, ws, tokens, self.new_client_tokens,
+                f"never-seen client used {tokens} tokens in its first window", api_key_id=akey))
+        if closing and c is not None and ws > c[C_LAST]:
+            if c[C_N] == 0:
+                c[C_MEAN], c[C_VAR] = float(tokens), 0.0
+            else:
+                alpha = max(EWMA_ALPHA, 1.0 / (c[C_N] + 1))
+                diff = tokens - c[C_MEAN]
+                c[C_MEAN] += alpha * diff
+                c[C_VAR] = (1 - alpha) * (c[C_VAR] + alpha * diff * diff)
+            c[C_N] += 1
+            c[C_LAST] = ws
+            touch(ckey)
+
+    def request(self, ev: dict, w: Window | None, ws: int, offset: int, touch: Callable[[], None],
+                anomalies: list) -> bool:
+        """The input-token rule on one request: fires once per window (at the first offset
+        over the threshold, so a replay fires it again for that event only). True if it fired."""
+        if ev["input_tokens"] > self.input_threshold and (w is None or w.fired_at in (-1, offset)):
+            if w is not None and w.fired_at == -1:
+                w.fired_at = offset
+                touch()
+            obs, thr = ev["input_tokens"], self.input_threshold
+            anomalies.append(self.anomaly(
+                "input_tokens", ev["client_id"], ev["department"], ev["model"], ws, obs, thr,
+                f"request {ev['request_id']} sent {obs} input tokens (threshold {thr})",
+                request_id=ev["request_id"], ts=ev["ts"], api_key_id=ev["api_key_id"] or ""))
+            return True
+        return False

@@ -1,0 +1,99 @@
+"""Typed worker state: a window's totals and bookkeeping as an object with named slots, and
+the named slots of the other state values (meta, client baseline, latency norm).
+
+Why a class with ``__slots__`` (and not the 17-slot list indexed by constants it replaced):
+the names say what each number is, and attribute access on slots costs what list indexing
+cost (measured on bench_stream_throughput.py, see the README). The changelog keeps the list:
+:meth:`Window.as_list` writes exactly the JSON list the previous release wrote (byte for byte:
+tests/test_window_state.py), and :meth:`Window.from_list` reads it back, including the
+shorter lists of older releases (13 slots before the latency norm, 16 before ``first_offset``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Window:
+    """One (client, department, api key, model, window start) window of a source partition.
+
+    ``closed_at``: -1 while open, else the source offset at which the window was closed (and
+    its rollup emitted). ``fired_at``: the offset of the event that fired the window's
+    per-request input-token rule (-1: none yet). ``norm_*``: the model's latency norm (per
+    source partition) as of this window's last applied event, so the latency rule gives the
+    same answer however batches were cut; None in a window from before norms were kept.
+    ``first_offset``: the offset of the event that opened the window (unique per partition:
+    it names the window in id chunks); None in a window from before it was kept."""
+
+    __slots__ = ("department", "requests", "errors", "input_tokens", "output_tokens", "total_tokens",
+                 "latency_ms_sum", "latency_ms_max", "max_input_tokens", "truncated", "applied_offset",
+                 "closed_at", "fired_at", "norm_latency", "norm_input", "norm_count", "first_offset")
+
+    def __init__(self, department: str, first_offset: int | None) -> None:
+        self.department = department
+        self.requests = self.errors = self.input_tokens = self.output_tokens = self.total_tokens = 0
+        self.latency_ms_sum = self.latency_ms_max = 0.0
+        self.max_input_tokens = self.truncated = 0
+        self.applied_offset = self.closed_at = self.fired_at = -1
+        self.norm_latency: float | None = 0.0
+        self.norm_input: int | None = 0
+        self.norm_count: int | None = 0
+        self.first_offset = first_offset
+
+    @classmethod
+    def one_event(cls, department: str, ev: dict, offset: int) -> "Window":
+        """The totals of one event alone (a late event's delta)."""
+        w = cls(department, None)
+        w.requests, w.errors = 1, int(ev["status_code"] >= 400)
+        w.input_tokens, w.output_tokens, w.total_tokens = ev["input_tokens"], ev["output_tokens"], ev["total_tokens"]
+        w.latency_ms_sum = w.latency_ms_max = ev["latency_ms"]
+        w.max_input_tokens, w.truncated = ev["input_tokens"], int(bool(ev["truncated"]))
+        w.applied_offset = offset
+        return w
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_at < 0
+
+    def as_list(self) -> list[Any]:
+        """The changelog value: the list layout of every release so far."""
+        out = [self.department, self.requests, self.errors, self.input_tokens, self.output_tokens,
+               self.total_tokens, self.latency_ms_sum, self.latency_ms_max, self.max_input_tokens, self.truncated,
+               self.applied_offset, self.closed_at, self.fired_at]
+        if self.norm_count is not None:
+            out += (self.norm_latency, self.norm_input, self.norm_count)
+            if self.first_offset is not None:
+                out.append(self.first_offset)
+        return out
+
+    @classmethod
+    def from_list(cls, value: list[Any]) -> "Window":
+        w = cls.__new__(cls)
+        (w.department, w.requests, w.errors, w.input_tokens, w.output_tokens, w.total_tokens, w.latency_ms_sum,
+         w.latency_ms_max, w.max_input_tokens, w.truncated, w.applied_offset, w.closed_at, w.fired_at) = value[:13]
+        w.norm_latency, w.norm_input, w.norm_count = value[13:16] if len(value) >= 16 else (None, None, None)
+        w.first_offset = value[16] if len(value) > 16 else None
+        return w
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Window) and self.as_list() == other.as_list()
+
+    def __repr__(self) -> str:
+        return f"Window({self.as_list()!r})"
+
+
+# Slots of the other state values (JSON lists, small and fast to copy; written as they are).
+# meta (the partition's record, written last in each batch): watermark ms, last processed
+# offset, copies dropped (ever, on this partition), offsets dead-lettered for clock skew that
+# are not committed yet (so a replay decides the same whatever the clock says then)
+M_WM, M_LAST, M_DUPS, M_SKEWED = range(4)
+# client baseline: windows seen, EWMA mean and variance of tokens per window, last closed
+# window_start, first window_start
+C_N, C_MEAN, C_VAR, C_LAST, C_FIRST = range(5)
+# a model's latency norm per partition: latency sum, input tokens, requests, last offset
+N_LATENCY, N_INPUT, N_COUNT, N_OFFSET = range(4)
+
+
+def state_value_for_changelog(value: Any) -> Any:
+    """What the changelog stores for a state value (windows as their lists, the rest as is)."""
+    return value.as_list() if value.__class__ is Window else value
