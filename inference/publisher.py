@@ -30,13 +30,15 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from tokenaudit.inference.identity import UNAUTHENTICATED
-from tokenaudit.inference.spool import Appended, Headers, Spool
+from tokenaudit.inference.spool import Appended, Spool
+from tokenaudit.inference.spool_format import Headers
 from tokenaudit.schemas import EVENT, encode
 from tokenaudit.schemas.compiled import compile_encoder
 
@@ -131,7 +133,10 @@ class EventPublisher:
     def __init__(self, bootstrap: str, topic: str, spool_dir: Path, *, spool_max_bytes: int = 256 << 20,
                  queue_max: int = 100_000, message_timeout_ms: int = 15_000, linger_ms: float = 100.0,
                  compression: str = "lz4", retry_seconds: float = 2.0, partitions: int | None = None,
-                 unauthenticated_share: float = 0.1, client_config: dict | None = None):
+                 unauthenticated_share: float = 0.1, client_config: dict | None = None,
+                 producer_factory: Callable[[dict], Producer] = Producer):
+        """``producer_factory(config)`` makes the confluent-kafka producers (the direct one and,
+        while a spool is replayed, the replay one); tests hand an in-memory one."""
         self.topic = topic
         self.bootstrap = bootstrap
         self.partitions = partitions
@@ -159,7 +164,8 @@ class EventPublisher:
             "logger": _librdkafka_logger(),
         }
         try:
-            self._producer = Producer({**self._config, "on_delivery": self._on_delivery,
+            self._new_producer = producer_factory
+            self._producer = producer_factory({**self._config, "on_delivery": self._on_delivery,
                                        # Python callbacks only for failures: a callback per event would cost
                                        # the event loop (GIL) several microseconds per request; successes are
                                        # counted from the queue.
@@ -390,8 +396,9 @@ class EventPublisher:
             self._replay_producer = None
         if self._replay_producer is None:
             self._replay_fatal = None
-            self._replay_producer = Producer({**self._config, "linger.ms": min(20.0, self._config["linger.ms"]),
-                                              "error_cb": self._on_replay_error})
+            self._replay_producer = self._new_producer({**self._config,
+                                                        "linger.ms": min(20.0, self._config["linger.ms"]),
+                                                        "error_cb": self._on_replay_error})
         return self._replay_producer
 
     def _replay(self) -> None:

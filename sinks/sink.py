@@ -21,17 +21,13 @@ table is a ReplacingMergeTree on its natural key; rollups carry a version that o
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError
 from confluent_kafka import Consumer, KafkaError, Producer
 from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_any, stop_when_event_set
 from tenacity import wait_exponential_jitter
@@ -40,52 +36,21 @@ from tokenaudit.infra.kafka_clients import kafka_config, producer_config
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, AvroDecodeError
 from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.sinks import rows as R
+from tokenaudit.sinks.rejected import is_data_error, rejected_row
 from tokenaudit.infra.store import Store
 
 log = logging.getLogger("tokenaudit.sink")
 
-# ClickHouse error codes that mean "these rows", not "the store": parse and type errors, a value
-# out of range, a violated constraint. Anything else is treated as the store being unavailable
-# (retried whole), so an unknown error never turns a whole batch into rejected rows.
-DATA_ERROR_CODES = frozenset({
-    6,    # CANNOT_PARSE_TEXT
-    27,   # CANNOT_PARSE_INPUT_ASSERTION_FAILED
-    38,   # CANNOT_PARSE_DATE
-    41,   # CANNOT_PARSE_DATETIME
-    53,   # TYPE_MISMATCH
-    69,   # ARGUMENT_OUT_OF_BOUND
-    70,   # CANNOT_CONVERT_TYPE
-    72,   # CANNOT_PARSE_NUMBER
-    117,  # INCORRECT_DATA
-    131,  # TOO_LARGE_STRING_SIZE
-    321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
-    349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
-    407,  # DECIMAL_OVERFLOW
-    469,  # VIOLATED_CONSTRAINT
-    691,  # UNKNOWN_ELEMENT_OF_ENUM
-})
-_CODE = re.compile(r"Code: (\d+)")
-_COLUMN = re.compile(r"column `([^`]+)`")
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """Whether ClickHouse (or the client encoding rows for it) refused the rows themselves."""
-    if isinstance(exc, OperationalError):
-        return False  # connection refused, timeout: the store
-    if isinstance(exc, DataError):
-        return True  # clickhouse-connect could not encode a value for its column type
-    if isinstance(exc, DatabaseError):
-        code = getattr(exc, "code", None)
-        if code is None:
-            match = _CODE.search(str(exc))
-            code = int(match.group(1)) if match else None
-        return code in DATA_ERROR_CODES
-    return isinstance(exc, (ValueError, TypeError, OverflowError, struct.error))
-
-
 @dataclass
 class SinkCounters:
+    """A counter per step of the flush protocol (exported on the sink's /metrics)."""
+
+    # 1. batch
     messages: int = 0
+    undecodable: int = 0
+    # 2. deduplicate: records a later one of the same key replaced within a batch
+    batch_duplicates: int = 0
+    # 3. insert (and isolate the rows ClickHouse refuses)
     inserted_rollups: int = 0
     inserted_sampled: int = 0
     inserted_anomalies: int = 0
@@ -93,9 +58,10 @@ class SinkCounters:
     deltas_merged: int = 0
     deltas_replayed: int = 0
     deltas_duplicate: int = 0
-    undecodable: int = 0
-    batches: int = 0
     insert_errors: int = 0
+    # 4. commit
+    batches: int = 0  # batches stored and committed (or with nothing left to commit)
+    commits_skipped: int = 0  # commit refused (a rebalance in flight): the rows are idempotent
 
 
 @dataclass
@@ -112,7 +78,11 @@ class Batch:
 
 
 class Sink:
-    def __init__(self, settings, store: Store, group_id: str | None = None):
+    """``consumer`` (of the output topics) and ``dlq_producer`` are confluent-kafka clients,
+    made from the settings unless given (tests hand in-memory ones); ``store``: where rows go."""
+
+    def __init__(self, settings, store: Store, group_id: str | None = None, *, consumer: Consumer | None = None,
+                 dlq_producer: Producer | None = None):
         self.s = settings
         self.store = store
         self.counters = SinkCounters()
@@ -124,13 +94,13 @@ class Sink:
         # sink shares the worker's host.
         self._decoders = {name: compile_decoder(name) for name in (ROLLUP, SAMPLED, ANOMALY)}
         assert all(self._decoders.values()), "the output schemas are flat by contract"
-        self.consumer = Consumer(kafka_config(settings, {
+        self.consumer = consumer if consumer is not None else Consumer(kafka_config(settings, {
             "group.id": group_id or settings.sink_group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
         }))
-        self._dlq: Producer | None = None
+        self._dlq: Producer | None = dlq_producer  # made on the first dead letter otherwise
         self.batch = Batch()
         self.ready = threading.Event()
         self._stop: threading.Event | None = None
@@ -169,7 +139,9 @@ class Sink:
                            or time.monotonic() - b.started >= self.s.sink_batch_seconds):
             self.flush(stop)
 
+    # --- the flush protocol: 1. batch, 2. deduplicate, 3. insert, 4. commit --------------------
     def _add(self, msg) -> None:
+        """1. Batch a consumed record; 2. deduplicate by key (the highest rollup version wins)."""
         b = self.batch
         if not b.messages:
             b.started = time.monotonic()
@@ -187,12 +159,15 @@ class Sink:
                 return
             key = R.rollup_key(r)
             cur = b.rollups.get(key)
+            if cur is not None:
+                self.counters.batch_duplicates += 1
             if cur is None or cur["version"] <= r["version"]:
                 b.rollups[key] = r
-        elif name == SAMPLED:
-            b.sampled[R.sampled_key(r)] = r
         else:
-            b.anomalies[R.anomaly_key(r)] = r
+            keyed, key = (b.sampled, R.sampled_key(r)) if name == SAMPLED else (b.anomalies, R.anomaly_key(r))
+            if key in keyed:
+                self.counters.batch_duplicates += 1
+            keyed[key] = r
 
     def _dead(self, msg, reason: str) -> None:
         self.counters.undecodable += 1
@@ -213,9 +188,9 @@ class Sink:
 
     # --- writes ----------------------------------------------------------------------------
     def flush(self, stop: threading.Event | None = None, within: float | None = None) -> bool:
-        """Store the batch, then commit. While the store is down the insert is retried with
-        backoff until it works, ``stop`` is set or ``within`` seconds have passed; then False
-        (nothing committed)."""
+        """3. Insert the batch, then 4. commit. While the store is down the insert is retried
+        with backoff until it works, ``stop`` is set or ``within`` seconds have passed; then
+        False (nothing committed)."""
         b = self.batch
         if not b.messages:
             return True
@@ -235,13 +210,18 @@ class Sink:
             self.counters.insert_errors += 1
             log.error("insert failed, giving up for now: %s", str(exc).splitlines()[0][:300] if str(exc) else repr(exc))
             return False
+        self._commit()
+        self.batch = Batch()
+        return True
+
+    def _commit(self) -> None:
+        """4. Commit the consumed offsets: only ever after everything before them is stored."""
         try:
             self.consumer.commit(asynchronous=False)
         except Exception as exc:  # nothing to commit, or a rebalance in flight: the rows are idempotent
+            self.counters.commits_skipped += 1
             log.info("commit skipped: %s", exc)
         self.counters.batches += 1
-        self.batch = Batch()
-        return True
 
     def _insert_failed(self, retry_state) -> None:
         self.counters.insert_errors += 1
@@ -250,7 +230,7 @@ class Sink:
         log.error("insert failed (store unavailable?), retrying in %.1f s: %s", retry_state.upcoming_sleep, text)
 
     def _insert(self, b: Batch) -> None:
-        """Each table's rows, then the deltas; a part that was stored is not stored again
+        """3. Each table's rows, then the deltas; a part that was stored is not stored again
         when a later part fails and the batch is retried."""
         if b.rollups:
             self.counters.inserted_rollups += self._store("usage_rollup", list(b.rollups.values()),
@@ -286,16 +266,10 @@ class Sink:
                 + self._store(table, records[mid:], columns, to_row))
 
     def _reject(self, table: str, record: dict, exc: BaseException) -> None:
-        reason = " ".join(str(exc).split())[:1000] or type(exc).__name__
-        column = _COLUMN.search(reason) if isinstance(exc, DataError) else None
-        if column is not None and column.group(1) in record:
-            # the client could not encode it (clickhouse-connect names the column, not the value)
-            name = column.group(1)
-            reason = f"column {name} cannot hold {record[name]!r}: {exc.__cause__ or reason}"
-        raw = json.dumps(record, default=str, sort_keys=True)
-        self.store.insert("rejected_rows", [[table, reason, raw]], R.REJECTED_COLUMNS)
+        row = rejected_row(table, record, exc)
+        self.store.insert("rejected_rows", [row], R.REJECTED_COLUMNS)
         self.counters.rejected_rows += 1
-        log.error("%s refused a row, kept in rejected_rows: %s", table, reason[:300])
+        log.error("%s refused a row, kept in rejected_rows: %s", table, row[1][:300])
 
     def _merge_deltas(self, deltas: list[dict]) -> None:
         """Late deltas merged into their stored rows: one query for every row they touch, the
