@@ -54,13 +54,26 @@ class Supervisor:
 
     # --- the pipeline's parts ------------------------------------------------------------------
     def services(self) -> list[Service]:
+        """The processes of the pipeline, in start order (stopped in reverse).
+
+        The usage API is composed with the sink for the embedded store: one process owns a
+        chDB directory, so the writer is also the reader (``sink --api``). With a ClickHouse
+        server they are two processes (``sink --no-api``, its own /healthz and /metrics on
+        TOKENAUDIT_SINK_PORT, and ``api``), so either can be restarted or scaled alone."""
         s = self.settings
         cli = [sys.executable, "-m", "tokenaudit.cli"]
         api = f"http://{s.usage_api_host}:{s.usage_api_port}"
         app = f"http://{s.http_host}:{s.http_port}"
+        api_port = [(s.usage_api_host, s.usage_api_port)]
+        if s.embedded_clickhouse:
+            readers = [Service("sink", cli + ["sink", "--api"], lambda: http_ok(f"{api}/healthz"), ports=api_port)]
+        else:
+            sink = f"http://{s.usage_api_host}:{s.sink_port}"
+            readers = [Service("sink", cli + ["sink", "--no-api"], lambda: http_ok(f"{sink}/healthz"),
+                               ports=[(s.usage_api_host, s.sink_port)]),
+                       Service("api", cli + ["api"], lambda: http_ok(f"{api}/healthz"), ports=api_port)]
         return [
-            Service("sink", cli + ["sink"], lambda: http_ok(f"{api}/healthz"),
-                    ports=[(s.usage_api_host, s.usage_api_port)], timeout=120),
+            *readers,
             # faust's web server answers once the worker has started; events wait in Kafka meanwhile
             Service("worker", cli + ["worker"], lambda: http_ok(f"http://127.0.0.1:{s.worker_web_port}/metrics"),
                     ports=[("127.0.0.1", s.worker_web_port)], timeout=120),

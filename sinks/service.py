@@ -1,12 +1,15 @@
-"""``tokenaudit sink``: the sink loop in a thread, the read-only usage API in the main thread.
+"""``tokenaudit sink``: the sink loop in a thread, an HTTP listener in the main thread.
 
-In embedded mode only one process may open the chDB store, so the process that writes is
-also where queries are answered: the usage API (``tokenaudit.reports.usage_api``, wired in by
-the CLI) shares the sink's :class:`Store`. ``GET /healthz`` on ``usage_api_host:usage_api_port`` answering means
-the store is open and migrated and the consumer is subscribed: that is the readiness check.
-``GET /metrics`` on the same listener has the sink's counters (``tokenaudit.sinks.metrics``).
-SIGTERM/SIGINT: the API stops, the sink inserts its batch, commits, and the process exits 0;
-while ClickHouse is unreachable it retries that batch for at most ``sink_shutdown_seconds``
+The listener serves ``GET /healthz`` (answering means the store is open and migrated and the
+consumer is subscribed: the readiness check) and ``GET /metrics`` (the sink's counters,
+:mod:`tokenaudit.sinks.metrics`), on ``usage_api_host:sink_port``. For the embedded store only
+one process may open the chDB directory, so the process that writes is also where queries
+are answered: given ``api`` (the usage API over the sink's :class:`Store`, composed by the
+CLI: the read side is not the sink's to import), the listener is the usage API's, on
+``usage_api_host:usage_api_port``, with ``/metrics`` added.
+
+SIGTERM/SIGINT: the listener stops, the sink inserts its batch, commits, and the process exits
+0; while ClickHouse is unreachable it retries that batch for at most ``sink_shutdown_seconds``
 and exits without committing it (it is read again at the next start).
 """
 
@@ -18,15 +21,21 @@ import threading
 from collections.abc import Callable
 
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from tokenaudit.infra.store import Store
 
 log = logging.getLogger("tokenaudit.sink")
 
 
-def run_sink(settings, api: Callable[[Store], Starlette]) -> int:
-    """``api(store)``: the usage API app over the sink's store (composed by the CLI: the read
-    side is not the sink's to import)."""
+async def _healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+def run_sink(settings, api: Callable[[Store], Starlette] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; the exit code (1 if the sink loop failed)."""
     import uvicorn
 
     from tokenaudit.infra.topics import ensure_declared
@@ -38,10 +47,13 @@ def run_sink(settings, api: Callable[[Store], Starlette]) -> int:
     sink = Sink(settings, store)
     stop = threading.Event()
     failed: list[BaseException] = []
-    app = api(store)
+    if api is not None:
+        app, port = api(store), settings.usage_api_port
+    else:
+        app, port = Starlette(routes=[Route("/healthz", _healthz)]), settings.sink_port
     app.router.routes.append(metrics_route(sink))
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.usage_api_host,
-                                           port=settings.usage_api_port, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.usage_api_host, port=port, log_level="warning",
+                                           lifespan="off"))
 
     def loop() -> None:
         try:

@@ -141,6 +141,7 @@ class Settings(BaseSettings):
     sink_shutdown_seconds: float = Field(5.0, ge=0, description="How long a stopping sink keeps retrying its last batch while ClickHouse is unreachable; then it exits without committing it (replayed on the next start).")
     usage_api_host: str = Field("127.0.0.1", description="Read-only usage API bind address.")
     usage_api_port: int = Field(8001, ge=1, le=65535, description="Read-only usage API port.")
+    sink_port: int = Field(8002, ge=1, le=65535, description="The sink's own listener (GET /healthz, GET /metrics; on TOKENAUDIT_USAGE_API_HOST) when it runs without the usage API: `tokenaudit sink --no-api`, what `up` starts for a ClickHouse server beside `tokenaudit api`. A sink serving the API (the embedded store) answers both on the API's port.")
     price_table: Path | None = Field(None, description="TOML price table for `report` (per model, per 1K tokens).")
     api_key: str = Field("", description="Key the CLI sends to the usage API; default: <data_dir>/admin.key (written by `up`).")
     anomaly_group_id: str = Field("tokenaudit-anomaly-follow", min_length=1, description="Consumer group of `anomalies --follow` (offsets commit after delivery).")

@@ -1,8 +1,10 @@
-"""The pipeline's processes: ``serve``, ``worker``, ``sink`` in the foreground, and ``up``,
-``down``, ``status``, ``demo`` for all of them in the background.
+"""The pipeline's processes: ``serve``, ``worker``, ``sink``, ``api`` in the foreground, and
+``up``, ``down``, ``status``, ``demo`` for all of them in the background.
 
-``sink`` is where two rooms are composed: the sink process also serves the usage API over
-its own store (for the embedded store one process owns the chDB directory).
+``sink`` is where two rooms are composed: with ``--api`` the sink process also serves the
+usage API over its own store (for the embedded store one process owns the chDB directory).
+Which processes run, with which flags, is the supervisor's decision
+(:meth:`tokenaudit.infra.services.Supervisor.services`); this module only wires them.
 """
 
 from __future__ import annotations
@@ -37,15 +39,33 @@ def worker(loglevel: str) -> None:
 
 
 @click.command()
-def sink() -> None:
-    """Run the ClickHouse sink in the foreground, with the read-only usage API beside it
-    (GET /healthz on TOKENAUDIT_USAGE_API_PORT answers once it is ready)."""
-    from tokenaudit.reports.usage_api import create_app
+@click.option("--api/--no-api", "with_api", default=True, show_default=True,
+              help="Also serve the read-only usage API from this process, over the sink's store (what `up` "
+                   "does for the embedded store: one process owns a chDB directory). --no-api: only the "
+                   "sink's /healthz and /metrics, on TOKENAUDIT_SINK_PORT; the API runs as `tokenaudit api`.")
+def sink(with_api: bool) -> None:
+    """Run the ClickHouse sink in the foreground (GET /healthz answers once it is ready)."""
     from tokenaudit.sinks.service import run_sink
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     s = settings()
-    sys.exit(run_sink(s, api=lambda store: create_app(store, s)))
+    api = None
+    if with_api:
+        from tokenaudit.reports.usage_api import create_app
+
+        def api(store):
+            return create_app(store, s)
+    sys.exit(run_sink(s, api=api))
+
+
+@click.command()
+def api() -> None:
+    """Run the read-only usage API alone in the foreground (for a ClickHouse server; with the
+    embedded store the sink serves it, see `tokenaudit sink`)."""
+    from tokenaudit.reports.service import run_api
+
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    sys.exit(run_api(settings()))
 
 
 def _supervisor(brokers: int | None = None):
@@ -94,5 +114,5 @@ def demo(steady: float, spike: float, keep_running: bool) -> None:
 
 
 def register(main: click.Group) -> None:
-    for command in (serve, worker, sink, up, down, status, demo):
+    for command in (serve, worker, sink, api, up, down, status, demo):
         main.add_command(command)
