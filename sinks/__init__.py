@@ -1,2 +1,3 @@
-"""ClickHouse side: batched idempotent writes of rollups, sampled records and anomalies, and
-the fixed usage queries (CLI and read-only usage API)."""
+"""Sinks: the write path into ClickHouse. Rollups, sampled records and anomalies are batched,
+deduplicated by key, inserted idempotently (refused rows isolated), then their offsets
+committed. The read side is ``tokenaudit.reports``."""
