@@ -93,7 +93,7 @@ class Processor:
         self.skew_ms = int(settings.max_clock_skew_seconds * 1000)
         self.counters = Counters()
         self.ids = EventIds(state, settings.dedup)
-        self.rules = Rules(settings, self.window_ms, self.counters)
+        self.rules = Rules(settings, state, self.window_ms, self.counters)
         self.sampling = Sampling(state, settings.sample_fraction, settings.sample_warmup)
         self.input_threshold = self.rules.input_threshold
         # the processor's clock and committed offsets, read when asked (tests move them)

@@ -15,6 +15,7 @@ from typing import Callable
 
 from tokenaudit.schemas import records
 from tokenaudit.streams.outputs import Counters
+from tokenaudit.streams.state import State
 from tokenaudit.streams.state_keys import client_key
 from tokenaudit.streams.window_state import C_FIRST, C_LAST, C_MEAN, C_N, C_VAR, Window
 
@@ -22,7 +23,8 @@ EWMA_ALPHA = 0.1  # after warm-up; before it, 1/(n+1) (the running mean and vari
 
 
 class Rules:
-    def __init__(self, settings, window_ms: int, counters: Counters):
+    def __init__(self, settings, state: State, window_ms: int, counters: Counters):
+        self.state = state
         self.window_ms = window_ms
         self.counters = counters
         # settings read per event, hoisted (pydantic attribute access is not free)
@@ -42,12 +44,12 @@ class Rules:
         return records.anomaly(rule, client, dept, model, ws, observed, thr, message,
                                ts if ts is not None else ws + self.window_ms, request_id, api_key_id)
 
-    def window(self, data: dict, touch: Callable[[str], None], client: str, dept: str, akey: str, model: str,
-               ws: int, w: Window, closing: bool, anomalies: list) -> None:
+    def window(self, client: str, dept: str, akey: str, model: str, ws: int, w: Window, closing: bool,
+               anomalies: list) -> None:
         """The window rules on ``w`` (appended to ``anomalies``); ``closing``: the window closes
         now, so it also moves its client's baseline (once per window)."""
         ckey = client_key(client)
-        c = data.get(ckey)
+        c = self.state.data.get(ckey)
         tokens = w.total_tokens
         if c is not None and c[C_N] >= self.spike_min_history:
             sigma = max(math.sqrt(max(c[C_VAR], 0.0)), 0.1 * c[C_MEAN], 1.0)
@@ -83,7 +85,7 @@ class Rules:
                 c[C_VAR] = (1 - alpha) * (c[C_VAR] + alpha * diff * diff)
             c[C_N] += 1
             c[C_LAST] = ws
-            touch(ckey)
+            self.state.touch(ckey)
 
     def request(self, ev: dict, w: Window | None, ws: int, offset: int, touch: Callable[[], None],
                 anomalies: list) -> bool:

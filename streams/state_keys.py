@@ -34,6 +34,7 @@ NORM = "n"
 SKETCH = "s"
 CHUNK = "d"
 WINDOW_PREFIX = WINDOW + SEP
+CLIENT_PREFIX = CLIENT + SEP
 META_PREFIX = META + SEP
 CHUNK_PREFIX = CHUNK + SEP
 
@@ -55,8 +56,9 @@ def window_start_of(key: str) -> int:
     return int(key.rsplit(SEP, 1)[1])
 
 
-def client_key(client: str) -> str:
-    return f"c{SEP}{client}"
+#: ``client_key(client)``: a C-level concatenation (no Python frame): it runs for every
+#: emitted window and every new one
+client_key = CLIENT_PREFIX.__add__
 
 
 def meta_key(partition: int) -> str:

@@ -209,8 +209,7 @@ class Windows:
             self.counters.rollups += 1
             out.rollups.append(records.usage_rollup(client, dept, akey, model, ws, ws + self.window_ms, w, None,
                                                     self.ids.packed(wkey, ids) if ids else ""))
-        state = self.state
-        self.rules.window(state.data, state.touch, client, dept, akey, model, ws, w, closing, out.anomalies)
+        self.rules.window(client, dept, akey, model, ws, w, closing, out.anomalies)
 
     def _mark(self, wkey: str, w: Window) -> tuple[int, int]:
         ids = self.ids.window_ids.get(wkey)
