@@ -54,7 +54,7 @@ from collections.abc import Iterable
 
 from tokenaudit.schemas import EVENT, AvroDecodeError, records
 from tokenaudit.schemas.compiled import compile_decoder
-from tokenaudit.schemas.event_ids import ID_BYTES, derived_event_id, id_bytes, pack_ids
+from tokenaudit.schemas.event_ids import ID_BYTES, derived_event_id, id_bytes
 from tokenaudit.schemas.validation import event_problem
 from tokenaudit.streams import state_keys as keys
 from tokenaudit.streams.dedup import EventIds

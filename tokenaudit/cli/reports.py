@@ -11,10 +11,9 @@ from typing import Any
 
 import click
 
+from tokenaudit.cli.common import FORMAT_OPTION as FORMAT
 from tokenaudit.cli.common import settings
 
-FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
-                      show_default=True, help="Output format.")
 SINCE = click.option("--since", default="24h", show_default=True,
                      help="Start: a duration back from now (15m, 24h, 7d) or an ISO time.")
 UNTIL = click.option("--until", default=None, help="End (exclusive), same forms as --since; default now.")
