@@ -62,6 +62,8 @@ class AuditContext:
     finish_reason: str | None = None
     error_type: str | None = None
     disconnected: bool = False
+    ttft_ms: float | None = None  # streamed responses only (schema v4)
+    tpot_ms: float | None = None
 
     @classmethod
     def new(cls, request_id: str | None = None) -> "AuditContext":
@@ -72,7 +74,7 @@ class AuditContext:
         return cls(request_id or event_id.replace("-", ""), event_id, int(time.time() * 1000), time.perf_counter())
 
     def to_event(self, method: str, path: str, status: int, instance: str = "") -> dict:
-        """The Avro record (schema token_usage_event v3); a flat dict literal because this runs
+        """The Avro record (schema token_usage_event v4); a flat dict literal because this runs
         once per request and must stay in the low microseconds. ``event_id`` is fixed when the
         context is made, so every copy of this event (retries, spool replays) carries it.
         ``path`` is cut to :data:`MAX_EVENT_PATH` characters, ``method`` to
@@ -89,6 +91,7 @@ class AuditContext:
             "inference_ms": self.inference_ms, "batch_id": self.batch_id, "batch_size": self.batch_size,
             "position_in_batch": self.position_in_batch, "device": self.device,
             "prompt_digest": self.prompt_digest, "finish_reason": self.finish_reason,
+            "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms,
         }
 
 
