@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tokenaudit.inference.audit import AuditContext, context_of
-from tokenaudit.inference.batcher import BatchResult, EmbeddingResult, Overloaded
+from tokenaudit.inference.batcher import BatchResult, Overloaded
 from tokenaudit.inference.http_io import (ApiError, Disconnected, error_response, optional_bool, optional_int,
                                           read_json_object, require_prompt)
 from tokenaudit.inference.metrics import CONTENT_TYPE
@@ -67,8 +67,9 @@ async def _tokenized(request: Request, prompt: str, param: str) -> Encoded:
 
 
 async def _outcome(request: Request, job: asyncio.Future, failure: str = "generation_failed"):
-    """Wait for a queued job or for the client to leave; (result, gone). A client that left still
-    gets the job's result accounted (the model spent it); a job that failed raises."""
+    """Wait for a queued job or for the client to leave; (result, gone). A client that left is
+    marked so (a 499) and still gets the job's result accounted: the model spent it. A job that
+    failed raises."""
     ctx = context_of(request.scope)
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
@@ -76,12 +77,13 @@ async def _outcome(request: Request, job: asyncio.Future, failure: str = "genera
     finally:
         watcher.cancel()
     gone = not job.done()
+    if gone:
+        ctx.disconnected, ctx.error_type = True, "client_disconnect"
     try:
         return await job, gone
     except Overloaded as exc:
         ctx.queue_ms = exc.queue_ms
         if gone:
-            ctx.disconnected, ctx.error_type = True, "client_disconnect"
             return None, True
         raise _overloaded(exc) from None
     except Exception:
@@ -113,10 +115,7 @@ async def _generate(request: Request, prompt: str, max_new: int, param: str = "p
     result, gone = await _outcome(request, asyncio.ensure_future(state.batcher.submit(encoded, max_new)))
     if result is not None:
         _account(ctx, result)
-    if gone:
-        ctx.disconnected, ctx.error_type = True, "client_disconnect"
-        return None
-    return result
+    return None if gone else result
 
 
 # --- streaming ------------------------------------------------------------------------------------
@@ -124,22 +123,30 @@ async def _generate(request: Request, prompt: str, max_new: int, param: str = "p
 class _Live:
     """A streamed request whose first tokens exist: what its response body goes on from."""
 
+    encoded: Encoded
     stream: TokenStream
     job: asyncio.Future
     first: list[int]
     watcher: asyncio.Future  # finishes when the client goes
 
 
-async def _settle_gone(ctx: AuditContext, stream: TokenStream, job: asyncio.Future) -> None:
+def _account_failed(ctx: AuditContext, encoded: Encoded, stream: TokenStream) -> None:
+    """A row that failed after it started streaming: its prompt was fed, its streamed tokens made."""
+    ctx.input_tokens, ctx.untruncated_input_tokens, ctx.truncated = len(encoded.ids), encoded.untruncated, encoded.truncated
+    ctx.output_tokens, ctx.finish_reason = stream.received, "error"
+
+
+async def _settle_gone(ctx: AuditContext, encoded: Encoded, stream: TokenStream, job: asyncio.Future) -> None:
     """The client left mid-stream: stop its row (the model thread sees it before the next step),
     wait for what the row consumed, and account that (status 499)."""
     stream.cancelled = True
     try:
         _account(ctx, await job, streamed=True)
-    except Overloaded as exc:
+    except Overloaded as exc:  # it never reached the model
         ctx.queue_ms = exc.queue_ms
-    except Exception:  # a failed row: what reached the stream was still produced
-        ctx.output_tokens = max(ctx.output_tokens, stream.received)
+    except Exception:
+        if stream.received:
+            _account_failed(ctx, encoded, stream)
     ctx.disconnected, ctx.error_type = True, "client_disconnect"
 
 
@@ -157,10 +164,10 @@ async def _stream_start(request: Request, prompt: str, max_new: int, param: str)
     await asyncio.wait({first, watcher}, return_when=asyncio.FIRST_COMPLETED)
     if not first.done():
         first.cancel()
-        await _settle_gone(ctx, stream, job)
+        await _settle_gone(ctx, encoded, stream, job)
         return None
     if first.result():
-        return _Live(stream, job, first.result(), watcher)
+        return _Live(encoded, stream, job, first.result(), watcher)
     watcher.cancel()  # ended without a token: the job failed
     try:
         await job
@@ -191,11 +198,11 @@ def _streamed(request: Request, live: _Live, data: dict, piece_chunk: Callable[[
         try:
             result = await live.job
         except Exception as exc:  # failed after its first tokens: say so in the stream, bill what it got
-            ctx.error_type, ctx.finish_reason = "generation_failed", "error"
-            ctx.output_tokens = live.stream.received
-            log_name = type(exc).__name__
+            _account_failed(ctx, live.encoded, live.stream)
+            ctx.error_type = "generation_failed"
             yield sse({"error": {"type": "server_error", "code": "generation_failed", "param": None,
-                                 "message": f"generation failed after {live.stream.received} tokens ({log_name})"}})
+                                 "message": f"generation failed after {live.stream.received} tokens "
+                                            f"({type(exc).__name__}); the request id identifies it in the logs"}})
             yield sse("[DONE]")
             return
         _account(ctx, result, streamed=True)
@@ -208,7 +215,7 @@ def _streamed(request: Request, live: _Live, data: dict, piece_chunk: Callable[[
         yield sse("[DONE]")
 
     async def gone() -> None:
-        await _settle_gone(ctx, live.stream, live.job)
+        await _settle_gone(ctx, live.encoded, live.stream, live.job)
 
     return EventStream(body(), live.watcher, gone)
 
@@ -408,9 +415,10 @@ async def embeddings(request: Request) -> Response:
     ctx.untruncated_input_tokens = sum(e.untruncated for e in encoded)
     ctx.truncated = any(e.truncated for e in encoded)
     if result is not None:
-        _account_embeddings(ctx, result)
+        ctx.output_tokens = 0
+        ctx.batch_id, ctx.batch_size, ctx.position_in_batch = result.batch_id, result.batch_size, result.position_in_batch
+        ctx.queue_ms, ctx.inference_ms, ctx.device = result.queue_ms, result.inference_ms, result.device
     if gone:
-        ctx.disconnected, ctx.error_type = True, "client_disconnect"
         return Response(status_code=499)
     if fmt == "base64":  # what OpenAI sends: little-endian float32 bytes (the client decodes them so)
         vectors = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in result.vectors]
@@ -421,12 +429,6 @@ async def embeddings(request: Request) -> Response:
         "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
         "usage": {"prompt_tokens": ctx.input_tokens, "total_tokens": ctx.input_tokens},
     })
-
-
-def _account_embeddings(ctx: AuditContext, result: EmbeddingResult) -> None:
-    ctx.output_tokens = 0
-    ctx.batch_id, ctx.batch_size, ctx.position_in_batch = result.batch_id, result.batch_size, result.position_in_batch
-    ctx.queue_ms, ctx.inference_ms, ctx.device = result.queue_ms, result.inference_ms, result.device
 
 
 async def models(request: Request) -> Response:
