@@ -94,8 +94,6 @@ class Decoding:
             elif len(row.ids) >= row.limit:
                 row.finish_reason = "length"
             self.new_tokens.append(tok)
-        for row in self.rows[len(got):]:  # never: every row of the batch is decoded
-            self.new_tokens.append(None)
         if self.done:
             for row in self.rows:
                 if row.finish_reason is None:  # the bucket's new-token limit (never below a row's own)

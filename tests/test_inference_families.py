@@ -84,6 +84,23 @@ def test_each_family_builds_with_its_own_tokenizer_and_kind(arch, kind, tokenize
     assert runner.tokenize(LONG).ids == tok(LONG, truncation=True, max_length=16).input_ids
 
 
+def test_xla_embeddings_match_eager_in_padded_buckets():
+    import numpy as np
+
+    path = str(_path("bert"))
+    eager = ModelRunner(path, max_input_tokens=16).load()
+    xla = ModelRunner(path, max_input_tokens=16, xla=True, batch_buckets="4", length_buckets="16", max_batch=4).load()
+    xla.warmup()
+    assert not (eager.can_generate or xla.can_generate) and eager.stepper is None
+    encoded = eager.encode(["hello world", "x", "a longer text about licences " * 5, "y", "z", "more"])
+    want, got = eager.embed_encoded(encoded), xla.embed_encoded(encoded)
+    assert got.shape == (6, eager.model.config.hidden_size) and got.dtype == np.float32
+    assert np.allclose(got, want, atol=1e-5), "padding rows and columns change no vector"
+    assert xla._embed_shapes == {(4, 16)}, "6 inputs: two calls of the one compiled bucket"
+    with pytest.raises(Exception, match="cannot generate"):
+        xla.generate(["hello"], [2])
+
+
 def test_bert_config_that_says_is_decoder_is_a_generator():
     from transformers import BertConfig
 
