@@ -30,7 +30,7 @@ def served(tmp_path_factory, kafka_bootstrap):
     ensure_topics(kafka_bootstrap, {topic: 1})
     s = load_settings(data_dir=tmp / "data", kafka_bootstrap=kafka_bootstrap, topic_usage=topic,
                       model=str(cached_model("t5", load_settings().cache_dir)), xla=False, max_input_tokens=64,
-                      batch_max_size=8, batch_max_wait_ms=30, max_new_tokens_limit=LIMIT, kafka_partitions=1,
+                      batch_max_size=8, batch_max_wait_ms=50, max_new_tokens_limit=LIMIT, kafka_partitions=1,
                       api_keys_file=keys_file)
     app = create_app(s)
     with ThreadedServer(app) as server:
