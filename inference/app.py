@@ -69,11 +69,18 @@ class AppState:
         """The prompt's ids, from the tokenizer pool. Requests waiting here count against
         ``max_queue`` too: the pool's own queue is unbounded, and a flood of long prompts must
         meet the same bound as a flood of short ones."""
+        return await self._in_tokenizer_pool(self.runner.tokenize, prompt)
+
+    async def tokenize_many(self, texts: list[str]) -> list[Encoded]:
+        """The ids of several texts (one embeddings request): one job, one slot of the same bound."""
+        return await self._in_tokenizer_pool(self.runner.encode, texts)
+
+    async def _in_tokenizer_pool(self, fn, arg):
         if self._tokenizing >= self.settings.max_queue:
             raise QueueFull(f"{self._tokenizing} requests are waiting to be tokenized")
         self._tokenizing += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, self.runner.tokenize, prompt)
+            return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, arg)
         finally:
             self._tokenizing -= 1
 
@@ -155,6 +162,7 @@ def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | 
             Route("/v1/generate", routes.generate, methods=["POST"]),
             Route("/v1/completions", routes.completions, methods=["POST"]),
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),

@@ -62,6 +62,8 @@ class AuditContext:
     finish_reason: str | None = None
     error_type: str | None = None
     disconnected: bool = False
+    ttft_ms: float | None = None  # streamed responses only (schema v4)
+    tpot_ms: float | None = None
 
     @classmethod
     def new(cls, request_id: str | None = None) -> "AuditContext":

@@ -1,17 +1,26 @@
-"""Dynamic micro-batching: concurrent requests share one ``generate`` call.
+"""Dynamic micro-batching: concurrent requests share one model call.
 
 One worker thread owns the model. It blocks for the first request, then gathers more until the
-batch is full (``max_size``) or ``max_wait_ms`` has passed since the first arrived, runs the
+batch is full (``max_size`` rows) or ``max_wait_ms`` has passed since the first arrived, runs the
 batch, and resolves each request's asyncio future. The event loop never runs model code, and
 the model thread never tokenizes: requests arrive as ids (``ModelRunner.tokenize`` on the
 request side), so a long prompt delays only itself.
+
+How a batch runs: with no streamed row, one ``generate`` call (the whole loop compiled: the
+fastest, see bench/bench_generation.py); with at least one streamed row, the step-wise loop,
+pushing each streamed row's tokens to its :class:`~tokenaudit.inference.streaming.TokenStream`
+as they are decoded (rows that do not stream still get the same tokens, at the end). A
+streamed row whose client left is cancelled between two steps. An encoder's batch is one
+embedding call over the rows of all its requests (an embeddings request may hold several).
 
 Back-pressure: the queue holds at most ``max_queue`` requests (beyond that :class:`QueueFull`
 at once) and each waits at most ``queue_timeout`` seconds (then :class:`QueueTimeout`; a
 request whose deadline passed is never run). Both become a 503 with ``Retry-After``.
 
 Isolation: when ``generate`` fails for a batch of several rows, each row is run again alone,
-so one bad row fails only its own request.
+so one bad row fails only its own request. A step-wise batch that fails after its first tokens
+were streamed cannot take them back: its streamed rows fail (their tokens so far stay
+accounted by the route), the others are run again alone.
 """
 
 from __future__ import annotations
@@ -24,7 +33,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from tokenaudit.inference.runner import Encoded, Generated, ModelRunner
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tokenaudit.inference.runner import Decoded, Encoded, Generated, ModelRunner
+
+if TYPE_CHECKING:
+    from tokenaudit.inference.streaming import TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +78,30 @@ class BatchResult:
     device: str
 
 
+@dataclass
+class EmbeddingResult:
+    vectors: np.ndarray  # (rows, dimensions) float32, in the request's order
+    batch_id: str
+    batch_size: int  # rows in the model call, all requests together
+    position_in_batch: int  # of this request's first row
+    queue_ms: float
+    inference_ms: float
+    device: str
+
+
 @dataclass(slots=True)
 class _Pending:
-    encoded: Encoded
+    encoded: Encoded | list[Encoded]  # one prompt to generate from, or the inputs of one embeddings request
     max_new_tokens: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    stream: "TokenStream | None" = None
     enqueued: float = field(default_factory=time.perf_counter)
     state: int = _QUEUED  # _QUEUED -> _TAKEN (the batcher runs it) or _EXPIRED (its deadline won)
+
+    @property
+    def rows(self) -> int:
+        return len(self.encoded) if isinstance(self.encoded, list) else 1
 
 
 class MicroBatcher:
@@ -105,10 +137,22 @@ class MicroBatcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, encoded: Encoded, max_new_tokens: int) -> BatchResult:
-        """Queue one tokenized prompt and wait for its row of a batch."""
+    async def submit(self, encoded: Encoded, max_new_tokens: int, stream: "TokenStream | None" = None) -> BatchResult:
+        """Queue one tokenized prompt and wait for its row of a batch; with ``stream``, its tokens
+        are pushed there as they are decoded (the result still comes here, at the end)."""
+        return await self._submit(_Pending(encoded, max_new_tokens, *self._future(), stream))
+
+    async def submit_embeddings(self, rows: list[Encoded]) -> EmbeddingResult:
+        """Queue the tokenized inputs of one embeddings request (one queue slot, several rows)."""
+        return await self._submit(_Pending(list(rows), 0, *self._future()))
+
+    @staticmethod
+    def _future() -> tuple[asyncio.Future, asyncio.AbstractEventLoop]:
         loop = asyncio.get_running_loop()
-        pending = _Pending(encoded, max_new_tokens, loop.create_future(), loop)
+        return loop.create_future(), loop
+
+    async def _submit(self, pending: _Pending):
+        loop = pending.loop
         try:
             self._queue.put_nowait(pending)
         except queue.Full:
@@ -145,8 +189,9 @@ class MicroBatcher:
     # --- the model thread -------------------------------------------------------------------
     def _gather(self, first: _Pending) -> tuple[list[_Pending], bool]:
         batch = [first]
+        rows = first.rows
         deadline = first.enqueued + self.max_wait
-        while len(batch) < self.max_size:
+        while rows < self.max_size:
             timeout = deadline - time.perf_counter()
             try:
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
@@ -156,6 +201,7 @@ class MicroBatcher:
                 return batch, True
             if self._take(item):
                 batch.append(item)
+                rows += item.rows
         return batch, False
 
     def _loop(self) -> None:
@@ -170,23 +216,82 @@ class MicroBatcher:
             self._run(batch)
 
     def _run(self, batch: list[_Pending]) -> None:
+        if isinstance(batch[0].encoded, list):
+            self._run_embeddings(batch)
+        elif self.runner.stepper is not None and any(p.stream is not None for p in batch):
+            self._run_stepwise(batch)
+        else:
+            self._run_generate(batch)
+
+    def _retry_alone(self, batch: list[_Pending], exc: Exception, what: str) -> bool:
+        """After a failed batch of several: each request again, alone (True); a lone one fails."""
+        if len(batch) > 1:
+            log.warning("%s failed for a batch of %d (%s); running each request alone", what, len(batch),
+                        type(exc).__name__)
+            self.retried_rows += len(batch)
+            for p in batch:
+                self._run([p])
+            return True
+        log.error("%s failed for one request: %s", what, type(exc).__name__, exc_info=exc)
+        batch[0].loop.call_soon_threadsafe(_set_exception, batch[0].future, exc)
+        return False
+
+    def _run_generate(self, batch: list[_Pending]) -> None:
         batch_id = uuid.uuid4().hex[:16]
         started = time.perf_counter()
         try:
             results = self.runner.generate_encoded([p.encoded for p in batch], [p.max_new_tokens for p in batch])
         except Exception as exc:
-            if len(batch) > 1:  # find the bad row: every row again, alone
-                log.warning("generation failed for a batch of %d (%s); running each row alone",
-                            len(batch), type(exc).__name__)
-                self.retried_rows += len(batch)
-                for p in batch:
-                    self._run([p])
-                return
-            log.error("generation failed for one row: %s", type(exc).__name__, exc_info=exc)
-            batch[0].loop.call_soon_threadsafe(_set_exception, batch[0].future, exc)
+            self._retry_alone(batch, exc, "generation")
             return
         inference_ms = (time.perf_counter() - started) * 1000
         self.batches += 1
+        for p, r in zip(batch, results):
+            if p.stream is not None:  # a model that cannot decode step-wise: every token at once
+                for tok in r.output_ids:
+                    p.stream.push(tok)
+        self._deliver(batch, results, batch_id, started, inference_ms)
+
+    def _run_stepwise(self, batch: list[_Pending]) -> None:
+        batch_id = uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        encoded = [p.encoded for p in batch]
+        try:
+            decoding = self.runner.start_decoding(encoded, [p.max_new_tokens for p in batch])
+        except Exception as exc:  # nothing was streamed yet: as a failed generate
+            self._retry_alone(batch, exc, "step-wise prefill")
+            return
+        try:
+            self._push(batch, decoding.new_tokens)
+            while not decoding.done:
+                for i, p in enumerate(batch):
+                    if p.stream is not None and p.stream.cancelled:
+                        decoding.cancel(i)
+                if decoding.done:
+                    break
+                self._push(batch, decoding.step())
+        except Exception as exc:
+            log.error("step-wise decoding failed after its first tokens: %s", type(exc).__name__, exc_info=exc)
+            again = [p for p in batch if p.stream is None]
+            for p in batch:
+                if p.stream is not None:
+                    p.loop.call_soon_threadsafe(_set_exception, p.future, exc)
+            self.retried_rows += len(again)
+            for p in again:
+                self._run([p])
+            return
+        inference_ms = (time.perf_counter() - started) * 1000
+        self.batches += 1
+        self._deliver(batch, self.runner.decoded(decoding, encoded), batch_id, started, inference_ms)
+
+    @staticmethod
+    def _push(batch: list[_Pending], tokens: list[int | None]) -> None:
+        for p, tok in zip(batch, tokens):
+            if p.stream is not None and tok is not None:
+                p.stream.push(tok)
+
+    def _deliver(self, batch: list[_Pending], results: list[Generated] | list[Decoded], batch_id: str,
+                 started: float, inference_ms: float) -> None:
         for i, (p, r) in enumerate(zip(batch, results)):
             try:
                 text = self.runner.decode(r.output_ids)
@@ -196,6 +301,24 @@ class MicroBatcher:
                 continue
             res = BatchResult(r, text, batch_id, len(batch), i, (started - p.enqueued) * 1000, inference_ms,
                               self.runner.device)
+            p.loop.call_soon_threadsafe(_set_result, p.future, res)
+
+    def _run_embeddings(self, batch: list[_Pending]) -> None:
+        batch_id = uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        rows = [e for p in batch for e in p.encoded]
+        try:
+            vectors = self.runner.embed_encoded(rows)
+        except Exception as exc:
+            self._retry_alone(batch, exc, "embedding")
+            return
+        inference_ms = (time.perf_counter() - started) * 1000
+        self.batches += 1
+        first = 0
+        for p in batch:
+            res = EmbeddingResult(vectors[first:first + p.rows], batch_id, len(rows), first,
+                                  (started - p.enqueued) * 1000, inference_ms, self.runner.device)
+            first += p.rows
             p.loop.call_soon_threadsafe(_set_result, p.future, res)
 
 

@@ -9,8 +9,16 @@ OpenTelemetry GenAI semantic conventions in Prometheus form, with their advised 
 ``gen_ai_server_request_duration_seconds``              request latency, by model and status
 ``gen_ai_client_token_usage``                           tokens per request, by model, status and
                                                         ``gen_ai_token_type`` (input / output)
+``gen_ai_server_time_to_first_token_seconds``           streamed responses: arrival to first token,
+                                                        by model
+``gen_ai_server_time_per_output_token_seconds``         streamed responses: per token after the
+                                                        first, by model
 ``tokenaudit_queue_time_seconds``                       time waiting for a micro-batch
 ======================================================  =========================================
+
+The two streaming histograms count successful (200) streamed responses only, as the conventions
+define them ("for successful responses"); the event carries both times for every streamed
+response that produced a token.
 
 Each app instance has a registry of its own (tests and benchmarks run several apps in one
 process). Publisher counters are read at scrape time by a collector over the publisher's
@@ -34,6 +42,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 #: OpenTelemetry GenAI advice for gen_ai.client.token.usage (tokens)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+#: OpenTelemetry GenAI advice for gen_ai.server.time_to_first_token (seconds)
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+#: OpenTelemetry GenAI advice for gen_ai.server.time_per_output_token (seconds)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 QUEUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -51,6 +63,12 @@ REQUEST_DURATION = HistogramSpec("gen_ai_server_request_duration_seconds",
 TOKEN_USAGE = HistogramSpec("gen_ai_client_token_usage",
                             "Tokens per request: input fed to the model, output generated.",
                             TOKEN_BUCKETS, ("model", "status", "gen_ai_token_type"))
+TIME_TO_FIRST_TOKEN = HistogramSpec("gen_ai_server_time_to_first_token_seconds",
+                                    "Streamed responses: time from request arrival to the first generated token.",
+                                    TTFT_BUCKETS, ("model",))
+TIME_PER_OUTPUT_TOKEN = HistogramSpec("gen_ai_server_time_per_output_token_seconds",
+                                      "Streamed responses: time per output token after the first.",
+                                      TPOT_BUCKETS, ("model",))
 QUEUE_TIME = HistogramSpec("tokenaudit_queue_time_seconds",
                            "Time a request waited in the micro-batch queue (requests that reached it).",
                            QUEUE_BUCKETS, ("model", "status"))
@@ -159,7 +177,10 @@ class AppMetrics:
         self.duration = FastHistogram(REQUEST_DURATION)
         self.tokens = FastHistogram(TOKEN_USAGE)
         self.queue = FastHistogram(QUEUE_TIME)
-        self.registry.register(_Collector([self.duration, self.tokens, self.queue], get_publisher, get_extra))
+        self.ttft = FastHistogram(TIME_TO_FIRST_TOKEN)
+        self.tpot = FastHistogram(TIME_PER_OUTPUT_TOKEN)
+        self.registry.register(_Collector([self.duration, self.tokens, self.queue, self.ttft, self.tpot],
+                                          get_publisher, get_extra))
         self._children: dict[tuple, tuple[list, list, list, list]] = {}
 
     def _bind(self, key: tuple) -> tuple[list, list, list, list]:
@@ -193,6 +214,21 @@ class AppMetrics:
         if n:
             tokens_out[bisect_left(TOKEN_BUCKETS, n)] += 1
             tokens_out[-1] += n
+        if event.get("ttft_ms") is not None and event["status_code"] == 200:
+            self._observe_streamed(event)
+
+    def _observe_streamed(self, event: dict) -> None:
+        """The streaming histograms (labelled by model only); off the common path: only streamed
+        responses carry ``ttft_ms``."""
+        seconds = event["ttft_ms"] / 1000.0
+        cells = self.ttft.child(event["model"]).cells
+        cells[bisect_left(TTFT_BUCKETS, seconds)] += 1
+        cells[-1] += seconds
+        if event["tpot_ms"] is not None:
+            seconds = event["tpot_ms"] / 1000.0
+            cells = self.tpot.child(event["model"]).cells
+            cells[bisect_left(TPOT_BUCKETS, seconds)] += 1
+            cells[-1] += seconds
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,25 +1,31 @@
-"""HTTP handlers: /v1/generate, the OpenAI-compatible completions routes, health and metrics.
+"""HTTP handlers: /v1/generate, the OpenAI-compatible completions and embeddings routes, health
+and metrics.
 
 Handlers never log or echo prompt text; they record what the model consumed and produced in the
-request's AuditContext, from the ids the runner reports.
+request's AuditContext, from the ids the runner reports. ``stream: true`` sends each piece of
+text as soon as its tokens are decoded (:mod:`tokenaudit.inference.streaming`); the usage chunk
+and the audit event both come from the row's final accounting, so they agree.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
-from tokenaudit.inference.audit import context_of
+from tokenaudit.inference.audit import AuditContext, context_of
 from tokenaudit.inference.batcher import BatchResult, Overloaded
 from tokenaudit.inference.http_io import (ApiError, Disconnected, error_response, optional_bool, optional_int,
                                           read_json_object, require_prompt)
 from tokenaudit.inference.metrics import CONTENT_TYPE
-from tokenaudit.inference.runner import InvalidPrompt
+from tokenaudit.inference.runner import Decoded, Encoded, InvalidPrompt
+from tokenaudit.inference.streaming import EventStream, TokenStream, sse
 
 if TYPE_CHECKING:
     from tokenaudit.inference.app import AppState
@@ -34,48 +40,184 @@ async def _wait_disconnect(receive) -> None:
         pass
 
 
-async def _generate(request: Request, prompt: str, max_new: int, param: str = "prompt") -> BatchResult | None:
-    """Tokenize one prompt (off the event loop and the model thread), then run it through the
-    micro-batcher; None when the client left meanwhile (its tokens are still accounted: the
-    model spent them)."""
+def _ready_for(request: Request, what: str) -> "AppState":
+    """The app state, once the model is loaded and can do ``what`` ("generate" or "embed")."""
     state = _state(request)
-    ctx = context_of(request.scope)
     if not state.ready:
         raise ApiError(503, "model_not_ready", state.not_ready_reason())
-    ctx.prompt_digest = state.digest(prompt)
+    runner = state.runner
+    if what == "generate" and not runner.can_generate:
+        raise ApiError(400, "model_cannot_generate", f"model {state.model_name} is an encoder-only model "
+                                                      f"({runner.kind}): it cannot generate text; use /v1/embeddings")
+    if what == "embed" and not runner.can_embed:
+        raise ApiError(400, "model_cannot_embed", f"model {state.model_name} is a text generator ({runner.kind}): "
+                                                  f"this server does not embed with it; use the completions routes")
+    return state
+
+
+async def _tokenized(request: Request, prompt: str, param: str) -> Encoded:
+    state = _state(request)
+    context_of(request.scope).prompt_digest = state.digest(prompt)
     try:
-        encoded = await state.tokenize(prompt)
+        return await state.tokenize(prompt)
     except InvalidPrompt as exc:
         raise ApiError(400, "invalid_prompt", str(exc), param) from None
     except Overloaded as exc:
         raise _overloaded(exc) from None
-    job = asyncio.ensure_future(state.batcher.submit(encoded, max_new))
+
+
+async def _outcome(request: Request, job: asyncio.Future, failure: str = "generation_failed"):
+    """Wait for a queued job or for the client to leave; (result, gone). A client that left is
+    marked so (a 499) and still gets the job's result accounted: the model spent it. A job that
+    failed raises."""
+    ctx = context_of(request.scope)
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     try:
         await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
     gone = not job.done()
+    if gone:
+        ctx.disconnected, ctx.error_type = True, "client_disconnect"
     try:
-        result = await job
+        return await job, gone
     except Overloaded as exc:
         ctx.queue_ms = exc.queue_ms
         if gone:
-            ctx.disconnected, ctx.error_type = True, "client_disconnect"
-            return None
+            return None, True
         raise _overloaded(exc) from None
     except Exception:
-        ctx.error_type = "generation_failed"
+        ctx.error_type = failure
         raise
+
+
+def _account(ctx: AuditContext, result: BatchResult, streamed: bool = False) -> None:
     g = result.generated
     ctx.input_tokens, ctx.untruncated_input_tokens, ctx.truncated = g.input_tokens, g.untruncated_input_tokens, g.truncated
     ctx.output_tokens, ctx.finish_reason = g.output_tokens, g.finish_reason
     ctx.batch_id, ctx.batch_size, ctx.position_in_batch = result.batch_id, result.batch_size, result.position_in_batch
     ctx.queue_ms, ctx.inference_ms, ctx.device = result.queue_ms, result.inference_ms, result.device
-    if gone:
-        ctx.disconnected, ctx.error_type = True, "client_disconnect"
+    if streamed and isinstance(g, Decoded) and g.first_token_at is not None:
+        # OpenTelemetry's gen_ai.server.time_to_first_token / time_per_output_token: from the
+        # request's arrival to its first token, then per token after the first
+        ctx.ttft_ms = (g.first_token_at - ctx.started) * 1000
+        if g.output_tokens > 1 and g.last_token_at is not None:
+            ctx.tpot_ms = (g.last_token_at - g.first_token_at) * 1000 / (g.output_tokens - 1)
+
+
+async def _generate(request: Request, prompt: str, max_new: int, param: str = "prompt") -> BatchResult | None:
+    """Tokenize one prompt (off the event loop and the model thread), then run it through the
+    micro-batcher; None when the client left meanwhile (its tokens are still accounted: the
+    model spent them)."""
+    state = _ready_for(request, "generate")
+    ctx = context_of(request.scope)
+    encoded = await _tokenized(request, prompt, param)
+    result, gone = await _outcome(request, asyncio.ensure_future(state.batcher.submit(encoded, max_new)))
+    if result is not None:
+        _account(ctx, result)
+    return None if gone else result
+
+
+# --- streaming ------------------------------------------------------------------------------------
+@dataclass
+class _Live:
+    """A streamed request whose first tokens exist: what its response body goes on from."""
+
+    encoded: Encoded
+    stream: TokenStream
+    job: asyncio.Future
+    first: list[int]
+    watcher: asyncio.Future  # finishes when the client goes
+
+
+def _account_failed(ctx: AuditContext, encoded: Encoded, stream: TokenStream) -> None:
+    """A row that failed after it started streaming: its prompt was fed, its streamed tokens made."""
+    ctx.input_tokens, ctx.untruncated_input_tokens, ctx.truncated = len(encoded.ids), encoded.untruncated, encoded.truncated
+    ctx.output_tokens, ctx.finish_reason = stream.received, "error"
+
+
+async def _settle_gone(ctx: AuditContext, encoded: Encoded, stream: TokenStream, job: asyncio.Future) -> None:
+    """The client left mid-stream: stop its row (the model thread sees it before the next step),
+    wait for what the row consumed, and account that (status 499)."""
+    stream.cancelled = True
+    try:
+        _account(ctx, await job, streamed=True)
+    except Overloaded as exc:  # it never reached the model
+        ctx.queue_ms = exc.queue_ms
+    except Exception:
+        if stream.received:
+            _account_failed(ctx, encoded, stream)
+    ctx.disconnected, ctx.error_type = True, "client_disconnect"
+
+
+async def _stream_start(request: Request, prompt: str, max_new: int, param: str) -> _Live | None:
+    """Queue a streamed prompt and wait for its first tokens; None when the client left first
+    (accounted), an ApiError when it failed before any token (a proper 4xx/5xx, not a broken stream)."""
+    state = _ready_for(request, "generate")
+    ctx = context_of(request.scope)
+    encoded = await _tokenized(request, prompt, param)
+    stream = TokenStream(asyncio.get_running_loop())
+    job = asyncio.ensure_future(state.batcher.submit(encoded, max_new, stream))
+    job.add_done_callback(stream.end)
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    first = asyncio.ensure_future(stream.take())
+    await asyncio.wait({first, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if not first.done():
+        first.cancel()
+        await _settle_gone(ctx, encoded, stream, job)
         return None
-    return result
+    if first.result():
+        return _Live(encoded, stream, job, first.result(), watcher)
+    watcher.cancel()  # ended without a token: the job failed
+    try:
+        await job
+    except Overloaded as exc:
+        ctx.queue_ms = exc.queue_ms
+        raise _overloaded(exc) from None
+    except Exception:
+        ctx.error_type = "generation_failed"
+        raise
+    raise RuntimeError("a streamed row finished without a token")
+
+
+def _streamed(request: Request, live: _Live, data: dict, piece_chunk: Callable[[str, bool], dict],
+              final_chunk: Callable[[str], dict]) -> EventStream:
+    """The SSE response of a started stream: a chunk per batch of tokens that arrived together,
+    the final chunk (finish_reason), the usage chunk when asked for, ``[DONE]``."""
+    state, ctx = _state(request), context_of(request.scope)
+    deltas = state.runner.text_deltas()
+
+    async def body() -> AsyncIterator[bytes]:
+        tokens, first = live.first, True
+        while tokens:
+            piece = deltas.add(tokens)
+            if piece or first:
+                yield sse(piece_chunk(piece, first))
+                first = False
+            tokens = await live.stream.take()
+        try:
+            result = await live.job
+        except Exception as exc:  # failed after its first tokens: say so in the stream, bill what it got
+            _account_failed(ctx, live.encoded, live.stream)
+            ctx.error_type = "generation_failed"
+            yield sse({"error": {"type": "server_error", "code": "generation_failed", "param": None,
+                                 "message": f"generation failed after {live.stream.received} tokens "
+                                            f"({type(exc).__name__}); the request id identifies it in the logs"}})
+            yield sse("[DONE]")
+            return
+        _account(ctx, result, streamed=True)
+        rest = deltas.finish()
+        if rest:
+            yield sse(piece_chunk(rest, False))
+        yield sse(final_chunk(result.generated.finish_reason))
+        if _stream_usage(data):
+            yield sse({**final_chunk(result.generated.finish_reason), "choices": [], "usage": _usage_openai(result)})
+        yield sse("[DONE]")
+
+    async def gone() -> None:
+        await _settle_gone(ctx, live.encoded, live.stream, live.job)
+
+    return EventStream(body(), live.watcher, gone)
 
 
 def _overloaded(exc: Overloaded) -> ApiError:
@@ -135,15 +277,6 @@ async def generate(request: Request) -> Response:
     })
 
 
-def _sse(chunks: list[dict]):
-    async def gen():
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(gen(), media_type="text/event-stream")
-
-
 def _stream_usage(data: dict) -> bool:
     opts = data.get("stream_options")
     return isinstance(opts, dict) and opts.get("include_usage") is True
@@ -156,17 +289,24 @@ async def completions(request: Request) -> Response:
     default, limit = _limits(request)
     max_new = optional_int(data, ("max_tokens",), default, 1, limit)
     stream = optional_bool(data, "stream")
+    ident = "cmpl-" + context_of(request.scope).request_id
+    base = {"id": ident, "object": "text_completion", "created": int(time.time()), "model": _state(request).model_name}
+    if stream:
+        live = await _stream_start(request, prompt, max_new, "prompt")
+        if live is None:
+            return Response(status_code=499)
+
+        def piece(text: str, first: bool) -> dict:
+            return {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": None}]}
+
+        def final(reason: str) -> dict:
+            return {**base, "choices": [{"text": "", "index": 0, "logprobs": None, "finish_reason": reason}]}
+
+        return _streamed(request, live, data, piece, final)
     result = await _generate(request, prompt, max_new)
     if result is None:
         return Response(status_code=499)
-    ident = "cmpl-" + context_of(request.scope).request_id
-    base = {"id": ident, "object": "text_completion", "created": int(time.time()), "model": _state(request).model_name}
     choice = {"text": result.text, "index": 0, "logprobs": None, "finish_reason": result.generated.finish_reason}
-    if stream:
-        chunks = [{**base, "choices": [choice]}]
-        if _stream_usage(data):
-            chunks.append({**base, "choices": [], "usage": _usage_openai(result)})
-        return _sse(chunks)
     return JSONResponse({**base, "choices": [choice], "usage": _usage_openai(result)})
 
 
@@ -195,25 +335,100 @@ async def chat_completions(request: Request) -> Response:
     max_new = optional_int(data, ("max_completion_tokens", "max_tokens"), default, 1, limit)
     stream = optional_bool(data, "stream")
     prompt = _chat_prompt(request, data.get("messages"))
+    ident = "chatcmpl-" + context_of(request.scope).request_id
+    base = {"id": ident, "created": int(time.time()), "model": _state(request).model_name}
+    if stream:
+        live = await _stream_start(request, prompt, max_new, "messages")
+        if live is None:
+            return Response(status_code=499)
+        chunk = {**base, "object": "chat.completion.chunk"}
+
+        def piece(text: str, first: bool) -> dict:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            return {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+        def final(reason: str) -> dict:
+            return {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+
+        return _streamed(request, live, data, piece, final)
     result = await _generate(request, prompt, max_new, "messages")
     if result is None:
         return Response(status_code=499)
-    ident = "chatcmpl-" + context_of(request.scope).request_id
-    base = {"id": ident, "created": int(time.time()), "model": _state(request).model_name}
     finish = result.generated.finish_reason
-    if stream:
-        chunks = [
-            {**base, "object": "chat.completion.chunk",
-             "choices": [{"index": 0, "delta": {"role": "assistant", "content": result.text}, "finish_reason": None}]},
-            {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]},
-        ]
-        if _stream_usage(data):
-            chunks.append({**base, "object": "chat.completion.chunk", "choices": [], "usage": _usage_openai(result)})
-        return _sse(chunks)
     return JSONResponse({**base, "object": "chat.completion",
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                                       "finish_reason": finish}],
                          "usage": _usage_openai(result)})
+
+
+# --- embeddings -----------------------------------------------------------------------------------
+#: OpenAI's own bound on the inputs of one embeddings request
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def _embedding_inputs(data: dict) -> list[str]:
+    value = data.get("input")
+    if value is None:
+        raise ApiError(400, "invalid_input", "'input' is required", "input")
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "invalid_input", "'input' must be a string or a non-empty list of strings", "input")
+    if len(items) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, "invalid_input", f"'input' holds {len(items)} items; at most {MAX_EMBEDDING_INPUTS}",
+                       "input")
+    for i, item in enumerate(items):
+        if isinstance(item, (int, list)):
+            raise ApiError(400, "invalid_input", "token-id input is not supported here: send text", "input")
+        if not isinstance(item, str):
+            raise ApiError(400, "invalid_input", f"input[{i}] must be a string, got {type(item).__name__}", "input")
+        if not item.strip():
+            raise ApiError(400, "invalid_input", f"input[{i}] must not be empty" if len(items) > 1 else
+                           "'input' must not be empty", "input")
+    return items
+
+
+@_api
+async def embeddings(request: Request) -> Response:
+    """OpenAI's embeddings API for encoder-only models: one vector per input (mean-pooled and
+    L2-normalised, see ``ModelRunner._embed_graph``), ``usage`` and the event carrying the input
+    tokens of all inputs together (output tokens: 0)."""
+    data = await _body(request)
+    state = _ready_for(request, "embed")
+    ctx = context_of(request.scope)
+    inputs = _embedding_inputs(data)
+    fmt = data.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, "invalid_parameter", "'encoding_format' must be 'float' or 'base64'", "encoding_format")
+    if data.get("dimensions") is not None:
+        raise ApiError(400, "invalid_parameter", f"'dimensions' is not supported by {state.model_name}", "dimensions")
+    raw = data["input"]
+    ctx.prompt_digest = state.digest(raw if isinstance(raw, str) else json.dumps(inputs, ensure_ascii=False))
+    try:
+        encoded = await state.tokenize_many(inputs)
+    except InvalidPrompt as exc:
+        raise ApiError(400, "invalid_input", str(exc), "input") from None
+    except Overloaded as exc:
+        raise _overloaded(exc) from None
+    result, gone = await _outcome(request, asyncio.ensure_future(state.batcher.submit_embeddings(encoded)),
+                                  "embedding_failed")
+    ctx.input_tokens = sum(len(e.ids) for e in encoded)
+    ctx.untruncated_input_tokens = sum(e.untruncated for e in encoded)
+    ctx.truncated = any(e.truncated for e in encoded)
+    if result is not None:
+        ctx.output_tokens = 0
+        ctx.batch_id, ctx.batch_size, ctx.position_in_batch = result.batch_id, result.batch_size, result.position_in_batch
+        ctx.queue_ms, ctx.inference_ms, ctx.device = result.queue_ms, result.inference_ms, result.device
+    if gone:
+        return Response(status_code=499)
+    if fmt == "base64":  # what OpenAI sends: little-endian float32 bytes (the client decodes them so)
+        vectors = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in result.vectors]
+    else:
+        vectors = [v.tolist() for v in result.vectors]
+    return JSONResponse({
+        "object": "list", "model": state.model_name,
+        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+        "usage": {"prompt_tokens": ctx.input_tokens, "total_tokens": ctx.input_tokens},
+    })
 
 
 async def models(request: Request) -> Response:

@@ -19,9 +19,10 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-# Fields that identify the request itself; the v3 additions are left out so that a v3 record
-# whose event_id was dropped by some intermediary still hashes like its v2 twin.
-_NOT_HASHED = frozenset({"event_id", "instance"})
+# Fields that identify the request itself; the v3 additions (and v4's timings of streamed
+# responses) are left out so that a newer record whose event_id was dropped by some
+# intermediary still hashes like its v2 twin.
+_NOT_HASHED = frozenset({"event_id", "instance", "ttft_ms", "tpot_ms"})
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

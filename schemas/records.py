@@ -30,7 +30,7 @@ MAX_EVENT_METHOD = 16
 
 
 class TokenUsageEvent(TypedDict):
-    """token_usage_event v3: one per HTTP request, whatever its outcome."""
+    """token_usage_event v4: one per HTTP request, whatever its outcome."""
 
     request_id: str
     ts: int
@@ -59,6 +59,8 @@ class TokenUsageEvent(TypedDict):
     finish_reason: str | None
     event_id: str | None
     instance: str
+    ttft_ms: float | None
+    tpot_ms: float | None
 
 
 class UsageRollup(TypedDict):
@@ -153,6 +155,8 @@ class EventFields(Protocol):
     prompt_digest: str | None
     finish_reason: str | None
     error_type: str | None
+    ttft_ms: float | None
+    tpot_ms: float | None
 
 
 def token_usage_event(f: EventFields, method: str, path: str, status_code: int, instance: str,
@@ -171,6 +175,7 @@ def token_usage_event(f: EventFields, method: str, path: str, status_code: int, 
         "inference_ms": f.inference_ms, "batch_id": f.batch_id, "batch_size": f.batch_size,
         "position_in_batch": f.position_in_batch, "device": f.device,
         "prompt_digest": f.prompt_digest, "finish_reason": f.finish_reason,
+        "ttft_ms": f.ttft_ms, "tpot_ms": f.tpot_ms,
     }
 
 

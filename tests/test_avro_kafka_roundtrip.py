@@ -21,6 +21,7 @@ def sample_event(i: int = 0) -> dict:
         "batch_id": "b-1", "batch_size": 4, "position_in_batch": 2, "device": "/CPU:0",
         "prompt_digest": "ab" * 32, "finish_reason": "length",
         "event_id": f"0190b9c3-5f4e-7b2a-9c1d-{i:012x}", "instance": "host-a:8000",
+        "ttft_ms": 41.5 if i % 2 else None, "tpot_ms": 3.25 if i % 2 else None,  # v4: streamed responses
     }
 
 

@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -162,3 +163,111 @@ def test_requests_waiting_for_the_tokenizer_count_against_the_queue_bound(tmp_pa
     finally:
         gate.set()
         state.tokenizer_pool.shutdown()
+
+
+# --- step-wise batches (streaming), with the real Decoding over a step function that needs no model --
+EOS = 1
+
+
+class FakeSteps:
+    """Row i's k-th token is ``10 * (i + 1) + k``; a row whose prompt holds 5 emits EOS at its
+    second token. Each step after the prefill waits for ``gate`` (a semaphore the test releases);
+    ``fail_at`` makes that step raise, as a model failure mid-decode would."""
+
+    def __init__(self, gate: threading.Semaphore | None = None, fail_at: int | None = None):
+        self.gate, self.fail_at = gate, fail_at
+        self.waiting = threading.Event()  # set once a step waits for the gate
+
+    def _tokens(self, ids, k):
+        return np.array([EOS if k == 1 and 5 in row else 10 * (i + 1) + k + 1 for i, row in enumerate(ids.tolist())])
+
+    def prefill(self, ids, mask, max_new):
+        if (ids == POISON).any():
+            raise RuntimeError("model failure on one row")
+        return {"ids": ids, "k": 0, "next_tokens": self._tokens(ids, 0)}
+
+    def step(self, state):
+        if self.gate is not None:
+            self.waiting.set()
+            assert self.gate.acquire(timeout=10)
+        k = state["k"] + 1
+        if k == self.fail_at:
+            raise RuntimeError("model failure mid-decode")
+        return {"ids": state["ids"], "k": k, "next_tokens": self._tokens(state["ids"], k)}
+
+
+class StepRunner(FakeRunner):
+    def __init__(self, steps: FakeSteps):
+        super().__init__()
+        self.kind, self.pad_id, self.eos_ids, self.stepper = "causal", 0, {EOS}, steps
+
+
+def test_streamed_rows_get_each_token_as_it_is_decoded_and_a_cancelled_row_stops_there():
+    from tokenaudit.inference.streaming import TokenStream
+
+    gate = threading.Semaphore(0)
+    steps = FakeSteps(gate)
+    runner = StepRunner(steps)
+    batcher = MicroBatcher(runner, max_size=8, max_wait_ms=300).start()
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        a, b = TokenStream(loop), TokenStream(loop)
+        jobs = [asyncio.ensure_future(batcher.submit(_enc(2, 3), 6, a)),
+                asyncio.ensure_future(batcher.submit(_enc(4), 4, b)),
+                asyncio.ensure_future(batcher.submit(_enc(6, 7, 8), 5)),  # does not stream: same batch
+                asyncio.ensure_future(batcher.submit(_enc(5), 6, TokenStream(loop)))]  # EOS at its 2nd token
+        for job, stream in zip(jobs, (a, b)):
+            job.add_done_callback(stream.end)
+        firsts = [await a.take(), await b.take()]  # the prefill's tokens, before any step was let run
+        assert await loop.run_in_executor(None, steps.waiting.wait, 10)
+        a.cancelled = True  # a's client left while step 1 runs: that token was made, no other
+        for _ in range(10):
+            gate.release()
+        rest_b = []
+        while more := await b.take():
+            rest_b += more
+        return firsts, rest_b, await a.take(), await asyncio.gather(*jobs)
+
+    try:
+        firsts, rest_b, rest_a, results = asyncio.run(go())
+    finally:
+        for _ in range(10):
+            gate.release()
+        batcher.stop()
+    assert firsts == [[11], [21]], "each stream has its first token while the others are still to come"
+    assert rest_b == [22, 23, 24] and rest_a == [12]
+    a, b, c, d = (r.generated for r in results)
+    assert (a.output_ids, a.finish_reason) == ([11, 12], "cancelled")
+    assert (b.output_ids, b.finish_reason) == ([21, 22, 23, 24], "length")
+    assert (c.output_ids, c.finish_reason) == ([31, 32, 33, 34, 35], "length")
+    assert (d.output_ids, d.finish_reason) == ([41, EOS], "stop")
+    assert len({r.batch_id for r in results}) == 1 and results[0].batch_size == 4
+    assert a.first_token_at <= b.first_token_at <= b.last_token_at
+    assert runner.calls == [], "a batch with a streamed row never goes through generate"
+
+
+def test_a_step_that_fails_fails_the_streamed_rows_and_runs_the_others_again_alone():
+    from tokenaudit.inference.streaming import TokenStream
+
+    runner = StepRunner(FakeSteps(fail_at=2))
+    batcher = MicroBatcher(runner, max_size=8, max_wait_ms=200).start()
+
+    async def go():
+        stream = TokenStream(asyncio.get_running_loop())
+        jobs = [batcher.submit(_enc(2), 6, stream), batcher.submit(_enc(3, 4), 6), batcher.submit(_enc(POISON), 3, None)]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        stream.end()
+        got = []
+        while more := await stream.take():
+            got += more
+        return results, got
+
+    try:
+        (streamed, plain, poison), got = asyncio.run(go())
+    finally:
+        batcher.stop()
+    assert isinstance(poison, RuntimeError) and "one row" in str(poison), "a failed prefill: each row alone"
+    assert isinstance(streamed, RuntimeError) and "mid-decode" in str(streamed)
+    assert got == [11, 12], "what was streamed before the failure stays streamed (the route bills it)"
+    assert plain.generated.output_tokens == 6 and plain.batch_size == 1, "the row that did not stream, again alone"

@@ -103,19 +103,45 @@ def test_count_generated_stops_after_eos_and_drops_padding():
     assert count_generated([0, 5], {1}, 2) == ([0, 5], "length"), "a generated pad id before EOS is real output"
 
 
+def _stepwise_ids(runner: ModelRunner, prompts: list[str], limits: list[int]) -> list[list[int]]:
+    encoded = runner.encode(prompts)
+    decoding = runner.start_decoding(encoded, limits)
+    while not decoding.done:
+        decoding.step()
+    return [r.output_ids for r in runner.decoded(decoding, encoded)]
+
+
 def test_xla_bucket_generation_matches_eager(t5_path):
     eager = ModelRunner(str(t5_path), max_input_tokens=16).load()
     xla = ModelRunner(str(t5_path), max_input_tokens=16, xla=True, batch_buckets="2", length_buckets="16",
                       new_token_buckets="4", max_batch=2, max_new_tokens_limit=4).load()
-    xla.warmup()  # compiles the one (2, 16, 4) bucket
+    xla.warmup()  # compiles the one (2, 16, 4) bucket: generate, and the step-wise prefill and step
     prompts, limits = ["hello world", "a somewhat longer prompt for the bucket test"], [4, 3]
     got = xla.generate(prompts, limits)
     want = eager.generate(prompts, limits)
     assert [g.output_ids for g in got] == [w.output_ids for w in want]
     assert [g.input_tokens for g in got] == [w.input_tokens for w in want]
     assert xla._compiled_shapes == {(2, 16, 4)}, "a one-row batch is padded into the compiled bucket"
+    assert xla._step_shapes == {(2, 16, 4)}
     single = xla.generate(["hello world"], [4])[0]
     assert single.output_ids == want[0].output_ids
+    assert _stepwise_ids(xla, prompts, limits) == [w.output_ids for w in want], "the compiled step-wise loop too"
+    assert _stepwise_ids(xla, prompts[:1], [4]) == [want[0].output_ids]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "mistral"])
+def test_xla_stepwise_decoding_of_decoder_only_models_matches_eager_generate(arch):
+    """The padded static cache of XLA decoding for the other cache layouts: GPT-2 keeps keys and
+    values stacked with the batch on axis 1, Mistral has grouped-query heads and rotary positions."""
+    path = cached_model(arch, load_settings().cache_dir)
+    eager = ModelRunner(str(path), max_input_tokens=16).load()
+    xla = ModelRunner(str(path), max_input_tokens=16, xla=True, batch_buckets="2", length_buckets="16",
+                      new_token_buckets="6", max_batch=2, max_new_tokens_limit=6).load()
+    prompts, limits = ["hello world", "a somewhat longer prompt for the bucket test"], [6, 4]
+    want = [w.output_ids for w in eager.generate(prompts, limits)]
+    assert _stepwise_ids(xla, prompts, limits) == want
+    assert _stepwise_ids(xla, prompts[1:], [4]) == want[1:], "a one-row batch in the same compiled bucket"
+    assert xla._step_shapes == {(2, 16, 6)} and not xla._compiled_shapes, "generate never compiled for it"
 
 
 def test_inputs_are_capped_to_the_model_positions(gpt2_path):

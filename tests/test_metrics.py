@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenaudit.inference.audit import AuditContext
-from tokenaudit.inference.metrics import QUEUE_TIME, REQUEST_DURATION, TOKEN_USAGE, AppMetrics
+from tokenaudit.inference.metrics import (QUEUE_TIME, REQUEST_DURATION, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN,
+                                         TOKEN_USAGE, AppMetrics)
 
 
 def _samples(text: bytes | str, name: str) -> dict[tuple, float]:
@@ -27,6 +28,9 @@ def _event(rng: random.Random, client: str) -> dict:
     ctx.input_tokens, ctx.output_tokens = rng.choice([0, 1, 4, 5, 300, 70000]), rng.choice([0, 1, 16, 17])
     if rng.random() < 0.7:
         ctx.batch_id, ctx.queue_ms = "b", rng.choice([0.0, 1.0, 2.5, 7.0, 65000.0])
+    if rng.random() < 0.4:  # a streamed response: time to first token, and per token when two or more
+        ctx.ttft_ms = rng.choice([0.5, 1.0, 60.0, 90.0, 12000.0])
+        ctx.tpot_ms = rng.choice([None, 10.0, 30.0, 2500.0, 9000.0])
     event = ctx.to_event("POST", "/v1/generate", rng.choice([200, 400, 503]))
     event["latency_ms"] = rng.choice([0.0, 10.0, 15.0, 640.0, 100000.0])  # on and between bucket bounds
     return event
@@ -37,7 +41,7 @@ def test_histograms_match_prometheus_client_and_name_no_client():
     metrics = AppMetrics(lambda: None, lambda: {})
     reference = CollectorRegistry()
     ref = {spec.name: Histogram(spec.name, spec.doc, spec.labels, buckets=spec.buckets, registry=reference)
-           for spec in (REQUEST_DURATION, TOKEN_USAGE, QUEUE_TIME)}
+           for spec in (REQUEST_DURATION, TOKEN_USAGE, QUEUE_TIME, TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN)}
     for i in range(2000):
         event = _event(rng, f"client-{i}")  # 2000 distinct callers
         metrics.observe(event)
@@ -48,13 +52,19 @@ def test_histograms_match_prometheus_client_and_name_no_client():
         for kind in ("input", "output"):
             if event[f"{kind}_tokens"]:
                 ref[TOKEN_USAGE.name].labels(m, st, kind).observe(event[f"{kind}_tokens"])
+        if event["ttft_ms"] is not None and st == "200":  # "for successful responses", by model only
+            ref[TIME_TO_FIRST_TOKEN.name].labels(m).observe(event["ttft_ms"] / 1000)
+            if event["tpot_ms"] is not None:
+                ref[TIME_PER_OUTPUT_TOKEN.name].labels(m).observe(event["tpot_ms"] / 1000)
     ours, theirs = metrics.render(), generate_latest(reference)
-    for spec in (REQUEST_DURATION, TOKEN_USAGE, QUEUE_TIME):
+    for spec in (REQUEST_DURATION, TOKEN_USAGE, QUEUE_TIME, TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN):
         got, want = _samples(ours, spec.name), _samples(theirs, spec.name)
         assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-6 for k in want), spec.name
     assert b"client_id" not in ours and b"client-" not in ours
     assert len(_samples(ours, REQUEST_DURATION.name)) == 3 * (len(REQUEST_DURATION.buckets) + 3), \
         "one series per status, however many callers"
+    assert len(_samples(ours, TIME_TO_FIRST_TOKEN.name)) == len(TIME_TO_FIRST_TOKEN.buckets) + 3, "one series: the model"
+    assert _samples(ours, TIME_PER_OUTPUT_TOKEN.name), "time per output token observed"
 
 
 def test_every_integer_publisher_counter_is_exported():

@@ -46,6 +46,7 @@ class _Request:
     api_key_id, client_ip, model, input_tokens, untruncated_input_tokens = "k_1", "10.0.0.1", "t5", 12, 40
     truncated, output_tokens, queue_ms, inference_ms, batch_id = True, 5, 1.5, 7.25, "b1"
     batch_size, position_in_batch, device, prompt_digest, finish_reason, error_type = 4, 2, "cpu", "ab", "length", None
+    ttft_ms, tpot_ms = 3.5, 1.25  # streamed responses (schema v4)
 
 
 def test_builders_make_records_the_codecs_round_trip():

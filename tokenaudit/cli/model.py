@@ -13,17 +13,21 @@ def model() -> None:
 
 
 @model.command("init")
-def model_init() -> None:
-    """Build the offline default model (small T5, seeded weights, locally trained tokenizer)."""
+@click.option("--arch", type=click.Choice(["t5", "gpt2", "bert", "mistral"]), default="t5", show_default=True,
+              help="Family: t5 (the default model), gpt2, mistral (the LLaMA family) or bert (embeddings only).")
+def model_init(arch: str) -> None:
+    """Build a tiny offline model of a family (seeded weights, its own locally trained tokenizer)
+    into <data_dir>/models/<arch>-tiny and print its path (for TOKENAUDIT_MODEL)."""
     from tokenaudit.inference.model_init import build_default_model
 
     s = settings()
-    path = s.effective_model
-    if s.model:
+    path = str(s.data_dir / "models" / f"{arch}-tiny")
+    if s.model and arch == "t5":
         click.echo(f"TOKENAUDIT_MODEL is set ({s.model}); the app serves that, building the default anyway")
-        path = str(s.data_dir / "models" / "t5-tiny")
-    built = build_default_model(path)
+    built = build_default_model(path, arch=arch)
     click.echo(f"model {'built' if built else 'already present'} at {path}")
+    if path != s.effective_model:
+        click.echo(f"serve it with TOKENAUDIT_MODEL={path}")
 
 
 def register(main: click.Group) -> None:
