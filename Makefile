@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench docs clean
+.PHONY: setup demo test test-fast lint bench docs clean
 
 $(STAMP): pyproject.toml setup.py schemas/_native.pyx streams/_fastjson.pyx
 	@echo ">> creating/updating $(VENV) (first run downloads TensorFlow: a few minutes)"
@@ -35,8 +35,28 @@ setup: $(STAMP)
 demo: setup
 	@$(VENV)/bin/tokenaudit demo
 
-test: setup
+test: setup lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that need no broker, store, model, browser or cluster (markers in pyproject.toml):
+# a minute, for the edit-test loop. `make test` runs everything.
+test-fast: $(STAMP)
+	@$(PY) -m pytest -m "not (broker or store or model or browser or chaos or cluster)" $(PYTEST_ARGS)
+
+# ruff (lint and format), mypy and import-linter, all pinned in the test extra. mypy and
+# import-linter see the package as installed (tokenaudit.inference, ...), which is assembled
+# from the top-level rooms: build/lint/tokenaudit is that tree, made of symbolic links.
+ROOMS := inference schemas streams sinks reports infra
+LINT_TREE := build/lint
+lint: $(STAMP)
+	@mkdir -p $(LINT_TREE)/tokenaudit
+	@for e in tokenaudit/* $(ROOMS); do ln -sfn "$$(pwd)/$$e" $(LINT_TREE)/tokenaudit/$$(basename $$e); done
+	@echo ">> ruff check" && $(VENV)/bin/ruff check --quiet .
+	@echo ">> ruff format --check" && $(VENV)/bin/ruff format --check --quiet .
+	@echo ">> mypy" && cd $(LINT_TREE) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+	  --cache-dir $(CURDIR)/build/mypy_cache tokenaudit
+	@echo ">> lint-imports" && cd $(LINT_TREE) && PYTHONPATH=. $(CURDIR)/$(VENV)/bin/lint-imports --no-cache \
+	  --config $(CURDIR)/pyproject.toml
 
 bench: setup
 	@for b in bench/bench_*.py; do echo ">> $$b"; $(PY) $$b || exit 1; done

@@ -28,9 +28,14 @@ class OptionalBuildExt(build_ext):
 try:
     from Cython.Build import cythonize
 
-    ext_modules = cythonize([Extension("tokenaudit.schemas._native", ["schemas/_native.pyx"]),
-                             Extension("tokenaudit.streams._fastjson", ["streams/_fastjson.pyx"])],
-                            compiler_directives={"language_level": 3}, quiet=True)
+    ext_modules = cythonize(
+        [
+            Extension("tokenaudit.schemas._native", ["schemas/_native.pyx"]),
+            Extension("tokenaudit.streams._fastjson", ["streams/_fastjson.pyx"]),
+        ],
+        compiler_directives={"language_level": 3},
+        quiet=True,
+    )
 except ImportError:  # Cython is a build requirement; without it, the Python codec
     ext_modules = []
 

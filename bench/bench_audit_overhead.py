@@ -47,11 +47,14 @@ async def load(url: str, seconds: float) -> tuple[list[float], int]:
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
         async def worker(w: int):
             i = 0
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
-                r = await client.post("/v1/generate", json={"prompt": f"client {w} request {i} audit", "max_new_tokens": 4})
+                r = await client.post(
+                    "/v1/generate", json={"prompt": f"client {w} request {i} audit", "max_new_tokens": 4}
+                )
                 latencies.append((time.perf_counter() - t0) * 1000)
                 assert r.status_code == 200, r.text
                 i += 1
@@ -88,8 +91,16 @@ def main() -> None:
     s = load_settings()
     model = cached_model("t5", s.cache_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        broker = KafkaBroker(BrokerConfig(home=Path(tmp) / "kafka", cache_dir=s.cache_dir, version=s.kafka_version,
-                                          port=free_port(), controller_port=free_port(), heap="384m"))
+        broker = KafkaBroker(
+            BrokerConfig(
+                home=Path(tmp) / "kafka",
+                cache_dir=s.cache_dir,
+                version=s.kafka_version,
+                port=free_port(),
+                controller_port=free_port(),
+                heap="384m",
+            )
+        )
         broker.start()
         procs = {}
         try:
@@ -97,16 +108,32 @@ def main() -> None:
             urls = {}
             for mode in ("on", "off"):
                 port = free_port()
-                env = {**os.environ, "TOKENAUDIT_DATA_DIR": f"{tmp}/data-{mode}", "TOKENAUDIT_MODEL": str(model),
-                       "TOKENAUDIT_KAFKA_BOOTSTRAP": broker.bootstrap, "TOKENAUDIT_TOPIC_USAGE": "bench-audit",
-                       "TOKENAUDIT_XLA": "true", "TOKENAUDIT_XLA_BATCH_BUCKETS": "16",
-                       "TOKENAUDIT_XLA_LENGTH_BUCKETS": "32", "TOKENAUDIT_XLA_NEW_TOKEN_BUCKETS": "4",
-                       "TOKENAUDIT_MAX_INPUT_TOKENS": "32", "TOKENAUDIT_MAX_NEW_TOKENS_LIMIT": "4",
-                       "TOKENAUDIT_BATCH_MAX_SIZE": "16", "TOKENAUDIT_BATCH_MAX_WAIT_MS": "2",
-                       **({"TOKENAUDIT_PRODUCER_LINGER_MS": os.environ["BENCH_LINGER_MS"]}
-                          if "BENCH_LINGER_MS" in os.environ else {})}
-                procs[mode] = subprocess.Popen([sys.executable, __file__, "--serve", mode, str(port)], env=env,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                env = {
+                    **os.environ,
+                    "TOKENAUDIT_DATA_DIR": f"{tmp}/data-{mode}",
+                    "TOKENAUDIT_MODEL": str(model),
+                    "TOKENAUDIT_KAFKA_BOOTSTRAP": broker.bootstrap,
+                    "TOKENAUDIT_TOPIC_USAGE": "bench-audit",
+                    "TOKENAUDIT_XLA": "true",
+                    "TOKENAUDIT_XLA_BATCH_BUCKETS": "16",
+                    "TOKENAUDIT_XLA_LENGTH_BUCKETS": "32",
+                    "TOKENAUDIT_XLA_NEW_TOKEN_BUCKETS": "4",
+                    "TOKENAUDIT_MAX_INPUT_TOKENS": "32",
+                    "TOKENAUDIT_MAX_NEW_TOKENS_LIMIT": "4",
+                    "TOKENAUDIT_BATCH_MAX_SIZE": "16",
+                    "TOKENAUDIT_BATCH_MAX_WAIT_MS": "2",
+                    **(
+                        {"TOKENAUDIT_PRODUCER_LINGER_MS": os.environ["BENCH_LINGER_MS"]}
+                        if "BENCH_LINGER_MS" in os.environ
+                        else {}
+                    ),
+                }
+                procs[mode] = subprocess.Popen(
+                    [sys.executable, __file__, "--serve", mode, str(port)],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 urls[mode] = f"http://127.0.0.1:{port}"
             for mode in procs:
                 wait_ready(urls[mode], procs[mode])
@@ -116,7 +143,7 @@ def main() -> None:
             count = {"on": 0, "off": 0}
             seconds = {"on": 0.0, "off": 0.0}
             for r in range(ROUNDS):
-                for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
                     t0 = time.perf_counter()
                     values, _ = asyncio.run(load(urls[mode], ROUND_SECONDS))
                     seconds[mode] += time.perf_counter() - t0
@@ -128,11 +155,13 @@ def main() -> None:
                 print(f"RESULT audit_{mode}_rps={count[mode] / seconds[mode]:.1f}")
             print(f"RESULT audit_p50_ratio={statistics.median(lat['on']) / statistics.median(lat['off']):.3f}")
             print(f"RESULT audit_p99_ratio={percentile(lat['on'], 0.99) / percentile(lat['off'], 0.99):.3f}")
-            print(f"RESULT audit_throughput_ratio={(count['on'] / seconds['on']) / (count['off'] / seconds['off']):.3f}")
+            print(
+                f"RESULT audit_throughput_ratio={(count['on'] / seconds['on']) / (count['off'] / seconds['off']):.3f}"
+            )
             import httpx
 
             metrics = httpx.get(urls["on"] + "/metrics").text
-            produced = [l for l in metrics.splitlines() if l.startswith("tokenaudit_events_enqueued_total")]
+            produced = [line for line in metrics.splitlines() if line.startswith("tokenaudit_events_enqueued_total")]
             print(f"RESULT audit_on_events_enqueued={produced[0].split()[-1] if produced else 'n/a'}")
         finally:
             for p in procs.values():

@@ -26,19 +26,27 @@ def main() -> None:
     steady, spike = 40.0, 15.0
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ)
-        env.update({
-            "TOKENAUDIT_DATA_DIR": tmp,
-            "TOKENAUDIT_KAFKA_PORT": str(free_port()),
-            "TOKENAUDIT_KAFKA_CONTROLLER_PORT": str(free_port()),
-            "TOKENAUDIT_HTTP_PORT": str(free_port()),
-            "TOKENAUDIT_USAGE_API_PORT": str(free_port()),
-            "TOKENAUDIT_WORKER_WEB_PORT": str(free_port()),
-            # the model is built once in the cache and reused: "warm machine"
-            "TOKENAUDIT_MODEL": str(_cached_model()),
-        })
+        env.update(
+            {
+                "TOKENAUDIT_DATA_DIR": tmp,
+                "TOKENAUDIT_KAFKA_PORT": str(free_port()),
+                "TOKENAUDIT_KAFKA_CONTROLLER_PORT": str(free_port()),
+                "TOKENAUDIT_HTTP_PORT": str(free_port()),
+                "TOKENAUDIT_USAGE_API_PORT": str(free_port()),
+                "TOKENAUDIT_WORKER_WEB_PORT": str(free_port()),
+                # the model is built once in the cache and reused: "warm machine"
+                "TOKENAUDIT_MODEL": str(_cached_model()),
+            }
+        )
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "tokenaudit.cli", "demo", "--steady", str(steady),
-                               "--spike", str(spike)], env=env, capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tokenaudit.cli", "demo", "--steady", str(steady), "--spike", str(spike)],
+            env=env,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         wall = time.monotonic() - t0
     out = proc.stdout + proc.stderr
     up = re.search(r"pipeline up in (\d+)s", out)

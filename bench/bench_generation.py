@@ -25,12 +25,25 @@ STREAM_TOKENS = 32
 
 
 def prompts(n: int) -> list[str]:
-    words = "audit token usage model kafka stream window client department latency spool".split()
+    words = [
+        "audit",
+        "token",
+        "usage",
+        "model",
+        "kafka",
+        "stream",
+        "window",
+        "client",
+        "department",
+        "latency",
+        "spool",
+    ]
     return [" ".join(words[(i + j) % len(words)] for j in range(3 + i % 8)) for i in range(n)]
 
 
-async def drive(batcher, n: int, concurrency: int = CONCURRENCY, new: int = NEW_TOKENS,
-                stream: bool = False) -> tuple[float, list[float], list[float]]:
+async def drive(
+    batcher, n: int, concurrency: int = CONCURRENCY, new: int = NEW_TOKENS, stream: bool = False
+) -> tuple[float, list[float], list[float]]:
     """``n`` requests from ``concurrency`` clients; (requests/s, total latencies ms, time to first
     token ms: streamed requests only, measured where the handler gets the tokens)."""
     from tokenaudit.inference.streaming import TokenStream
@@ -88,8 +101,8 @@ def p50(values: list[float]) -> float:
 
 
 def main() -> None:
-    from tokenaudit.inference.runner import ModelRunner
     from tests.support.apps import cached_model
+    from tokenaudit.inference.runner import ModelRunner
     from tokenaudit.settings import load_settings
 
     path = str(cached_model("t5", load_settings().cache_dir))
@@ -104,9 +117,16 @@ def main() -> None:
     print(f"RESULT eager_batched_p50_ms={p50(batched_lat):.1f}")
     print(f"RESULT eager_one_at_a_time_p50_ms={p50(single_lat):.1f}")
 
-    xla = ModelRunner(path, max_input_tokens=32, xla=True, batch_buckets="1,16", length_buckets="32",
-                      new_token_buckets=f"{NEW_TOKENS},{STREAM_TOKENS}", max_batch=CONCURRENCY,
-                      max_new_tokens_limit=STREAM_TOKENS).load()
+    xla = ModelRunner(
+        path,
+        max_input_tokens=32,
+        xla=True,
+        batch_buckets="1,16",
+        length_buckets="32",
+        new_token_buckets=f"{NEW_TOKENS},{STREAM_TOKENS}",
+        max_batch=CONCURRENCY,
+        max_new_tokens_limit=STREAM_TOKENS,
+    ).load()
     t0 = time.perf_counter()
     xla.warmup()
     compile_s = time.perf_counter() - t0
@@ -120,8 +140,10 @@ def main() -> None:
         return (time.perf_counter() - t) / n * 1000
 
     xla_ms, eager_ms = one_call(xla, 20), one_call(eager, 3)
-    print(f"RESULT xla_compile_s={compile_s:.1f}  # batch 1 and 16, length 32, {NEW_TOKENS} new tokens: "
-          f"generate, and the step-wise prefill and step")
+    print(
+        f"RESULT xla_compile_s={compile_s:.1f}  # batch 1 and 16, length 32, {NEW_TOKENS} new tokens: "
+        f"generate, and the step-wise prefill and step"
+    )
     print(f"RESULT xla_batched_rps={xla_rps:.1f}")
     print(f"RESULT xla_one_at_a_time_rps={xla_single_rps:.1f}")
     print(f"RESULT xla_batching_speedup_c16={xla_rps / xla_single_rps:.2f}")

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("inference", "schemas", "infra", "streams", "sinks")
 ROUNDS = 3
 
-DRIVER = r'''
+DRIVER = r"""
 import asyncio, logging, statistics, sys, time
 logging.disable(logging.WARNING)
 from tokenaudit.inference.batcher import MicroBatcher
@@ -49,13 +49,14 @@ for concurrency, n in ((16, 256), (1, 96)):
     asyncio.run(drive(batcher, 32, concurrency))
     print(f"c{concurrency}", max(asyncio.run(drive(batcher, n, concurrency)) for _ in range(3)))
     batcher.stop()
-'''
+"""
 
 
 def export(rev: str, into: Path) -> Path:
     """REV's packages laid out as the installed ``tokenaudit`` package (pyproject's package-dir)."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "tokenaudit", *PACKAGES],
-                             check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "tokenaudit", *PACKAGES], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     pkg = into / "pkg"
     pkg.mkdir()
@@ -71,8 +72,14 @@ def run(model: str, pythonpath: str | None) -> dict[str, float]:
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath  # ahead of the editable install's finder
-    out = subprocess.run([sys.executable, "-c", DRIVER, model], env=env, cwd=tempfile.gettempdir(),
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER, model],
+        env=env,
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if line.startswith("c")}
 
 

@@ -36,9 +36,11 @@ class PreviousMetrics:
         key = (event["client_id"], event["model"], event["status_code"])
         children = self._children.get(key)
         if children is None:
-            children = self._children[key] = (self.requests.labels(key[0], key[1], str(key[2])),
-                                               self.input_tokens.labels(key[0], key[1]),
-                                               self.output_tokens.labels(key[0], key[1]))
+            children = self._children[key] = (
+                self.requests.labels(key[0], key[1], str(key[2])),
+                self.input_tokens.labels(key[0], key[1]),
+                self.output_tokens.labels(key[0], key[1]),
+            )
         children[0].inc()
         if event["input_tokens"]:
             children[1].inc(event["input_tokens"])
@@ -55,8 +57,16 @@ class LibraryHistograms:
         from tokenaudit.inference.metrics import QUEUE_TIME, REQUEST_DURATION, TOKEN_USAGE
 
         reg = CollectorRegistry()
-        make = lambda spec: Histogram(spec.name, spec.doc, spec.labels, buckets=spec.buckets,  # noqa: E731
-                                      registry=reg)
+
+        def make(spec):
+            return Histogram(
+                spec.name,
+                spec.doc,
+                spec.labels,
+                buckets=spec.buckets,
+                registry=reg,
+            )
+
         self.duration, self.tokens, self.queue = make(REQUEST_DURATION), make(TOKEN_USAGE), make(QUEUE_TIME)
         self._children: dict = {}
 
@@ -65,8 +75,12 @@ class LibraryHistograms:
         c = self._children.get(key)
         if c is None:
             m, st = key[0], str(key[1])
-            c = self._children[key] = (self.duration.labels(m, st), self.tokens.labels(m, st, "input"),
-                                       self.tokens.labels(m, st, "output"), self.queue.labels(m, st))
+            c = self._children[key] = (
+                self.duration.labels(m, st),
+                self.tokens.labels(m, st, "input"),
+                self.tokens.labels(m, st, "output"),
+                self.queue.labels(m, st),
+            )
         c[0].observe(event["latency_ms"] / 1000.0)
         if event["batch_id"] is not None:
             c[3].observe(event["queue_ms"] / 1000.0)
@@ -88,18 +102,31 @@ def main() -> None:
 
     s = load_settings()
     with tempfile.TemporaryDirectory() as tmp:
-        broker = KafkaBroker(BrokerConfig(home=Path(tmp) / "kafka", cache_dir=s.cache_dir, version=s.kafka_version,
-                                          port=free_port(), controller_port=free_port(), heap="384m"))
+        broker = KafkaBroker(
+            BrokerConfig(
+                home=Path(tmp) / "kafka",
+                cache_dir=s.cache_dir,
+                version=s.kafka_version,
+                port=free_port(),
+                controller_port=free_port(),
+                heap="384m",
+            )
+        )
         broker.start()
         try:
             ensure_topics(broker.bootstrap, {"bench-hot-path": 4})
             pub = EventPublisher(broker.bootstrap, "bench-hot-path", Path(tmp) / "spool").start()
-            metrics = AppMetrics(lambda: pub, lambda: {})
+            metrics = AppMetrics(lambda: pub, dict)
             previous, library = PreviousMetrics(), LibraryHistograms()
 
             def build(i: int) -> dict:
                 ctx = AuditContext.new(f"req-{i:08d}")
-                ctx.client_id, ctx.department, ctx.api_key_id, ctx.client_ip = "acme", "research", "k_0123456789ab", "10.1.2.3"
+                ctx.client_id, ctx.department, ctx.api_key_id, ctx.client_ip = (
+                    "acme",
+                    "research",
+                    "k_0123456789ab",
+                    "10.1.2.3",
+                )
                 ctx.model, ctx.input_tokens, ctx.untruncated_input_tokens = "t5-tiny", 120, 120
                 ctx.output_tokens, ctx.finish_reason, ctx.device = 16, "length", "/device:CPU:0"
                 ctx.batch_id, ctx.batch_size, ctx.position_in_batch = "0123456789abcdef", 8, 3
@@ -124,32 +151,49 @@ def main() -> None:
             generic_encode_us = timed(lambda i: encode(EVENT, events[i]))
             enqueue_us = timed(lambda i: pub.publish_encoded(b"acme", payloads[i]))
             pub._producer.flush(30)
+
             def whole(observe):
                 def one(i: int) -> None:
                     event = build(i)
                     pub.publish(event)
                     observe(event)
+
                 return one
 
             # side by side, interleaved, best of five: this box is shared and noisy
             rounds: dict[str, list[float]] = {"new": [], "previous": [], "library": []}
             for _ in range(5):
-                for name, observe in (("new", metrics.observe), ("previous", previous.observe),
-                                      ("library", library.observe)):
+                for name, observe in (
+                    ("new", metrics.observe),
+                    ("previous", previous.observe),
+                    ("library", library.observe),
+                ):
                     rounds[name].append(timed(whole(observe)))
                     pub._producer.flush(30)
             total_us, previous_us, library_us = (min(rounds[k]) for k in ("new", "previous", "library"))
             observe_rounds: dict[str, list[float]] = {"new": [], "previous": [], "library": []}
             for _ in range(5):
-                for name, fn in (("new", metrics.observe), ("previous", previous.observe), ("library", library.observe)):
+                for name, fn in (
+                    ("new", metrics.observe),
+                    ("previous", previous.observe),
+                    ("library", library.observe),
+                ):
                     observe_rounds[name].append(timed(lambda i: fn(events[i])))
-            metrics_us, previous_metrics_us, library_metrics_us = (min(observe_rounds[k])
-                                                                   for k in ("new", "previous", "library"))
+            metrics_us, previous_metrics_us, library_metrics_us = (
+                min(observe_rounds[k]) for k in ("new", "previous", "library")
+            )
             # the irreducible library floor on this machine right now: fastavro + librdkafka alone
             from confluent_kafka import Producer
 
-            raw = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5, "acks": "all",
-                            "enable.idempotence": True, "compression.type": "lz4"})
+            raw = Producer(
+                {
+                    "bootstrap.servers": broker.bootstrap,
+                    "linger.ms": 5,
+                    "acks": "all",
+                    "enable.idempotence": True,
+                    "compression.type": "lz4",
+                }
+            )
             floor_us = timed(lambda i: raw.produce("bench-hot-path", encode(EVENT, events[i]), b"acme"))
             raw.flush(30)
             t0 = time.perf_counter()
@@ -162,7 +206,9 @@ def main() -> None:
             print(f"RESULT hot_path_encode_speedup_vs_fastavro={generic_encode_us / encode_us:.2f}")
             print(f"RESULT hot_path_enqueue_us={enqueue_us:.2f}")
             print(f"RESULT hot_path_us_per_event={total_us:.2f}  # build + encode + enqueue + metrics")
-            print(f"RESULT hot_path_previous_us_per_event={previous_us:.2f}  # same, previous metrics (client_id counters)")
+            print(
+                f"RESULT hot_path_previous_us_per_event={previous_us:.2f}  # same, previous metrics (client_id counters)"
+            )
             print(f"RESULT hot_path_with_library_histograms_us_per_event={library_us:.2f}")
             print(f"RESULT hot_path_new_vs_previous_ratio={total_us / previous_us:.3f}")
             print(f"RESULT hot_path_metrics_observe_us={metrics_us:.2f}")

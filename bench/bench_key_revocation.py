@@ -12,7 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,13 +23,12 @@ TARGET_S = 2.0
 
 def main() -> None:
     from tests.support.asgi import call
-
-    from tokenaudit.infra.keys import add_key, key_id_of, revoke_key
     from tokenaudit.inference.app import create_app
     from tokenaudit.infra.clickhouse import connect
-    from tokenaudit.settings import load_settings
+    from tokenaudit.infra.keys import add_key, key_id_of, revoke_key
     from tokenaudit.infra.store import Store
     from tokenaudit.reports.usage_api import create_app as usage_app
+    from tokenaudit.settings import load_settings
 
     with tempfile.TemporaryDirectory() as tmp:
         keys = Path(tmp) / "keys.toml"
@@ -37,12 +36,16 @@ def main() -> None:
         s = load_settings(data_dir=Path(tmp) / "data", api_keys_file=keys, model=str(Path(tmp) / "no-model"))
         store = Store(connect(f"chdb://{tmp}/ch"), "bench")
         store.migrate()
-        apps = {"inference": (create_app(s), "/v1/models", b""),
-                "usage_api": (usage_app(store, s), "/v1/top", b"since=1h")}
+        apps = {
+            "inference": (create_app(s), "/v1/models", b""),
+            "usage_api": (usage_app(store, s), "/v1/top", b"since=1h"),
+        }
 
         async def status(name: str, raw: str) -> int:
             app, path, query = apps[name]
-            code, _, _ = await call(app, "GET", path, query=query, headers=[(b"authorization", f"Bearer {raw}".encode())])
+            code, _, _ = await call(
+                app, "GET", path, query=query, headers=[(b"authorization", f"Bearer {raw}".encode())]
+            )
             return code
 
         async def until_401(name: str, raw: str, since: float) -> float:
@@ -62,7 +65,7 @@ def main() -> None:
                 at = time.monotonic()
                 for name, took in zip(apps, await asyncio.gather(*[until_401(n, raw, at) for n in apps])):
                     out[f"{name}_revoked"].append(took)
-                expires = datetime.now(timezone.utc) + timedelta(seconds=2)
+                expires = datetime.now(UTC) + timedelta(seconds=2)
                 # stored to the second: the key expires at the last whole second before `expires`
                 left = expires.replace(microsecond=0).timestamp() - time.time()
                 short = add_key(keys, "short", expires=expires)
@@ -77,7 +80,7 @@ def main() -> None:
         store.close()
     worst = 0.0
     for name, values in results.items():
-        worst = max(worst, max(values))
+        worst = max(worst, *values)
         print(f"RESULT key_{name}_delay_s_median={statistics.median(values):.3f}")
         print(f"RESULT key_{name}_delay_s_max={max(values):.3f}")
     print(f"RESULT key_refused_within_s_worst={worst:.3f}")

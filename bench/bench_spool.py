@@ -62,9 +62,9 @@ def main() -> None:
         t0 = time.perf_counter()
         pos = n = 0
         while pos < len(data):  # the first release's reader loop, for scale
-            length = int.from_bytes(data[pos:pos + 4], "big")
-            body = data[pos + 10:pos + 10 + length - 2]
-            assert zlib.crc32(body) == int.from_bytes(data[pos + 4:pos + 8], "big")
+            length = int.from_bytes(data[pos : pos + 4], "big")
+            body = data[pos + 10 : pos + 10 + length - 2]
+            assert zlib.crc32(body) == int.from_bytes(data[pos + 4 : pos + 8], "big")
             pos += 10 + length - 2
             n += 1
         legacy_read_us = (time.perf_counter() - t0) / n * 1e6

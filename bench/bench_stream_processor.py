@@ -20,17 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: the suite's helpers
 
-from tokenaudit.settings import load_settings  # noqa: E402
-from tokenaudit.streams.processor import Outputs, Processor  # noqa: E402
-from tokenaudit.streams.state import State  # noqa: E402
+from tokenaudit.settings import load_settings
+from tokenaudit.streams.processor import Outputs, Processor
+from tokenaudit.streams.state import State
 
 try:
     from tests.support import synth
 except ImportError:  # the code before the helpers moved under tests/
     from tokenaudit.streams import synth  # type: ignore[no-redef]
-from tokenaudit.streams import app as _app  # noqa: E402
+from tokenaudit.streams import app as _app
 
 if hasattr(_app, "_json_bytes"):  # the code before the changelog encoding had a module of its own
+
     def changelog_record(partition, key, value):
         return partition, _app._json_key(key).encode(), None if value is None else _app._json_bytes(value)
 else:
@@ -57,15 +58,25 @@ class EncodingState(State):
 
 
 class Record:
-    __slots__ = ("offset", "key", "value")
+    __slots__ = ("key", "offset", "value")
 
     def __init__(self, offset, key, value):
         self.offset, self.key, self.value = offset, key, value
 
 
 def batches(shape: str) -> list[list[tuple[int, list[Record]]]]:
-    events = synth.mixed_stream(N, clients=2000, models=3, start_ms=T0, span_ms=int(N * SHAPES[shape]), seed=1,
-                                late_share=0.01, late_ms=5_000, jitter_ms=500, dept_switch=0.0)
+    events = synth.mixed_stream(
+        N,
+        clients=2000,
+        models=3,
+        start_ms=T0,
+        span_ms=int(N * SHAPES[shape]),
+        seed=1,
+        late_share=0.01,
+        late_ms=5_000,
+        jitter_ms=500,
+        dept_switch=0.0,
+    )
     stream, _ = synth.with_copies(events, 0.01, seed=2, max_delay=20)
     logs: dict[int, list[Record]] = {p: [] for p in range(PARTS)}
     for key, value in synth.encoded(stream):
@@ -74,7 +85,7 @@ def batches(shape: str) -> list[list[tuple[int, list[Record]]]]:
     out = []
     per_part = BATCH // PARTS
     for start in range(0, max(len(v) for v in logs.values()), per_part):
-        out.append([(p, logs[p][start:start + per_part]) for p in range(PARTS) if logs[p][start:start + per_part]])
+        out.append([(p, logs[p][start : start + per_part]) for p in range(PARTS) if logs[p][start : start + per_part]])
     return out
 
 
@@ -100,11 +111,17 @@ def main() -> None:
             rate, cpu_rate, records = run(shape, work)
             rates.append(rate)
             cpu_rates.append(cpu_rate)
-        print(f"RESULT processor_{shape}_events_per_s={max(rates):.0f}  (best of {ROUNDS}; all: "
-              f"{', '.join(f'{r:.0f}' for r in rates)}; {records} changelog records)", flush=True)
+        print(
+            f"RESULT processor_{shape}_events_per_s={max(rates):.0f}  (best of {ROUNDS}; all: "
+            f"{', '.join(f'{r:.0f}' for r in rates)}; {records} changelog records)",
+            flush=True,
+        )
         # per CPU second of this process: what other processes on a shared box disturb least
-        print(f"RESULT processor_{shape}_events_per_cpu_s={max(cpu_rates):.0f}  (best of {ROUNDS}; all: "
-              f"{', '.join(f'{r:.0f}' for r in cpu_rates)})", flush=True)
+        print(
+            f"RESULT processor_{shape}_events_per_cpu_s={max(cpu_rates):.0f}  (best of {ROUNDS}; all: "
+            f"{', '.join(f'{r:.0f}' for r in cpu_rates)})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

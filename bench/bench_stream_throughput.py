@@ -41,15 +41,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: the suite's helpers
 
+from tests.support import synth
 from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
 from tokenaudit.infra.procutil import free_port
+from tokenaudit.infra.store import Store
 from tokenaudit.schemas import EVENT, decode
 from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
-from tokenaudit.infra.store import Store
 from tokenaudit.streams.app import ensure_worker_topics
-from tests.support import synth  # noqa: E402
 
 N_LIVE = int(sys.argv[1]) if len(sys.argv) > 1 else 300_000
 N_BACKFILL = int(sys.argv[2]) if len(sys.argv) > 2 else 200_000
@@ -66,9 +66,14 @@ SHAPES = {name: shape for name, shape in SHAPES.items() if shape[0] > 0}  # 0 ev
 async def raw_loop(bootstrap: str, topic: str, n: int, decoder=lambda value: decode(value, EVENT)) -> float:
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"raw-{uuid.uuid4().hex[:6]}",
-                                auto_offset_reset="earliest", enable_auto_commit=False,
-                                max_partition_fetch_bytes=4 << 20)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"raw-{uuid.uuid4().hex[:6]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 << 20,
+    )
     await consumer.start()
     seen, started = 0, None
     try:
@@ -89,29 +94,51 @@ def run_shape(name: str, broker: KafkaBroker, client, tmp: Path) -> None:
     n, ms_per_event = SHAPES[name]
     base = load_settings()
     env = {
-        "TOKENAUDIT_KAFKA_BOOTSTRAP": broker.bootstrap, "TOKENAUDIT_DATA_DIR": str(tmp / f"data-{name}"),
-        "TOKENAUDIT_WORKER_ID": f"bench-worker-{name}", "TOKENAUDIT_WINDOW_SECONDS": "10",
-        "TOKENAUDIT_GRACE_SECONDS": "2", "TOKENAUDIT_IDLE_TIMEOUT_SECONDS": "1",
-        "TOKENAUDIT_KAFKA_PARTITIONS": "4", "TOKENAUDIT_WORKER_WEB_PORT": str(free_port()),
+        "TOKENAUDIT_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "TOKENAUDIT_DATA_DIR": str(tmp / f"data-{name}"),
+        "TOKENAUDIT_WORKER_ID": f"bench-worker-{name}",
+        "TOKENAUDIT_WINDOW_SECONDS": "10",
+        "TOKENAUDIT_GRACE_SECONDS": "2",
+        "TOKENAUDIT_IDLE_TIMEOUT_SECONDS": "1",
+        "TOKENAUDIT_KAFKA_PARTITIONS": "4",
+        "TOKENAUDIT_WORKER_WEB_PORT": str(free_port()),
         "TOKENAUDIT_SINK_BATCH_ROWS": "20000",
     }
-    env.update({f"TOKENAUDIT_TOPIC_{t.upper()}": f"{getattr(base, 'topic_' + t)}-{name}"
-                for t in ("usage", "anomalies", "dlq", "rollups", "sampled")})
-    s = load_settings(**{k[len("TOKENAUDIT_"):].lower(): v for k, v in env.items()})
+    env.update(
+        {
+            f"TOKENAUDIT_TOPIC_{t.upper()}": f"{getattr(base, 'topic_' + t)}-{name}"
+            for t in ("usage", "anomalies", "dlq", "rollups", "sampled")
+        }
+    )
+    s = load_settings(**{k[len("TOKENAUDIT_") :].lower(): v for k, v in env.items()})
     ensure_worker_topics(s)
     # each client keeps its department (dept_switch=0): windows split by department are rare in
     # practice, and the window count stays what it was before windows had a department
-    events = synth.mixed_stream(n, clients=2000, models=3, start_ms=T0, span_ms=int(n * ms_per_event), seed=1,
-                                late_share=0.01, late_ms=5_000, jitter_ms=500, dept_switch=0.0)
+    events = synth.mixed_stream(
+        n,
+        clients=2000,
+        models=3,
+        start_ms=T0,
+        span_ms=int(n * ms_per_event),
+        seed=1,
+        late_share=0.01,
+        late_ms=5_000,
+        jitter_ms=500,
+        dept_switch=0.0,
+    )
     stream, copies = synth.with_copies(events, COPY_SHARE, seed=2, max_delay=20)
     synth.produce(broker.bootstrap, s.topic_usage, synth.encoded(stream), raw=True)
     total = len(stream)
     raw = max(asyncio.run(raw_loop(broker.bootstrap, s.topic_usage, total)) for _ in range(3))
-    print(f"RESULT {name}_raw_aiokafka_decode_events_per_s={raw:.0f}  (fastavro decode: the target's baseline)", flush=True)
+    print(
+        f"RESULT {name}_raw_aiokafka_decode_events_per_s={raw:.0f}  (fastavro decode: the target's baseline)",
+        flush=True,
+    )
     # Context: the same loop with the worker's own decoder (native codec), i.e. the cost of
     # consuming alone; the worker's ratio to it is what its processing costs on top.
-    raw_native = max(asyncio.run(raw_loop(broker.bootstrap, s.topic_usage, total, compile_decoder(EVENT)))
-                     for _ in range(3))
+    raw_native = max(
+        asyncio.run(raw_loop(broker.bootstrap, s.topic_usage, total, compile_decoder(EVENT))) for _ in range(3)
+    )
     print(f"RESULT {name}_raw_aiokafka_worker_decoder_events_per_s={raw_native:.0f}", flush=True)
 
     if name == "live" and DEDUP_ROUNDS:
@@ -124,25 +151,45 @@ def run_shape(name: str, broker: KafkaBroker, client, tmp: Path) -> None:
                 print(f"RESULT {label}_e2e_events_per_s={rate:.0f}", flush=True)
         print(f"RESULT {name}_e2e_events_per_s_dedup_off={best[False]:.0f}")
         print(f"RESULT {name}_e2e_events_per_s_dedup_on={best[True]:.0f}")
-        print(f"RESULT {name}_dedup_throughput_ratio={best[True] / best[False]:.2f}  (goal >= 0.90; "
-              f"{copies} copies in {total} records)")
+        print(
+            f"RESULT {name}_dedup_throughput_ratio={best[True] / best[False]:.2f}  (goal >= 0.90; "
+            f"{copies} copies in {total} records)"
+        )
         print(f"RESULT {name}_e2e_vs_raw_ratio={best[True] / raw:.2f}  (dedup on; target >= 0.5)")
         print(f"RESULT {name}_e2e_vs_raw_worker_decoder_ratio={best[True] / raw_native:.2f}", flush=True)
         return
-    e2e_warm = run_worker(name, env, s, client, tmp, True, expected=n, report=True, events=events,
-                          raw=raw, raw_native=raw_native)
+    e2e_warm = run_worker(
+        name, env, s, client, tmp, True, expected=n, report=True, events=events, raw=raw, raw_native=raw_native
+    )
     del e2e_warm
 
 
-def run_worker(label: str, env: dict, s, client, tmp: Path, dedup: bool, expected: int, report: bool = False,
-               events: list | None = None, raw: float = 0.0, raw_native: float = 0.0) -> float:
+def run_worker(
+    label: str,
+    env: dict,
+    s,
+    client,
+    tmp: Path,
+    dedup: bool,
+    expected: int,
+    report: bool = False,
+    events: list | None = None,
+    raw: float = 0.0,
+    raw_native: float = 0.0,
+) -> float:
     """One worker (group ``label``) over the shape's topic into its own database; events/s from
     its first rollup row to all ``expected`` requests in ClickHouse."""
-    env = dict(env, TOKENAUDIT_WORKER_ID=f"bench-worker-{label}", TOKENAUDIT_DEDUP=str(dedup).lower(),
-               TOKENAUDIT_WORKER_WEB_PORT=str(free_port()),
-               **{f"TOKENAUDIT_TOPIC_{t.upper()}": f"{s.topic_usage}-{label}-{t}"
-                  for t in ("anomalies", "dlq", "rollups", "sampled")})
-    s = load_settings(**{k[len("TOKENAUDIT_"):].lower(): v for k, v in env.items()})
+    env = dict(
+        env,
+        TOKENAUDIT_WORKER_ID=f"bench-worker-{label}",
+        TOKENAUDIT_DEDUP=str(dedup).lower(),
+        TOKENAUDIT_WORKER_WEB_PORT=str(free_port()),
+        **{
+            f"TOKENAUDIT_TOPIC_{t.upper()}": f"{s.topic_usage}-{label}-{t}"
+            for t in ("anomalies", "dlq", "rollups", "sampled")
+        },
+    )
+    s = load_settings(**{k[len("TOKENAUDIT_") :].lower(): v for k, v in env.items()})
     ensure_worker_topics(s)
     name = label
     n = expected
@@ -154,8 +201,12 @@ def run_worker(label: str, env: dict, s, client, tmp: Path, dedup: bool, expecte
     thread.start()
     log = open(tmp / f"worker-{label}.log", "wb")
     started = time.perf_counter()
-    worker = subprocess.Popen([sys.executable, "-m", "tokenaudit.streams.app"], env=dict(os.environ, **env),
-                              stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tokenaudit.streams.app"],
+        env=dict(os.environ, **env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     first = done = None
     total = 0
     while time.perf_counter() - started < 600:
@@ -169,8 +220,7 @@ def run_worker(label: str, env: dict, s, client, tmp: Path, dedup: bool, expecte
     worker.terminate()
     worker.wait(30)
     if done is None:
-        raise SystemExit(f"worker did not finish: {total} of {n}\n"
-                         + (tmp / f"worker-{label}.log").read_text()[-3000:])
+        raise SystemExit(f"worker did not finish: {total} of {n}\n" + (tmp / f"worker-{label}.log").read_text()[-3000:])
     e2e = n / (done - started)
     e2e_warm = n / (done - first)
     if not report:
@@ -180,18 +230,22 @@ def run_worker(label: str, env: dict, s, client, tmp: Path, dedup: bool, expecte
     rollups = store.query("SELECT count() AS n FROM {db}.usage_rollup FINAL")[0]["n"]
     print(f"RESULT {name}_events_per_window={n / rollups:.1f}")
     print(f"RESULT {name}_e2e_events_per_s_incl_startup={e2e:.0f}")
-    print(f"RESULT {name}_e2e_events_per_s={e2e_warm:.0f}  (first rollup row -> all {n} events in ClickHouse; target >= 30000)")
+    print(
+        f"RESULT {name}_e2e_events_per_s={e2e_warm:.0f}  (first rollup row -> all {n} events in ClickHouse; target >= 30000)"
+    )
     print(f"RESULT {name}_e2e_vs_raw_ratio={e2e_warm / raw:.2f}  (target >= 0.5)")
     print(f"RESULT {name}_e2e_vs_raw_worker_decoder_ratio={e2e_warm / raw_native:.2f}", flush=True)
 
     time.sleep(2 * s.sink_batch_seconds + 1)
-    kept = {r["request_id"] for r in store.query(
-        "SELECT request_id FROM {db}.usage_sampled FINAL WHERE sample_reason = 'top_fraction'")}
+    kept = {
+        r["request_id"]
+        for r in store.query("SELECT request_id FROM {db}.usage_sampled FINAL WHERE sample_reason = 'top_fraction'")
+    }
     assert events is not None
-    warm = {e["request_id"] for e in events[n // 20:]}  # after warm-up (first 5%)
+    warm = {e["request_id"] for e in events[n // 20 :]}  # after warm-up (first 5%)
     share = len(kept & warm) / len(warm)
     by_model: dict[str, list] = {}
-    for e in events[n // 20:]:
+    for e in events[n // 20 :]:
         by_model.setdefault(e["model"], []).append(e)
     top = set()
     for model_events in by_model.values():
@@ -209,8 +263,16 @@ def run_worker(label: str, env: dict, s, client, tmp: Path, dedup: bool, expecte
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     base = load_settings()
-    broker = KafkaBroker(BrokerConfig(home=tmp / "kafka", cache_dir=base.cache_dir, version=base.kafka_version,
-                                      port=free_port(), controller_port=free_port(), heap="512m"))
+    broker = KafkaBroker(
+        BrokerConfig(
+            home=tmp / "kafka",
+            cache_dir=base.cache_dir,
+            version=base.kafka_version,
+            port=free_port(),
+            controller_port=free_port(),
+            heap="512m",
+        )
+    )
     broker.start()
     store = Store.open(f"chdb://{tmp / 'ch'}", "bench")
     try:

@@ -24,18 +24,34 @@ import argparse
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
+from tokenaudit.infra.store import Store
 from tokenaudit.reports.params import parse_report_params
 from tokenaudit.reports.queries import usage
-from tokenaudit.infra.store import Store
 from tokenaudit.schemas import columns
 
 PAIRS = 10_000  # 2,000 clients x 5 models
-COLUMNS = ", ".join(columns.subset(columns.USAGE_ROLLUP, "client_id", "department", "model", "window_start",
-                                   "window_end", "requests", "errors", "input_tokens", "output_tokens",
-                                   "total_tokens", "latency_ms_sum", "latency_ms_max", "max_input_tokens",
-                                   "truncated", "version"))
+COLUMNS = ", ".join(
+    columns.subset(
+        columns.USAGE_ROLLUP,
+        "client_id",
+        "department",
+        "model",
+        "window_start",
+        "window_end",
+        "requests",
+        "errors",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "latency_ms_sum",
+        "latency_ms_max",
+        "max_input_tokens",
+        "truncated",
+        "version",
+    )
+)
 
 
 def generate(store: Store, first: int, count: int, start_ms: int, version: int = 1) -> None:
@@ -48,7 +64,8 @@ def generate(store: Store, first: int, count: int, start_ms: int, version: int =
         "ws + toIntervalMinute(1), 1 + n % 7, n % 13 = 0, 100 + n % 500, 50 + n % 200, "
         "150 + n % 500 + n % 200, 12.5 * (1 + n % 7), 40, 100 + n % 500, 0, {version:UInt64} "
         "FROM (SELECT number AS n FROM numbers({first:UInt64}, {count:UInt64}))",
-        {"start_ms": start_ms, "pairs": PAIRS, "first": first, "count": count, "version": version})
+        {"start_ms": start_ms, "pairs": PAIRS, "first": first, "count": count, "version": version},
+    )
 
 
 def live(store: Store, windows: int, start_ms: int, first_version: int) -> None:
@@ -58,8 +75,10 @@ def live(store: Store, windows: int, start_ms: int, first_version: int) -> None:
 
 
 def parts(store: Store) -> int:
-    return store.query("SELECT count() AS n FROM system.parts WHERE database = {d:String} AND "
-                       "table = 'usage_rollup' AND active", {"d": store.database})[0]["n"]
+    return store.query(
+        "SELECT count() AS n FROM system.parts WHERE database = {d:String} AND table = 'usage_rollup' AND active",
+        {"d": store.database},
+    )[0]["n"]
 
 
 def timed(fn, runs: int) -> tuple[float, object]:
@@ -78,7 +97,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     windows = args.rows // PAIRS
-    now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
     start_ms = now_ms - 35 * 86_400_000  # windows 50 min apart: 1,000 of them span ~35 days
 
     with tempfile.TemporaryDirectory(prefix="bench-usage-") as tmp:
@@ -88,8 +107,10 @@ def main() -> None:
         old = Store(store.client, "tokenaudit_client_first")
         old.migrate()
         old.command("DROP TABLE {db}.usage_rollup")
-        old.command("CREATE TABLE {db}.usage_rollup AS tokenaudit.usage_rollup ENGINE = ReplacingMergeTree(version) "
-                    "PARTITION BY toYYYYMM(window_start) ORDER BY (client_id, model, window_start)")
+        old.command(
+            "CREATE TABLE {db}.usage_rollup AS tokenaudit.usage_rollup ENGINE = ReplacingMergeTree(version) "
+            "PARTITION BY toYYYYMM(window_start) ORDER BY (client_id, model, window_start)"
+        )
         params = parse_report_params("usage", {"since": "30d", "by": "department"})
         results: dict[str, dict[str, float]] = {}
         answers = []
@@ -113,10 +134,14 @@ def main() -> None:
             r["parts_steady"] = parts(st)
             r["steady"], a2 = timed(lambda: usage(st, params), args.runs)
             if name == "day_first":
-                r["nofinal"], dup = timed(lambda: st.query(
-                    "SELECT department, sum(total_tokens) AS t FROM {db}.usage_rollup "
-                    "WHERE window_start >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') GROUP BY department",
-                    {"s": int(params.since.timestamp() * 1000)}), args.runs)
+                r["nofinal"], dup = timed(
+                    lambda: st.query(
+                        "SELECT department, sum(total_tokens) AS t FROM {db}.usage_rollup "
+                        "WHERE window_start >= fromUnixTimestamp64Milli({s:Int64}, 'UTC') GROUP BY department",
+                        {"s": int(params.since.timestamp() * 1000)},
+                    ),
+                    args.runs,
+                )
             st.command("SYSTEM START MERGES {db}.usage_rollup")
             st.command("OPTIMIZE TABLE {db}.usage_rollup FINAL")
             r["merged"], a3 = timed(lambda: usage(st, params), args.runs)
@@ -130,12 +155,17 @@ def main() -> None:
     print(f"RESULT insert_seconds={insert_s:.1f}")
     print(f"RESULT parts_fresh={new['parts_fresh']} parts_steady={new['parts_steady']} parts_merged=1_per_month")
     for state in ("fresh", "steady", "merged"):
-        print(f"RESULT usage_30d_by_department_{state}_ms={new[state]:.0f} "
-              f"(original sorting key: {old_[state]:.0f}, ratio {old_[state] / new[state]:.1f}x)")
-    print(f"RESULT usage_30d_without_final_steady_ms={new['nofinal']:.0f} "
-          f"(FINAL costs {new['steady'] / new['nofinal']:.2f}x)")
+        print(
+            f"RESULT usage_30d_by_department_{state}_ms={new[state]:.0f} "
+            f"(original sorting key: {old_[state]:.0f}, ratio {old_[state] / new[state]:.1f}x)"
+        )
+    print(
+        f"RESULT usage_30d_without_final_steady_ms={new['nofinal']:.0f} "
+        f"(FINAL costs {new['steady'] / new['nofinal']:.2f}x)"
+    )
     print(f"RESULT replayed_tokens_without_final={sum(r['t'] for r in dup) - total}")
     print(f"RESULT target_300ms_steady={'met' if new['steady'] < 300 else 'missed'}")
+
 
 if __name__ == "__main__":
     main()

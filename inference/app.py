@@ -21,7 +21,6 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from tokenaudit.inference import routes
-from tokenaudit.infra.keys import KeyRegistry
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
@@ -30,6 +29,7 @@ from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.inference.runner import Encoded, ModelRunner
 from tokenaudit.inference.spool import SpoolLocked
 from tokenaudit.infra.kafka_clients import kafka_config
+from tokenaudit.infra.keys import KeyRegistry
 from tokenaudit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,15 @@ class AppState:
         return f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
 
     def _extra_metrics(self) -> dict:
-        return {"model_ready": (1 if self.ready else 0, "1 once the model is loaded (and compiled)."),
-                "batcher_queue_depth": (self.batcher.depth if self.batcher else 0, "Requests waiting for a batch."),
-                "batches": (self.batcher.batches if self.batcher else 0, "Generate calls made."),
-                "batch_rows_retried": (self.batcher.retried_rows if self.batcher else 0,
-                                       "Rows run again alone after their batch failed.")}
+        return {
+            "model_ready": (1 if self.ready else 0, "1 once the model is loaded (and compiled)."),
+            "batcher_queue_depth": (self.batcher.depth if self.batcher else 0, "Requests waiting for a batch."),
+            "batches": (self.batcher.batches if self.batcher else 0, "Generate calls made."),
+            "batch_rows_retried": (
+                self.batcher.retried_rows if self.batcher else 0,
+                "Rows run again alone after their batch failed.",
+            ),
+        }
 
     async def tokenize(self, prompt: str) -> Encoded:
         """The prompt's ids, from the tokenizer pool. Requests waiting here count against
@@ -101,8 +105,13 @@ class AppState:
             took = self.runner.warmup()
             log.info("model %s ready on %s (warm-up %.1fs)", self.model_name, self.runner.device, took)
             s = self.settings
-            self.batcher = MicroBatcher(self.runner, s.batch_max_size, s.batch_max_wait_ms, max_queue=s.max_queue,
-                                        queue_timeout=s.queue_timeout_seconds)
+            self.batcher = MicroBatcher(
+                self.runner,
+                s.batch_max_size,
+                s.batch_max_wait_ms,
+                max_queue=s.max_queue,
+                queue_timeout=s.queue_timeout_seconds,
+            )
             self.batcher.start()
             self.ready = True
         except Exception as exc:
@@ -111,22 +120,38 @@ class AppState:
 
 
 def runner_from_settings(s: Settings) -> ModelRunner:
-    return ModelRunner(s.effective_model, max_input_tokens=s.max_input_tokens, xla=s.xla,
-                       batch_buckets=s.xla_batch_buckets, length_buckets=s.xla_length_buckets,
-                       new_token_buckets=s.xla_new_token_buckets, max_batch=s.batch_max_size,
-                       max_new_tokens_limit=s.max_new_tokens_limit)
+    return ModelRunner(
+        s.effective_model,
+        max_input_tokens=s.max_input_tokens,
+        xla=s.xla,
+        batch_buckets=s.xla_batch_buckets,
+        length_buckets=s.xla_length_buckets,
+        new_token_buckets=s.xla_new_token_buckets,
+        max_batch=s.batch_max_size,
+        max_new_tokens_limit=s.max_new_tokens_limit,
+    )
 
 
 def publisher_from_settings(s: Settings) -> EventPublisher:
-    return EventPublisher(s.kafka_bootstrap, s.topic_usage, s.effective_spool_dir, spool_max_bytes=s.spool_max_bytes,
-                          queue_max=s.producer_queue_max, message_timeout_ms=s.producer_message_timeout_ms,
-                          linger_ms=s.producer_linger_ms, compression=s.producer_compression,
-                          retry_seconds=s.spool_retry_seconds, partitions=s.kafka_partitions,
-                          unauthenticated_share=s.spool_unauthenticated_share, client_config=kafka_config(s))
+    return EventPublisher(
+        s.kafka_bootstrap,
+        s.topic_usage,
+        s.effective_spool_dir,
+        spool_max_bytes=s.spool_max_bytes,
+        queue_max=s.producer_queue_max,
+        message_timeout_ms=s.producer_message_timeout_ms,
+        linger_ms=s.producer_linger_ms,
+        compression=s.producer_compression,
+        retry_seconds=s.spool_retry_seconds,
+        partitions=s.kafka_partitions,
+        unauthenticated_share=s.spool_unauthenticated_share,
+        client_config=kafka_config(s),
+    )
 
 
-def create_app(settings: Settings, *, audit: bool = True, runner: ModelRunner | None = None,
-               load_in_background: bool = True):
+def create_app(
+    settings: Settings, *, audit: bool = True, runner: ModelRunner | None = None, load_in_background: bool = True
+):
     """The ASGI app. ``audit=False`` exists only for the overhead benchmark: no events at all."""
     runner = runner or runner_from_settings(settings)
     state = AppState(settings, runner)

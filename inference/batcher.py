@@ -32,7 +32,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -95,7 +94,7 @@ class _Pending:
     max_new_tokens: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    stream: "TokenStream | None" = None
+    stream: TokenStream | None = None
     enqueued: float = field(default_factory=time.perf_counter)
     state: int = _QUEUED  # _QUEUED -> _TAKEN (the batcher runs it) or _EXPIRED (its deadline won)
 
@@ -105,8 +104,15 @@ class _Pending:
 
 
 class MicroBatcher:
-    def __init__(self, runner: ModelRunner, max_size: int = 16, max_wait_ms: float = 5.0, *,
-                 max_queue: int = 256, queue_timeout: float = 30.0):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        max_size: int = 16,
+        max_wait_ms: float = 5.0,
+        *,
+        max_queue: int = 256,
+        queue_timeout: float = 30.0,
+    ):
         self.runner = runner
         self.max_size = max_size
         self.max_wait = max_wait_ms / 1000.0
@@ -120,7 +126,7 @@ class MicroBatcher:
         self.batches = 0
         self.retried_rows = 0
 
-    def start(self) -> "MicroBatcher":
+    def start(self) -> MicroBatcher:
         self._thread.start()
         return self
 
@@ -137,7 +143,7 @@ class MicroBatcher:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, encoded: Encoded, max_new_tokens: int, stream: "TokenStream | None" = None) -> BatchResult:
+    async def submit(self, encoded: Encoded, max_new_tokens: int, stream: TokenStream | None = None) -> BatchResult:
         """Queue one tokenized prompt and wait for its row of a batch; with ``stream``, its tokens
         are pushed there as they are decoded (the result still comes here, at the end)."""
         return await self._submit(_Pending(encoded, max_new_tokens, *self._future(), stream))
@@ -169,8 +175,10 @@ class MicroBatcher:
                 return  # already running: its result is on the way
             pending.state = _EXPIRED
         waited = (time.perf_counter() - pending.enqueued) * 1000
-        _set_exception(pending.future, QueueTimeout(
-            f"waited {waited / 1000:.1f}s in the batch queue (limit {self.queue_timeout:g}s)", waited))
+        _set_exception(
+            pending.future,
+            QueueTimeout(f"waited {waited / 1000:.1f}s in the batch queue (limit {self.queue_timeout:g}s)", waited),
+        )
 
     def _take(self, pending: _Pending) -> bool:
         """Claim a queued request for a batch; False when its deadline already passed."""
@@ -182,8 +190,11 @@ class MicroBatcher:
                 return True
             pending.state = _EXPIRED  # overdue, its timer just has not fired yet (busy loop)
         waited = (time.perf_counter() - pending.enqueued) * 1000
-        pending.loop.call_soon_threadsafe(_set_exception, pending.future, QueueTimeout(
-            f"waited {waited / 1000:.1f}s in the batch queue (limit {self.queue_timeout:g}s)", waited))
+        pending.loop.call_soon_threadsafe(
+            _set_exception,
+            pending.future,
+            QueueTimeout(f"waited {waited / 1000:.1f}s in the batch queue (limit {self.queue_timeout:g}s)", waited),
+        )
         return False
 
     # --- the model thread -------------------------------------------------------------------
@@ -226,8 +237,9 @@ class MicroBatcher:
     def _retry_alone(self, batch: list[_Pending], exc: Exception, what: str) -> bool:
         """After a failed batch of several: each request again, alone (True); a lone one fails."""
         if len(batch) > 1:
-            log.warning("%s failed for a batch of %d (%s); running each request alone", what, len(batch),
-                        type(exc).__name__)
+            log.warning(
+                "%s failed for a batch of %d (%s); running each request alone", what, len(batch), type(exc).__name__
+            )
             self.retried_rows += len(batch)
             for p in batch:
                 self._run([p])
@@ -290,8 +302,14 @@ class MicroBatcher:
             if p.stream is not None and tok is not None:
                 p.stream.push(tok)
 
-    def _deliver(self, batch: list[_Pending], results: list[Generated] | list[Decoded], batch_id: str,
-                 started: float, inference_ms: float) -> None:
+    def _deliver(
+        self,
+        batch: list[_Pending],
+        results: list[Generated] | list[Decoded],
+        batch_id: str,
+        started: float,
+        inference_ms: float,
+    ) -> None:
         for i, (p, r) in enumerate(zip(batch, results)):
             try:
                 text = self.runner.decode(r.output_ids)
@@ -299,8 +317,9 @@ class MicroBatcher:
                 log.error("decoding one row failed: %s", type(exc).__name__)
                 p.loop.call_soon_threadsafe(_set_exception, p.future, exc)
                 continue
-            res = BatchResult(r, text, batch_id, len(batch), i, (started - p.enqueued) * 1000, inference_ms,
-                              self.runner.device)
+            res = BatchResult(
+                r, text, batch_id, len(batch), i, (started - p.enqueued) * 1000, inference_ms, self.runner.device
+            )
             p.loop.call_soon_threadsafe(_set_result, p.future, res)
 
     def _run_embeddings(self, batch: list[_Pending]) -> None:
@@ -316,8 +335,15 @@ class MicroBatcher:
         self.batches += 1
         first = 0
         for p in batch:
-            res = EmbeddingResult(vectors[first:first + p.rows], batch_id, len(rows), first,
-                                  (started - p.enqueued) * 1000, inference_ms, self.runner.device)
+            res = EmbeddingResult(
+                vectors[first : first + p.rows],
+                batch_id,
+                len(rows),
+                first,
+                (started - p.enqueued) * 1000,
+                inference_ms,
+                self.runner.device,
+            )
             first += p.rows
             p.loop.call_soon_threadsafe(_set_result, p.future, res)
 

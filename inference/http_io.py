@@ -20,8 +20,9 @@ from tokenaudit.schemas import http_errors
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, param: str | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
         self.headers = headers
@@ -61,8 +62,9 @@ async def read_json_object(request: Request, limit: int) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                                            f"column {exc.colno}") from None
+        raise ApiError(
+            400, "invalid_json", f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     except RecursionError:
         raise ApiError(400, "invalid_json", "request body is nested too deeply") from None
     except ValueError:  # an integer past Python's digit limit (int_max_str_digits)
@@ -90,11 +92,13 @@ def optional_int(data: dict, names: tuple[str, ...], default: int, low: int, hig
         if name in data and data[name] is not None:
             value: Any = data[name]
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ApiError(400, "invalid_max_new_tokens", f"'{name}' must be an integer, got "
-                                                              f"{type(value).__name__}", name)
+                raise ApiError(
+                    400, "invalid_max_new_tokens", f"'{name}' must be an integer, got {type(value).__name__}", name
+                )
             if not low <= value <= high:
-                raise ApiError(400, "invalid_max_new_tokens", f"'{name}' must be between {low} and {high}, "
-                                                              f"got {value}", name)
+                raise ApiError(
+                    400, "invalid_max_new_tokens", f"'{name}' must be between {low} and {high}, got {value}", name
+                )
             return value
     return default
 

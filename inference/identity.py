@@ -13,11 +13,11 @@ then the right-most address that is not itself a trusted proxy is the client.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenaudit.errors import SettingsError
-from tokenaudit.infra.keys import AuthError, KeyRegistry
 from tokenaudit.inference.audit import context_of
+from tokenaudit.infra.keys import AuthError, KeyRegistry
 from tokenaudit.schemas.http_errors import send_error
 
 UNAUTHENTICATED = "unauthenticated"

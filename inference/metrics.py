@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -57,21 +57,36 @@ class HistogramSpec:
     labels: tuple[str, ...]
 
 
-REQUEST_DURATION = HistogramSpec("gen_ai_server_request_duration_seconds",
-                                 "Time from request arrival to the end of the response, by model and HTTP status.",
-                                 DURATION_BUCKETS, ("model", "status"))
-TOKEN_USAGE = HistogramSpec("gen_ai_client_token_usage",
-                            "Tokens per request: input fed to the model, output generated.",
-                            TOKEN_BUCKETS, ("model", "status", "gen_ai_token_type"))
-TIME_TO_FIRST_TOKEN = HistogramSpec("gen_ai_server_time_to_first_token_seconds",
-                                    "Streamed responses: time from request arrival to the first generated token.",
-                                    TTFT_BUCKETS, ("model",))
-TIME_PER_OUTPUT_TOKEN = HistogramSpec("gen_ai_server_time_per_output_token_seconds",
-                                      "Streamed responses: time per output token after the first.",
-                                      TPOT_BUCKETS, ("model",))
-QUEUE_TIME = HistogramSpec("tokenaudit_queue_time_seconds",
-                           "Time a request waited in the micro-batch queue (requests that reached it).",
-                           QUEUE_BUCKETS, ("model", "status"))
+REQUEST_DURATION = HistogramSpec(
+    "gen_ai_server_request_duration_seconds",
+    "Time from request arrival to the end of the response, by model and HTTP status.",
+    DURATION_BUCKETS,
+    ("model", "status"),
+)
+TOKEN_USAGE = HistogramSpec(
+    "gen_ai_client_token_usage",
+    "Tokens per request: input fed to the model, output generated.",
+    TOKEN_BUCKETS,
+    ("model", "status", "gen_ai_token_type"),
+)
+TIME_TO_FIRST_TOKEN = HistogramSpec(
+    "gen_ai_server_time_to_first_token_seconds",
+    "Streamed responses: time from request arrival to the first generated token.",
+    TTFT_BUCKETS,
+    ("model",),
+)
+TIME_PER_OUTPUT_TOKEN = HistogramSpec(
+    "gen_ai_server_time_per_output_token_seconds",
+    "Streamed responses: time per output token after the first.",
+    TPOT_BUCKETS,
+    ("model",),
+)
+QUEUE_TIME = HistogramSpec(
+    "tokenaudit_queue_time_seconds",
+    "Time a request waited in the micro-batch queue (requests that reached it).",
+    QUEUE_BUCKETS,
+    ("model", "status"),
+)
 
 #: publisher stats field -> help text; a field missing here is still exported (generic help)
 #: PublisherStats field -> (metric name without ``tokenaudit_`` and ``_total``, help text)
@@ -81,10 +96,17 @@ PUBLISHER_COUNTERS = {
     "spooled": ("events_spooled", "Events written to the on-disk spool."),
     "replayed": ("events_replayed", "Spooled events delivered to Kafka on replay."),
     "replay_failed": ("events_replay_failed", "Replayed deliveries that failed (the event stays spooled)."),
-    "dropped": ("events_dropped", "Events that will not reach Kafka, whatever the reason (the counters below "
-                                  "name some reasons; the rest: full spool, drop newest)."),
-    "dropped_unauthenticated": ("events_dropped_unauthenticated",
-                                "Unauthenticated events dropped because they filled their share of the spool."),
+    "dropped": (
+        "events_dropped",
+        (
+            "Events that will not reach Kafka, whatever the reason (the counters below "
+            "name some reasons; the rest: full spool, drop newest)."
+        ),
+    ),
+    "dropped_unauthenticated": (
+        "events_dropped_unauthenticated",
+        "Unauthenticated events dropped because they filled their share of the spool.",
+    ),
     "write_failures": ("spool_write_failures", "Events dropped because a spool write failed (disk full, I/O)."),
     "quarantined": ("spool_quarantined", "Spooled records found corrupt and moved to the quarantine folder."),
     "torn_tails": ("spool_torn_tails", "Spooled records cut short by a crash mid-write (kept in quarantine)."),
@@ -162,13 +184,16 @@ def publisher_families(pub) -> Iterator:
             continue  # "produced" is derived below; flags and text are not counters
         name, doc = PUBLISHER_COUNTERS.get(f.name, (f"events_{f.name}", f"Publisher counter {f.name}."))
         yield CounterMetricFamily(f"tokenaudit_{name}", f.metadata.get("doc") or doc, value=value)
-    yield CounterMetricFamily("tokenaudit_events_produced",
-                              "Events acknowledged by Kafka on the direct path (acks=all).", value=pub.produced)
-    yield GaugeMetricFamily("tokenaudit_producer_queue_depth", "Messages in the producer's local queue.",
-                            value=pub.queue_depth)
+    yield CounterMetricFamily(
+        "tokenaudit_events_produced", "Events acknowledged by Kafka on the direct path (acks=all).", value=pub.produced
+    )
+    yield GaugeMetricFamily(
+        "tokenaudit_producer_queue_depth", "Messages in the producer's local queue.", value=pub.queue_depth
+    )
     yield GaugeMetricFamily("tokenaudit_spool_bytes", "Bytes in the on-disk event spool.", value=pub.spool.bytes)
-    yield GaugeMetricFamily("tokenaudit_producer_spooling", "1 while events go to the spool.",
-                            value=1 if pub.state == "spooling" else 0)
+    yield GaugeMetricFamily(
+        "tokenaudit_producer_spooling", "1 while events go to the spool.", value=1 if pub.state == "spooling" else 0
+    )
 
 
 class AppMetrics:
@@ -179,16 +204,19 @@ class AppMetrics:
         self.queue = FastHistogram(QUEUE_TIME)
         self.ttft = FastHistogram(TIME_TO_FIRST_TOKEN)
         self.tpot = FastHistogram(TIME_PER_OUTPUT_TOKEN)
-        self.registry.register(_Collector([self.duration, self.tokens, self.queue, self.ttft, self.tpot],
-                                          get_publisher, get_extra))
+        self.registry.register(
+            _Collector([self.duration, self.tokens, self.queue, self.ttft, self.tpot], get_publisher, get_extra)
+        )
         self._children: dict[tuple, tuple[list, list, list, list]] = {}
 
     def _bind(self, key: tuple) -> tuple[list, list, list, list]:
         model, status = key[0], str(key[1])
-        children = self._children[key] = (self.duration.child(model, status).cells,
-                                          self.tokens.child(model, status, "input").cells,
-                                          self.tokens.child(model, status, "output").cells,
-                                          self.queue.child(model, status).cells)
+        children = self._children[key] = (
+            self.duration.child(model, status).cells,
+            self.tokens.child(model, status, "input").cells,
+            self.tokens.child(model, status, "output").cells,
+            self.queue.child(model, status).cells,
+        )
         return children
 
     def observe(self, event: dict) -> None:

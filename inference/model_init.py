@@ -14,10 +14,10 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-from tokenaudit.errors import ModelInitError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import ModelInitError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def _corpus_files(limit_bytes: int = 6 << 20) -> list[str]:
 
 def _fallback_corpus() -> Iterator[str]:
     # Used only if the machine has no readable text at all (a scratch container).
-    import this  # noqa: F401  (module docstring-like text lives in this.s, rot13)
     import codecs
+    import this
 
     yield codecs.decode(this.s, "rot13")
     for name in sorted(sys.modules):
@@ -96,10 +96,19 @@ def _train_wordpiece(vocab_size: int):
     tok.decoder = decoders.WordPiece()
     _train(tok, specials, vocab_size, trainers.WordPieceTrainer)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BERT_CLS} $A {BERT_SEP}", pair=f"{BERT_CLS} $A {BERT_SEP} $B {BERT_SEP}",
-        special_tokens=[(t, tok.token_to_id(t)) for t in (BERT_CLS, BERT_SEP)])
-    return BertTokenizerFast(tokenizer_object=tok, unk_token=BERT_UNK, sep_token=BERT_SEP, pad_token=BERT_PAD,
-                             cls_token=BERT_CLS, mask_token=BERT_MASK, model_max_length=512)
+        single=f"{BERT_CLS} $A {BERT_SEP}",
+        pair=f"{BERT_CLS} $A {BERT_SEP} $B {BERT_SEP}",
+        special_tokens=[(t, tok.token_to_id(t)) for t in (BERT_CLS, BERT_SEP)],
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token=BERT_UNK,
+        sep_token=BERT_SEP,
+        pad_token=BERT_PAD,
+        cls_token=BERT_CLS,
+        mask_token=BERT_MASK,
+        model_max_length=512,
+    )
 
 
 def train_tokenizer(arch: str, vocab_size: int = VOCAB_SIZE):
@@ -118,22 +127,34 @@ def train_tokenizer(arch: str, vocab_size: int = VOCAB_SIZE):
     _train(tok, specials, vocab_size, trainers.BpeTrainer)
     if arch == "t5":
         # T5 appends </s> to every encoder input; the tokenizer (not our code) does it.
-        tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}",
-                                                           special_tokens=[(EOS, tok.token_to_id(EOS))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))]
+        )
         from transformers import T5TokenizerFast
 
-        return T5TokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, extra_ids=0,
-                               model_max_length=512)
+        return T5TokenizerFast(
+            tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, extra_ids=0, model_max_length=512
+        )
     if arch == "mistral":
         from transformers import LlamaTokenizerFast
 
         # LLaMA's fast tokenizer writes its own post-processor (BOS first) from add_bos_token.
-        return LlamaTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=BOS,
-                                  add_bos_token=True, add_eos_token=False, legacy=False, model_max_length=512)
+        return LlamaTokenizerFast(
+            tokenizer_object=tok,
+            pad_token=PAD,
+            eos_token=EOS,
+            unk_token=UNK,
+            bos_token=BOS,
+            add_bos_token=True,
+            add_eos_token=False,
+            legacy=False,
+            model_max_length=512,
+        )
     from transformers import GPT2TokenizerFast
 
-    return GPT2TokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=BOS,
-                             model_max_length=512)
+    return GPT2TokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=BOS, model_max_length=512
+    )
 
 
 def _build_model(arch: str, tokenizer, seed: int):
@@ -145,37 +166,75 @@ def _build_model(arch: str, tokenizer, seed: int):
     if arch == "t5":
         from transformers import T5Config, TFT5ForConditionalGeneration
 
-        config = T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                          num_heads=4, relative_attention_num_buckets=16, dropout_rate=0.0,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                          decoder_start_token_id=tokenizer.pad_token_id)
+        config = T5Config(
+            vocab_size=vocab,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=16,
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
         model = TFT5ForConditionalGeneration(config)
         ids = tf.constant([[5, 6, 7, tokenizer.eos_token_id]])
         model(input_ids=ids, decoder_input_ids=tf.constant([[tokenizer.pad_token_id]]))
     elif arch == "gpt2":
         from transformers import GPT2Config, TFGPT2LMHeadModel
 
-        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=1024, resid_pdrop=0.0,
-                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=1024,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = TFGPT2LMHeadModel(config)
         model(input_ids=tf.constant([[5, 6, 7]]))
     elif arch == "mistral":
         from transformers import MistralConfig, TFMistralForCausalLM
 
         # grouped-query attention (4 query heads share 2 key/value heads), as Mistral and LLaMA 2+ do
-        config = MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                               sliding_window=None, attention_dropout=0.0, bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        config = MistralConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            sliding_window=None,
+            attention_dropout=0.0,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = TFMistralForCausalLM(config)
         model(input_ids=tf.constant([[5, 6, 7]]))
     else:  # bert: an encoder, no head; /v1/embeddings pools its last hidden state
         from transformers import BertConfig, TFBertModel
 
-        config = BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            intermediate_size=128, max_position_embeddings=512, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id)
+        config = BertConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=512,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = TFBertModel(config)
         model(input_ids=tf.constant([[5, 6, 7]]))
         return model
@@ -222,8 +281,9 @@ def _verify(path: Path, expected: dict) -> None:
         raise ModelInitError(f"model in {path} did not reload intact: {problems}")
     got = _weights_by_name(model)
     if set(got) != set(expected["weights"]):
-        raise ModelInitError(f"model in {path}: weight names differ after reload "
-                             f"({sorted(set(got) ^ set(expected['weights']))[:4]})")
+        raise ModelInitError(
+            f"model in {path}: weight names differ after reload ({sorted(set(got) ^ set(expected['weights']))[:4]})"
+        )
     for name, value in expected["weights"].items():
         if not np.array_equal(got[name], value):
             raise ModelInitError(f"model in {path}: weight {name} differs after reload")
@@ -264,7 +324,9 @@ def build_default_model(path: str | Path, seed: int = 1234, arch: str = "t5", fo
         except OSError:
             if is_built(path):  # another process finished the same build first: use theirs
                 return False
-            raise ModelInitError(f"cannot move the built model into {path}: it exists and is incomplete "
-                                 f"(remove it and run `tokenaudit model init` again)") from None
+            raise ModelInitError(
+                f"cannot move the built model into {path}: it exists and is incomplete "
+                f"(remove it and run `tokenaudit model init` again)"
+            ) from None
     log.info("built %s model at %s", arch, path)
     return True

@@ -130,11 +130,23 @@ class _RateLimitedLog:
 
 
 class EventPublisher:
-    def __init__(self, bootstrap: str, topic: str, spool_dir: Path, *, spool_max_bytes: int = 256 << 20,
-                 queue_max: int = 100_000, message_timeout_ms: int = 15_000, linger_ms: float = 100.0,
-                 compression: str = "lz4", retry_seconds: float = 2.0, partitions: int | None = None,
-                 unauthenticated_share: float = 0.1, client_config: dict | None = None,
-                 producer_factory: Callable[[dict], Producer] = Producer):
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        spool_dir: Path,
+        *,
+        spool_max_bytes: int = 256 << 20,
+        queue_max: int = 100_000,
+        message_timeout_ms: int = 15_000,
+        linger_ms: float = 100.0,
+        compression: str = "lz4",
+        retry_seconds: float = 2.0,
+        partitions: int | None = None,
+        unauthenticated_share: float = 0.1,
+        client_config: dict | None = None,
+        producer_factory: Callable[[dict], Producer] = Producer,
+    ):
         """``producer_factory(config)`` makes the confluent-kafka producers (the direct one and,
         while a spool is replayed, the replay one); tests hand an in-memory one."""
         self.topic = topic
@@ -148,8 +160,13 @@ class EventPublisher:
         # byte-identical to schemas.encode (tested); ~5x faster on the hot path
         self._encode = compile_encoder(EVENT) or (lambda record: encode(EVENT, record))
         # first, so a spool directory held by another process stops us before any connection
-        self.spool = Spool(spool_dir, spool_max_bytes, capped_key=UNAUTHENTICATED.encode(),
-                           capped_share=unauthenticated_share, on_loss=self._count_spool_loss)
+        self.spool = Spool(
+            spool_dir,
+            spool_max_bytes,
+            capped_key=UNAUTHENTICATED.encode(),
+            capped_share=unauthenticated_share,
+            on_loss=self._count_spool_loss,
+        )
         # bootstrap and security from tokenaudit.infra.kafka_clients (plaintext bootstrap when not given)
         self._client_config = client_config or {"bootstrap.servers": bootstrap}
         self._config = {
@@ -165,11 +182,16 @@ class EventPublisher:
         }
         try:
             self._new_producer = producer_factory
-            self._producer = producer_factory({**self._config, "on_delivery": self._on_delivery,
-                                       # Python callbacks only for failures: a callback per event would cost
-                                       # the event loop (GIL) several microseconds per request; successes are
-                                       # counted from the queue.
-                                       "delivery.report.only.error": True})
+            self._producer = producer_factory(
+                {
+                    **self._config,
+                    "on_delivery": self._on_delivery,
+                    # Python callbacks only for failures: a callback per event would cost
+                    # the event loop (GIL) several microseconds per request; successes are
+                    # counted from the queue.
+                    "delivery.report.only.error": True,
+                }
+            )
         except BaseException:
             self.spool.close()  # release the directory's lock
             raise
@@ -186,7 +208,7 @@ class EventPublisher:
         self._next_probe = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------
-    def start(self) -> "EventPublisher":
+    def start(self) -> EventPublisher:
         if self._spooling:
             log.info("spool holds %d bytes from a previous run; replaying when the broker answers", self.spool.bytes)
         self._heartbeat = time.monotonic()
@@ -254,8 +276,13 @@ class EventPublisher:
                 if headers is None:
                     self._producer.produce(self.topic, value, key)
                 else:  # delivery reports carry no headers: keep them for a failed delivery's spooling
-                    self._producer.produce(self.topic, value, key, headers=headers,
-                                           on_delivery=functools.partial(self._on_delivery_with, headers))
+                    self._producer.produce(
+                        self.topic,
+                        value,
+                        key,
+                        headers=headers,
+                        on_delivery=functools.partial(self._on_delivery_with, headers),
+                    )
                 self.stats.enqueued += 1
                 return
             except (BufferError, KafkaException) as exc:  # local queue full, or producer unusable
@@ -284,18 +311,33 @@ class EventPublisher:
             self._count(spooled=1)
         elif result is Appended.FULL:
             self._count(dropped=1)
-            self._log("full", logging.ERROR, "event spool is full (%d bytes): dropping newest events (%d dropped so far)",
-                      self.spool.max_bytes, self.stats.dropped)
+            self._log(
+                "full",
+                logging.ERROR,
+                "event spool is full (%d bytes): dropping newest events (%d dropped so far)",
+                self.spool.max_bytes,
+                self.stats.dropped,
+            )
         elif result is Appended.CAPPED:
             self._count(dropped=1, dropped_unauthenticated=1)
-            self._log("capped", logging.WARNING, "unauthenticated events fill their share of the spool (%d bytes): "
-                      "dropping newest unauthenticated events (%d so far)", self.spool.capped_limit,
-                      self.stats.dropped_unauthenticated)
+            self._log(
+                "capped",
+                logging.WARNING,
+                "unauthenticated events fill their share of the spool (%d bytes): "
+                "dropping newest unauthenticated events (%d so far)",
+                self.spool.capped_limit,
+                self.stats.dropped_unauthenticated,
+            )
         else:
             self._write_error = self.spool.last_error
             self._count(dropped=1, write_failures=1)
-            self._log("write", logging.ERROR, "event spool write failed (%s): event dropped (%d write failures so far)",
-                      self.spool.last_error, self.stats.write_failures)
+            self._log(
+                "write",
+                logging.ERROR,
+                "event spool write failed (%s): event dropped (%d write failures so far)",
+                self.spool.last_error,
+                self.stats.write_failures,
+            )
 
     def _count(self, **increments: int) -> None:
         with self._stats_lock:
@@ -365,8 +407,11 @@ class EventPublisher:
             self._loop()
         except BaseException as exc:  # only a bug gets here: /readyz reports it
             self._thread_error = f"{type(exc).__name__}: {exc}"
-            log.critical("event publisher thread stopped: %s; events are spooled from now on (replayed after a "
-                         "restart)", self._thread_error, exc_info=True)
+            log.critical(
+                "event publisher thread stopped: %s; events are spooled from now on (replayed after a restart)",
+                self._thread_error,
+                exc_info=True,
+            )
             with self._spool_lock:  # nobody serves delivery reports now: keep events where nothing is lost
                 self._spooling = True
 
@@ -379,8 +424,13 @@ class EventPublisher:
                     self._next_probe = time.monotonic() + self.retry_seconds
                     self._replay()
             except Exception:  # keep the thread alive whatever happens; the spool is intact
-                self._log("loop", logging.ERROR, "event publisher step failed; retrying in %.1fs", self.retry_seconds,
-                          exc_info=True)
+                self._log(
+                    "loop",
+                    logging.ERROR,
+                    "event publisher step failed; retrying in %.1fs",
+                    self.retry_seconds,
+                    exc_info=True,
+                )
                 self._stop.wait(min(1.0, self.retry_seconds))
 
     def _broker_up(self) -> bool:
@@ -396,9 +446,9 @@ class EventPublisher:
             self._replay_producer = None
         if self._replay_producer is None:
             self._replay_fatal = None
-            self._replay_producer = self._new_producer({**self._config,
-                                                        "linger.ms": min(20.0, self._config["linger.ms"]),
-                                                        "error_cb": self._on_replay_error})
+            self._replay_producer = self._new_producer(
+                {**self._config, "linger.ms": min(20.0, self._config["linger.ms"]), "error_cb": self._on_replay_error}
+            )
         return self._replay_producer
 
     def _replay(self) -> None:
@@ -410,8 +460,10 @@ class EventPublisher:
                 segment = self.spool.oldest_segment()
                 if segment is None or self.spool.segment_count() == 1:
                     if self._spooling:
-                        log.info("spool %s; publishing directly again", "drained" if segment is None else
-                                 "down to its last segment")
+                        log.info(
+                            "spool %s; publishing directly again",
+                            "drained" if segment is None else "down to its last segment",
+                        )
                     self._spooling = False
                     self._write_error = None
             if segment is None:
@@ -456,9 +508,16 @@ class EventPublisher:
             if batch.failures:
                 self._count(replay_failed=len(batch.failures))
             reasons = sorted({f.str() for f in batch.failures})
-            self._log("replay", logging.WARNING, "spool replay of %s incomplete (%d failed: %s; %d pending); "
-                      "retrying every %.1fs", segment.name, len(batch.failures), "; ".join(reasons) or "-",
-                      batch.in_flight, self.retry_seconds)
+            self._log(
+                "replay",
+                logging.WARNING,
+                "spool replay of %s incomplete (%d failed: %s; %d pending); retrying every %.1fs",
+                segment.name,
+                len(batch.failures),
+                "; ".join(reasons) or "-",
+                batch.in_flight,
+                self.retry_seconds,
+            )
             return False
         self.spool.remove(segment)
         log.debug("replayed spool segment %s", segment.name)

@@ -13,16 +13,24 @@ import asyncio
 import base64
 import json
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tokenaudit.inference.audit import AuditContext, context_of
 from tokenaudit.inference.batcher import BatchResult, Overloaded
-from tokenaudit.inference.http_io import (ApiError, Disconnected, error_response, optional_bool, optional_int,
-                                          read_json_object, require_prompt)
+from tokenaudit.inference.http_io import (
+    ApiError,
+    Disconnected,
+    error_response,
+    optional_bool,
+    optional_int,
+    read_json_object,
+    require_prompt,
+)
 from tokenaudit.inference.metrics import CONTENT_TYPE
 from tokenaudit.inference.runner import Decoded, Encoded, InvalidPrompt
 from tokenaudit.inference.streaming import EventStream, TokenStream, sse
@@ -31,7 +39,7 @@ if TYPE_CHECKING:
     from tokenaudit.inference.app import AppState
 
 
-def _state(request: Request) -> "AppState":
+def _state(request: Request) -> AppState:
     return request.app.state.tokenaudit
 
 
@@ -40,18 +48,26 @@ async def _wait_disconnect(receive) -> None:
         pass
 
 
-def _ready_for(request: Request, what: str) -> "AppState":
+def _ready_for(request: Request, what: str) -> AppState:
     """The app state, once the model is loaded and can do ``what`` ("generate" or "embed")."""
     state = _state(request)
     if not state.ready:
         raise ApiError(503, "model_not_ready", state.not_ready_reason())
     runner = state.runner
     if what == "generate" and not runner.can_generate:
-        raise ApiError(400, "model_cannot_generate", f"model {state.model_name} is an encoder-only model "
-                                                      f"({runner.kind}): it cannot generate text; use /v1/embeddings")
+        raise ApiError(
+            400,
+            "model_cannot_generate",
+            f"model {state.model_name} is an encoder-only model "
+            f"({runner.kind}): it cannot generate text; use /v1/embeddings",
+        )
     if what == "embed" and not runner.can_embed:
-        raise ApiError(400, "model_cannot_embed", f"model {state.model_name} is a text generator ({runner.kind}): "
-                                                  f"this server does not embed with it; use the completions routes")
+        raise ApiError(
+            400,
+            "model_cannot_embed",
+            f"model {state.model_name} is a text generator ({runner.kind}): "
+            f"this server does not embed with it; use the completions routes",
+        )
     return state
 
 
@@ -93,7 +109,11 @@ async def _outcome(request: Request, job: asyncio.Future, failure: str = "genera
 
 def _account(ctx: AuditContext, result: BatchResult, streamed: bool = False) -> None:
     g = result.generated
-    ctx.input_tokens, ctx.untruncated_input_tokens, ctx.truncated = g.input_tokens, g.untruncated_input_tokens, g.truncated
+    ctx.input_tokens, ctx.untruncated_input_tokens, ctx.truncated = (
+        g.input_tokens,
+        g.untruncated_input_tokens,
+        g.truncated,
+    )
     ctx.output_tokens, ctx.finish_reason = g.output_tokens, g.finish_reason
     ctx.batch_id, ctx.batch_size, ctx.position_in_batch = result.batch_id, result.batch_size, result.position_in_batch
     ctx.queue_ms, ctx.inference_ms, ctx.device = result.queue_ms, result.inference_ms, result.device
@@ -132,7 +152,11 @@ class _Live:
 
 def _account_failed(ctx: AuditContext, encoded: Encoded, stream: TokenStream) -> None:
     """A row that failed after it started streaming: its prompt was fed, its streamed tokens made."""
-    ctx.input_tokens, ctx.untruncated_input_tokens, ctx.truncated = len(encoded.ids), encoded.untruncated, encoded.truncated
+    ctx.input_tokens, ctx.untruncated_input_tokens, ctx.truncated = (
+        len(encoded.ids),
+        encoded.untruncated,
+        encoded.truncated,
+    )
     ctx.output_tokens, ctx.finish_reason = stream.received, "error"
 
 
@@ -180,8 +204,13 @@ async def _stream_start(request: Request, prompt: str, max_new: int, param: str)
     raise RuntimeError("a streamed row finished without a token")
 
 
-def _streamed(request: Request, live: _Live, data: dict, piece_chunk: Callable[[str, bool], dict],
-              final_chunk: Callable[[str], dict]) -> EventStream:
+def _streamed(
+    request: Request,
+    live: _Live,
+    data: dict,
+    piece_chunk: Callable[[str, bool], dict],
+    final_chunk: Callable[[str], dict],
+) -> EventStream:
     """The SSE response of a started stream: a chunk per batch of tokens that arrived together,
     the final chunk (finish_reason), the usage chunk when asked for, ``[DONE]``."""
     state, ctx = _state(request), context_of(request.scope)
@@ -200,9 +229,17 @@ def _streamed(request: Request, live: _Live, data: dict, piece_chunk: Callable[[
         except Exception as exc:  # failed after its first tokens: say so in the stream, bill what it got
             _account_failed(ctx, live.encoded, live.stream)
             ctx.error_type = "generation_failed"
-            yield sse({"error": {"type": "server_error", "code": "generation_failed", "param": None,
-                                 "message": f"generation failed after {live.stream.received} tokens "
-                                            f"({type(exc).__name__}); the request id identifies it in the logs"}})
+            yield sse(
+                {
+                    "error": {
+                        "type": "server_error",
+                        "code": "generation_failed",
+                        "param": None,
+                        "message": f"generation failed after {live.stream.received} tokens "
+                        f"({type(exc).__name__}); the request id identifies it in the logs",
+                    }
+                }
+            )
             yield sse("[DONE]")
             return
         _account(ctx, result, streamed=True)
@@ -252,8 +289,11 @@ def _api(handler):
 
 def _usage_openai(r: BatchResult) -> dict:
     g = r.generated
-    return {"prompt_tokens": g.input_tokens, "completion_tokens": g.output_tokens,
-            "total_tokens": g.input_tokens + g.output_tokens}
+    return {
+        "prompt_tokens": g.input_tokens,
+        "completion_tokens": g.output_tokens,
+        "total_tokens": g.input_tokens + g.output_tokens,
+    }
 
 
 @_api
@@ -266,15 +306,21 @@ async def generate(request: Request) -> Response:
     if result is None:
         return Response(status_code=499)
     g = result.generated
-    return JSONResponse({
-        "request_id": context_of(request.scope).request_id,
-        "model": _state(request).model_name,
-        "text": result.text,
-        "finish_reason": g.finish_reason,
-        "usage": {"input_tokens": g.input_tokens, "output_tokens": g.output_tokens,
-                  "total_tokens": g.input_tokens + g.output_tokens,
-                  "untruncated_input_tokens": g.untruncated_input_tokens, "truncated": g.truncated},
-    })
+    return JSONResponse(
+        {
+            "request_id": context_of(request.scope).request_id,
+            "model": _state(request).model_name,
+            "text": result.text,
+            "finish_reason": g.finish_reason,
+            "usage": {
+                "input_tokens": g.input_tokens,
+                "output_tokens": g.output_tokens,
+                "total_tokens": g.input_tokens + g.output_tokens,
+                "untruncated_input_tokens": g.untruncated_input_tokens,
+                "truncated": g.truncated,
+            },
+        }
+    )
 
 
 def _stream_usage(data: dict) -> bool:
@@ -316,8 +362,9 @@ def _chat_prompt(request: Request, messages) -> str:
     turns = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ApiError(400, "invalid_prompt", f"messages[{i}] must be an object with string 'role' and "
-                                                  f"'content'", "messages")
+            raise ApiError(
+                400, "invalid_prompt", f"messages[{i}] must be an object with string 'role' and 'content'", "messages"
+            )
         turns.append({"role": m["role"], "content": m["content"]})
     if not any(t["content"].strip() for t in turns):
         raise ApiError(400, "invalid_prompt", "'messages' hold no content", "messages")
@@ -355,10 +402,16 @@ async def chat_completions(request: Request) -> Response:
     if result is None:
         return Response(status_code=499)
     finish = result.generated.finish_reason
-    return JSONResponse({**base, "object": "chat.completion",
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                      "finish_reason": finish}],
-                         "usage": _usage_openai(result)})
+    return JSONResponse(
+        {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": finish}
+            ],
+            "usage": _usage_openai(result),
+        }
+    )
 
 
 # --- embeddings -----------------------------------------------------------------------------------
@@ -374,16 +427,21 @@ def _embedding_inputs(data: dict) -> list[str]:
     if not isinstance(items, list) or not items:
         raise ApiError(400, "invalid_input", "'input' must be a string or a non-empty list of strings", "input")
     if len(items) > MAX_EMBEDDING_INPUTS:
-        raise ApiError(400, "invalid_input", f"'input' holds {len(items)} items; at most {MAX_EMBEDDING_INPUTS}",
-                       "input")
+        raise ApiError(
+            400, "invalid_input", f"'input' holds {len(items)} items; at most {MAX_EMBEDDING_INPUTS}", "input"
+        )
     for i, item in enumerate(items):
         if isinstance(item, (int, list)):
             raise ApiError(400, "invalid_input", "token-id input is not supported here: send text", "input")
         if not isinstance(item, str):
             raise ApiError(400, "invalid_input", f"input[{i}] must be a string, got {type(item).__name__}", "input")
         if not item.strip():
-            raise ApiError(400, "invalid_input", f"input[{i}] must not be empty" if len(items) > 1 else
-                           "'input' must not be empty", "input")
+            raise ApiError(
+                400,
+                "invalid_input",
+                f"input[{i}] must not be empty" if len(items) > 1 else "'input' must not be empty",
+                "input",
+            )
     return items
 
 
@@ -409,14 +467,19 @@ async def embeddings(request: Request) -> Response:
         raise ApiError(400, "invalid_input", str(exc), "input") from None
     except Overloaded as exc:
         raise _overloaded(exc) from None
-    result, gone = await _outcome(request, asyncio.ensure_future(state.batcher.submit_embeddings(encoded)),
-                                  "embedding_failed")
+    result, gone = await _outcome(
+        request, asyncio.ensure_future(state.batcher.submit_embeddings(encoded)), "embedding_failed"
+    )
     ctx.input_tokens = sum(len(e.ids) for e in encoded)
     ctx.untruncated_input_tokens = sum(e.untruncated for e in encoded)
     ctx.truncated = any(e.truncated for e in encoded)
     if result is not None:
         ctx.output_tokens = 0
-        ctx.batch_id, ctx.batch_size, ctx.position_in_batch = result.batch_id, result.batch_size, result.position_in_batch
+        ctx.batch_id, ctx.batch_size, ctx.position_in_batch = (
+            result.batch_id,
+            result.batch_size,
+            result.position_in_batch,
+        )
         ctx.queue_ms, ctx.inference_ms, ctx.device = result.queue_ms, result.inference_ms, result.device
     if gone:
         return Response(status_code=499)
@@ -424,17 +487,21 @@ async def embeddings(request: Request) -> Response:
         vectors = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in result.vectors]
     else:
         vectors = [v.tolist() for v in result.vectors]
-    return JSONResponse({
-        "object": "list", "model": state.model_name,
-        "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
-        "usage": {"prompt_tokens": ctx.input_tokens, "total_tokens": ctx.input_tokens},
-    })
+    return JSONResponse(
+        {
+            "object": "list",
+            "model": state.model_name,
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": ctx.input_tokens, "total_tokens": ctx.input_tokens},
+        }
+    )
 
 
 async def models(request: Request) -> Response:
     name = _state(request).model_name
-    return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                                     "owned_by": "tokenaudit"}]})
+    return JSONResponse(
+        {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tokenaudit"}]}
+    )
 
 
 async def healthz(request: Request) -> Response:
@@ -447,9 +514,13 @@ async def readyz(request: Request) -> Response:
     state = _state(request)
     problem = state.publisher.problem() if state.publisher else "event publisher not started"
     ready = state.ready and problem is None
-    body = {"status": "ready" if ready else "not_ready", "model": state.model_name,
-            "model_loaded": state.ready, "producer": state.publisher.state if state.publisher else "stopped",
-            "device": state.runner.device}
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "model": state.model_name,
+        "model_loaded": state.ready,
+        "producer": state.publisher.state if state.publisher else "stopped",
+        "device": state.runner.device,
+    }
     if not state.ready:
         body["reason"] = state.not_ready_reason()
     elif problem is not None:
@@ -480,5 +551,6 @@ async def server_error(request: Request, exc: Exception) -> Response:
 
 
 async def method_not_allowed(request: Request, exc) -> Response:
-    return error_response(request, ApiError(405, "method_not_allowed",
-                                            f"{request.method[:16]} is not allowed on {_path(request)}"))
+    return error_response(
+        request, ApiError(405, "method_not_allowed", f"{request.method[:16]} is not allowed on {_path(request)}")
+    )

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,25 +73,28 @@ class Decoded(Generated):
 
 
 def model_kind(config) -> str:
-    """"seq2seq", "causal" or "encoder", from the config and transformers' own TF auto mappings.
+    """ "seq2seq", "causal" or "encoder", from the config and transformers' own TF auto mappings.
 
     BERT-like families appear in the causal-LM mapping too (as decoders of encoder-decoder
     pairs); they generate only when their config says ``is_decoder``, else loading one as a
     causal LM makes a generator that never emits an end token."""
-    from transformers.models.auto.modeling_tf_auto import (TF_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                           TF_MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_tf_auto import (
+        TF_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        TF_MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     kind = config.model_type
     if kind in TF_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (
-            kind not in TF_MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_decoder", False)):
+        kind not in TF_MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_decoder", False)
+    ):
         return "causal"
     return "encoder"
 
 
 def parse_buckets(spec: str, cap: int) -> list[int]:
-    """"1,4,16" -> sorted sizes, clipped to ``cap`` and always ending with ``cap``."""
+    """ "1,4,16" -> sorted sizes, clipped to ``cap`` and always ending with ``cap``."""
     sizes = sorted({min(int(x), cap) for x in spec.split(",") if x.strip()} | {cap})
     if sizes[0] < 1:
         raise ValueError(f"bucket sizes must be >= 1: {spec!r}")
@@ -143,9 +147,19 @@ class ModelRunner:
     Not thread-safe by design: the micro-batcher calls it from its one worker thread.
     """
 
-    def __init__(self, name_or_path: str, *, max_input_tokens: int = 512, xla: bool = False,
-                 batch_buckets: str = "1,16", length_buckets: str = "64,512", new_token_buckets: str = "16,256",
-                 max_batch: int = 16, max_new_tokens_limit: int = 256, model_name: str | None = None):
+    def __init__(
+        self,
+        name_or_path: str,
+        *,
+        max_input_tokens: int = 512,
+        xla: bool = False,
+        batch_buckets: str = "1,16",
+        length_buckets: str = "64,512",
+        new_token_buckets: str = "16,256",  # noqa: S107 (token counts, not a credential)
+        max_batch: int = 16,
+        max_new_tokens_limit: int = 256,
+        model_name: str | None = None,
+    ):
         self.name_or_path = name_or_path
         self.model_name = model_name or _short_name(name_or_path)
         self.max_input_tokens = max_input_tokens
@@ -178,10 +192,15 @@ class ModelRunner:
         return self.kind == "encoder"
 
     # --- loading ----------------------------------------------------------------------------
-    def load(self) -> "ModelRunner":
+    def load(self) -> ModelRunner:
         try:
-            from transformers import (AutoConfig, AutoTokenizer, TFAutoModel, TFAutoModelForCausalLM,
-                                      TFAutoModelForSeq2SeqLM)
+            from transformers import (
+                AutoConfig,
+                AutoTokenizer,
+                TFAutoModel,
+                TFAutoModelForCausalLM,
+                TFAutoModelForSeq2SeqLM,
+            )
 
             config = AutoConfig.from_pretrained(self.name_or_path)
             self.kind = model_kind(config)
@@ -237,11 +256,17 @@ class ModelRunner:
             return
         cap = positions if self.kind != "causal" else positions - self.new_token_buckets[-1]
         if cap < 8:
-            raise ModelLoadError(f"model {self.name_or_path!r} has {positions} positions: too few for "
-                                 f"{self.new_token_buckets[-1]} new tokens (lower TOKENAUDIT_MAX_NEW_TOKENS_LIMIT)")
+            raise ModelLoadError(
+                f"model {self.name_or_path!r} has {positions} positions: too few for "
+                f"{self.new_token_buckets[-1]} new tokens (lower TOKENAUDIT_MAX_NEW_TOKENS_LIMIT)"
+            )
         if self.max_input_tokens > cap:
-            log.warning("max_input_tokens %d exceeds what %s can take; truncating inputs to %d tokens",
-                        self.max_input_tokens, self.model_name, cap)
+            log.warning(
+                "max_input_tokens %d exceeds what %s can take; truncating inputs to %d tokens",
+                self.max_input_tokens,
+                self.model_name,
+                cap,
+            )
             self.max_input_tokens = cap
             self.length_buckets = sorted({min(b, cap) for b in self.length_buckets})
 
@@ -278,8 +303,13 @@ class ModelRunner:
                         t0 = time.perf_counter()
                         self.stepper.step(self.stepper.prefill(ids, mask, new))
                         self._step_shapes.add((b, length, new))
-                        log.info("xla step-wise bucket batch=%d len=%d new=%d compiled in %.1fs", b, length, new,
-                                 time.perf_counter() - t0)
+                        log.info(
+                            "xla step-wise bucket batch=%d len=%d new=%d compiled in %.1fs",
+                            b,
+                            length,
+                            new,
+                            time.perf_counter() - t0,
+                        )
         return time.perf_counter() - start
 
     # --- tokens -------------------------------------------------------------------------------
@@ -314,7 +344,7 @@ class ModelRunner:
             raise InvalidPrompt(f"the tokenizer cannot encode this prompt ({type(exc).__name__})") from None
         untruncated = len(content) + self._specials
         if untruncated > self.max_input_tokens:
-            content = content[:max(0, self.max_input_tokens - self._specials)]
+            content = content[: max(0, self.max_input_tokens - self._specials)]
         return Encoded(list(tok.build_inputs_with_special_tokens(content)), untruncated)
 
     def encode(self, prompts: Sequence[str]) -> list[Encoded]:
@@ -336,8 +366,9 @@ class ModelRunner:
 
     # --- generation ---------------------------------------------------------------------------
     def _generate_graph(self, input_ids, attention_mask, max_new_tokens: int):
-        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                   max_new_tokens=max_new_tokens, do_sample=False)
+        return self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False
+        )
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, max_new: int) -> np.ndarray:
         import tensorflow as tf
@@ -382,7 +413,7 @@ class ModelRunner:
         for i, e in enumerate(encoded):
             k = len(e.ids)
             if left:
-                ids[i, width - k:], mask[i, width - k:] = e.ids, 1
+                ids[i, width - k :], mask[i, width - k :] = e.ids, 1
             else:
                 ids[i, :k], mask[i, :k] = e.ids, 1
         mask[n:, -1 if left else 0] = 1
@@ -422,9 +453,18 @@ class ModelRunner:
         return Decoding(self.stepper, ids, mask, limits, new, self.eos_ids, self._lock)
 
     def decoded(self, decoding: Decoding, encoded: Sequence[Encoded]) -> list[Decoded]:
-        return [Decoded(len(e.ids), e.untruncated, e.truncated, row.ids, row.finish_reason or "length",
-                        row.first_token_at, row.last_token_at)
-                for e, row in zip(encoded, decoding.rows)]
+        return [
+            Decoded(
+                len(e.ids),
+                e.untruncated,
+                e.truncated,
+                row.ids,
+                row.finish_reason or "length",
+                row.first_token_at,
+                row.last_token_at,
+            )
+            for e, row in zip(encoded, decoding.rows)
+        ]
 
     # --- embeddings ---------------------------------------------------------------------------------
     def _embed_graph(self, input_ids, attention_mask):
@@ -459,10 +499,10 @@ class ModelRunner:
         step = self.batch_buckets[-1]
         parts = []
         for first in range(0, len(encoded), step):
-            chunk = encoded[first:first + step]
+            chunk = encoded[first : first + step]
             ids, mask, _ = self._padded(chunk, 1)
             with self._lock:
-                parts.append(self._run_embed(ids, mask)[:len(chunk)])
+                parts.append(self._run_embed(ids, mask)[: len(chunk)])
         return np.concatenate(parts).astype(np.float32, copy=False)
 
 

@@ -22,9 +22,16 @@ def serve(settings: Settings, log_level: str = "info") -> None:
 
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.http_host, port=settings.http_port, lifespan="on",
-                            log_level=log_level, timeout_graceful_shutdown=30, log_config=None)
+    config = uvicorn.Config(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        lifespan="on",
+        log_level=log_level,
+        timeout_graceful_shutdown=30,
+        log_config=None,
+    )
     server = uvicorn.Server(config)
     server.run()
     if not server.started:  # uvicorn returns normally when start-up failed (a held spool lock, a
-        sys.exit(3)         # busy port): a supervisor must see a failure, not a clean exit
+        sys.exit(3)  # busy port): a supervisor must see a failure, not a clean exit

@@ -52,13 +52,19 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
-from tokenaudit.errors import SpoolLocked  # noqa: F401 (raised here, declared there)
-from tokenaudit.inference.spool_format import (BadRegion, Headers, SpoolRecord, encode_record, parse_legacy_segment,
-                                               parse_segment)
+from tokenaudit.errors import SpoolLocked
+from tokenaudit.inference.spool_format import (
+    BadRegion,
+    Headers,
+    SpoolRecord,
+    encode_record,
+    parse_legacy_segment,
+    parse_segment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +107,10 @@ def _lock_directory(directory: Path) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise SpoolLocked(f"spool directory {directory} is in use by another process (pid {holder}); each "
-                          f"inference process needs its own TOKENAUDIT_SPOOL_DIR") from None
+        raise SpoolLocked(
+            f"spool directory {directory} is in use by another process (pid {holder}); each "
+            f"inference process needs its own TOKENAUDIT_SPOOL_DIR"
+        ) from None
     try:  # the pid only makes the refusal message better: a full disk must not stop a start
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -116,9 +124,16 @@ class Spool:
     """``on_loss(kind, records)`` is told about records that can no longer be delivered: kind
     ``"torn_tail"`` or ``"quarantined"``."""
 
-    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int = SEGMENT_BYTES, *,
-                 capped_key: bytes | None = None, capped_share: float = 1.0,
-                 on_loss: Callable[[str, int], None] | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        segment_bytes: int = SEGMENT_BYTES,
+        *,
+        capped_key: bytes | None = None,
+        capped_share: float = 1.0,
+        on_loss: Callable[[str, int], None] | None = None,
+    ):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -180,8 +195,9 @@ class Spool:
             if ack not in logs_in_use:
                 ack.unlink(missing_ok=True)  # its segment was fully replayed; removal stopped halfway
         if self._segments:
-            log.info("spool %s holds %d segments (%d bytes) from a previous run", self.dir, len(self._segments),
-                     self._bytes)
+            log.info(
+                "spool %s holds %d segments (%d bytes) from a previous run", self.dir, len(self._segments), self._bytes
+            )
 
     def _read_acks(self, seg: _Segment) -> set[int]:
         try:
@@ -189,13 +205,16 @@ class Spool:
         except FileNotFoundError:
             return set()
         except OSError as exc:
-            log.warning("spool %s: confirmations unreadable (%s): its records are all sent again (same event_id)",
-                        seg.path.name, exc)
+            log.warning(
+                "spool %s: confirmations unreadable (%s): its records are all sent again (same event_id)",
+                seg.path.name,
+                exc,
+            )
             return set()
         confirmed = set()
         for pos in range(0, len(data) - ACK.size + 1, ACK.size):  # a torn last entry is ignored
             offset, crc = ACK.unpack_from(data, pos)
-            if zlib.crc32(data[pos:pos + 8]) == crc:
+            if zlib.crc32(data[pos : pos + 8]) == crc:
                 confirmed.add(offset)
         return confirmed
 
@@ -352,21 +371,37 @@ class Spool:
         tmp = target.with_name(target.name + ".tmp")
         try:
             with open(tmp, "wb") as fh:
-                fh.write(data[bad.start:bad.end])
+                fh.write(data[bad.start : bad.end])
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             seg.keep_bad_bytes = True
-            log.error("spool %s: could not copy %d unreadable bytes to quarantine (%s); the whole segment will be "
-                      "moved there once replayed", seg.path.name, bad.end - bad.start, exc)
+            log.error(
+                "spool %s: could not copy %d unreadable bytes to quarantine (%s); the whole segment will be "
+                "moved there once replayed",
+                seg.path.name,
+                bad.end - bad.start,
+                exc,
+            )
         if bad.torn:
-            log.warning("spool %s: torn last record (%d bytes at offset %d, a crash mid-write) skipped; kept in %s",
-                        seg.path.name, bad.end - bad.start, bad.start, target)
+            log.warning(
+                "spool %s: torn last record (%d bytes at offset %d, a crash mid-write) skipped; kept in %s",
+                seg.path.name,
+                bad.end - bad.start,
+                bad.start,
+                target,
+            )
         else:
-            log.error("spool %s: %d unreadable bytes at offset %d (about %d records) skipped; kept in %s",
-                      seg.path.name, bad.end - bad.start, bad.start, bad.records, target)
+            log.error(
+                "spool %s: %d unreadable bytes at offset %d (about %d records) skipped; kept in %s",
+                seg.path.name,
+                bad.end - bad.start,
+                bad.start,
+                bad.records,
+                target,
+            )
         self._on_loss("torn_tail" if bad.torn else "quarantined", bad.records)
 
     # --- confirmations ---------------------------------------------------------------------------
@@ -389,7 +424,9 @@ class Spool:
             entries = b"".join(ACK.pack(o, zlib.crc32(o.to_bytes(8, "big"))) for o in offsets)
             try:
                 if seg.ack_fd is None:
-                    seg.ack_fd = os.open(seg.path.with_suffix(ACK_SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                    seg.ack_fd = os.open(
+                        seg.path.with_suffix(ACK_SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+                    )
                 written = os.write(seg.ack_fd, entries)
                 if written != len(entries):
                     raise OSError(errno.ENOSPC, f"short write ({written} of {len(entries)} bytes)")
@@ -397,8 +434,12 @@ class Spool:
                 now = time.monotonic()
                 if now - self._ack_error_logged_at > 10:
                     self._ack_error_logged_at = now
-                    log.warning("spool %s: confirmations not persisted (%s): a crash now would send those records "
-                                "again (same event_id)", seg.path.name, exc)
+                    log.warning(
+                        "spool %s: confirmations not persisted (%s): a crash now would send those records "
+                        "again (same event_id)",
+                        seg.path.name,
+                        exc,
+                    )
 
     def _close_ack(self, seg: _Segment) -> None:
         if seg.ack_fd is not None:

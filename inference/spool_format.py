@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 SYNC = b"\xa7\x5e\x1d\x0c\x9b\x33\xf2\x61"
 FRAME = struct.Struct(">8sII")  # sync marker, body length, crc32(length field + body)
@@ -74,16 +75,16 @@ def _decode_body(data: bytes, offset: int, start: int, end: int) -> SpoolRecord:
         for _ in range(n_headers):
             name_len, value_len = HEADER.unpack_from(data, pos)
             pos += HEADER.size
-            name = data[pos:pos + name_len].decode("utf-8")
+            name = data[pos : pos + name_len].decode("utf-8")
             pos += name_len
             value = None
             if value_len != NULL_HEADER:
-                value = data[pos:pos + value_len]
+                value = data[pos : pos + value_len]
                 pos += value_len
             headers.append((name, value))
     if pos + key_len > end:
         raise ValueError("key runs past the record")
-    return SpoolRecord(offset, end, data[pos:pos + key_len], data[pos + key_len:end], headers)
+    return SpoolRecord(offset, end, data[pos : pos + key_len], data[pos + key_len : end], headers)
 
 
 def _record_at(data: bytes, pos: int) -> SpoolRecord | None:
@@ -94,7 +95,9 @@ def _record_at(data: bytes, pos: int) -> SpoolRecord | None:
     end = pos + FRAME.size + length
     if sync != SYNC or length > MAX_BODY or end > len(data):
         return None
-    if zlib.crc32(memoryview(data)[pos + FRAME.size:end], zlib.crc32(data[pos + 8:pos + 12])) != crc:  # no body copy
+    if (
+        zlib.crc32(memoryview(data)[pos + FRAME.size : end], zlib.crc32(data[pos + 8 : pos + 12])) != crc
+    ):  # no body copy
         return None
     try:
         return _decode_body(data, pos, pos + FRAME.size, end)
@@ -117,7 +120,7 @@ def _is_torn(data: bytes, pos: int) -> bool:
     intact and the declared length runs past the end."""
     rest = data[pos:]
     if len(rest) < FRAME.size:
-        return SYNC.startswith(rest[:len(SYNC)])
+        return SYNC.startswith(rest[: len(SYNC)])
     sync, length, _ = FRAME.unpack_from(data, pos)
     return sync == SYNC and pos + FRAME.size + length > len(data)
 
@@ -149,7 +152,7 @@ def parse_legacy_segment(data: bytes) -> Iterator[SpoolRecord | BadRegion]:
             yield BadRegion(pos, len(data), True, 1)
             return
         length, crc, key_len = LEGACY.unpack_from(data, pos)
-        body = data[pos + LEGACY.size: pos + LEGACY.size + length - 2]
+        body = data[pos + LEGACY.size : pos + LEGACY.size + length - 2]
         if length < 2 or key_len > length - 2 or len(body) != length - 2 or zlib.crc32(body) != crc:
             torn = length >= 2 and pos + LEGACY.size + length - 2 > len(data)
             yield BadRegion(pos, len(data), torn, 1)

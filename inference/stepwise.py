@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,8 +47,16 @@ class Decoding:
     far was still spent and stays accounted). The loop ends as soon as every row has ended, so a
     batch of short requests does not run to the end of its new-token bucket."""
 
-    def __init__(self, decoder: "StepDecoder", ids: np.ndarray, mask: np.ndarray, limits: Sequence[int],
-                 max_new: int, eos_ids: set[int], lock: threading.Lock | None = None):
+    def __init__(
+        self,
+        decoder: StepDecoder,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        limits: Sequence[int],
+        max_new: int,
+        eos_ids: set[int],
+        lock: threading.Lock | None = None,
+    ):
         self._decoder = decoder
         self._eos = eos_ids
         self._lock = lock or threading.Lock()
@@ -115,8 +124,10 @@ class StepDecoder:
         self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else pad_id
         self.eos = tf.constant(sorted(eos_ids), tf.int32)
         if "use_mems" in inspect.signature(model.prepare_inputs_for_generation).parameters:
-            raise NotImplementedError(f"{type(model).__name__} needs its full input at every step (use_mems): "
-                                      "not supported by the step-wise decoder")
+            raise NotImplementedError(
+                f"{type(model).__name__} needs its full input at every step (use_mems): "
+                "not supported by the step-wise decoder"
+            )
         # GPT-2 keeps its cache as one stacked tensor per layer with the batch on axis 1 (HF's rule)
         self.batch_axis = 1 if any(p in type(model).__name__ for p in ("TFGPT2", "TFCTRL")) else 0
         self._processors: dict[int, Any] = {}
@@ -158,7 +169,8 @@ class StepDecoder:
 
             config = copy.deepcopy(self.model.generation_config)
             procs = self._processors[input_len] = self.model._get_logits_processor(
-                generation_config=config, input_ids_seq_length=input_len, logits_processor=TFLogitsProcessorList())
+                generation_config=config, input_ids_seq_length=input_len, logits_processor=TFLogitsProcessorList()
+            )
         return procs
 
     def _prefill_graph(self, ids, mask, static: tuple[int, int]) -> dict:
@@ -170,12 +182,20 @@ class StepDecoder:
         kwargs: dict[str, Any] = {"attention_mask": mask}
         if self.encoder_decoder:
             encoder = model.get_encoder()
-            kwargs["encoder_outputs"] = encoder(input_ids=ids, attention_mask=mask, return_dict=True,
-                                                output_attentions=False, output_hidden_states=False)
+            kwargs["encoder_outputs"] = encoder(
+                input_ids=ids,
+                attention_mask=mask,
+                return_dict=True,
+                output_attentions=False,
+                output_hidden_states=False,
+            )
             start, _ = model._prepare_decoder_input_ids_for_generation(
-                batch_size=batch, model_input_name="input_ids", model_kwargs={},
+                batch_size=batch,
+                model_input_name="input_ids",
+                model_kwargs={},
                 decoder_start_token_id=model.generation_config.decoder_start_token_id,
-                bos_token_id=model.generation_config.bos_token_id)
+                bos_token_id=model.generation_config.bos_token_id,
+            )
             input_ids = tf.cast(start, tf.int32)
         else:
             input_ids = ids
@@ -216,18 +236,29 @@ class StepDecoder:
         next_tokens = tf.argmax(scores, axis=-1, output_type=tf.int32)
         unfinished = 1 - tf.cast(finished, tf.int32)
         next_tokens = next_tokens * unfinished + self.pad_id * (1 - unfinished)
-        is_eos = tf.reduce_any(tf.equal(tf.broadcast_to(next_tokens, (self.eos.shape[0], batch)),
-                                        tf.expand_dims(self.eos, -1)), axis=0)
+        is_eos = tf.reduce_any(
+            tf.equal(tf.broadcast_to(next_tokens, (self.eos.shape[0], batch)), tf.expand_dims(self.eos, -1)), axis=0
+        )
         finished = finished | is_eos
         update = tf.stack([tf.range(batch), tf.broadcast_to(cur_len, [batch])], axis=-1)
         generated = tf.tensor_scatter_nd_update(generated, update, next_tokens)
         cur_len = cur_len + 1
         if self.xla:
             kwargs = model._update_model_kwargs_for_xla_generation(
-                model_outputs=outputs, model_kwargs=kwargs, cur_len=cur_len, max_length=max_length,
-                batch_size=batch, is_encoder_decoder=self.encoder_decoder, batch_axis=self.batch_axis)
+                model_outputs=outputs,
+                model_kwargs=kwargs,
+                cur_len=cur_len,
+                max_length=max_length,
+                batch_size=batch,
+                is_encoder_decoder=self.encoder_decoder,
+                batch_axis=self.batch_axis,
+            )
         else:
-            kwargs = model._update_model_kwargs_for_generation(outputs, kwargs,
-                                                               is_encoder_decoder=self.encoder_decoder)
-        return {"generated": generated, "finished": finished, "cur_len": cur_len, "next_tokens": next_tokens,
-                "kwargs": kwargs}
+            kwargs = model._update_model_kwargs_for_generation(outputs, kwargs, is_encoder_decoder=self.encoder_decoder)
+        return {
+            "generated": generated,
+            "finished": finished,
+            "cur_len": cur_len,
+            "next_tokens": next_tokens,
+            "kwargs": kwargs,
+        }

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class TextDeltas:
             piece = "".join(p for p in (self._stream.step(self._backend, i) for i in ids) if p)
         else:
             text = self._decode(self._ids)
-            piece = "" if text.endswith("\ufffd") or not text.startswith(self._sent) else text[len(self._sent):]
+            piece = "" if text.endswith("\ufffd") or not text.startswith(self._sent) else text[len(self._sent) :]
         self._sent += piece
         return piece
 
@@ -103,7 +103,7 @@ class TextDeltas:
         if not whole.startswith(self._sent):  # never seen with DecodeStream; keep the stream consistent
             log.warning("streamed text diverged from the decoded whole; sending nothing more")
             return ""
-        rest = whole[len(self._sent):]
+        rest = whole[len(self._sent) :]
         self._sent = whole
         return rest
 
@@ -127,8 +127,13 @@ class EventStream:
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncIterator[bytes], disconnected: asyncio.Future,
-                 on_disconnect: Callable[[], Awaitable[None]], headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        disconnected: asyncio.Future,
+        on_disconnect: Callable[[], Awaitable[None]],
+        headers: dict[str, str] | None = None,
+    ):
         self.body = body
         self.disconnected = disconnected
         self.on_disconnect = on_disconnect

@@ -15,8 +15,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError as _DriverError
 
-from tokenaudit.errors import ClickHouseError  # noqa: F401 (raised here, declared there)
-
+from tokenaudit.errors import ClickHouseError
 
 _SCHEMES = ("chdb", "http", "https", "clickhouse", "clickhouses")
 
@@ -30,12 +29,14 @@ def validate_dsn(dsn: str) -> str:
         )
     if parsed.scheme == "chdb":
         if parsed.netloc or not parsed.path.startswith("/"):
-            raise ClickHouseError(f"TOKENAUDIT_CLICKHOUSE_DSN: a chdb DSN needs an absolute path (chdb:///abs/path), got {dsn!r}")
+            raise ClickHouseError(
+                f"TOKENAUDIT_CLICKHOUSE_DSN: a chdb DSN needs an absolute path (chdb:///abs/path), got {dsn!r}"
+            )
     elif not parsed.hostname:
         raise ClickHouseError(f"TOKENAUDIT_CLICKHOUSE_DSN: no host in {redact(dsn)!r}")
     else:
         try:
-            parsed.port  # noqa: B018 - raises on a malformed port
+            _ = parsed.port  # urllib parses the port lazily: reading it is the check
         except ValueError:
             raise ClickHouseError(f"TOKENAUDIT_CLICKHOUSE_DSN: malformed port in {redact(dsn)!r}") from None
     return dsn

@@ -22,20 +22,31 @@ def _config(cluster: str | dict[str, Any]) -> dict[str, Any]:
     return {"bootstrap.servers": cluster, "log_level": 3}  # errors only: no librdkafka chatter in CLI output
 
 
-def ensure_topics(cluster: str | dict[str, Any], topics: dict[str, int], timeout: float = 30.0,
-                  configs: dict[str, dict[str, str]] | None = None) -> None:
+def ensure_topics(
+    cluster: str | dict[str, Any],
+    topics: dict[str, int],
+    timeout: float = 30.0,
+    configs: dict[str, dict[str, str]] | None = None,
+) -> None:
     """Create the topics that do not exist yet (name -> partitions), replicated by the
     cluster-size rule of :class:`~tokenaudit.infra.topics.Replication`; existing ones are left alone."""
     config = _config(cluster)
     rule = Replication.for_brokers(check_access(config, timeout))
     admin = AdminClient(config)
     existing = set(admin.list_topics(timeout=timeout).topics)
-    new = [NewTopic(name, num_partitions=parts, replication_factor=rule.factor,
-                    config={**rule.topic_configs(), **(configs or {}).get(name, {})})
-           for name, parts in topics.items() if name not in existing]
+    new = [
+        NewTopic(
+            name,
+            num_partitions=parts,
+            replication_factor=rule.factor,
+            config={**rule.topic_configs(), **(configs or {}).get(name, {})},
+        )
+        for name, parts in topics.items()
+        if name not in existing
+    ]
     if not new:
         return
-    for name, fut in admin.create_topics(new, request_timeout=timeout).items():
+    for _name, fut in admin.create_topics(new, request_timeout=timeout).items():
         try:
             fut.result(timeout)
         except KafkaException as exc:

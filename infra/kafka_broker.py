@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from tokenaudit.errors import KafkaLaunchError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import KafkaLaunchError
 from tokenaudit.infra import kafka_install, procutil
 from tokenaudit.infra.kafka_layout import SCRAM_MECHANISM, ScramUser, random_cluster_id, write_private
 
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    home: Path                 # data dir of this node: storage, config, pid, logs
-    cache_dir: Path            # where the jars are cached
+    home: Path  # data dir of this node: storage, config, pid, logs
+    cache_dir: Path  # where the jars are cached
     version: str = "4.4.0"
     host: str = "127.0.0.1"
     port: int = 9092
@@ -41,11 +41,11 @@ class BrokerConfig:
     partitions: int = 4
     start_timeout: float = 60.0
     node_id: int = 1
-    quorum: str = ""           # controller.quorum.voters; "" = this node alone
-    cluster_size: int = 1      # nodes in the cluster: replication of internal topics
-    cluster_id: str = ""       # "" = a random one at format time
-    sasl_broker: ScramUser | None = None        # set: SASL/SCRAM client listener, this inter-broker user
-    scram_users: tuple[ScramUser, ...] = ()     # created at format time
+    quorum: str = ""  # controller.quorum.voters; "" = this node alone
+    cluster_size: int = 1  # nodes in the cluster: replication of internal topics
+    cluster_id: str = ""  # "" = a random one at format time
+    sasl_broker: ScramUser | None = None  # set: SASL/SCRAM client listener, this inter-broker user
+    scram_users: tuple[ScramUser, ...] = ()  # created at format time
     client_security: tuple[tuple[str, str], ...] = ()  # librdkafka settings the launcher's probes use
 
     @property
@@ -53,7 +53,7 @@ class BrokerConfig:
         return f"{self.host}:{self.port}"
 
     @classmethod
-    def from_settings(cls, settings) -> "BrokerConfig":
+    def from_settings(cls, settings) -> BrokerConfig:
         return cls(
             home=settings.data_dir / "kafka",
             cache_dir=settings.cache_dir,
@@ -74,7 +74,7 @@ def find_java() -> str:
         raise KafkaLaunchError(
             "Java 17+ not found: install a JRE (apt-get install openjdk-17-jre-headless) or set JAVA_HOME"
         )
-    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    out = subprocess.run([java, "-version"], check=False, capture_output=True, text=True).stderr
     match = re.search(r'version "(\d+)', out)
     if not match or int(match.group(1)) < 17:
         raise KafkaLaunchError(f"Kafka 4.x needs Java 17+, but {java} reports: {out.splitlines()[0] if out else '?'}")
@@ -142,18 +142,30 @@ class KafkaBroker:
         if not (self.storage / "meta.properties").exists():
             self._format(java, classpath)
         cmd = [
-            java, f"-Xmx{self.config.heap}", f"-Xms{self.config.heap}",
-            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-XX:+ExitOnOutOfMemoryError",
+            java,
+            f"-Xmx{self.config.heap}",
+            f"-Xms{self.config.heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:+ExitOnOutOfMemoryError",
             "-XX:TieredStopAtLevel=1" if _small_machine() else "-XX:+UseStringDeduplication",
             "-Djava.awt.headless=true",
             f"-Dkafka.logs.dir={self.log_dir}",
             f"-Dlog4j2.configurationFile={log4j}",
-            "-cp", classpath, "kafka.Kafka", str(self.properties),
+            "-cp",
+            classpath,
+            "kafka.Kafka",
+            str(self.properties),
         ]
-        out = open(self.log_dir / "stdout.log", "ab")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=self.config.home)
-        out.close()
+        with open(self.log_dir / "stdout.log", "ab") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.config.home,
+            )
         self.pid_file.write_text(str(proc.pid))
         return proc
 
@@ -164,7 +176,9 @@ class KafkaBroker:
         raise KafkaLaunchError(
             f"Kafka node {self.node_id} did not become ready on {self.bootstrap} within "
             f"{self.config.start_timeout:.0f}s; log {self.log_dir / 'kafka.log'}:\n"
-            + procutil.tail(self.log_dir / "kafka.log", 15) + "\n" + procutil.tail(self.log_dir / "stdout.log", 5)
+            + procutil.tail(self.log_dir / "kafka.log", 15)
+            + "\n"
+            + procutil.tail(self.log_dir / "stdout.log", 5)
         )
 
     def stop(self, timeout: float = 30.0) -> bool:
@@ -220,24 +234,42 @@ class KafkaBroker:
             "log.segment.bytes": str(64 << 20),
         }
         if c.sasl_broker:
-            props.update({
-                "sasl.enabled.mechanisms": SCRAM_MECHANISM,
-                "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISM,
-                f"listener.name.sasl_plaintext.{SCRAM_MECHANISM.lower()}.sasl.jaas.config":
-                    "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            props.update(
+                {
+                    "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+                    "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISM,
+                    f"listener.name.sasl_plaintext.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": "org.apache.kafka.common.security.scram.ScramLoginModule required "
                     f'username="{c.sasl_broker.username}" password="{c.sasl_broker.password}";',
-            })
+                }
+            )
         write_private(self.properties, "".join(f"{k}={v}\n" for k, v in props.items()))
 
     def _format(self, java: str, classpath: str) -> None:
         cluster_id = self.config.cluster_id or random_cluster_id()
-        scram = [arg for user in self.config.scram_users
-                 for arg in ("--add-scram", f"{SCRAM_MECHANISM}=[name={user.username},password={user.password}]")]
+        scram = [
+            arg
+            for user in self.config.scram_users
+            for arg in ("--add-scram", f"{SCRAM_MECHANISM}=[name={user.username},password={user.password}]")
+        ]
         proc = subprocess.run(
-            [java, "-Xmx256m", f"-Dlog4j2.configurationFile={self.config.home / 'log4j2.yaml'}",
-             f"-Dkafka.logs.dir={self.log_dir}", "-cp", classpath, "kafka.tools.StorageTool",
-             "format", "-t", cluster_id, "-c", str(self.properties), *scram],
-            capture_output=True, text=True,
+            [
+                java,
+                "-Xmx256m",
+                f"-Dlog4j2.configurationFile={self.config.home / 'log4j2.yaml'}",
+                f"-Dkafka.logs.dir={self.log_dir}",
+                "-cp",
+                classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(self.properties),
+                *scram,
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             detail = (proc.stderr or proc.stdout).strip()[-500:]
@@ -256,16 +288,24 @@ class KafkaBroker:
         return False
 
 
-def broker_answers(bootstrap: str, timeout: float = 2.0, security: dict[str, str] | None = None,
-                   node_id: int | None = None) -> bool:
+def broker_answers(
+    bootstrap: str, timeout: float = 2.0, security: dict[str, str] | None = None, node_id: int | None = None
+) -> bool:
     """True when the broker returns cluster metadata that lists brokers (and ``node_id``,
     if given: a node is listed only once it has caught up and been unfenced).
 
     ``security``: librdkafka settings from :mod:`tokenaudit.infra.kafka_clients`."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({**(security or {}), "bootstrap.servers": bootstrap,
-                         "socket.connection.setup.timeout.ms": 1000, "log_level": 0, "logger": _quiet_logger()})
+    admin = AdminClient(
+        {
+            **(security or {}),
+            "bootstrap.servers": bootstrap,
+            "socket.connection.setup.timeout.ms": 1000,
+            "log_level": 0,
+            "logger": _quiet_logger(),
+        }
+    )
     try:
         md = admin.list_topics(timeout=timeout)
         return bool(md.brokers) and (node_id is None or node_id in md.brokers)

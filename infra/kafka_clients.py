@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenaudit.errors import KafkaAccessError, KafkaAuthError, KafkaConfigError, KafkaLaunchError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import KafkaAccessError, KafkaAuthError, KafkaConfigError, KafkaLaunchError
 from tokenaudit.infra.kafka_layout import SCRAM_MECHANISM, read_credentials, read_layout
 
 PLAINTEXT = "PLAINTEXT"
@@ -60,11 +60,20 @@ class Security:
         """Settings for confluent-kafka (librdkafka) clients."""
         conf = {"security.protocol": self.protocol}
         if self.sasl:
-            conf.update({"sasl.mechanism": self.mechanism or "", "sasl.username": self.username or "",
-                         "sasl.password": self.password or ""})
+            conf.update(
+                {
+                    "sasl.mechanism": self.mechanism or "",
+                    "sasl.username": self.username or "",
+                    "sasl.password": self.password or "",
+                }
+            )
         if self.tls:
-            for key, value in (("ssl.ca.location", self.ca_file), ("ssl.certificate.location", self.cert_file),
-                               ("ssl.key.location", self.key_file), ("ssl.key.password", self.key_password)):
+            for key, value in (
+                ("ssl.ca.location", self.ca_file),
+                ("ssl.certificate.location", self.cert_file),
+                ("ssl.key.location", self.key_file),
+                ("ssl.key.password", self.key_password),
+            ):
                 if value:
                     conf[key] = str(value)
         return conf
@@ -75,17 +84,20 @@ class Security:
             return None
         from aiokafka.helpers import create_ssl_context
 
-        return create_ssl_context(cafile=str(self.ca_file) if self.ca_file else None,
-                                  certfile=str(self.cert_file) if self.cert_file else None,
-                                  keyfile=str(self.key_file) if self.key_file else None,
-                                  password=self.key_password)
+        return create_ssl_context(
+            cafile=str(self.ca_file) if self.ca_file else None,
+            certfile=str(self.cert_file) if self.cert_file else None,
+            keyfile=str(self.key_file) if self.key_file else None,
+            password=self.key_password,
+        )
 
     def aiokafka(self) -> dict[str, Any]:
         """Keyword arguments for aiokafka clients."""
         kwargs: dict[str, Any] = {"security_protocol": self.protocol}
         if self.sasl:
-            kwargs.update(sasl_mechanism=self.mechanism, sasl_plain_username=self.username,
-                          sasl_plain_password=self.password)
+            kwargs.update(
+                sasl_mechanism=self.mechanism, sasl_plain_username=self.username, sasl_plain_password=self.password
+            )
         if self.tls:
             kwargs["ssl_context"] = self.ssl_context()
         return kwargs
@@ -140,13 +152,21 @@ def security(settings) -> Security:
         username, password = username or local.username, password or local.password
     protocol = protocol or PLAINTEXT
     if protocol in SASL_PROTOCOLS and not (username and password):
-        raise KafkaConfigError(f"TOKENAUDIT_KAFKA_SECURITY_PROTOCOL={protocol} needs TOKENAUDIT_KAFKA_SASL_USERNAME "
-                               "and TOKENAUDIT_KAFKA_SASL_PASSWORD")
+        raise KafkaConfigError(
+            f"TOKENAUDIT_KAFKA_SECURITY_PROTOCOL={protocol} needs TOKENAUDIT_KAFKA_SASL_USERNAME "
+            "and TOKENAUDIT_KAFKA_SASL_PASSWORD"
+        )
     if protocol not in SASL_PROTOCOLS and (username or password):
-        raise KafkaConfigError("TOKENAUDIT_KAFKA_SASL_USERNAME/PASSWORD are set but TOKENAUDIT_KAFKA_SECURITY_PROTOCOL "
-                               f"is {protocol}: set it to SASL_SSL (or SASL_PLAINTEXT) to use them")
-    tls = dict(ca_file=settings.kafka_ssl_ca_file, cert_file=settings.kafka_ssl_cert_file,
-               key_file=settings.kafka_ssl_key_file, key_password=_secret(settings.kafka_ssl_key_password))
+        raise KafkaConfigError(
+            "TOKENAUDIT_KAFKA_SASL_USERNAME/PASSWORD are set but TOKENAUDIT_KAFKA_SECURITY_PROTOCOL "
+            f"is {protocol}: set it to SASL_SSL (or SASL_PLAINTEXT) to use them"
+        )
+    tls = dict(
+        ca_file=settings.kafka_ssl_ca_file,
+        cert_file=settings.kafka_ssl_cert_file,
+        key_file=settings.kafka_ssl_key_file,
+        key_password=_secret(settings.kafka_ssl_key_password),
+    )
     if protocol in TLS_PROTOCOLS:
         for name, path in tls.items():
             if name != "key_password" and path is not None and not Path(path).is_file():
@@ -154,8 +174,10 @@ def security(settings) -> Security:
         if bool(tls["cert_file"]) != bool(tls["key_file"]):
             raise KafkaConfigError("TOKENAUDIT_KAFKA_SSL_CERT_FILE and TOKENAUDIT_KAFKA_SSL_KEY_FILE go together")
     elif any(tls.values()):
-        raise KafkaConfigError(f"TOKENAUDIT_KAFKA_SSL_* files are set but TOKENAUDIT_KAFKA_SECURITY_PROTOCOL is "
-                               f"{protocol}: set it to SSL or SASL_SSL to use them")
+        raise KafkaConfigError(
+            f"TOKENAUDIT_KAFKA_SSL_* files are set but TOKENAUDIT_KAFKA_SECURITY_PROTOCOL is "
+            f"{protocol}: set it to SSL or SASL_SSL to use them"
+        )
     if protocol not in SASL_PROTOCOLS:
         return Security(protocol, **(tls if protocol in TLS_PROTOCOLS else {}))
     return Security(protocol, mechanism, username, password, **(tls if protocol in TLS_PROTOCOLS else {}))
@@ -193,15 +215,21 @@ def faust_options(settings) -> dict[str, Any]:
     options: dict[str, Any] = {"producer_acks": -1}
     if sec.sasl:
         options["broker_credentials"] = faust.SASLCredentials(
-            username=sec.username, password=sec.password, mechanism=sec.mechanism, ssl_context=sec.ssl_context())
+            username=sec.username, password=sec.password, mechanism=sec.mechanism, ssl_context=sec.ssl_context()
+        )
     elif sec.tls:
         options["broker_credentials"] = faust.SSLCredentials(sec.ssl_context())
     return options
 
 
 # --- does the cluster let us in? ---------------------------------------------------------------
-_AUTH_CODES = ("_AUTHENTICATION", "SASL_AUTHENTICATION_FAILED", "_SSL", "TOPIC_AUTHORIZATION_FAILED",
-               "CLUSTER_AUTHORIZATION_FAILED")
+_AUTH_CODES = (
+    "_AUTHENTICATION",
+    "SASL_AUTHENTICATION_FAILED",
+    "_SSL",
+    "TOPIC_AUTHORIZATION_FAILED",
+    "CLUSTER_AUTHORIZATION_FAILED",
+)
 
 
 def check_access(config: dict[str, Any], timeout: float = 15.0) -> int:
@@ -233,13 +261,18 @@ def check_access(config: dict[str, Any], timeout: float = 15.0) -> int:
         admin.poll(0)  # serves error_cb
         for err in errors:
             if err.name() in _AUTH_CODES or "authentication" in err.str().lower():
-                raise KafkaAuthError(f"Kafka at {where} refused this client ({how}): {err.str()}; check "
-                                     "TOKENAUDIT_KAFKA_SASL_USERNAME / TOKENAUDIT_KAFKA_SASL_PASSWORD "
-                                     "(and the TLS settings)") from None
+                raise KafkaAuthError(
+                    f"Kafka at {where} refused this client ({how}): {err.str()}; check "
+                    "TOKENAUDIT_KAFKA_SASL_USERNAME / TOKENAUDIT_KAFKA_SASL_PASSWORD "
+                    "(and the TLS settings)"
+                ) from None
         if errors:
             last = errors[-1].str()
         if time.monotonic() >= deadline:
             break
-    hint = ("" if how != PLAINTEXT else "; if the cluster requires TLS or SASL, set "
-            "TOKENAUDIT_KAFKA_SECURITY_PROTOCOL and its credentials")
+    hint = (
+        ""
+        if how != PLAINTEXT
+        else "; if the cluster requires TLS or SASL, set TOKENAUDIT_KAFKA_SECURITY_PROTOCOL and its credentials"
+    )
     raise KafkaAccessError(f"cannot reach Kafka at {where} ({how}) within {timeout:.0f}s: {last}{hint}")

@@ -29,18 +29,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenaudit.errors import KafkaLaunchError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import KafkaLaunchError
 from tokenaudit.infra import procutil
 from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
 from tokenaudit.infra.kafka_clients import local_cluster_security
-from tokenaudit.infra.kafka_layout import (BROKER_USER, CLIENT_USER, CREDENTIALS_FILE, LAYOUT_FILE,  # noqa: F401
-                                           SCRAM_MECHANISM, Layout, ScramUser, random_cluster_id, read_credentials,
-                                           read_layout, write_private)
+from tokenaudit.infra.kafka_layout import (
+    BROKER_USER,
+    CLIENT_USER,
+    CREDENTIALS_FILE,
+    LAYOUT_FILE,
+    SCRAM_MECHANISM,
+    Layout,
+    ScramUser,
+    random_cluster_id,
+    read_credentials,
+    read_layout,
+    write_private,
+)
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    home: Path                  # <data_dir>/kafka: the layout, credentials, one folder per node
+    home: Path  # <data_dir>/kafka: the layout, credentials, one folder per node
     cache_dir: Path
     version: str = "4.4.0"
     host: str = "127.0.0.1"
@@ -50,14 +60,22 @@ class ClusterConfig:
     partitions: int = 4
     start_timeout: float = 60.0
     brokers: int | None = None  # None: as recorded in the layout, else 1
-    sasl: bool | None = None    # None: as recorded in the layout, else False
+    sasl: bool | None = None  # None: as recorded in the layout, else False
 
     @classmethod
-    def from_settings(cls, settings, brokers: int | None = None, sasl: bool | None = None) -> "ClusterConfig":
-        return cls(home=settings.data_dir / "kafka", cache_dir=settings.cache_dir, version=settings.kafka_version,
-                   port=settings.kafka_port, controller_port=settings.kafka_controller_port,
-                   heap=settings.kafka_heap, partitions=settings.kafka_partitions,
-                   start_timeout=settings.kafka_start_timeout, brokers=brokers, sasl=sasl)
+    def from_settings(cls, settings, brokers: int | None = None, sasl: bool | None = None) -> ClusterConfig:
+        return cls(
+            home=settings.data_dir / "kafka",
+            cache_dir=settings.cache_dir,
+            version=settings.kafka_version,
+            port=settings.kafka_port,
+            controller_port=settings.kafka_controller_port,
+            heap=settings.kafka_heap,
+            partitions=settings.kafka_partitions,
+            start_timeout=settings.kafka_start_timeout,
+            brokers=brokers,
+            sasl=sasl,
+        )
 
 
 @dataclass(frozen=True)
@@ -65,7 +83,7 @@ class NodeStatus:
     node_id: int
     address: str
     controller: str
-    state: str          # running | starting | down
+    state: str  # running | starting | down
     pid: int | None
 
 
@@ -74,13 +92,16 @@ def check_port_ranges(port: int, controller_port: int, brokers: int) -> None:
     clients = range(port, port + brokers)
     controllers = range(controller_port, controller_port + brokers)
     if max(clients[-1], controllers[-1]) > 65535:
-        raise KafkaLaunchError(f"{brokers} brokers need ports up to {max(clients[-1], controllers[-1])}, above 65535: "
-                               "lower TOKENAUDIT_KAFKA_PORT / TOKENAUDIT_KAFKA_CONTROLLER_PORT")
+        raise KafkaLaunchError(
+            f"{brokers} brokers need ports up to {max(clients[-1], controllers[-1])}, above 65535: "
+            "lower TOKENAUDIT_KAFKA_PORT / TOKENAUDIT_KAFKA_CONTROLLER_PORT"
+        )
     if set(clients) & set(controllers):
         raise KafkaLaunchError(
             f"for {brokers} broker(s) the client ports {_span(clients)} (TOKENAUDIT_KAFKA_PORT={port}) and the "
             f"controller ports {_span(controllers)} (TOKENAUDIT_KAFKA_CONTROLLER_PORT={controller_port}) overlap: "
-            f"set TOKENAUDIT_KAFKA_CONTROLLER_PORT to {clients[-1] + 1} or more, or below {port - brokers + 1}")
+            f"set TOKENAUDIT_KAFKA_CONTROLLER_PORT to {clients[-1] + 1} or more, or below {port - brokers + 1}"
+        )
 
 
 def _node_home(home: Path, size: int, node_id: int) -> Path:
@@ -88,8 +109,10 @@ def _node_home(home: Path, size: int, node_id: int) -> Path:
 
 
 def _formatted(home: Path, layout: Layout) -> bool:
-    return any((_node_home(home, layout.brokers, i) / "storage" / "meta.properties").exists()
-               for i in range(1, layout.brokers + 1))
+    return any(
+        (_node_home(home, layout.brokers, i) / "storage" / "meta.properties").exists()
+        for i in range(1, layout.brokers + 1)
+    )
 
 
 def _shape(brokers: int, sasl: bool) -> str:
@@ -115,7 +138,8 @@ class KafkaCluster:
                 raise KafkaLaunchError(
                     f"the local Kafka in {self.home} was created as {_shape(recorded.brokers, recorded.sasl)}; it "
                     f"cannot become {_shape(*asked)} in place: start it as it is (omit --brokers/--sasl), or stop "
-                    f"it and move {self.home} away (its topics are not migrated)")
+                    f"it and move {self.home} away (its topics are not migrated)"
+                )
         self.layout = recorded or Layout(config.brokers or 1, bool(config.sasl), "")
         self.recorded = recorded is not None
         check_port_ranges(config.port, config.controller_port, self.layout.brokers)
@@ -147,18 +171,35 @@ class KafkaCluster:
         c = self.config
         users = self.credentials() if self.sasl and self.recorded else None
         if self.sasl and self.recorded and users is None:
-            raise KafkaLaunchError(f"{self.home / CREDENTIALS_FILE} is missing, but the local Kafka in {self.home} "
-                                   "was created with SASL: restore it, or move the folder away and start afresh")
+            raise KafkaLaunchError(
+                f"{self.home / CREDENTIALS_FILE} is missing, but the local Kafka in {self.home} "
+                "was created with SASL: restore it, or move the folder away and start afresh"
+            )
         quorum = ",".join(f"{i + 1}@{c.host}:{c.controller_port + i}" for i in range(self.size))
         security = tuple(sorted(self.client_security().items())) if users else ()
-        return [KafkaBroker(BrokerConfig(
-            home=_node_home(self.home, self.size, i + 1),
-            cache_dir=c.cache_dir, version=c.version, host=c.host, port=c.port + i,
-            controller_port=c.controller_port + i, heap=c.heap, partitions=c.partitions,
-            start_timeout=c.start_timeout, node_id=i + 1, quorum=quorum, cluster_size=self.size,
-            cluster_id=self.layout.cluster_id, sasl_broker=users["broker"] if users else None,
-            scram_users=tuple(users.values()) if users else (), client_security=security,
-        )) for i in range(self.size)]
+        return [
+            KafkaBroker(
+                BrokerConfig(
+                    home=_node_home(self.home, self.size, i + 1),
+                    cache_dir=c.cache_dir,
+                    version=c.version,
+                    host=c.host,
+                    port=c.port + i,
+                    controller_port=c.controller_port + i,
+                    heap=c.heap,
+                    partitions=c.partitions,
+                    start_timeout=c.start_timeout,
+                    node_id=i + 1,
+                    quorum=quorum,
+                    cluster_size=self.size,
+                    cluster_id=self.layout.cluster_id,
+                    sasl_broker=users["broker"] if users else None,
+                    scram_users=tuple(users.values()) if users else (),
+                    client_security=security,
+                )
+            )
+            for i in range(self.size)
+        ]
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> list[int]:
@@ -187,8 +228,10 @@ class KafkaCluster:
                     procutil.terminate(other_proc.pid, timeout=5)
                     other.pid_file.unlink(missing_ok=True)
             if proc is None:
-                raise KafkaLaunchError(f"Kafka node {node.node_id} (pid {node.pid()}) runs but does not answer on "
-                                       f"{node.bootstrap}; see {node.log_dir / 'kafka.log'}")
+                raise KafkaLaunchError(
+                    f"Kafka node {node.node_id} (pid {node.pid()}) runs but does not answer on "
+                    f"{node.bootstrap}; see {node.log_dir / 'kafka.log'}"
+                )
             node.abort(proc)
         return [node.node_id for node, _ in launched]
 
@@ -199,13 +242,21 @@ class KafkaCluster:
         self.home.mkdir(parents=True, exist_ok=True)
         self.layout = Layout(self.layout.brokers, self.layout.sasl, random_cluster_id())
         if self.layout.sasl:
-            users = {"broker": {"username": BROKER_USER, "password": secrets.token_urlsafe(24)},
-                     "client": {"username": CLIENT_USER, "password": secrets.token_urlsafe(24)}}
-            write_private(self.home / CREDENTIALS_FILE,
-                           json.dumps({"mechanism": SCRAM_MECHANISM, "users": users}, indent=2) + "\n")
-        (self.home / LAYOUT_FILE).write_text(json.dumps(
-            {"brokers": self.layout.brokers, "sasl": self.layout.sasl, "cluster_id": self.layout.cluster_id},
-            indent=2) + "\n")
+            users = {
+                "broker": {"username": BROKER_USER, "password": secrets.token_urlsafe(24)},
+                "client": {"username": CLIENT_USER, "password": secrets.token_urlsafe(24)},
+            }
+            write_private(
+                self.home / CREDENTIALS_FILE,
+                json.dumps({"mechanism": SCRAM_MECHANISM, "users": users}, indent=2) + "\n",
+            )
+        (self.home / LAYOUT_FILE).write_text(
+            json.dumps(
+                {"brokers": self.layout.brokers, "sasl": self.layout.sasl, "cluster_id": self.layout.cluster_id},
+                indent=2,
+            )
+            + "\n"
+        )
         self.recorded = True
 
     def stop(self, timeout: float = 30.0) -> int:
@@ -230,8 +281,11 @@ class KafkaCluster:
         for node in self.nodes():
             pid = node.pid()
             state = "down" if pid is None else ("running" if node.is_ready() else "starting")
-            out.append(NodeStatus(node.node_id, node.bootstrap, f"{node.config.host}:{node.config.controller_port}",
-                                  state, pid))
+            out.append(
+                NodeStatus(
+                    node.node_id, node.bootstrap, f"{node.config.host}:{node.config.controller_port}", state, pid
+                )
+            )
         return out
 
     def node(self, node_id: int) -> KafkaBroker:

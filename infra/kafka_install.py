@@ -12,7 +12,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from tokenaudit.errors import KafkaInstallError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import KafkaInstallError
 
 
 def libs_dir(cache_dir: Path, version: str) -> Path:
@@ -40,11 +40,18 @@ def install(cache_dir: Path, version: str, quiet: bool = True) -> Path:
     with tempfile.TemporaryDirectory() as work:
         pom = Path(work) / "pom.xml"
         pom.write_text(pom_text.replace("@KAFKA_VERSION@", version))
-        cmd = [mvn, "-B", "-f", str(pom), "dependency:copy-dependencies",
-               "-DincludeScope=runtime", f"-DoutputDirectory={staging}"]
+        cmd = [
+            mvn,
+            "-B",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={staging}",
+        ]
         if quiet:
             cmd.insert(2, "-q")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         detail = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "ERROR" in ln][:1]

@@ -36,13 +36,13 @@ import re
 import secrets
 import time
 import tomllib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Iterator
 
-from tokenaudit.errors import AuthError, KeyRegistryError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import AuthError, KeyRegistryError
 from tokenaudit.schemas.identifiers import identifier_problem
 
 log = logging.getLogger("tokenaudit.api_keys")
@@ -98,7 +98,7 @@ def _utc(value: object, what: str) -> datetime | None:
         return None
     if not isinstance(value, datetime) or value.tzinfo is None:
         raise ValueError(f"{what} must be a TOML date-time with a zone (e.g. 2026-01-31T12:00:00Z)")
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)
 
 
 def parse_registry(path: Path) -> dict[str, ApiKey]:
@@ -125,8 +125,15 @@ def parse_registry(path: Path) -> dict[str, ApiKey]:
                 if problem:
                     raise ValueError(f"{name} {problem}")
             created, expires = _utc(item.get("created"), "created"), _utc(item.get("expires"), "expires")
-            entries[digest] = ApiKey("k_" + digest[:12], client_id, department, role, created, expires,
-                                     expires.timestamp() if expires else math.inf)
+            entries[digest] = ApiKey(
+                "k_" + digest[:12],
+                client_id,
+                department,
+                role,
+                created,
+                expires,
+                expires.timestamp() if expires else math.inf,
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise KeyRegistryError(f"API-key registry {path}: entry {i} is invalid ({exc})") from None
     return entries
@@ -160,7 +167,7 @@ class KeyRegistry:
         self._refresh(force=True)
 
     @classmethod
-    def load(cls, path: Path) -> "KeyRegistry":
+    def load(cls, path: Path) -> KeyRegistry:
         """A registry that must exist and be valid now (:class:`KeyRegistryError` otherwise)."""
         registry = cls(path, required=True)
         if registry.state != "enforced":
@@ -168,11 +175,12 @@ class KeyRegistry:
         return registry
 
     @classmethod
-    def from_settings(cls, settings) -> "KeyRegistry":
+    def from_settings(cls, settings) -> KeyRegistry:
         """The registry of a service: TOKENAUDIT_API_KEYS_FILE (always required), else
         <data_dir>/api_keys.toml, required once the data dir's marker says one existed."""
-        return cls(settings.default_api_keys_file, marker=marker_path(settings),
-                   required=settings.api_keys_file is not None)
+        return cls(
+            settings.default_api_keys_file, marker=marker_path(settings), required=settings.api_keys_file is not None
+        )
 
     def _refresh(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -186,8 +194,9 @@ class KeyRegistry:
             existed = self.marker is not None and self.marker.exists()
             if self.required or existed:
                 why = "one existed before" if existed else "it is configured"
-                self._unavailable(f"API-key registry {self.path} is missing ({why}: every key is refused "
-                                  "until it is back)")
+                self._unavailable(
+                    f"API-key registry {self.path} is missing ({why}: every key is refused until it is back)"
+                )
             elif self.state != "open":
                 self.state, self._by_hash = "open", {}
             return
@@ -274,9 +283,11 @@ def write_marker(marker: Path, registry: Path) -> None:
         log.warning("cannot write the API-key marker %s: %s", marker, exc)
         return
     with os.fdopen(fd, "w") as fh:
-        fh.write(f"An API-key registry ({registry}) exists for this deployment: a missing or unreadable one "
-                 "makes /v1 answer 503 instead of running open. Delete this file only to return to "
-                 "development mode on purpose.\n")
+        fh.write(
+            f"An API-key registry ({registry}) exists for this deployment: a missing or unreadable one "
+            "makes /v1 answer 503 instead of running open. Delete this file only to return to "
+            "development mode on purpose.\n"
+        )
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -299,15 +310,23 @@ def toml_string(value: str) -> str:
 
 
 def _toml_time(value: datetime) -> str:
-    return value.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _render(entries: list[tuple[str, ApiKey]]) -> str:
-    lines = ["# tokenaudit API keys: SHA-256 hashes only. Written by `tokenaudit keys add|revoke`",
-             "# (each write replaces the whole file atomically)."]
+    lines = [
+        "# tokenaudit API keys: SHA-256 hashes only. Written by `tokenaudit keys add|revoke`",
+        "# (each write replaces the whole file atomically).",
+    ]
     for digest, key in entries:
-        lines += ["", "[[keys]]", f'hash = "sha256:{digest}"', f"client_id = {toml_string(key.client_id)}",
-                  f"department = {toml_string(key.department)}", f'role = "{key.role}"']
+        lines += [
+            "",
+            "[[keys]]",
+            f'hash = "sha256:{digest}"',
+            f"client_id = {toml_string(key.client_id)}",
+            f"department = {toml_string(key.department)}",
+            f'role = "{key.role}"',
+        ]
         if key.created is not None:
             lines.append(f"created = {_toml_time(key.created)}")
         if key.expires is not None:
@@ -353,7 +372,7 @@ def _current(path: Path) -> list[tuple[str, ApiKey]]:
 
 def parse_expiry(text: str, now: datetime | None = None) -> datetime:
     """``30d``/``12h``/``90m``/``2w`` from now, or an ISO date/time (naive means UTC)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     value = text.strip()
     match = _DURATION.fullmatch(value)
     try:
@@ -361,17 +380,19 @@ def parse_expiry(text: str, now: datetime | None = None) -> datetime:
             when = now + timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
         else:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            when = parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+            when = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except (ValueError, OverflowError):
-        raise KeyRegistryError(f"--expires: expected a duration like 90m, 12h, 30d, 2w or an ISO date/time, "
-                               f"got {text!r}") from None
+        raise KeyRegistryError(
+            f"--expires: expected a duration like 90m, 12h, 30d, 2w or an ISO date/time, got {text!r}"
+        ) from None
     if when <= now:
         raise KeyRegistryError(f"--expires: {text!r} is not in the future")
     return when
 
 
-def add_key(path: Path, client_id: str, department: str = "", role: str = "client", *,
-            expires: datetime | None = None) -> str:
+def add_key(
+    path: Path, client_id: str, department: str = "", role: str = "client", *, expires: datetime | None = None
+) -> str:
     """Add a new key to the registry (created 0600 if missing); returns the raw key, shown once.
     A bad client_id or department is refused with the shared identifier rule, nothing written."""
     if role not in ROLES:
@@ -382,7 +403,7 @@ def add_key(path: Path, client_id: str, department: str = "", role: str = "clien
             raise KeyRegistryError(f"invalid {name}: {name} {problem}: {value!r:.80}")
     raw = KEY_PREFIX + secrets.token_urlsafe(32)
     path = Path(path)
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     key = ApiKey(key_id_of(raw), client_id, department, role, now, expires)
     with _write_lock(path):
         _replace_file(path, _render([*_current(path), (hash_key(raw), key)]))

@@ -57,8 +57,9 @@ def migrate(client: Client, db: str, ttl_days: dict[str, int] | None = None) -> 
             continue
         for statement in migration.statements:
             client.command(statement.replace("{db}", db))
-        client.insert(f"{db}.schema_migrations", [[migration.version, migration.name]],
-                      column_names=["version", "name"])
+        client.insert(
+            f"{db}.schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"]
+        )
         applied.append(migration.version)
     if ttl_days:
         apply_ttls(client, db, ttl_days)
@@ -91,8 +92,10 @@ def apply_ttls(client: Client, db: str, ttl_days: dict[str, int]) -> None:
 def _apply_column_ttl(client: Client, db: str, target: str, days: int) -> None:
     table, column = target.split(".")
     if days > 0:
-        client.command(f"ALTER TABLE {db}.{table} MODIFY COLUMN {column} "
-                       f"TTL toDateTime({COLUMN_TTLS[target]}) + INTERVAL {int(days)} DAY")
+        client.command(
+            f"ALTER TABLE {db}.{table} MODIFY COLUMN {column} "
+            f"TTL toDateTime({COLUMN_TTLS[target]}) + INTERVAL {int(days)} DAY"
+        )
     else:
         try:
             client.command(f"ALTER TABLE {db}.{table} MODIFY COLUMN {column} REMOVE TTL")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tokenaudit.errors import ServiceError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import ServiceError
 from tokenaudit.infra import procutil
 from tokenaudit.infra.kafka_cluster import ClusterConfig, KafkaCluster
 
@@ -69,16 +69,32 @@ class Supervisor:
             readers = [Service("sink", cli + ["sink", "--api"], lambda: http_ok(f"{api}/healthz"), ports=api_port)]
         else:
             sink = f"http://{s.usage_api_host}:{s.sink_port}"
-            readers = [Service("sink", cli + ["sink", "--no-api"], lambda: http_ok(f"{sink}/healthz"),
-                               ports=[(s.usage_api_host, s.sink_port)]),
-                       Service("api", cli + ["api"], lambda: http_ok(f"{api}/healthz"), ports=api_port)]
+            readers = [
+                Service(
+                    "sink",
+                    cli + ["sink", "--no-api"],
+                    lambda: http_ok(f"{sink}/healthz"),
+                    ports=[(s.usage_api_host, s.sink_port)],
+                ),
+                Service("api", cli + ["api"], lambda: http_ok(f"{api}/healthz"), ports=api_port),
+            ]
         return [
             *readers,
             # faust's web server answers once the worker has started; events wait in Kafka meanwhile
-            Service("worker", cli + ["worker"], lambda: http_ok(f"http://127.0.0.1:{s.worker_web_port}/metrics"),
-                    ports=[("127.0.0.1", s.worker_web_port)], timeout=120),
-            Service("inference", cli + ["serve"], lambda: http_ok(f"{app}/readyz"),
-                    ports=[(s.http_host, s.http_port)], timeout=600),
+            Service(
+                "worker",
+                cli + ["worker"],
+                lambda: http_ok(f"http://127.0.0.1:{s.worker_web_port}/metrics"),
+                ports=[("127.0.0.1", s.worker_web_port)],
+                timeout=120,
+            ),
+            Service(
+                "inference",
+                cli + ["serve"],
+                lambda: http_ok(f"{app}/readyz"),
+                ports=[(s.http_host, s.http_port)],
+                timeout=600,
+            ),
         ]
 
     def endpoints(self) -> dict[str, str]:
@@ -139,8 +155,10 @@ class Supervisor:
         s = self.settings
         ensured = ensure_declared(s)
         if ensured.created or ensured.corrected:
-            self.echo(f"topics     created {len(ensured.created)}, corrected {len(ensured.corrected)} "
-                      f"(replication {ensured.replication.factor}, min.insync.replicas {ensured.replication.min_insync})")
+            self.echo(
+                f"topics     created {len(ensured.created)}, corrected {len(ensured.corrected)} "
+                f"(replication {ensured.replication.factor}, min.insync.replicas {ensured.replication.min_insync})"
+            )
         if s.embedded_clickhouse and self.pid("sink") is not None:
             self.echo("clickhouse store owned by the running sink (it migrated at start)")
         else:
@@ -152,8 +170,13 @@ class Supervisor:
 
     def _migrate(self) -> None:
         # In embedded mode only one process may open the store, so migrate in a short-lived child.
-        proc = subprocess.run([sys.executable, "-m", "tokenaudit.cli", "db", "migrate"],
-                              capture_output=True, text=True, env=self._env())
+        proc = subprocess.run(
+            [sys.executable, "-m", "tokenaudit.cli", "db", "migrate"],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=self._env(),
+        )
         if proc.returncode != 0:
             raise ServiceError(f"db migrate failed: {(proc.stderr or proc.stdout).strip()}")
         self.echo(f"clickhouse {proc.stdout.strip()}")
@@ -175,8 +198,14 @@ class Supervisor:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {svc.name}\n".encode())
             log.flush()
             start_offset = log.tell()
-            proc = subprocess.Popen(svc.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, env=self._env())
+            proc = subprocess.Popen(
+                svc.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=self._env(),
+            )
         self.pid_file(svc.name).write_text(str(proc.pid))
         deadline = time.monotonic() + svc.timeout
         next_note = time.monotonic() + 15
@@ -233,7 +262,7 @@ class Supervisor:
 
 def _last_line(path: Path) -> str:
     lines = [ln for ln in procutil.tail(path, 8).splitlines() if ln.strip() and "GET /" not in ln]
-    return (lines[-1].strip()[:100] if lines else "no output yet")
+    return lines[-1].strip()[:100] if lines else "no output yet"
 
 
 def _tail_since(path: Path, offset: int, lines: int = 25) -> str:

@@ -24,11 +24,11 @@ class Store:
         self._lock = threading.RLock()
 
     @classmethod
-    def open(cls, dsn: str, database: str) -> "Store":
+    def open(cls, dsn: str, database: str) -> Store:
         return cls(connect(dsn), database)
 
     @classmethod
-    def from_settings(cls, settings, migrate_schema: bool = True) -> "Store":
+    def from_settings(cls, settings, migrate_schema: bool = True) -> Store:
         store = cls.open(settings.effective_clickhouse_dsn, settings.clickhouse_database)
         if migrate_schema:
             store.migrate(ttl_days_from_settings(settings))

@@ -37,11 +37,11 @@ COMPACT = "compact"
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
-    role: str               # usage | anomalies | dlq | rollups | sampled
+    role: str  # usage | anomalies | dlq | rollups | sampled
     partitions: int
-    cleanup_policy: str     # delete | compact
-    key: str                # what the record key holds
-    value: str              # what the record value holds
+    cleanup_policy: str  # delete | compact
+    key: str  # what the record key holds
+    value: str  # what the record value holds
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Replication:
     min_insync: int
 
     @classmethod
-    def for_brokers(cls, brokers: int) -> "Replication":
+    def for_brokers(cls, brokers: int) -> Replication:
         return cls(factor=max(1, min(3, brokers)), min_insync=2 if brokers >= 3 else 1)
 
     def topic_configs(self) -> dict[str, str]:
@@ -58,8 +58,9 @@ class Replication:
 
 
 def usage_topic(name: str, partitions: int) -> TopicSpec:
-    return TopicSpec(name, "usage", partitions, DELETE, "client_id (UTF-8)",
-                     "token_usage_event, Avro single-object encoding")
+    return TopicSpec(
+        name, "usage", partitions, DELETE, "client_id (UTF-8)", "token_usage_event, Avro single-object encoding"
+    )
 
 
 def declared_topics(settings) -> list[TopicSpec]:
@@ -67,14 +68,30 @@ def declared_topics(settings) -> list[TopicSpec]:
     n = settings.kafka_partitions
     return [
         usage_topic(settings.topic_usage, n),
-        TopicSpec(settings.topic_anomalies, "anomalies", n, DELETE, "client_id", "anomaly, Avro single-object encoding"),
-        TopicSpec(settings.topic_dlq, "dlq", n, DELETE, "the source record's key",
-                  "the source record's bytes; headers: reason, source_topic, source_partition, source_offset"),
+        TopicSpec(
+            settings.topic_anomalies, "anomalies", n, DELETE, "client_id", "anomaly, Avro single-object encoding"
+        ),
+        TopicSpec(
+            settings.topic_dlq,
+            "dlq",
+            n,
+            DELETE,
+            "the source record's key",
+            "the source record's bytes; headers: reason, source_topic, source_partition, source_offset",
+        ),
         # One key per window: compaction keeps each window's latest version, so the topic
         # stays a complete, bounded picture of every window the sink must hold.
-        TopicSpec(settings.topic_rollups, "rollups", n, COMPACT, "client_id \\x1f model \\x1f window_start (epoch ms)",
-                  "usage_rollup, Avro single-object encoding"),
-        TopicSpec(settings.topic_sampled, "sampled", n, DELETE, "client_id", "sampled_record, Avro single-object encoding"),
+        TopicSpec(
+            settings.topic_rollups,
+            "rollups",
+            n,
+            COMPACT,
+            "client_id \\x1f model \\x1f window_start (epoch ms)",
+            "usage_rollup, Avro single-object encoding",
+        ),
+        TopicSpec(
+            settings.topic_sampled, "sampled", n, DELETE, "client_id", "sampled_record, Avro single-object encoding"
+        ),
     ]
 
 
@@ -86,7 +103,7 @@ def topic_configs(spec: TopicSpec, replication: Replication) -> dict[str, str]:
 class Ensured:
     brokers: int
     replication: Replication
-    partitions: dict[str, int]   # topic -> partitions it has (existing topics keep theirs)
+    partitions: dict[str, int]  # topic -> partitions it has (existing topics keep theirs)
     created: tuple[str, ...]
     corrected: tuple[str, ...]
 
@@ -114,8 +131,11 @@ def ensure_specs(config: dict[str, Any], specs: list[TopicSpec], timeout: float 
     rule = Replication.for_brokers(brokers)
     admin = AdminClient({**config, "log_level": 3})  # errors only: no librdkafka chatter in CLI output
     existing = set(admin.list_topics(timeout=timeout).topics)
-    new = [NewTopic(s.name, num_partitions=s.partitions, replication_factor=rule.factor,
-                    config=topic_configs(s, rule)) for s in specs if s.name not in existing]
+    new = [
+        NewTopic(s.name, num_partitions=s.partitions, replication_factor=rule.factor, config=topic_configs(s, rule))
+        for s in specs
+        if s.name not in existing
+    ]
     created = []
     if new:
         for name, fut in admin.create_topics(new, request_timeout=timeout).items():
@@ -163,19 +183,30 @@ def _correct_drift(admin, specs: list[TopicSpec], metadata, brokers: int, timeou
         want_isr = Replication.for_brokers(min(brokers, topic_rf)).min_insync
         changes = []
         if have.get("cleanup.policy") != spec.cleanup_policy:
-            changes.append(ConfigEntry("cleanup.policy", spec.cleanup_policy,
-                                       incremental_operation=AlterConfigOpType.SET))
+            changes.append(
+                ConfigEntry("cleanup.policy", spec.cleanup_policy, incremental_operation=AlterConfigOpType.SET)
+            )
         if int(have.get("min.insync.replicas") or 1) < want_isr:
-            changes.append(ConfigEntry("min.insync.replicas", str(want_isr), incremental_operation=AlterConfigOpType.SET))
+            changes.append(
+                ConfigEntry("min.insync.replicas", str(want_isr), incremental_operation=AlterConfigOpType.SET)
+            )
         if topic_rf < Replication.for_brokers(brokers).factor:
-            log.warning("topic %s has replication factor %d on a cluster of %d brokers; raising it needs a "
-                        "partition reassignment (kafka-reassign-partitions)", spec.name, topic_rf, brokers)
+            log.warning(
+                "topic %s has replication factor %d on a cluster of %d brokers; raising it needs a "
+                "partition reassignment (kafka-reassign-partitions)",
+                spec.name,
+                topic_rf,
+                brokers,
+            )
         if not changes:
             continue
         res = ConfigResource(ResourceType.TOPIC, spec.name, incremental_configs=changes)
         for fut in admin.incremental_alter_configs([res], request_timeout=timeout).values():
             fut.result(timeout)
-        log.warning("topic %s drifted from its declaration: set %s", spec.name,
-                    ", ".join(f"{c.name}={c.value}" for c in changes))
+        log.warning(
+            "topic %s drifted from its declaration: set %s",
+            spec.name,
+            ", ".join(f"{c.name}={c.value}" for c in changes),
+        )
         corrected.append(spec.name)
     return corrected

@@ -16,7 +16,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException
 
-from tokenaudit.errors import FollowError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import FollowError
 from tokenaudit.schemas import ANOMALY, AvroDecodeError, decode
 
 log = logging.getLogger(__name__)
@@ -26,22 +26,33 @@ log = logging.getLogger(__name__)
 _MAX_POLL_INTERVAL_MS = 86_400_000
 
 
-def follow(bootstrap: str, topic: str, group_id: str, on_anomaly: Callable[[dict[str, Any]], None], *,
-           from_beginning: bool = False, max_messages: int | None = None, stop: threading.Event | None = None,
-           on_undecodable: Callable[[str], None] | None = None, poll_seconds: float = 0.5,
-           client_config: dict[str, Any] | None = None) -> int:
+def follow(
+    bootstrap: str,
+    topic: str,
+    group_id: str,
+    on_anomaly: Callable[[dict[str, Any]], None],
+    *,
+    from_beginning: bool = False,
+    max_messages: int | None = None,
+    stop: threading.Event | None = None,
+    on_undecodable: Callable[[str], None] | None = None,
+    poll_seconds: float = 0.5,
+    client_config: dict[str, Any] | None = None,
+) -> int:
     """Consume until ``stop`` is set or ``max_messages`` anomalies were handled; returns how many.
 
     If ``on_anomaly`` raises, the offset is not committed and the error propagates.
     """
-    consumer = Consumer({
-        **(client_config or {"bootstrap.servers": bootstrap}),  # from tokenaudit.infra.kafka_clients
-        "group.id": group_id,
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest" if from_beginning else "latest",
-        "max.poll.interval.ms": _MAX_POLL_INTERVAL_MS,
-        "session.timeout.ms": 10_000,
-    })
+    consumer = Consumer(
+        {
+            **(client_config or {"bootstrap.servers": bootstrap}),  # from tokenaudit.infra.kafka_clients
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest" if from_beginning else "latest",
+            "max.poll.interval.ms": _MAX_POLL_INTERVAL_MS,
+            "session.timeout.ms": 10_000,
+        }
+    )
     handled = 0
     try:
         consumer.subscribe([topic])

@@ -31,7 +31,10 @@ def print_rows(rows: list[dict], fmt: str) -> None:
     cells = [[_cell(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     numeric = [all(isinstance(r[c], (int, float)) for r in rows) for c in columns]
-    line = lambda vals: "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(vals, widths, numeric))  # noqa: E731
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(vals, widths, numeric))
+
     click.echo(line(columns))
     click.echo("  ".join("-" * w for w in widths))
     for row in cells:
@@ -93,23 +96,36 @@ def print_verify(report) -> None:
     pending buckets, and every drift as a table."""
     out = report.as_json()
     topic = out["topic"]
-    click.echo(f"checked window starts {out['checked_from']} .. {out['checked_until']} (settled up to "
-               f"{out['settled_until']}); {out['buckets']} client/model/hour buckets; topic: {topic['distinct_events']:,} "
-               f"distinct events in range, {topic['duplicates']:,} duplicate copies; "
-               f"ledger {'compared' if out['ledger'] else 'absent'}")
+    click.echo(
+        f"checked window starts {out['checked_from']} .. {out['checked_until']} (settled up to "
+        f"{out['settled_until']}); {out['buckets']} client/model/hour buckets; topic: {topic['distinct_events']:,} "
+        f"distinct events in range, {topic['duplicates']:,} duplicate copies; "
+        f"ledger {'compared' if out['ledger'] else 'absent'}"
+    )
     for note in out["notes"]:
         click.echo(f"note: {note}")
     if out["pending"]:
-        click.echo(f"pending: {len(out['pending'])} bucket(s) where an event arrived in the last "
-                   f"{out['settle_seconds']:g}s (late events still being applied); not compared, run again")
+        click.echo(
+            f"pending: {len(out['pending'])} bucket(s) where an event arrived in the last "
+            f"{out['settle_seconds']:g}s (late events still being applied); not compared, run again"
+        )
     if not out["drift"]:
-        click.echo("OK: ClickHouse holds every event on the topic, each once"
-                   + (" (in the buckets compared)" if out["pending"] else ""))
+        click.echo(
+            "OK: ClickHouse holds every event on the topic, each once"
+            + (" (in the buckets compared)" if out["pending"] else "")
+        )
         return
     rows = []
     for d in out["drift"]:
-        rows.append({"client_id": d["client_id"], "model": d["model"], "hour": d["hour"], "what": d["what"],
-                     **{f"topic_{k}": v for k, v in d["topic"].items()},
-                     **{f"store_{k}": v for k, v in d["clickhouse"].items()}})
+        rows.append(
+            {
+                "client_id": d["client_id"],
+                "model": d["model"],
+                "hour": d["hour"],
+                "what": d["what"],
+                **{f"topic_{k}": v for k, v in d["topic"].items()},
+                **{f"store_{k}": v for k, v in d["clickhouse"].items()},
+            }
+        )
     print_rows(rows, "table")
     click.echo(f"DRIFT in {len(rows)} bucket(s)")

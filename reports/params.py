@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
-from tokenaudit.errors import QueryParamError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import QueryParamError
 
 GROUPINGS = ("client", "department", "model", "hour", "day")
 
@@ -35,8 +35,8 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 _CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+/-]{0,127}")
 _MONTH = re.compile(r"(\d{4})-(\d{2})")
 # times the store can hold (DateTime64 reaches 2299) and arithmetic on them cannot overflow
-EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
-LATEST = datetime(2200, 1, 1, tzinfo=timezone.utc)
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,20 @@ def parse_time(value: str, name: str, now: datetime) -> datetime:
         if match:
             parsed = now - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
         else:
-            parsed = datetime.fromisoformat(text.replace("Z", "+00:00")) if "T" in text or " " in text \
+            parsed = (
+                datetime.fromisoformat(text.replace("Z", "+00:00"))
+                if "T" in text or " " in text
                 else datetime.combine(date.fromisoformat(text), datetime.min.time())
-            parsed = parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+            )
+            parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except ValueError:
         raise QueryParamError(
-            f"{name}: expected a duration like 15m, 24h, 7d or an ISO time like 2026-01-31T12:00, got {value!r}",
-            name) from None
+            f"{name}: expected a duration like 15m, 24h, 7d or an ISO time like 2026-01-31T12:00, got {value!r}", name
+        ) from None
     except OverflowError:  # 999999w back from now, or year 1 shifted by its zone
         parsed = EARLIEST - timedelta(days=1)
     if not EARLIEST <= parsed < LATEST:
-        raise QueryParamError(f"{name}: must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}, got {value!r}",
-                              name)
+        raise QueryParamError(f"{name}: must be between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}, got {value!r}", name)
     return parsed
 
 
@@ -81,8 +83,8 @@ def parse_month(value: str) -> tuple[datetime, datetime]:
     if not match or not 1 <= int(match.group(2)) <= 12 or not EARLIEST.year <= int(match.group(1)) < LATEST.year:
         raise QueryParamError(f"month: expected YYYY-MM (e.g. 2026-01), got {value!r}", "month")
     year, month = int(match.group(1)), int(match.group(2))
-    start = datetime(year, month, 1, tzinfo=timezone.utc)
-    end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=timezone.utc)
+    start = datetime(year, month, 1, tzinfo=UTC)
+    end = datetime(year + (month == 12), month % 12 + 1, 1, tzinfo=UTC)
     return start, end
 
 
@@ -96,8 +98,7 @@ def parse_limit(value: str) -> int:
 
 def parse_client(value: str) -> str:
     if not _CLIENT.fullmatch(value):
-        raise QueryParamError(f"client: expected a client id (letters, digits, _ . : @ + / -), got {value!r}",
-                              "client")
+        raise QueryParamError(f"client: expected a client id (letters, digits, _ . : @ + / -), got {value!r}", "client")
     return value
 
 
@@ -108,12 +109,14 @@ def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | Non
     allowed = REPORT_PARAMS[report]
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise QueryParamError(f"{report}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                              f"accepted: {', '.join(sorted(allowed))}", unknown[0])
+        raise QueryParamError(
+            f"{report}: unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(sorted(allowed))}",
+            unknown[0],
+        )
     for name, value in raw.items():
         if not isinstance(value, str) or len(value) > _MAX_VALUE_LEN:
             raise QueryParamError(f"{name}: value too long or not text", name)
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     values: dict = {}
     if "since" in allowed:
         values["since"] = parse_time(raw.get("since") or DEFAULT_SINCE, "since", now)

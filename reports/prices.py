@@ -24,7 +24,7 @@ from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from tokenaudit.errors import PriceTableError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import PriceTableError
 
 CENT = Decimal("0.01")
 _PRICE_KEYS = ("input_per_1k", "output_per_1k")
@@ -46,25 +46,29 @@ class PriceTable:
     source: str = "<price table>"
 
     @classmethod
-    def load(cls, path: Path | str) -> "PriceTable":
+    def load(cls, path: Path | str) -> PriceTable:
         path = Path(path)
         try:
             text = path.read_text()
         except FileNotFoundError:
-            raise PriceTableError(f"price table {path} does not exist (set TOKENAUDIT_PRICE_TABLE or --prices)") from None
+            raise PriceTableError(
+                f"price table {path} does not exist (set TOKENAUDIT_PRICE_TABLE or --prices)"
+            ) from None
         except OSError as exc:
             raise PriceTableError(f"price table {path} is unreadable: {exc}") from None
         return cls.parse(text, str(path))
 
     @classmethod
-    def parse(cls, text: str, source: str = "<price table>") -> "PriceTable":
+    def parse(cls, text: str, source: str = "<price table>") -> PriceTable:
         try:
             data = tomllib.loads(text, parse_float=Decimal)
         except tomllib.TOMLDecodeError as exc:
             raise PriceTableError(f"price table {source} is not valid TOML: {exc}") from None
         unknown = sorted(set(data) - {"currency", "models"})
         if unknown:
-            raise PriceTableError(f"price table {source}: unknown top-level key(s) {unknown}; expected currency, models")
+            raise PriceTableError(
+                f"price table {source}: unknown top-level key(s) {unknown}; expected currency, models"
+            )
         models_raw = data.get("models")
         if not isinstance(models_raw, dict) or not models_raw:
             raise PriceTableError(f'price table {source}: no [models."<name>"] tables')
@@ -91,8 +95,10 @@ class PriceTable:
         try:
             return self.models[model]
         except KeyError:
-            raise PriceTableError(f"price table {self.source} has no price for model {model!r}; "
-                                  f'add a [models."{model}"] table with input_per_1k and output_per_1k') from None
+            raise PriceTableError(
+                f"price table {self.source} has no price for model {model!r}; "
+                f'add a [models."{model}"] table with input_per_1k and output_per_1k'
+            ) from None
 
 
 def _price(value: Any, where: str) -> Decimal:
@@ -112,7 +118,7 @@ def _allocate_cents(exact: list[Decimal], total: Decimal) -> list[Decimal]:
     floors = [e.quantize(CENT, rounding=ROUND_DOWN) for e in exact]
     left = int((total - sum(floors, Decimal(0))) / CENT)
     by_remainder = sorted(range(len(exact)), key=lambda i: (exact[i] - floors[i], -i), reverse=True)
-    for i in by_remainder[:max(left, 0)]:
+    for i in by_remainder[: max(left, 0)]:
         floors[i] += CENT
     return floors
 
@@ -125,10 +131,12 @@ def cost_report(token_rows: list[dict[str, Any]], prices: PriceTable) -> list[di
     """
     missing = sorted({r["model"] for r in token_rows} - set(prices.models))
     if missing:
-        raise PriceTableError(f"price table {prices.source} has no price for model(s) {missing}; "
-                              'add a [models."<name>"] table for each')
+        raise PriceTableError(
+            f'price table {prices.source} has no price for model(s) {missing}; add a [models."<name>"] table for each'
+        )
     lines: dict[tuple[str, str], dict[str, Any]] = defaultdict(
-        lambda: {"requests": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "exact": Decimal(0)})
+        lambda: {"requests": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "exact": Decimal(0)}
+    )
     for row in token_rows:
         line = lines[(row["department"], row["client_id"])]
         for key in ("requests", "input_tokens", "output_tokens", "total_tokens"):
@@ -142,15 +150,22 @@ def cost_report(token_rows: list[dict[str, Any]], prices: PriceTable) -> list[di
     sums = ("requests", "input_tokens", "output_tokens", "total_tokens")
 
     def row(level: str, department: str, client: str, parts: list[dict], cost: Decimal) -> dict[str, Any]:
-        return {"level": level, "department": department, "client_id": client,
-                **{s: sum(p[s] for p in parts) for s in sums}, "cost": str(cost), "currency": prices.currency}
+        return {
+            "level": level,
+            "department": department,
+            "client_id": client,
+            **{s: sum(p[s] for p in parts) for s in sums},
+            "cost": str(cost),
+            "currency": prices.currency,
+        }
 
     departments = sorted({k[0] for k in keys})
     for department in departments:
         members = [(k, c) for k, c in zip(keys, cents) if k[0] == department]
         for key, cost in members:
             out.append(row("client", department, key[1], [lines[key]], cost))
-        out.append(row("department", department, "*", [lines[k] for k, _ in members],
-                       sum((c for _, c in members), Decimal(0))))
+        out.append(
+            row("department", department, "*", [lines[k] for k, _ in members], sum((c for _, c in members), Decimal(0)))
+        )
     out.append(row("total", "*", "*", [lines[k] for k in keys], total))
     return out

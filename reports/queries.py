@@ -10,11 +10,11 @@ directly or went through the usage API.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from tokenaudit.reports.params import ReportParams, parse_report_params
 from tokenaudit.infra.store import Store
+from tokenaudit.reports.params import ReportParams, parse_report_params
 from tokenaudit.schemas import columns
 
 # prefer_column_name_to_alias: `sum(requests) AS requests` must not make a later
@@ -43,20 +43,21 @@ def settle_seconds(settings) -> float:
     """How long after a window starts its row can still change: the window itself, the grace
     the worker waits for stragglers, the idle timeout that closes quiet windows, and the
     sink's batch before the row reaches ClickHouse."""
-    return (settings.window_seconds + settings.grace_seconds + settings.idle_timeout_seconds
-            + settings.sink_batch_seconds)
+    return (
+        settings.window_seconds + settings.grace_seconds + settings.idle_timeout_seconds + settings.sink_batch_seconds
+    )
 
 
 def settled_until(settings, now: datetime | None = None) -> datetime:
     """Windows that start before this instant are settled: their rows will not change any
     more (unless a late event arrives, which the stream applies as a correction)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return (now - timedelta(seconds=settle_seconds(settings))).replace(microsecond=0)
 
 
 def iso_utc(value: datetime) -> str:
     """ISO 8601 UTC with a Z, as every report prints times."""
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _ms(value: datetime) -> int:
@@ -65,8 +66,10 @@ def _ms(value: datetime) -> int:
 
 def _range(column: str, params: ReportParams, client: str | None) -> tuple[str, dict[str, Any]]:
     """WHERE clause for [since, until) on ``column`` and an optional client scope."""
-    where = (f"{column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC') "
-             f"AND {column} < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')")
+    where = (
+        f"{column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC') "
+        f"AND {column} < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')"
+    )
     bound: dict[str, Any] = {"since_ms": _ms(params.since), "until_ms": _ms(params.until)}
     if client is not None:
         where += " AND client_id = {client:String}"
@@ -96,7 +99,9 @@ def usage(store: Store, params: ReportParams, client: str | None = None) -> list
     order = f"{name}" if params.by in ("hour", "day") else f"sum(total_tokens) DESC, {name}"
     rows = store.query(
         f"SELECT {expr} AS {name}, {extra} {_SUMS} FROM {{db}}.usage_rollup FINAL "
-        f"WHERE {where} GROUP BY {name} ORDER BY {order} {_FINAL_SETTINGS}", bound)
+        f"WHERE {where} GROUP BY {name} ORDER BY {order} {_FINAL_SETTINGS}",
+        bound,
+    )
     if params.by == "client":  # put the department next to the client it belongs to (latest one)
         rows = [{"client_id": r.pop("client_id"), "department": r.pop("dept"), **r} for r in rows]
     return _jsonable(rows)
@@ -111,10 +116,22 @@ def top(store: Store, params: ReportParams, client: str | None = None) -> list[d
         "sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, sum(total_tokens) AS tokens, "
         "round(100 * tokens / greatest(sum(tokens) OVER (), 1), 2) AS share_pct "
         f"FROM {{db}}.usage_rollup FINAL WHERE {where} GROUP BY client_id "
-        f"ORDER BY tokens DESC, client_id LIMIT {{limit:UInt32}} {_FINAL_SETTINGS}", bound)
-    return [{"rank": i, "client_id": r["client_id"], "department": r["dept"], "requests": r["requests"],
-             "input_tokens": r["input_tokens"], "output_tokens": r["output_tokens"], "total_tokens": r["tokens"],
-             "share_pct": r["share_pct"]} for i, r in enumerate(rows, 1)]
+        f"ORDER BY tokens DESC, client_id LIMIT {{limit:UInt32}} {_FINAL_SETTINGS}",
+        bound,
+    )
+    return [
+        {
+            "rank": i,
+            "client_id": r["client_id"],
+            "department": r["dept"],
+            "requests": r["requests"],
+            "input_tokens": r["input_tokens"],
+            "output_tokens": r["output_tokens"],
+            "total_tokens": r["tokens"],
+            "share_pct": r["share_pct"],
+        }
+        for i, r in enumerate(rows, 1)
+    ]
 
 
 def month_tokens(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
@@ -130,7 +147,9 @@ def month_tokens(store: Store, params: ReportParams, client: str | None = None) 
         "FROM {db}.usage_rollup FINAL "
         "WHERE window_start >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
         f"AND window_start < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC'){scope} "
-        f"GROUP BY department, client_id, model ORDER BY department, client_id, model {_FINAL_SETTINGS}", bound)
+        f"GROUP BY department, client_id, model ORDER BY department, client_id, model {_FINAL_SETTINGS}",
+        bound,
+    )
 
 
 def latency(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
@@ -142,10 +161,19 @@ def latency(store: Store, params: ReportParams, client: str | None = None) -> li
         "count() AS requests, round(avg(input_tokens), 1) AS avg_input_tokens, "
         "quantilesExact(0.5, 0.95)(latency_ms) AS q "
         f"FROM {{db}}.usage_sampled FINAL WHERE {where} AND status_code < 400 "
-        f"GROUP BY upper ORDER BY upper {_FINAL_SETTINGS}", bound)
-    return [{"input_tokens": f"{1 if r['upper'] == 16 else r['upper'] // 2 + 1}-{r['upper']}",
-             "requests": r["requests"], "avg_input_tokens": r["avg_input_tokens"],
-             "p50_latency_ms": round(r["q"][0], 2), "p95_latency_ms": round(r["q"][1], 2)} for r in rows]
+        f"GROUP BY upper ORDER BY upper {_FINAL_SETTINGS}",
+        bound,
+    )
+    return [
+        {
+            "input_tokens": f"{1 if r['upper'] == 16 else r['upper'] // 2 + 1}-{r['upper']}",
+            "requests": r["requests"],
+            "avg_input_tokens": r["avg_input_tokens"],
+            "p50_latency_ms": round(r["q"][0], 2),
+            "p95_latency_ms": round(r["q"][1], 2),
+        }
+        for r in rows
+    ]
 
 
 ANOMALY_COLUMNS = columns.ANOMALIES
@@ -158,7 +186,8 @@ def anomalies(store: Store, params: ReportParams, client: str | None = None) -> 
     rows = store.query(
         f"SELECT * FROM (SELECT {', '.join(ANOMALY_COLUMNS)} FROM {{db}}.anomalies FINAL WHERE {where} "
         f"ORDER BY ts DESC, anomaly_id DESC LIMIT {{limit:UInt32}}) ORDER BY ts, anomaly_id {_FINAL_SETTINGS}",
-        bound)
+        bound,
+    )
     return _jsonable(rows)
 
 

@@ -25,8 +25,15 @@ def run_api(settings) -> int:
 
     store = Store.from_settings(settings, migrate_schema=False)
     try:
-        server = uvicorn.Server(uvicorn.Config(create_app(store, settings), host=settings.usage_api_host,
-                                               port=settings.usage_api_port, log_level="warning", lifespan="off"))
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(store, settings),
+                host=settings.usage_api_host,
+                port=settings.usage_api_port,
+                log_level="warning",
+                lifespan="off",
+            )
+        )
 
         def on_signal(signum, frame) -> None:
             server.should_exit = True

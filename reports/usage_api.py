@@ -63,7 +63,8 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
             key = registry.authenticate(request.headers.get("authorization"), allow_open=False)
         except AuthError as err:
             return _error(err.status, err.code, err.message)
-        assert key is not None
+        if key is None:  # allow_open=False: authenticate returns a key or raises
+            raise AssertionError("authenticate returned no key with allow_open=False")
         return key
 
     def endpoint(report: str):
@@ -89,8 +90,14 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
             except Exception:  # never leak SQL or engine internals to the caller
                 log.exception("usage API: %s report failed", report)
                 return _error(500, "report_failed", f"{report} report failed; see the sink log")
-            return JSONResponse({"report": report, "scope": scope or "*",
-                                 "settled_until": iso_utc(settled_until(settings)), "rows": rows})
+            return JSONResponse(
+                {
+                    "report": report,
+                    "scope": scope or "*",
+                    "settled_until": iso_utc(settled_until(settings)),
+                    "rows": rows,
+                }
+            )
 
         return handle
 
@@ -99,15 +106,19 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
         return _error(404, "not_found", f"no route {request.scope['path'][:200]}")
 
     async def method_not_allowed(request: Request, exc) -> Response:
-        return _error(405, "method_not_allowed", f"{request.method[:16]} is not allowed on {request.scope['path'][:200]}")
+        return _error(
+            405, "method_not_allowed", f"{request.method[:16]} is not allowed on {request.scope['path'][:200]}"
+        )
 
     async def server_error(request: Request, exc: Exception) -> Response:
-        log.error("usage API: %s on %s", type(exc).__name__, request.scope['path'][:200], exc_info=exc)
+        log.error("usage API: %s on %s", type(exc).__name__, request.scope["path"][:200], exc_info=exc)
         return _error(500, "internal_error", "internal error; see the sink log")
 
     routes = [Route("/healthz", healthz)]
     routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS]
-    routes.append(Route(f"/v1/{API_PATH}", admin_verify_endpoint(store, settings, authenticate, _error),
-                        methods=["GET"]))
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: method_not_allowed,
-                                                        Exception: server_error})
+    routes.append(
+        Route(f"/v1/{API_PATH}", admin_verify_endpoint(store, settings, authenticate, _error), methods=["GET"])
+    )
+    return Starlette(
+        routes=routes, exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error}
+    )

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from tokenaudit.errors import UsageApiError, UsageApiUnreachable  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import UsageApiError, UsageApiUnreachable
 from tokenaudit.infra.keys import admin_key_path, read_api_key
 from tokenaudit.reports.params import parse_report_params
 from tokenaudit.reports.queries import run_report
@@ -55,8 +55,10 @@ class ApiReports:
         try:
             response = self.http.get(url, params=_drop_empty(params), headers=self.headers)
         except httpx.TransportError as exc:
-            raise UsageApiUnreachable(f"usage API at {self.base_url} is not reachable ({exc.__class__.__name__}); "
-                                      "is the pipeline running (`tokenaudit up`)?") from None
+            raise UsageApiUnreachable(
+                f"usage API at {self.base_url} is not reachable ({exc.__class__.__name__}); "
+                "is the pipeline running (`tokenaudit up`)?"
+            ) from None
         try:
             body = response.json()
         except ValueError:
@@ -102,8 +104,14 @@ class _EmbeddedReports:
         try:
             return DirectReports(Store.from_settings(self.settings))
         except ClickHouseError as exc:
-            hint = (f"no API key for the usage API: set TOKENAUDIT_API_KEY or run `tokenaudit up` "
-                    f"(it writes {admin_key_path(self.settings)})") if no_key else str(unreachable)
+            hint = (
+                (
+                    f"no API key for the usage API: set TOKENAUDIT_API_KEY or run `tokenaudit up` "
+                    f"(it writes {admin_key_path(self.settings)})"
+                )
+                if no_key
+                else str(unreachable)
+            )
             raise UsageApiError(f"{hint}; and the store cannot be opened directly: {exc}") from None
 
 

@@ -31,10 +31,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from tokenaudit.errors import VerifyError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import VerifyError
 
 HOUR_MS = 3_600_000
 FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens")
@@ -49,13 +49,13 @@ Key = tuple[str, str, int]  # client_id, model, hour start (epoch ms)
 # --- the topic side ----------------------------------------------------------------------------
 @dataclass
 class TopicScan:
-    totals: dict[Key, list[int]] = field(default_factory=dict)   # FIELDS, in order
+    totals: dict[Key, list[int]] = field(default_factory=dict)  # FIELDS, in order
     pending: set[Key] = field(default_factory=set)
     records: int = 0
     duplicates: int = 0
     undecodable: int = 0
     invalid: int = 0
-    retained_from_ms: int | None = None   # set when retention cut into the range
+    retained_from_ms: int | None = None  # set when retention cut into the range
 
 
 def scan_topic(settings, since_ms: int, until_ms: int, arrived_before_ms: int, timeout: float = 30.0) -> TopicScan:
@@ -66,13 +66,22 @@ def scan_topic(settings, since_ms: int, until_ms: int, arrived_before_ms: int, t
 
     check_access(admin_config(settings), timeout)  # a refused credential fails here, clearly and fast
     topic = settings.topic_usage
-    consumer = Consumer(kafka_config(settings, {
-        "group.id": f"tokenaudit-verify-{uuid.uuid4().hex[:12]}",  # assign() only: never joins or commits
-        "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest",
-        "log_level": 3}))
+    consumer = Consumer(
+        kafka_config(
+            settings,
+            {
+                "group.id": f"tokenaudit-verify-{uuid.uuid4().hex[:12]}",  # assign() only: never joins or commits
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "earliest",
+                "log_level": 3,
+            },
+        )
+    )
     scan = TopicScan()
-    counter = _EventCounter(scan, settings.window_seconds * 1000, since_ms, until_ms, arrived_before_ms,
-                            settings.max_tokens_per_event)
+    counter = _EventCounter(
+        scan, settings.window_seconds * 1000, since_ms, until_ms, arrived_before_ms, settings.max_tokens_per_event
+    )
     try:
         meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
@@ -121,8 +130,15 @@ def scan_topic(settings, since_ms: int, until_ms: int, arrived_before_ms: int, t
 class _EventCounter:
     """Adds one usage-topic record to a scan: decoded, validated and deduplicated as the worker does."""
 
-    def __init__(self, scan: TopicScan, window_ms: int, since_ms: int, until_ms: int, arrived_before_ms: int,
-                 max_tokens: int = 10_000_000):
+    def __init__(
+        self,
+        scan: TopicScan,
+        window_ms: int,
+        since_ms: int,
+        until_ms: int,
+        arrived_before_ms: int,
+        max_tokens: int = 10_000_000,
+    ):
         from tokenaudit.schemas import EVENT, AvroDecodeError
         from tokenaudit.schemas.compiled import compile_decoder
         from tokenaudit.schemas.event_ids import event_id_of, id_hash64
@@ -131,7 +147,8 @@ class _EventCounter:
         self.scan, self.window_ms = scan, window_ms
         self.since_ms, self.until_ms, self.arrived_before_ms = since_ms, until_ms, arrived_before_ms
         self.decode = compile_decoder(EVENT)
-        assert self.decode is not None, "token_usage_event is a flat record by contract"
+        if self.decode is None:
+            raise AssertionError("token_usage_event is a flat record by contract")
         self.decode_error = AvroDecodeError
         self.validate = lambda ev: event_problem(ev, max_tokens)  # the worker's own rule and limit
         self.event_id_of, self.id_hash64 = event_id_of, id_hash64
@@ -183,9 +200,13 @@ def store_totals(store, since_ms: int, until_ms: int, window_ms: int) -> list[di
         "sum(total_tokens) AS total_tokens FROM {db}.usage_rollup FINAL "
         "WHERE window_start >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
         "AND window_start < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC') "
-        "GROUP BY client_id, model, hour_ms SETTINGS prefer_column_name_to_alias = 1", bound)
-    out = {(r["client_id"], r["model"], int(r["hour_ms"])): {**r, "hour_ms": int(r["hour_ms"]), "events": None}
-           for r in rows}
+        "GROUP BY client_id, model, hour_ms SETTINGS prefer_column_name_to_alias = 1",
+        bound,
+    )
+    out = {
+        (r["client_id"], r["model"], int(r["hour_ms"])): {**r, "hour_ms": int(r["hour_ms"]), "events": None}
+        for r in rows
+    }
     if _has_ledger(store):
         ledger = store.query(
             "SELECT client_id, model, intDiv(ws, 3600000) * 3600000 AS hour_ms, uniqExact(event_id) AS events "
@@ -193,11 +214,13 @@ def store_totals(store, since_ms: int, until_ms: int, window_ms: int) -> list[di
             "FROM {db}.usage_requests WHERE ts >= fromUnixTimestamp64Milli({since_ms:Int64} - {w:Int64}, 'UTC') "
             "AND ts < fromUnixTimestamp64Milli({until_ms:Int64} + {w:Int64}, 'UTC')) "
             "WHERE ws >= {since_ms:Int64} AND ws < {until_ms:Int64} GROUP BY client_id, model, hour_ms",
-            {**bound, "w": window_ms})
+            {**bound, "w": window_ms},
+        )
         for r in ledger:
             key = (r["client_id"], r["model"], int(r["hour_ms"]))
-            row = out.setdefault(key, {"client_id": key[0], "model": key[1], "hour_ms": key[2],
-                                       **{f: 0 for f in FIELDS}})
+            row = out.setdefault(
+                key, {"client_id": key[0], "model": key[1], "hour_ms": key[2], **dict.fromkeys(FIELDS, 0)}
+            )
             row["events"] = int(r["events"])
         for row in out.values():
             row["events"] = row["events"] or 0
@@ -205,8 +228,10 @@ def store_totals(store, since_ms: int, until_ms: int, window_ms: int) -> list[di
 
 
 def _has_ledger(store) -> bool:
-    found = store.query("SELECT count() AS n FROM system.tables WHERE database = {d:String} AND name = 'usage_requests'",
-                        {"d": store.database})
+    found = store.query(
+        "SELECT count() AS n FROM system.tables WHERE database = {d:String} AND name = 'usage_requests'",
+        {"d": store.database},
+    )
     return bool(found and found[0]["n"])
 
 
@@ -234,7 +259,8 @@ class EmbeddedTotals:
         if key is not None:
             try:
                 return ApiReports(usage_api_url(self.settings), key, timeout=600).fetch(
-                    API_PATH, {"since_ms": str(since_ms), "until_ms": str(until_ms)})
+                    API_PATH, {"since_ms": str(since_ms), "until_ms": str(until_ms)}
+                )
             except UsageApiUnreachable:
                 pass
             except UsageApiError as exc:
@@ -285,13 +311,25 @@ class VerifyReport:
 
         s = self.scan or TopicScan()
         return {
-            "ok": self.ok, "since": iso_utc(self.since), "until": iso_utc(self.until),
-            "checked_from": iso_utc(self.checked_from), "checked_until": iso_utc(self.checked_until),
-            "settled_until": iso_utc(self.settled_until), "settle_seconds": self.settle_seconds,
-            "buckets": self.buckets, "ledger": self.ledger,
-            "topic": {"records": s.records, "distinct_events": sum(t[0] for t in s.totals.values()),
-                      "duplicates": s.duplicates, "undecodable": s.undecodable, "invalid": s.invalid},
-            "drift": self.drift, "pending": self.pending, "notes": self.notes,
+            "ok": self.ok,
+            "since": iso_utc(self.since),
+            "until": iso_utc(self.until),
+            "checked_from": iso_utc(self.checked_from),
+            "checked_until": iso_utc(self.checked_until),
+            "settled_until": iso_utc(self.settled_until),
+            "settle_seconds": self.settle_seconds,
+            "buckets": self.buckets,
+            "ledger": self.ledger,
+            "topic": {
+                "records": s.records,
+                "distinct_events": sum(t[0] for t in s.totals.values()),
+                "duplicates": s.duplicates,
+                "undecodable": s.undecodable,
+                "invalid": s.invalid,
+            },
+            "drift": self.drift,
+            "pending": self.pending,
+            "notes": self.notes,
         }
 
 
@@ -303,7 +341,7 @@ def reconcile(scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int) 
     from tokenaudit.reports.queries import iso_utc
 
     def hour(ms: int) -> str:
-        return iso_utc(datetime.fromtimestamp(ms / 1000, timezone.utc))
+        return iso_utc(datetime.fromtimestamp(ms / 1000, UTC))
 
     stored = {(r["client_id"], r["model"], r["hour_ms"]): r for r in store_rows if r["hour_ms"] >= since_ms}
     ledger = any(r.get("events") is not None for r in store_rows)
@@ -329,27 +367,44 @@ def reconcile(scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int) 
             what = "in ClickHouse, not on the topic"
         else:
             what = "differs: " + ", ".join(f for f in topic if topic[f] != store[f])
-        drift.append({"client_id": key[0], "model": key[1], "hour": hour(key[2]), "what": what,
-                      "topic": topic, "clickhouse": store})
+        drift.append(
+            {
+                "client_id": key[0],
+                "model": key[1],
+                "hour": hour(key[2]),
+                "what": what,
+                "topic": topic,
+                "clickhouse": store,
+            }
+        )
     return compared, drift, pending, ledger
 
 
-def run_verify(settings, since: str, until: str | None, now: datetime | None = None,
-               totals=None, timeout: float = 30.0) -> VerifyReport:
+def run_verify(
+    settings, since: str, until: str | None, now: datetime | None = None, totals=None, timeout: float = 30.0
+) -> VerifyReport:
     """Reconcile [since, until) (report time forms: 24h, 7d, ISO) up to the settled instant."""
     from tokenaudit.reports.params import parse_time
     from tokenaudit.reports.queries import settle_seconds, settled_until
 
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     start = parse_time(since, "since", now)
     end = parse_time(until, "until", now) if until else now
     if end <= start:
         raise VerifyError("until: must be after since")
     settled = settled_until(settings, now)
-    report = VerifyReport(since=start, until=end, checked_from=start, checked_until=min(end, settled),
-                          settled_until=settled, settle_seconds=settle_seconds(settings))
+    report = VerifyReport(
+        since=start,
+        until=end,
+        checked_from=start,
+        checked_until=min(end, settled),
+        settled_until=settled,
+        settle_seconds=settle_seconds(settings),
+    )
     if report.checked_until <= start:
-        report.notes.append(f"nothing settled in range yet (windows settle {settle_seconds(settings):g}s after they start)")
+        report.notes.append(
+            f"nothing settled in range yet (windows settle {settle_seconds(settings):g}s after they start)"
+        )
         return report
     since_ms, until_ms = _ms(start), _ms(report.checked_until)
     arrived_before = _ms(now) - int(settle_seconds(settings) * 1000)
@@ -358,16 +413,20 @@ def run_verify(settings, since: str, until: str | None, now: datetime | None = N
     from_ms = since_ms
     if scan.retained_from_ms is not None and scan.retained_from_ms > since_ms:
         from_ms = -(-scan.retained_from_ms // HOUR_MS) * HOUR_MS  # the first full hour still retained
-        report.checked_from = datetime.fromtimestamp(from_ms / 1000, timezone.utc)
-        report.notes.append("the usage topic no longer retains the start of the range: checked from "
-                            f"{report.checked_from.isoformat().replace('+00:00', 'Z')}")
+        report.checked_from = datetime.fromtimestamp(from_ms / 1000, UTC)
+        report.notes.append(
+            "the usage topic no longer retains the start of the range: checked from "
+            f"{report.checked_from.isoformat().replace('+00:00', 'Z')}"
+        )
         if from_ms >= until_ms:
             return report
     rows = (totals or open_totals(settings)).fetch(from_ms, until_ms)
     report.buckets, report.drift, report.pending, report.ledger = reconcile(scan, rows, from_ms)
     if scan.undecodable or scan.invalid:
-        report.notes.append(f"{scan.undecodable} undecodable and {scan.invalid} invalid records on the topic "
-                            "are dead-lettered by the worker and not counted")
+        report.notes.append(
+            f"{scan.undecodable} undecodable and {scan.invalid} invalid records on the topic "
+            "are dead-lettered by the worker and not counted"
+        )
     return report
 
 
@@ -396,7 +455,9 @@ def admin_verify_endpoint(store, settings, authenticate: Callable[[Any], Any], e
         items = request.query_params.multi_items()
         params = dict(items)
         if len(items) != 2 or set(params) != {"since_ms", "until_ms"}:
-            return error(400, "invalid_parameter", "verify: expected exactly since_ms and until_ms (epoch milliseconds)")
+            return error(
+                400, "invalid_parameter", "verify: expected exactly since_ms and until_ms (epoch milliseconds)"
+            )
         bounds = []
         for name in ("since_ms", "until_ms"):
             text = params[name]

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential_jitter
 
-from tokenaudit.errors import WebhookError, WebhookRejected  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import WebhookError, WebhookRejected
 from tokenaudit.reports.queries import _jsonable
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,14 @@ def anomaly_json(anomaly: dict[str, Any]) -> dict[str, Any]:
 
 
 class WebhookForwarder:
-    def __init__(self, url: str, timeout: float = 5.0, backoff_max: float = 30.0, give_up_after: float | None = None,
-                 on_retry: Callable[[int, str], None] | None = None):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 5.0,
+        backoff_max: float = 30.0,
+        give_up_after: float | None = None,
+        on_retry: Callable[[int, str], None] | None = None,
+    ):
         self.url = validate_url(url)
         self.http = httpx.Client(timeout=timeout)
         self.backoff_max = backoff_max

@@ -7,16 +7,25 @@ builders (``records``), ClickHouse column lists (``columns``), the event rule
 """
 
 from tokenaudit.schemas.codec import (
-    EVENT,
     ANOMALY,
+    EVENT,
     ROLLUP,
     SAMPLED,
     AvroDecodeError,
     SchemaCatalog,
+    catalog,
     decode,
     encode,
-    catalog,
 )
 
-__all__ = ["EVENT", "ANOMALY", "ROLLUP", "SAMPLED", "AvroDecodeError", "SchemaCatalog",
-           "decode", "encode", "catalog"]
+__all__ = [
+    "ANOMALY",
+    "EVENT",
+    "ROLLUP",
+    "SAMPLED",
+    "AvroDecodeError",
+    "SchemaCatalog",
+    "catalog",
+    "decode",
+    "encode",
+]

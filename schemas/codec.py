@@ -18,7 +18,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from tokenaudit.errors import AvroDecodeError  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import AvroDecodeError
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -60,8 +60,7 @@ def _uuids_as_text(schema: Any) -> Any:
     if isinstance(schema, dict):
         if schema.get("type") == "string" and schema.get("logicalType") == "uuid":
             return "string"
-        return {k: _uuids_as_text(v) if k in ("type", "fields", "items", "values") else v
-                for k, v in schema.items()}
+        return {k: _uuids_as_text(v) if k in ("type", "fields", "items", "values") else v for k, v in schema.items()}
     return schema
 
 
@@ -104,7 +103,7 @@ class SchemaCatalog:
         raise KeyError(f"no version {version} of schema {name!r}")
 
     @classmethod
-    def load_builtin(cls) -> "SchemaCatalog":
+    def load_builtin(cls) -> SchemaCatalog:
         found = cls()
         folder = resources.files("tokenaudit.schemas").joinpath("avsc")
         for entry in sorted(folder.iterdir(), key=lambda e: e.name):

@@ -11,35 +11,86 @@ values in, not the table's column order.
 from __future__ import annotations
 
 #: usage_rollup: one row per window (ROLLUP_KEY), the latest version wins
-USAGE_ROLLUP = ("client_id", "department", "api_key_id", "model", "window_start", "window_end", "requests",
-                "errors", "input_tokens", "output_tokens", "total_tokens", "latency_ms_sum", "latency_ms_max",
-                "max_input_tokens", "truncated", "version", "applied_offset", "event_ids")
+USAGE_ROLLUP = (
+    "client_id",
+    "department",
+    "api_key_id",
+    "model",
+    "window_start",
+    "window_end",
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "latency_ms_sum",
+    "latency_ms_max",
+    "max_input_tokens",
+    "truncated",
+    "version",
+    "applied_offset",
+    "event_ids",
+)
 #: the window's identity: one row per key (the table's sorting key ends with these)
 ROLLUP_KEY = ("client_id", "department", "api_key_id", "model", "window_start")
 #: summed, and maxed, when a late delta is merged into its stored row
-ROLLUP_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "total_tokens", "latency_ms_sum",
-               "truncated")
+ROLLUP_SUMS = ("requests", "errors", "input_tokens", "output_tokens", "total_tokens", "latency_ms_sum", "truncated")
 ROLLUP_MAXES = ("latency_ms_max", "max_input_tokens")
 #: written only with rows that merged late deltas (the ids of the deltas merged)
 ROLLUP_LATE_IDS = "late_ids"
 
 #: usage_sampled: one row per (client_id, request_id)
-USAGE_SAMPLED = ("request_id", "ts", "client_id", "department", "model", "input_tokens", "output_tokens",
-                 "total_tokens", "untruncated_input_tokens", "truncated", "latency_ms", "queue_ms",
-                 "inference_ms", "status_code", "path", "error_type", "batch_size", "device", "prompt_digest",
-                 "sample_reason", "threshold")
+USAGE_SAMPLED = (
+    "request_id",
+    "ts",
+    "client_id",
+    "department",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "untruncated_input_tokens",
+    "truncated",
+    "latency_ms",
+    "queue_ms",
+    "inference_ms",
+    "status_code",
+    "path",
+    "error_type",
+    "batch_size",
+    "device",
+    "prompt_digest",
+    "sample_reason",
+    "threshold",
+)
 SAMPLED_KEY = ("client_id", "request_id")
 
 #: anomalies: one row per (client_id, rule, anomaly_id)
-ANOMALIES = ("anomaly_id", "ts", "client_id", "department", "model", "rule", "severity", "observed",
-             "threshold", "window_start", "request_id", "message")
+ANOMALIES = (
+    "anomaly_id",
+    "ts",
+    "client_id",
+    "department",
+    "model",
+    "rule",
+    "severity",
+    "observed",
+    "threshold",
+    "window_start",
+    "request_id",
+    "message",
+)
 ANOMALY_KEY = ("client_id", "rule", "anomaly_id")
 
 #: rejected_rows: what ClickHouse refused, with the reason and the record as JSON
 REJECTED_ROWS = ("table", "reason", "record")
 
-TABLES = {"usage_rollup": USAGE_ROLLUP, "usage_sampled": USAGE_SAMPLED, "anomalies": ANOMALIES,
-          "rejected_rows": REJECTED_ROWS}
+TABLES = {
+    "usage_rollup": USAGE_ROLLUP,
+    "usage_sampled": USAGE_SAMPLED,
+    "anomalies": ANOMALIES,
+    "rejected_rows": REJECTED_ROWS,
+}
 
 
 def subset(table: tuple[str, ...], *names: str) -> list[str]:

@@ -22,12 +22,13 @@ resolved by fastavro), and raise the same :class:`AvroDecodeError` type on bad b
 from __future__ import annotations
 
 import struct
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from tokenaudit.schemas.codec import HEADER_LEN, AvroDecodeError, decode as generic_decode
+from tokenaudit.schemas.codec import HEADER_LEN, AvroDecodeError, catalog
+from tokenaudit.schemas.codec import decode as generic_decode
 from tokenaudit.schemas.codec import encode as generic_encode
-from tokenaudit.schemas.codec import catalog
 
 # The same codecs in C (schemas/_native.pyx, built by setup.py with Cython): ~5x faster
 # again. Optional: without a C compiler the generated Python below is used.
@@ -96,12 +97,15 @@ def _timestamp_fields(raw: dict) -> list[str]:
 # Source snippets per Avro type; {v} is the value expression. Straight-line code (one function
 # per schema, no per-field calls) is what makes this ~3x faster than a generic writer.
 _ENCODE = {
-    "string": ("if {v}.__class__ is not str: raise U\n"
-               "b = {v}.encode(); n = len(b); a(S[n] if n < C else V(n)); a(b)"),
-    "int": ("if {v}.__class__ is not int or not -2147483648 <= {v} <= 2147483647: raise U\n"
-            "a(S[{v}] if 0 <= {v} < C else V({v}))"),
-    "long": ("if {v}.__class__ is not int or not -9223372036854775808 <= {v} <= 9223372036854775807: raise U\n"
-             "a(S[{v}] if 0 <= {v} < C else V({v}))"),
+    "string": ("if {v}.__class__ is not str: raise U\nb = {v}.encode(); n = len(b); a(S[n] if n < C else V(n)); a(b)"),
+    "int": (
+        "if {v}.__class__ is not int or not -2147483648 <= {v} <= 2147483647: raise U\n"
+        "a(S[{v}] if 0 <= {v} < C else V({v}))"
+    ),
+    "long": (
+        "if {v}.__class__ is not int or not -9223372036854775808 <= {v} <= 9223372036854775807: raise U\n"
+        "a(S[{v}] if 0 <= {v} < C else V({v}))"
+    ),
     "boolean": "if {v} is True: a(b'\\x01')\nelif {v} is False: a(b'\\x00')\nelse: raise U",
     "double": "if {v}.__class__ is not float and {v}.__class__ is not int: raise U\na(D({v}))",
 }
@@ -156,10 +160,17 @@ def compile_encoder(name: str, memo_large: bool = False, native: bool | None = N
     except _Unsupported:
         return None
     lines += ["    except (U, KeyError, UnicodeEncodeError):", "        return G(NAME, r)", "    return b''.join(o)"]
-    namespace = {"H": sv.header, "S": _SMALL, "C": _VARINT_CACHE, "D": _double,
-                 "V": _varint_memo if memo_large else _varint_uncached,
-                 "U": _Unsupported, "G": generic_encode, "NAME": name}
-    exec(compile("\n".join(lines), f"<avro encoder {name} v{sv.version}>", "exec"), namespace)  # noqa: S102
+    namespace = {
+        "H": sv.header,
+        "S": _SMALL,
+        "C": _VARINT_CACHE,
+        "D": _double,
+        "V": _varint_memo if memo_large else _varint_uncached,
+        "U": _Unsupported,
+        "G": generic_encode,
+        "NAME": name,
+    }
+    exec(compile("\n".join(lines), f"<avro encoder {name} v{sv.version}>", "exec"), namespace)
     return namespace["encode"]
 
 
@@ -185,20 +196,26 @@ def _varint_tail(d: bytes, i: int, b: int) -> tuple[int, int]:
 
 # One- and two-byte varints (values -8192..8191: token counts, status codes) inline; longer
 # ones (timestamps, offsets) through _varint_tail.
-_READ_LONG = ["b = d[i]; i += 1",
-              "if b < 128: {t} = (b >> 1) ^ -(b & 1)",
-              "else:",
-              "    c = d[i]",
-              "    if c < 128: z = (b & 127) | (c << 7); i += 1; {t} = (z >> 1) ^ -(z & 1)",
-              "    else: {t}, i = VT(d, i, b)"]
+_READ_LONG = [
+    "b = d[i]; i += 1",
+    "if b < 128: {t} = (b >> 1) ^ -(b & 1)",
+    "else:",
+    "    c = d[i]",
+    "    if c < 128: z = (b & 127) | (c << 7); i += 1; {t} = (z >> 1) ^ -(z & 1)",
+    "    else: {t}, i = VT(d, i, b)",
+]
 _DECODE = {
     "int": _READ_LONG,
     "long": _READ_LONG,
-    "string": ["b = d[i]; i += 1", "if b < 128: n = (b >> 1) ^ -(b & 1)", "else: n, i = VT(d, i, b)",
-               "j = i + n",
-               "if j > L: raise IndexError",
-               "if n < 0: raise B('negative string length %d' % n)",
-               "{t} = d[i:j].decode(); i = j"],
+    "string": [
+        "b = d[i]; i += 1",
+        "if b < 128: n = (b >> 1) ^ -(b & 1)",
+        "else: n, i = VT(d, i, b)",
+        "j = i + n",
+        "if j > L: raise IndexError",
+        "if n < 0: raise B('negative string length %d' % n)",
+        "{t} = d[i:j].decode(); i = j",
+    ],
     # as fastavro reads it: any non-zero byte is true
     "boolean": ["{t} = d[i] != 0; i += 1"],
     "double": ["{t}, = DD(d, i); i += 8"],
@@ -211,12 +228,17 @@ def _decode_snippet(ftype: Any, target: str) -> list[str]:
         return [line.format(t=target) for line in _DECODE[ftype]]
     if isinstance(ftype, list) and len(ftype) == 2 and ftype[0] == "null":
         inner = _decode_snippet(ftype[1], target)
-        return ["b = d[i]; i += 1", f"if b == 0: {target} = None", "elif b == 2:",
-                *("    " + line for line in inner), "else: raise B('union index %d out of range' % b)"]
+        return [
+            "b = d[i]; i += 1",
+            f"if b == 0: {target} = None",
+            "elif b == 2:",
+            *("    " + line for line in inner),
+            "else: raise B('union index %d out of range' % b)",
+        ]
     raise _Unsupported
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
 
@@ -251,7 +273,7 @@ def compile_decoder(name: str, native: bool | None = None) -> Callable[[bytes], 
     lines.append("    if i != L: raise B('%d trailing bytes after the record' % (L - i))")
     lines.append("    return {" + ", ".join(f"{f['name']!r}: v{k}" for k, f in enumerate(fields)) + "}")
     namespace = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue}
-    exec(compile("\n".join(lines), f"<avro decoder {name} v{sv.version}>", "exec"), namespace)  # noqa: S102
+    exec(compile("\n".join(lines), f"<avro decoder {name} v{sv.version}>", "exec"), namespace)
     return _wrap_decoder(name, sv, namespace["body"])
 
 

@@ -16,7 +16,7 @@ import binascii
 import hashlib
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 # Fields that identify the request itself; the v3 additions (and v4's timings of streamed
@@ -25,7 +25,7 @@ from typing import Any
 _NOT_HASHED = frozenset({"event_id", "instance", "ttft_ms", "tpot_ms"})
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _canonical(value: Any) -> Any:
@@ -62,8 +62,7 @@ def id_bytes(event_id: str) -> bytes | None:
     """The 16 bytes of a UUID-text event id (what packed id sets hold), or None when it is not
     canonical UUID text (8-4-4-4-12 hex digits). Exact (no hash, no collision), and one C call
     on the stream worker's per-event path: ~0.15 us against ~0.7 us for a blake2b digest."""
-    if len(event_id) != 36 or event_id[8] != "-" or event_id[13] != "-" or event_id[18] != "-" \
-            or event_id[23] != "-":
+    if len(event_id) != 36 or event_id[8] != "-" or event_id[13] != "-" or event_id[18] != "-" or event_id[23] != "-":
         return None
     try:
         raw = bytes.fromhex(event_id.replace("-", ""))

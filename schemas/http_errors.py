@@ -16,9 +16,18 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 #: status -> OpenAI error type (anything else: invalid_request_error below 500, server_error from 500)
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 
 def error_type(status: int) -> str:
@@ -31,24 +40,40 @@ def error_envelope(status: int, code: str, message: str, param: str | None = Non
 
 def error_body(status: int, code: str, message: str, param: str | None = None) -> bytes:
     # as Starlette's JSONResponse writes JSON (compact, UTF-8), whichever path sends it
-    return json.dumps(error_envelope(status, code, message, param), ensure_ascii=False,
-                      separators=(",", ":")).encode("utf-8")
+    return json.dumps(error_envelope(status, code, message, param), ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8"
+    )
 
 
-def error_response(status: int, code: str, message: str, param: str | None = None,
-                   headers: Mapping[str, str] | None = None):
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: Mapping[str, str] | None = None
+):
     """A Starlette response carrying the envelope (routes and exception handlers)."""
     from starlette.responses import Response
 
-    return Response(error_body(status, code, message, param), status_code=status, headers=dict(headers or {}),
-                    media_type="application/json")
+    return Response(
+        error_body(status, code, message, param),
+        status_code=status,
+        headers=dict(headers or {}),
+        media_type="application/json",
+    )
 
 
-async def send_error(send: Callable[[dict], Awaitable[None]], status: int, code: str, message: str,
-                     param: str | None = None, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+async def send_error(
+    send: Callable[[dict], Awaitable[None]],
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
     """The envelope sent on a raw ASGI ``send`` (middleware that answers before any route)."""
     body = error_body(status, code, message, param)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -11,7 +11,7 @@ enough for the worker's per-event path.
 
 from __future__ import annotations
 
-from tokenaudit.errors import InvalidIdentifier  # noqa: F401 (raised here, declared there)
+from tokenaudit.errors import InvalidIdentifier
 
 MAX_IDENTIFIER_LENGTH = 128
 

@@ -26,23 +26,37 @@ class SinkCollector:
         c = self.sink.counters
         yield _counter("tokenaudit_sink_messages", "Records consumed from the worker's output topics.", c.messages)
         inserted = CounterMetricFamily("tokenaudit_sink_inserted_rows", "Rows stored, per table.", labels=["table"])
-        for table, n in (("usage_rollup", c.inserted_rollups), ("usage_sampled", c.inserted_sampled),
-                         ("anomalies", c.inserted_anomalies)):
+        for table, n in (
+            ("usage_rollup", c.inserted_rollups),
+            ("usage_sampled", c.inserted_sampled),
+            ("anomalies", c.inserted_anomalies),
+        ):
             inserted.add_metric([table], n)
         yield inserted
-        yield _counter("tokenaudit_sink_rejected_rows", "Rows ClickHouse refused, kept in rejected_rows.",
-                       c.rejected_rows)
-        yield _counter("tokenaudit_sink_insert_errors", "Failed insert attempts (the store unavailable).",
-                       c.insert_errors)
-        yield _counter("tokenaudit_sink_batch_duplicates", "Records a later one of the same key replaced within a "
-                       "batch (step 2 of the flush).", c.batch_duplicates)
+        yield _counter(
+            "tokenaudit_sink_rejected_rows", "Rows ClickHouse refused, kept in rejected_rows.", c.rejected_rows
+        )
+        yield _counter(
+            "tokenaudit_sink_insert_errors", "Failed insert attempts (the store unavailable).", c.insert_errors
+        )
+        yield _counter(
+            "tokenaudit_sink_batch_duplicates",
+            "Records a later one of the same key replaced within a batch (step 2 of the flush).",
+            c.batch_duplicates,
+        )
         yield _counter("tokenaudit_sink_batches", "Batches stored and committed.", c.batches)
-        yield _counter("tokenaudit_sink_commits_skipped", "Offset commits refused (a rebalance in flight); the "
-                       "next owner reads the rows again, stored idempotently.", c.commits_skipped)
+        yield _counter(
+            "tokenaudit_sink_commits_skipped",
+            "Offset commits refused (a rebalance in flight); the next owner reads the rows again, stored idempotently.",
+            c.commits_skipped,
+        )
         yield _counter("tokenaudit_sink_undecodable", "Records sent to the dead-letter topic.", c.undecodable)
         deltas = CounterMetricFamily("tokenaudit_sink_late_deltas", "Late deltas by outcome.", labels=["outcome"])
-        for outcome, n in (("merged", c.deltas_merged), ("replayed", c.deltas_replayed),
-                           ("duplicate", c.deltas_duplicate)):
+        for outcome, n in (
+            ("merged", c.deltas_merged),
+            ("replayed", c.deltas_replayed),
+            ("duplicate", c.deltas_duplicate),
+        ):
             deltas.add_metric([outcome], n)
         yield deltas
 

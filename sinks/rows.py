@@ -72,8 +72,9 @@ def delta_skip(current: dict | None, delta: dict) -> str | None:
     event was counted in the window, or merged as an earlier delta)."""
     if current is None:
         return None
-    if delta["delta_id"] in (current.get(columns.ROLLUP_LATE_IDS) or []) or \
-            delta["applied_offset"] <= int(current.get("applied_offset", -1)):
+    if delta["delta_id"] in (current.get(columns.ROLLUP_LATE_IDS) or []) or delta["applied_offset"] <= int(
+        current.get("applied_offset", -1)
+    ):
         return "replayed"
     ids = delta.get("event_ids")
     if ids and current.get("event_ids") and ids_contain(unpack_ids(current["event_ids"]), unpack_ids(ids)):

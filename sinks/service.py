@@ -52,8 +52,9 @@ def run_sink(settings, api: Callable[[Store], Starlette] | None = None) -> int:
     else:
         app, port = Starlette(routes=[Route("/healthz", _healthz)]), settings.sink_port
     app.router.routes.append(metrics_route(sink))
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.usage_api_host, port=port, log_level="warning",
-                                           lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.usage_api_host, port=port, log_level="warning", lifespan="off")
+    )
 
     def loop() -> None:
         try:
@@ -82,6 +83,12 @@ def run_sink(settings, api: Callable[[Store], Starlette] | None = None) -> int:
         thread.join(60)
         store.close()
     c = sink.counters
-    log.warning("sink stopped: %d messages, %d rollup rows, %d sampled, %d anomalies, %d batches",
-                c.messages, c.inserted_rollups, c.inserted_sampled, c.inserted_anomalies, c.batches)
+    log.warning(
+        "sink stopped: %d messages, %d rollup rows, %d sampled, %d anomalies, %d batches",
+        c.messages,
+        c.inserted_rollups,
+        c.inserted_sampled,
+        c.inserted_anomalies,
+        c.batches,
+    )
     return 1 if failed else 0

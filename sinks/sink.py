@@ -29,17 +29,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer
-from tenacity import Retrying, retry_if_exception, stop_after_delay, stop_any, stop_when_event_set
-from tenacity import wait_exponential_jitter
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_delay,
+    stop_any,
+    stop_when_event_set,
+    wait_exponential_jitter,
+)
 
 from tokenaudit.infra.kafka_clients import kafka_config, producer_config
+from tokenaudit.infra.store import Store
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, AvroDecodeError
 from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.sinks import rows as R
 from tokenaudit.sinks.rejected import is_data_error, rejected_row
-from tokenaudit.infra.store import Store
 
 log = logging.getLogger("tokenaudit.sink")
+
 
 @dataclass
 class SinkCounters:
@@ -81,25 +88,45 @@ class Sink:
     """``consumer`` (of the output topics) and ``dlq_producer`` are confluent-kafka clients,
     made from the settings unless given (tests hand in-memory ones); ``store``: where rows go."""
 
-    def __init__(self, settings, store: Store, group_id: str | None = None, *, consumer: Consumer | None = None,
-                 dlq_producer: Producer | None = None):
+    def __init__(
+        self,
+        settings,
+        store: Store,
+        group_id: str | None = None,
+        *,
+        consumer: Consumer | None = None,
+        dlq_producer: Producer | None = None,
+    ):
         self.s = settings
         self.store = store
         self.counters = SinkCounters()
-        self.topics = {settings.topic_rollups: ROLLUP, settings.topic_sampled: SAMPLED,
-                       settings.topic_anomalies: ANOMALY}
+        self.topics = {
+            settings.topic_rollups: ROLLUP,
+            settings.topic_sampled: SAMPLED,
+            settings.topic_anomalies: ANOMALY,
+        }
         # Generated decoders with timestamps as int epoch ms, which clickhouse-connect writes
         # to DateTime64(3) columns as they are (no datetime objects made and taken apart per
         # row): ~5x less CPU per record than fastavro with datetimes, which matters when the
         # sink shares the worker's host.
         self._decoders = {name: compile_decoder(name) for name in (ROLLUP, SAMPLED, ANOMALY)}
-        assert all(self._decoders.values()), "the output schemas are flat by contract"
-        self.consumer = consumer if consumer is not None else Consumer(kafka_config(settings, {
-            "group.id": group_id or settings.sink_group_id,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "enable.partition.eof": False,
-        }))
+        if not all(self._decoders.values()):
+            raise AssertionError("the output schemas are flat by contract")
+        self.consumer = (
+            consumer
+            if consumer is not None
+            else Consumer(
+                kafka_config(
+                    settings,
+                    {
+                        "group.id": group_id or settings.sink_group_id,
+                        "enable.auto.commit": False,
+                        "auto.offset.reset": "earliest",
+                        "enable.partition.eof": False,
+                    },
+                )
+            )
+        )
         self._dlq: Producer | None = dlq_producer  # made on the first dead letter otherwise
         self.batch = Batch()
         self.ready = threading.Event()
@@ -119,8 +146,11 @@ class Sink:
             while not stop.is_set():
                 self.poll(timeout=0.2, stop=stop)
             if not self.flush(stop=None, within=self.s.sink_shutdown_seconds):
-                log.warning("stopping with %d messages not stored (ClickHouse unreachable): not committed, "
-                            "they are read again at the next start", self.batch.messages)
+                log.warning(
+                    "stopping with %d messages not stored (ClickHouse unreachable): not committed, "
+                    "they are read again at the next start",
+                    self.batch.messages,
+                )
         finally:
             self.consumer.close()
             if self._dlq is not None:
@@ -135,8 +165,9 @@ class Sink:
                 continue
             self._add(msg)
         b = self.batch
-        if b.messages and (b.rows() >= self.s.sink_batch_rows
-                           or time.monotonic() - b.started >= self.s.sink_batch_seconds):
+        if b.messages and (
+            b.rows() >= self.s.sink_batch_rows or time.monotonic() - b.started >= self.s.sink_batch_seconds
+        ):
             self.flush(stop)
 
     # --- the flush protocol: 1. batch, 2. deduplicate, 3. insert, 4. commit --------------------
@@ -174,9 +205,17 @@ class Sink:
         log.warning("%s (%s[%d]@%d)", reason, msg.topic(), msg.partition(), msg.offset())
         if self._dlq is None:
             self._dlq = Producer(producer_config(self.s))
-        self._dlq.produce(self.s.topic_dlq, key=msg.key(), value=msg.value(), headers=[
-            ("reason", reason[:500].encode()), ("source_topic", msg.topic().encode()),
-            ("source_partition", str(msg.partition()).encode()), ("source_offset", str(msg.offset()).encode())])
+        self._dlq.produce(
+            self.s.topic_dlq,
+            key=msg.key(),
+            value=msg.value(),
+            headers=[
+                ("reason", reason[:500].encode()),
+                ("source_topic", msg.topic().encode()),
+                ("source_partition", str(msg.partition()).encode()),
+                ("source_offset", str(msg.offset()).encode()),
+            ],
+        )
         self._dlq.poll(0)
 
     def _on_revoke(self, consumer, partitions) -> None:
@@ -203,7 +242,8 @@ class Sink:
             stop=stop_any(*ends) if ends else (lambda state: False),
             sleep=stop.wait if stop is not None else time.sleep,
             before_sleep=self._insert_failed,
-            reraise=True)
+            reraise=True,
+        )
         try:
             retrying(self._insert, b)
         except Exception as exc:  # gave up (stopping or out of time): keep the offsets
@@ -233,16 +273,19 @@ class Sink:
         """3. Each table's rows, then the deltas; a part that was stored is not stored again
         when a later part fails and the batch is retried."""
         if b.rollups:
-            self.counters.inserted_rollups += self._store("usage_rollup", list(b.rollups.values()),
-                                                          R.ROLLUP_COLUMNS, R.rollup_row)
+            self.counters.inserted_rollups += self._store(
+                "usage_rollup", list(b.rollups.values()), R.ROLLUP_COLUMNS, R.rollup_row
+            )
             b.rollups = {}
         if b.sampled:
-            self.counters.inserted_sampled += self._store("usage_sampled", list(b.sampled.values()),
-                                                          R.SAMPLED_COLUMNS, R.sampled_row)
+            self.counters.inserted_sampled += self._store(
+                "usage_sampled", list(b.sampled.values()), R.SAMPLED_COLUMNS, R.sampled_row
+            )
             b.sampled = {}
         if b.anomalies:
-            self.counters.inserted_anomalies += self._store("anomalies", list(b.anomalies.values()),
-                                                            R.ANOMALY_COLUMNS, R.anomaly_row)
+            self.counters.inserted_anomalies += self._store(
+                "anomalies", list(b.anomalies.values()), R.ANOMALY_COLUMNS, R.anomaly_row
+            )
             b.anomalies = {}
         if b.deltas:
             self._merge_deltas(b.deltas)
@@ -262,8 +305,7 @@ class Sink:
                 self._reject(table, records[0], exc)
                 return 0
         mid = len(records) // 2
-        return (self._store(table, records[:mid], columns, to_row)
-                + self._store(table, records[mid:], columns, to_row))
+        return self._store(table, records[:mid], columns, to_row) + self._store(table, records[mid:], columns, to_row)
 
     def _reject(self, table: str, record: dict, exc: BaseException) -> None:
         row = rejected_row(table, record, exc)
@@ -286,7 +328,8 @@ class Sink:
             "AND fromUnixTimestamp64Milli({hi:Int64}, 'UTC') AND client_id IN {clients:Array(String)} "
             "AND (client_id, department, api_key_id, model, toUnixTimestamp64Milli(window_start)) "
             "IN {keys:Array(Tuple(String, String, String, String, Int64))}",
-            {"lo": min(starts), "hi": max(starts), "clients": sorted({k[0] for k in keys}), "keys": keys})
+            {"lo": min(starts), "hi": max(starts), "clients": sorted({k[0] for k in keys}), "keys": keys},
+        )
         rows: dict[tuple, dict | None] = {}
         for r in found:  # what FINAL keeps: the highest version, the last written among equals
             key = (r["client_id"], r["department"], r["api_key_id"], r["model"], r["ws_ms"])

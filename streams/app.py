@@ -76,25 +76,31 @@ class WorkerRuntime:
     def __init__(self, settings, partitions: int):
         self.s = settings
         self.partitions = partitions
-        self.output_topics = (settings.topic_rollups, settings.topic_sampled, settings.topic_anomalies,
-                              settings.topic_dlq)
+        self.output_topics = (
+            settings.topic_rollups,
+            settings.topic_sampled,
+            settings.topic_anomalies,
+            settings.topic_dlq,
+        )
         self._partition_counts: dict[str, tuple[int, float]] = {}
         self._send_lock = asyncio.Lock()
         self.build()
 
     # --- life cycle: what is made, in this order ------------------------------------------------
     def build(self) -> None:
-        self.app = self._make_app()                  # 1. faust app: broker, security, batch consumer
-        self._declare_topics()                       # 2. the source (subscribed) and the outputs
-        self.table = self._make_table()              # 3. state table + its changelog (restored first)
-        self.state = TableState(self.table)          # 4. the processor's state over the table's store
+        self.app = self._make_app()  # 1. faust app: broker, security, batch consumer
+        self._declare_topics()  # 2. the source (subscribed) and the outputs
+        self.table = self._make_table()  # 3. state table + its changelog (restored first)
+        self.state = TableState(self.table)  # 4. the processor's state over the table's store
         self.processor = Processor(self.s, self.state, committed=self.committed)
         self.app.tokenaudit_processor = self.processor  # for tests and the metrics page
         self.changelog = self.table.changelog_topic.get_topic_name()
         self.outgoing = PartitionedRecords(self._partitions_of)  # 5. outputs, one record batch per partition
-        self.encoders = {name: compile_encoder(name, memo_large=True) or functools.partial(encode, name)
-                         for name in (ROLLUP, SAMPLED, ANOMALY)}
-        self._wire()                                 # 6. batch handler, idle sweep, rebalance hook, pages
+        self.encoders = {
+            name: compile_encoder(name, memo_large=True) or functools.partial(encode, name)
+            for name in (ROLLUP, SAMPLED, ANOMALY)
+        }
+        self._wire()  # 6. batch handler, idle sweep, rebalance hook, pages
 
     def _make_app(self) -> faust.App:
         s = self.s
@@ -136,8 +142,12 @@ class WorkerRuntime:
             self.app.topic(name, **raw)  # declared (created if missing); written through the producer below
 
     def _make_table(self) -> faust.Table:
-        return self.app.Table(STATE_TABLE, default=None, partitions=self.partitions,  # keys and values: JSON
-                              extra_topic_configs=self.replication.topic_configs())
+        return self.app.Table(
+            STATE_TABLE,
+            default=None,
+            partitions=self.partitions,  # keys and values: JSON
+            extra_topic_configs=self.replication.topic_configs(),
+        )
 
     def _wire(self) -> None:
         app, s = self.app, self.s
@@ -223,7 +233,7 @@ class WorkerRuntime:
                 high = consumer.highwater(tp)
                 read = faust_compat.read_offset(consumer, tp)
                 position = read + 1 if read is not None else (faust_compat.committed_offset(consumer, tp) or 0)
-            except Exception:
+            except Exception:  # noqa: S112 (a partition being revoked has no position: no lag to add)
                 continue
             if high is not None:
                 lag += max(high - position, 0)
@@ -261,17 +271,22 @@ class WorkerRuntime:
         # as compaction and per-key order need, without hashing each key (murmur2 in pure
         # Python cost ~4 us a record). Unknown client (a delta before any state): murmur2.
         client_partition = self.processor.client_partition
-        for topic, records, encoder in ((s.topic_rollups, out.rollups, self.encoders[ROLLUP]),
-                                        (s.topic_sampled, out.sampled, self.encoders[SAMPLED]),
-                                        (s.topic_anomalies, out.anomalies, self.encoders[ANOMALY])):
+        for topic, records, encoder in (
+            (s.topic_rollups, out.rollups, self.encoders[ROLLUP]),
+            (s.topic_sampled, out.sampled, self.encoders[SAMPLED]),
+            (s.topic_anomalies, out.anomalies, self.encoders[ANOMALY]),
+        ):
             if not records:
                 continue
             n = self._partitions_of(topic)
             rollups = topic == s.topic_rollups
             for r in records:
                 client = r["client_id"]
-                key = (rollup_record_key(client, r["department"], r["api_key_id"], r["model"], r["window_start"])
-                       if rollups else client.encode())
+                key = (
+                    rollup_record_key(client, r["department"], r["api_key_id"], r["model"], r["window_start"])
+                    if rollups
+                    else client.encode()
+                )
                 value = encoder(r)
                 p = client_partition(client)
                 if p is None:
@@ -279,8 +294,12 @@ class WorkerRuntime:
                 else:
                     add(topic, p % n, key, value)
         for key, value, reason, p, offset in out.dlq:
-            headers = [("reason", reason.encode()), ("source_topic", s.topic_usage.encode()),
-                       ("source_partition", str(p).encode()), ("source_offset", str(offset).encode())]
+            headers = [
+                ("reason", reason.encode()),
+                ("source_topic", s.topic_usage.encode()),
+                ("source_partition", str(p).encode()),
+                ("source_offset", str(offset).encode()),
+            ]
             if key is None:
                 add(s.topic_dlq, p % self._partitions_of(s.topic_dlq), key, value, headers)
             else:

@@ -29,16 +29,16 @@ class PartitionedRecords:
         self._partitions_of = partitions_of
         self._key_cache: dict[tuple[str, bytes], int] = {}
 
-    def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
-            headers: list | None = None) -> None:
+    def add(
+        self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: list | None = None
+    ) -> None:
         tp = (topic, partition)
         records = self.by_tp.get(tp)
         if records is None:
             records = self.by_tp[tp] = []
         records.append((key, value, headers))
 
-    def add_keyed(self, topic: str, key: bytes, value: bytes, headers: list | None = None,
-                  cache: bool = False) -> None:
+    def add_keyed(self, topic: str, key: bytes, value: bytes, headers: list | None = None, cache: bool = False) -> None:
         """``cache``: the key repeats (client ids), remember its partition."""
         partition = self._key_cache.get((topic, key)) if cache else None
         if partition is None:
@@ -56,8 +56,9 @@ class PartitionedRecords:
         return sum(len(v) for v in self.by_tp.values())
 
 
-async def send_records(producer, by_tp: dict[tuple[str, int], list[Record]],
-                       on_future: Callable[[asyncio.Future], None]) -> None:
+async def send_records(
+    producer, by_tp: dict[tuple[str, int], list[Record]], on_future: Callable[[asyncio.Future], None]
+) -> None:
     """Hand every record to ``producer`` (an aiokafka AIOKafkaProducer); returns once all
     are in its accumulator (not yet delivered: a flush waits for that)."""
 

@@ -32,7 +32,8 @@ _json_key = json.encoder.encode_basestring_ascii  # == json.dumps(str)
 # (~1 us less per changelog record; same output, tested). No circular-reference check:
 # state values are flat lists of scalars.
 _json_chunks = json.encoder.c_make_encoder(
-    None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+    None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
+)
 
 
 def _json_value(value: Any) -> str:

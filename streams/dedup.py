@@ -18,7 +18,7 @@ from __future__ import annotations
 import binascii
 import logging
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from tokenaudit.schemas.event_ids import ID_BYTES, pack_ids, unpack_ids
 from tokenaudit.streams.state import State
@@ -52,8 +52,7 @@ class EventIds:
         self.id_holders: dict[int, deque] = {}
         self._warned_big_window = False
 
-    def restore(self, p: int, chunk_keys: list[str], by_first: dict[int, str], resumed: int | None,
-                last: int) -> None:
+    def restore(self, p: int, chunk_keys: list[str], by_first: dict[int, str], resumed: int | None, last: int) -> None:
         """Rebuild the ids of a partition's windows from its id chunks. A chunk beyond the
         meta record's ``last`` offset was written by a batch whose meta record was lost, and is
         discarded: that batch is processed again and makes the same chunk."""
@@ -70,7 +69,7 @@ class EventIds:
             at = 0
             for k in range(0, len(index), 2):
                 win_first, count = index[k], index[k + 1]
-                run = blob[at:at + ID_BYTES * count]
+                run = blob[at : at + ID_BYTES * count]
                 at += ID_BYTES * count
                 wkey = by_first.get(win_first)
                 if wkey is None:
@@ -108,7 +107,7 @@ class EventIds:
                     continue
                 while pos < len(ids):
                     take = min(len(ids) - pos, limit - len(blob))
-                    blob += ids[pos:pos + take]
+                    blob += ids[pos : pos + take]
                     index += (w.first_offset, take // ID_BYTES)
                     pos += take
                     if len(blob) >= limit:
@@ -156,10 +155,14 @@ class EventIds:
         if len(ids) > ID_BYTES * ROLLUP_MAX_IDS:
             if not self._warned_big_window:
                 self._warned_big_window = True
-                log.warning("window %r has %d events: its rollup carries the ids of the first %d only "
-                            "(late copies of the others would be counted)", wkey, len(ids) // ID_BYTES,
-                            ROLLUP_MAX_IDS)
-            ids = ids[:ID_BYTES * ROLLUP_MAX_IDS]
+                log.warning(
+                    "window %r has %d events: its rollup carries the ids of the first %d only "
+                    "(late copies of the others would be counted)",
+                    wkey,
+                    len(ids) // ID_BYTES,
+                    ROLLUP_MAX_IDS,
+                )
+            ids = ids[: ID_BYTES * ROLLUP_MAX_IDS]
         return _b2a(ids, newline=False).decode("ascii")  # = pack_ids, one call less
 
     def drop(self, p: int, wkeys) -> None:

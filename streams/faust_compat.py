@@ -109,18 +109,25 @@ def check_private_api(app: faust.App | None = None) -> None:
     connection: the objects are only constructed."""
     from aiokafka.client import AIOKafkaClient
 
-    app = app or faust.App("tokenaudit-compat-check", broker="kafka://127.0.0.1:1", store="memory://",
-                           web_enabled=False)
+    app = app or faust.App(
+        "tokenaudit-compat-check", broker="kafka://127.0.0.1:1", store="memory://", web_enabled=False
+    )
     consumer = app.consumer
-    owners = {"consumer": consumer, "app": faust.App, "client": AIOKafkaClient,
-              "producer": app.producer, "store": app.Table("tokenaudit-compat-check", default=None).data,
-              "fetcher": faust.transport.consumer.Fetcher(app)}
+    owners = {
+        "consumer": consumer,
+        "app": faust.App,
+        "client": AIOKafkaClient,
+        "producer": app.producer,
+        "store": app.Table("tokenaudit-compat-check", default=None).data,
+        "fetcher": faust.transport.consumer.Fetcher(app),
+    }
     missing = [f"{what}.{name} ({why})" for what, name, why in PRIVATE_API if not hasattr(owners[what], name)]
     if missing:
         raise IncompatibleDependency(
             f"the installed faust-streaming {_version('faust-streaming')} / aiokafka {_version('aiokafka')} lack "
             f"internals the worker relies on: {'; '.join(missing)}. Install the versions pinned in "
-            "pyproject.toml, or port streams/faust_compat.py to the new ones")
+            "pyproject.toml, or port streams/faust_compat.py to the new ones"
+        )
 
 
 def _version(dist: str) -> str:
@@ -145,7 +152,7 @@ BatchHandler = Callable[[list[tuple[TP, list[Any]]]], Awaitable[None]]
 class _InFlight:
     """Stands for a batch in the consumer's unacked set (``wait_empty`` reads ``acked``)."""
 
-    __slots__ = ("acked", "refcount", "__weakref__")
+    __slots__ = ("__weakref__", "acked", "refcount")
 
     def __init__(self) -> None:
         self.acked = False
@@ -178,7 +185,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     try:
                         await self.perform_seek()  # as faust's getmany does
                     except Exception as exc:
-                        self.log.warning(f"exception performing seek when flow not active {exc}")
+                        self.log.warning("exception performing seek when flow not active %s", exc)
                     continue
                 if records:
                     # Fetch the next batch while this one is handled: the fetch round trip and

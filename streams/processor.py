@@ -62,7 +62,17 @@ from tokenaudit.streams.outputs import Counters, Outputs
 from tokenaudit.streams.rules import Rules
 from tokenaudit.streams.sampler import Sampling
 from tokenaudit.streams.state import State
-from tokenaudit.streams.window_state import M_DUPS, M_LAST, M_SKEWED, M_WM, N_COUNT, N_INPUT, N_LATENCY, N_OFFSET, Window
+from tokenaudit.streams.window_state import (
+    M_DUPS,
+    M_LAST,
+    M_SKEWED,
+    M_WM,
+    N_COUNT,
+    N_INPUT,
+    N_LATENCY,
+    N_OFFSET,
+    Window,
+)
 from tokenaudit.streams.windows import Windows
 
 log = logging.getLogger("tokenaudit.worker")
@@ -74,7 +84,8 @@ INF = math.inf
 # version in ~1.5 us (generated Python without a compiler: ~7 us; fastavro's generic reader:
 # 12-18 us); older writers go through fastavro.
 decode_event = compile_decoder(EVENT)
-assert decode_event is not None, "the token-usage event schema is flat by contract"
+if decode_event is None:
+    raise AssertionError("the token-usage event schema is flat by contract")
 
 
 class Processor:
@@ -97,8 +108,15 @@ class Processor:
         self.sampling = Sampling(state, settings.sample_fraction, settings.sample_warmup)
         self.input_threshold = self.rules.input_threshold
         # the processor's clock and committed offsets, read when asked (tests move them)
-        self.windows = Windows(settings, state, self.ids, self.rules, self.counters, lambda p: self.committed(p),
-                               lambda: self.clock())
+        self.windows = Windows(
+            settings,
+            state,
+            self.ids,
+            self.rules,
+            self.counters,
+            lambda p: self.committed(p),  # noqa: PLW0108 (late-bound: tests swap self.committed)
+            lambda: self.clock(),  # noqa: PLW0108 (late-bound: tests swap self.clock)
+        )
         self.batch_partitions: set[int] = set()
         self._meta_keys: dict[int, str] = {}
 
@@ -118,14 +136,14 @@ class Processor:
             meta = [0, -1, 0, []]  # watermark ms, last offset, copies dropped, skew-rejected offsets
             self.state.put(p, key, meta)
         elif len(meta) < 4:  # written before copies were counted
-            meta.extend([0, []][len(meta) - 2:])
+            meta.extend([0, []][len(meta) - 2 :])
         return meta
 
     def duplicates(self, partitions=None) -> int:
         """Copies dropped on the given partitions (default: all in state), ever: kept in the
         partitions' meta records, so the count survives restarts and moves with a partition."""
         total = 0
-        for p in (set(self.state.key_partition.values()) if partitions is None else partitions):
+        for p in set(self.state.key_partition.values()) if partitions is None else partitions:
             meta = self.state.get(keys.meta_key(p))
             if meta is not None and len(meta) > M_DUPS:
                 total += meta[M_DUPS]
@@ -201,21 +219,36 @@ class Processor:
             # schemas.identifiers) only when the window is not in state: one in state was made
             # from checked ones, and a key built from identifiers holding the separator has more
             # parts than any window's key.
-            if not (0 <= ev["input_tokens"] <= max_tokens and 0 <= ev["output_tokens"] <= max_tokens
-                    and 0 <= ev["total_tokens"] <= max_tokens and 100 <= ev["status_code"] <= 599
-                    and 0.0 <= ev["latency_ms"] < INF
-                    and (w is not None or (
-                        0 < len(client) <= 128 and client.isprintable() and 0 < len(model) <= 128
-                        and model.isprintable() and len(dept) <= 128 and dept.isprintable()
-                        and (akey is None or (len(akey) <= 128 and akey.isprintable()))))):
+            if not (
+                0 <= ev["input_tokens"] <= max_tokens
+                and 0 <= ev["output_tokens"] <= max_tokens
+                and 0 <= ev["total_tokens"] <= max_tokens
+                and 100 <= ev["status_code"] <= 599
+                and 0.0 <= ev["latency_ms"] < INF
+                and (
+                    w is not None
+                    or (
+                        0 < len(client) <= 128
+                        and client.isprintable()
+                        and 0 < len(model) <= 128
+                        and model.isprintable()
+                        and len(dept) <= 128
+                        and dept.isprintable()
+                        and (akey is None or (len(akey) <= 128 and akey.isprintable()))
+                    )
+                )
+            ):
                 self._dead(out, key, value, event_problem(ev, max_tokens) or "invalid", p, offset)
                 continue
             if eid is not None:
                 # the id's 16 bytes, which also checks it is UUID text (schemas.event_ids.id_bytes,
                 # inline: the per-event path)
                 try:
-                    h = fromhex(eid.replace("-", "")) if (len(eid) == 36 and eid[8] == "-" and eid[13] == "-"
-                                                          and eid[18] == "-" and eid[23] == "-") else b""
+                    h = (
+                        fromhex(eid.replace("-", ""))
+                        if (len(eid) == 36 and eid[8] == "-" and eid[13] == "-" and eid[18] == "-" and eid[23] == "-")
+                        else b""
+                    )
                 except ValueError:
                     h = b""
                 if len(h) != ID_BYTES:
@@ -391,8 +424,9 @@ class Processor:
 
     def _skew_reason(self, ts: int, skew_limit: int) -> str:
         ahead = (ts - (skew_limit - self.skew_ms)) / 1000
-        return (f"invalid: event time {ts} is {ahead:.0f} s ahead of the worker's clock "
-                f"(limit {self.skew_ms / 1000:.0f} s)")
+        return (
+            f"invalid: event time {ts} is {ahead:.0f} s ahead of the worker's clock (limit {self.skew_ms / 1000:.0f} s)"
+        )
 
     def _norm(self, p: int, model: str, cache: dict) -> tuple[str, list]:
         """The partition's latency norm of ``model`` (``N_*`` slots)."""
@@ -412,13 +446,15 @@ class Processor:
         key = self._meta_keys[p] = keys.meta_key(p)
         return key
 
-    def _per_request(self, ev: dict, w: Window | None, wkey: str, ws: int, p: int, offset: int, out: Outputs,
-                     fold: bool) -> None:
+    def _per_request(
+        self, ev: dict, w: Window | None, wkey: str, ws: int, p: int, offset: int, out: Outputs, fold: bool
+    ) -> None:
         """Per-request anomaly rule and the top-fraction sampler. ``fold``: the event is new
         (above the meta record's last offset), so it goes into the sketch; in the replay zone
         the stored sketch already holds what it should."""
         kept = ev["input_tokens"] > self.input_threshold and self.rules.request(
-            ev, w, ws, offset, lambda: self.state.touch(wkey), out.anomalies)
+            ev, w, ws, offset, lambda: self.state.touch(wkey), out.anomalies
+        )
         if kept:
             out.sampled.append(self._sampled(ev, "anomaly:input_tokens", float(self.input_threshold)))
         sampling = self.sampling

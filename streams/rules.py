@@ -11,7 +11,7 @@ updated once per window, when it closes.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from tokenaudit.schemas import records
 from tokenaudit.streams.outputs import Counters
@@ -38,14 +38,38 @@ class Rules:
         self.latency_factor = settings.anomaly_latency_factor
         self.new_client_tokens = settings.anomaly_new_client_tokens
 
-    def anomaly(self, rule: str, client: str, dept: str, model: str, ws: int, observed: float, thr: float,
-                message: str, request_id: str | None = None, ts: int | None = None, api_key_id: str = "") -> dict:
+    def anomaly(
+        self,
+        rule: str,
+        client: str,
+        dept: str,
+        model: str,
+        ws: int,
+        observed: float,
+        thr: float,
+        message: str,
+        request_id: str | None = None,
+        ts: int | None = None,
+        api_key_id: str = "",
+    ) -> dict:
         self.counters.anomalies += 1
-        return records.anomaly(rule, client, dept, model, ws, observed, thr, message,
-                               ts if ts is not None else ws + self.window_ms, request_id, api_key_id)
+        return records.anomaly(
+            rule,
+            client,
+            dept,
+            model,
+            ws,
+            observed,
+            thr,
+            message,
+            ts if ts is not None else ws + self.window_ms,
+            request_id,
+            api_key_id,
+        )
 
-    def window(self, client: str, dept: str, akey: str, model: str, ws: int, w: Window, closing: bool,
-               anomalies: list) -> None:
+    def window(
+        self, client: str, dept: str, akey: str, model: str, ws: int, w: Window, closing: bool, anomalies: list
+    ) -> None:
         """The window rules on ``w`` (appended to ``anomalies``); ``closing``: the window closes
         now, so it also moves its client's baseline (once per window)."""
         ckey = client_key(client)
@@ -55,26 +79,71 @@ class Rules:
             sigma = max(math.sqrt(max(c[C_VAR], 0.0)), 0.1 * c[C_MEAN], 1.0)
             thr = max(self.spike_floor, c[C_MEAN] + self.spike_k * sigma)
             if tokens > thr:
-                anomalies.append(self.anomaly(
-                    "token_spike", client, dept, model, ws, tokens, thr,
-                    f"{tokens} tokens in the window vs a baseline of {c[C_MEAN]:.0f} (band {thr:.0f})", api_key_id=akey))
+                anomalies.append(
+                    self.anomaly(
+                        "token_spike",
+                        client,
+                        dept,
+                        model,
+                        ws,
+                        tokens,
+                        thr,
+                        f"{tokens} tokens in the window vs a baseline of {c[C_MEAN]:.0f} (band {thr:.0f})",
+                        api_key_id=akey,
+                    )
+                )
         if w.requests >= self.error_min_requests and w.errors / w.requests >= self.error_rate:
             rate = w.errors / w.requests
-            anomalies.append(self.anomaly(
-                "error_rate", client, dept, model, ws, rate, self.error_rate,
-                f"{w.errors} of {w.requests} requests failed ({rate:.0%})", api_key_id=akey))
-        if (w.norm_count is not None and w.norm_count >= self.latency_min_requests and w.norm_input > 0
-                and w.input_tokens > 0 and w.requests >= 3):
+            anomalies.append(
+                self.anomaly(
+                    "error_rate",
+                    client,
+                    dept,
+                    model,
+                    ws,
+                    rate,
+                    self.error_rate,
+                    f"{w.errors} of {w.requests} requests failed ({rate:.0%})",
+                    api_key_id=akey,
+                )
+            )
+        if (
+            w.norm_count is not None
+            and w.norm_count >= self.latency_min_requests
+            and w.norm_input > 0
+            and w.input_tokens > 0
+            and w.requests >= 3
+        ):
             model_ratio = w.norm_latency / w.norm_input
             ratio = w.latency_ms_sum / w.input_tokens
             if ratio > self.latency_factor * model_ratio:
-                anomalies.append(self.anomaly(
-                    "latency_per_token", client, dept, model, ws, ratio, model_ratio,
-                    f"{ratio:.3f} ms per input token vs {model_ratio:.3f} for {model}", api_key_id=akey))
+                anomalies.append(
+                    self.anomaly(
+                        "latency_per_token",
+                        client,
+                        dept,
+                        model,
+                        ws,
+                        ratio,
+                        model_ratio,
+                        f"{ratio:.3f} ms per input token vs {model_ratio:.3f} for {model}",
+                        api_key_id=akey,
+                    )
+                )
         if c is not None and c[C_N] == 0 and c[C_FIRST] == ws and tokens >= self.new_client_tokens:
-            anomalies.append(self.anomaly(
-                "new_client_volume", client, dept, model, ws, tokens, self.new_client_tokens,
-                f"never-seen client used {tokens} tokens in its first window", api_key_id=akey))
+            anomalies.append(
+                self.anomaly(
+                    "new_client_volume",
+                    client,
+                    dept,
+                    model,
+                    ws,
+                    tokens,
+                    self.new_client_tokens,
+                    f"never-seen client used {tokens} tokens in its first window",
+                    api_key_id=akey,
+                )
+            )
         if closing and c is not None and ws > c[C_LAST]:
             if c[C_N] == 0:
                 c[C_MEAN], c[C_VAR] = float(tokens), 0.0
@@ -87,8 +156,9 @@ class Rules:
             c[C_LAST] = ws
             self.state.touch(ckey)
 
-    def request(self, ev: dict, w: Window | None, ws: int, offset: int, touch: Callable[[], None],
-                anomalies: list) -> bool:
+    def request(
+        self, ev: dict, w: Window | None, ws: int, offset: int, touch: Callable[[], None], anomalies: list
+    ) -> bool:
         """The input-token rule on one request: fires once per window (at the first offset
         over the threshold, so a replay fires it again for that event only). True if it fired."""
         if ev["input_tokens"] > self.input_threshold and (w is None or w.fired_at in (-1, offset)):
@@ -96,9 +166,20 @@ class Rules:
                 w.fired_at = offset
                 touch()
             obs, thr = ev["input_tokens"], self.input_threshold
-            anomalies.append(self.anomaly(
-                "input_tokens", ev["client_id"], ev["department"], ev["model"], ws, obs, thr,
-                f"request {ev['request_id']} sent {obs} input tokens (threshold {thr})",
-                request_id=ev["request_id"], ts=ev["ts"], api_key_id=ev["api_key_id"] or ""))
+            anomalies.append(
+                self.anomaly(
+                    "input_tokens",
+                    ev["client_id"],
+                    ev["department"],
+                    ev["model"],
+                    ws,
+                    obs,
+                    thr,
+                    f"request {ev['request_id']} sent {obs} input tokens (threshold {thr})",
+                    request_id=ev["request_id"],
+                    ts=ev["ts"],
+                    api_key_id=ev["api_key_id"] or "",
+                )
+            )
             return True
         return False

@@ -99,7 +99,7 @@ class MemoryState(State):
         # what the changelog holds (a window as its list), so persisted() restores as recovery does
         self.writes.append((partition, key, copy.deepcopy(state_value_for_changelog(value))))
 
-    def persisted(self) -> "MemoryState":
+    def persisted(self) -> MemoryState:
         """A fresh state rebuilt from the writes so far, as recovery after a crash would."""
         fresh = MemoryState()
         for partition, key, value in self.writes:

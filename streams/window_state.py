@@ -25,9 +25,25 @@ class Window:
     ``first_offset``: the offset of the event that opened the window (unique per partition:
     it names the window in id chunks); None in a window from before it was kept."""
 
-    __slots__ = ("department", "requests", "errors", "input_tokens", "output_tokens", "total_tokens",
-                 "latency_ms_sum", "latency_ms_max", "max_input_tokens", "truncated", "applied_offset",
-                 "closed_at", "fired_at", "norm_latency", "norm_input", "norm_count", "first_offset")
+    __slots__ = (
+        "applied_offset",
+        "closed_at",
+        "department",
+        "errors",
+        "fired_at",
+        "first_offset",
+        "input_tokens",
+        "latency_ms_max",
+        "latency_ms_sum",
+        "max_input_tokens",
+        "norm_count",
+        "norm_input",
+        "norm_latency",
+        "output_tokens",
+        "requests",
+        "total_tokens",
+        "truncated",
+    )
 
     def __init__(self, department: str, first_offset: int | None) -> None:
         self.department = department
@@ -41,7 +57,7 @@ class Window:
         self.first_offset = first_offset
 
     @classmethod
-    def one_event(cls, department: str, ev: dict, offset: int) -> "Window":
+    def one_event(cls, department: str, ev: dict, offset: int) -> Window:
         """The totals of one event alone (a late event's delta)."""
         w = cls(department, None)
         w.requests, w.errors = 1, int(ev["status_code"] >= 400)
@@ -60,28 +76,70 @@ class Window:
         the current layout (~0.1 us; it runs for every window written, about once per event
         when nearly every event opens a window), the shorter layouts of older releases after it."""
         if self.first_offset is not None:
-            return [self.department, self.requests, self.errors, self.input_tokens, self.output_tokens,
-                    self.total_tokens, self.latency_ms_sum, self.latency_ms_max, self.max_input_tokens,
-                    self.truncated, self.applied_offset, self.closed_at, self.fired_at, self.norm_latency,
-                    self.norm_input, self.norm_count, self.first_offset]
-        out = [self.department, self.requests, self.errors, self.input_tokens, self.output_tokens,
-               self.total_tokens, self.latency_ms_sum, self.latency_ms_max, self.max_input_tokens, self.truncated,
-               self.applied_offset, self.closed_at, self.fired_at]
+            return [
+                self.department,
+                self.requests,
+                self.errors,
+                self.input_tokens,
+                self.output_tokens,
+                self.total_tokens,
+                self.latency_ms_sum,
+                self.latency_ms_max,
+                self.max_input_tokens,
+                self.truncated,
+                self.applied_offset,
+                self.closed_at,
+                self.fired_at,
+                self.norm_latency,
+                self.norm_input,
+                self.norm_count,
+                self.first_offset,
+            ]
+        out = [
+            self.department,
+            self.requests,
+            self.errors,
+            self.input_tokens,
+            self.output_tokens,
+            self.total_tokens,
+            self.latency_ms_sum,
+            self.latency_ms_max,
+            self.max_input_tokens,
+            self.truncated,
+            self.applied_offset,
+            self.closed_at,
+            self.fired_at,
+        ]
         if self.norm_count is not None:
             out += (self.norm_latency, self.norm_input, self.norm_count)
         return out
 
     @classmethod
-    def from_list(cls, value: list[Any]) -> "Window":
+    def from_list(cls, value: list[Any]) -> Window:
         w = cls.__new__(cls)
-        (w.department, w.requests, w.errors, w.input_tokens, w.output_tokens, w.total_tokens, w.latency_ms_sum,
-         w.latency_ms_max, w.max_input_tokens, w.truncated, w.applied_offset, w.closed_at, w.fired_at) = value[:13]
+        (
+            w.department,
+            w.requests,
+            w.errors,
+            w.input_tokens,
+            w.output_tokens,
+            w.total_tokens,
+            w.latency_ms_sum,
+            w.latency_ms_max,
+            w.max_input_tokens,
+            w.truncated,
+            w.applied_offset,
+            w.closed_at,
+            w.fired_at,
+        ) = value[:13]
         w.norm_latency, w.norm_input, w.norm_count = value[13:16] if len(value) >= 16 else (None, None, None)
         w.first_offset = value[16] if len(value) > 16 else None
         return w
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Window) and self.as_list() == other.as_list()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: equal by value, so not hashable
 
     def __repr__(self) -> str:
         return f"Window({self.as_list()!r})"

@@ -13,7 +13,7 @@ in a fresh group's replay.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from tokenaudit.schemas import records
 from tokenaudit.schemas.event_ids import derived_event_id, id_bytes, pack_ids
@@ -26,8 +26,16 @@ from tokenaudit.streams.window_state import M_LAST, M_WM, Window
 
 
 class Windows:
-    def __init__(self, settings, state: State, ids: EventIds, rules: Rules, counters: Counters,
-                 committed: Callable[[int], int | None], clock: Callable[[], float]):
+    def __init__(
+        self,
+        settings,
+        state: State,
+        ids: EventIds,
+        rules: Rules,
+        counters: Counters,
+        committed: Callable[[int], int | None],
+        clock: Callable[[], float],
+    ):
         self.s = settings
         self.state = state
         self.ids = ids
@@ -207,20 +215,42 @@ class Windows:
         if self.emitted.get(wkey) != mark:
             self.emitted[wkey] = mark
             self.counters.rollups += 1
-            out.rollups.append(records.usage_rollup(client, dept, akey, model, ws, ws + self.window_ms, w, None,
-                                                    self.ids.packed(wkey, ids) if ids else ""))
+            out.rollups.append(
+                records.usage_rollup(
+                    client,
+                    dept,
+                    akey,
+                    model,
+                    ws,
+                    ws + self.window_ms,
+                    w,
+                    None,
+                    self.ids.packed(wkey, ids) if ids else "",
+                )
+            )
         self.rules.window(client, dept, akey, model, ws, w, closing, out.anomalies)
 
     def _mark(self, wkey: str, w: Window) -> tuple[int, int]:
         ids = self.ids.window_ids.get(wkey)
         return (w.requests, len(ids) if ids is not None else 0)
 
-    def delta(self, ev: dict, client: str, dept: str, akey: str, model: str, ws: int, p: int, offset: int,
-              out: Outputs) -> None:
+    def delta(
+        self, ev: dict, client: str, dept: str, akey: str, model: str, ws: int, p: int, offset: int, out: Outputs
+    ) -> None:
         """An event for a closed window: a one-event rollup the sink merges into the stored row
         once (by delta id, and by event id when the row lists its events)."""
         event_ids = pack_ids(id_bytes(ev["event_id"] or derived_event_id(ev)) or b"") if self.dedup else ""
         self.counters.rollups += 1
-        out.rollups.append(records.usage_rollup(client, dept, akey, model, ws, ws + self.window_ms,
-                                                Window.one_event(dept, ev, offset),
-                                                f"{self.s.topic_usage}:{p}:{offset}", event_ids))
+        out.rollups.append(
+            records.usage_rollup(
+                client,
+                dept,
+                akey,
+                model,
+                ws,
+                ws + self.window_ms,
+                Window.one_event(dept, ev, offset),
+                f"{self.s.topic_usage}:{p}:{offset}",
+                event_ids,
+            )
+        )

@@ -28,8 +28,16 @@ def kafka_broker(tmp_path_factory) -> KafkaBroker | None:
         return
     settings = load_settings()
     home = tmp_path_factory.mktemp("kafka")
-    broker = KafkaBroker(BrokerConfig(home=home, cache_dir=settings.cache_dir, version=settings.kafka_version,
-                                      port=free_port(), controller_port=free_port(), heap="512m"))
+    broker = KafkaBroker(
+        BrokerConfig(
+            home=home,
+            cache_dir=settings.cache_dir,
+            version=settings.kafka_version,
+            port=free_port(),
+            controller_port=free_port(),
+            heap="512m",
+        )
+    )
     broker.start()
     yield broker
     broker.stop()
@@ -87,8 +95,9 @@ def small_disk():
         path.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
         if done.returncode != 0:
-            pytest.fail(f"cannot mount a tmpfs here (the full-disk tests need root, as CI has): "
-                        f"{done.stderr.decode().strip()}")
+            pytest.fail(
+                f"cannot mount a tmpfs here (the full-disk tests need root, as CI has): {done.stderr.decode().strip()}"
+            )
         mounted.append(path)
         return path
 

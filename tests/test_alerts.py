@@ -16,21 +16,32 @@ ALERTS = Path(__file__).resolve().parent.parent / "infra" / "alerts"
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.fail("promtool not found: `make setup` installs it (Debian's prometheus package: "
-                    "apt-get install -y --no-install-recommends prometheus)")
+        pytest.fail(
+            "promtool not found: `make setup` installs it (Debian's prometheus package: "
+            "apt-get install -y --no-install-recommends prometheus)"
+        )
     return path
 
 
 def test_rules_file_is_valid():
-    proc = subprocess.run([_promtool(), "check", "rules", str(ALERTS / "tokenaudit.rules.yml")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [_promtool(), "check", "rules", str(ALERTS / "tokenaudit.rules.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS: 6 rules found" in proc.stdout
 
 
 def test_each_alert_fires_on_its_series_and_not_on_healthy_ones():
-    proc = subprocess.run([_promtool(), "test", "rules", "tokenaudit.rules.test.yml"], cwd=ALERTS,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [_promtool(), "test", "rules", "tokenaudit.rules.test.yml"],
+        cwd=ALERTS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

@@ -7,8 +7,9 @@ import json
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner
@@ -17,19 +18,27 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from tokenaudit.cli import main
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.procutil import free_port
-from tokenaudit.schemas import ANOMALY, encode
-from tokenaudit.settings import get_settings
 from tokenaudit.reports.anomaly_follow import follow
 from tokenaudit.reports.webhook import WebhookError, WebhookForwarder, WebhookRejected, anomaly_json
+from tokenaudit.schemas import ANOMALY, encode
+from tokenaudit.settings import get_settings
 
 
 def planted(i: int = 0) -> dict:
-    return {"anomaly_id": f"spike:acme:{uuid.uuid4().hex[:8]}", "ts": datetime(2026, 11, 28, 12, 0, i, 250000,
-                                                                                 tzinfo=timezone.utc),
-            "client_id": "acme-batch", "department": "research", "model": "t5-tiny", "rule": "spike",
-            "severity": "critical", "observed": 91234.0, "threshold": 12000.0,
-            "window_start": datetime(2026, 11, 28, 11, 59, tzinfo=timezone.utc), "request_id": None,
-            "message": "tokens 7.6x the client's baseline"}
+    return {
+        "anomaly_id": f"spike:acme:{uuid.uuid4().hex[:8]}",
+        "ts": datetime(2026, 11, 28, 12, 0, i, 250000, tzinfo=UTC),
+        "client_id": "acme-batch",
+        "department": "research",
+        "model": "t5-tiny",
+        "rule": "spike",
+        "severity": "critical",
+        "observed": 91234.0,
+        "threshold": 12000.0,
+        "window_start": datetime(2026, 11, 28, 11, 59, tzinfo=UTC),
+        "request_id": None,
+        "message": "tokens 7.6x the client's baseline",
+    }
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes], key: bytes = b"acme-batch") -> None:
@@ -56,8 +65,11 @@ def test_cli_follow_prints_a_planted_anomaly(kafka_bootstrap, topic_name, data_d
     monkeypatch.setenv("TOKENAUDIT_KAFKA_BOOTSTRAP", kafka_bootstrap)
     monkeypatch.setenv("TOKENAUDIT_TOPIC_ANOMALIES", topic_name)
     get_settings.cache_clear()
-    result = CliRunner().invoke(main, ["anomalies", "--follow", "--from-beginning", "--group", group,
-                                       "--max-messages", "1", "--format", "json"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        main,
+        ["anomalies", "--follow", "--from-beginning", "--group", group, "--max-messages", "1", "--format", "json"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("{")]
     assert [json.loads(line) for line in lines] == [anomaly_json(anomaly)]
@@ -66,10 +78,10 @@ def test_cli_follow_prints_a_planted_anomaly(kafka_bootstrap, topic_name, data_d
 
 
 class Hook(BaseHTTPRequestHandler):
-    received: list = []
-    statuses: list = []
+    received: ClassVar[list] = []  # shared by the handler instances of one server
+    statuses: ClassVar[list] = []
 
-    def do_POST(self):  # noqa: N802 - http.server API
+    def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         status = self.statuses.pop(0) if self.statuses else 200
         if status == 200:
@@ -105,8 +117,11 @@ def test_webhook_delivers_after_the_endpoint_was_down(kafka_bootstrap, topic_nam
     failures = []
     patient = WebhookForwarder(url, timeout=1, backoff_max=0.3, on_retry=lambda n, why: failures.append(why))
     done = {}
-    thread = threading.Thread(target=lambda: done.update(n=follow(
-        kafka_bootstrap, topic_name, group, patient.deliver, from_beginning=True, max_messages=1)))
+    thread = threading.Thread(
+        target=lambda: done.update(
+            n=follow(kafka_bootstrap, topic_name, group, patient.deliver, from_beginning=True, max_messages=1)
+        )
+    )
     thread.start()
     deadline = time.monotonic() + 60
     while len(failures) < 3 and time.monotonic() < deadline:

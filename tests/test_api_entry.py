@@ -49,8 +49,9 @@ def test_api_alone_answers_reports_and_errors_in_the_envelope(tmp_path):
     env = dict(os.environ, TOKENAUDIT_DATA_DIR=str(tmp_path / "data"), TOKENAUDIT_USAGE_API_PORT=str(port))
     migrated = subprocess.run(CLI + ["db", "migrate"], env=env, capture_output=True, text=True, timeout=120)
     assert migrated.returncode == 0, migrated.stderr
-    added = subprocess.run(CLI + ["keys", "add", "--client", "ops", "--admin"], env=env, capture_output=True,
-                           text=True, timeout=60)
+    added = subprocess.run(
+        CLI + ["keys", "add", "--client", "ops", "--admin"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert added.returncode == 0, added.stderr
     headers = {"Authorization": f"Bearer {added.stdout.strip()}"}
     proc = subprocess.Popen(CLI + ["api"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -70,11 +71,16 @@ def test_api_alone_answers_reports_and_errors_in_the_envelope(tmp_path):
 def test_sink_without_the_api_serves_its_own_health_and_metrics(kafka_bootstrap, tmp_path):
     tag = f"a{uuid.uuid4().hex[:8]}"
     sink_port, api_port = free_port(), free_port()
-    env = dict(os.environ, TOKENAUDIT_KAFKA_BOOTSTRAP=kafka_bootstrap, TOKENAUDIT_DATA_DIR=str(tmp_path / "data"),
-               TOKENAUDIT_SINK_PORT=str(sink_port), TOKENAUDIT_USAGE_API_PORT=str(api_port),
-               TOKENAUDIT_SINK_GROUP_ID=f"{tag}-sink", TOKENAUDIT_KAFKA_PARTITIONS="1",
-               **{f"TOKENAUDIT_TOPIC_{t.upper()}": f"{tag}-{t}" for t in ("usage", "anomalies", "dlq", "rollups",
-                                                                          "sampled")})
+    env = dict(
+        os.environ,
+        TOKENAUDIT_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        TOKENAUDIT_DATA_DIR=str(tmp_path / "data"),
+        TOKENAUDIT_SINK_PORT=str(sink_port),
+        TOKENAUDIT_USAGE_API_PORT=str(api_port),
+        TOKENAUDIT_SINK_GROUP_ID=f"{tag}-sink",
+        TOKENAUDIT_KAFKA_PARTITIONS="1",
+        **{f"TOKENAUDIT_TOPIC_{t.upper()}": f"{tag}-{t}" for t in ("usage", "anomalies", "dlq", "rollups", "sampled")},
+    )
     proc = subprocess.Popen(CLI + ["sink", "--no-api"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         _wait_ok(proc, f"http://127.0.0.1:{sink_port}/healthz")
@@ -95,8 +101,7 @@ def test_the_supervisor_composes_the_api_with_the_sink_only_for_the_embedded_sto
     embedded = services(usage_api_port=9101, sink_port=9102)
     assert [name for name, *_ in embedded] == ["sink", "worker", "inference"]
     assert embedded[0][1:] == (["sink", "--api"], [("127.0.0.1", 9101)])
-    server = services(clickhouse_dsn="http://default:x@clickhouse.internal:8123", usage_api_port=9101,
-                      sink_port=9102)
+    server = services(clickhouse_dsn="http://default:x@clickhouse.internal:8123", usage_api_port=9101, sink_port=9102)
     assert [name for name, *_ in server] == ["sink", "api", "worker", "inference"]
     assert server[0][1:] == (["sink", "--no-api"], [("127.0.0.1", 9102)])
     assert server[1][1:] == (["api"], [("127.0.0.1", 9101)])

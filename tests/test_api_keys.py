@@ -10,16 +10,28 @@ import stat
 import threading
 import time
 import tomllib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenaudit.infra.keys import (AuthError, KeyRegistry, KeyRegistryError, add_key, bearer_token,
-                                           hash_key, key_id_of, list_keys, parse_expiry, parse_registry,
-                                           revoke_key, toml_string, write_marker)
+from tokenaudit.infra.keys import (
+    AuthError,
+    KeyRegistry,
+    KeyRegistryError,
+    add_key,
+    bearer_token,
+    hash_key,
+    key_id_of,
+    list_keys,
+    parse_expiry,
+    parse_registry,
+    revoke_key,
+    toml_string,
+    write_marker,
+)
 
 
 @pytest.fixture
@@ -37,8 +49,12 @@ def test_keys_stored_as_hashes_and_looked_up(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     reg = KeyRegistry.load(path)
     found = reg.lookup(alice)
-    assert (found.client_id, found.department, found.role, found.key_id) == ("alice", "research", "client",
-                                                                             key_id_of(alice))
+    assert (found.client_id, found.department, found.role, found.key_id) == (
+        "alice",
+        "research",
+        "client",
+        key_id_of(alice),
+    )
     assert found.created is not None and abs(found.created.timestamp() - time.time()) < 60
     assert found.expires is None and not found.expired()
     assert reg.lookup(root).is_admin
@@ -57,13 +73,16 @@ def test_every_write_replaces_the_file_whole(tmp_path):
     assert [k.client_id for k in list_keys(path)] == ["alice"]
 
 
-@pytest.mark.parametrize("content, match", [
-    ("[[keys]]\nhash = 'sha256:abc'\nclient_id = 'x'\n", "entry 0 is invalid"),
-    ("[[keys]]\nclient_id = 'x'\n", "entry 0 is invalid"),
-    ("[[keys]]\nhash = 'sha256:" + "a" * 64 + "'\nclient_id = \"a\\u0007b\"\n", "non-printable"),
-    ("[[keys]]\nhash = 'sha256:" + "a" * 64 + "'\nclient_id = 'x'\nexpires = 2026-01-01T00:00:00\n", "zone"),
-    ("[[keys]\n", "unreadable"),
-])
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("[[keys]]\nhash = 'sha256:abc'\nclient_id = 'x'\n", "entry 0 is invalid"),
+        ("[[keys]]\nclient_id = 'x'\n", "entry 0 is invalid"),
+        ("[[keys]]\nhash = 'sha256:" + "a" * 64 + '\'\nclient_id = "a\\u0007b"\n', "non-printable"),
+        ("[[keys]]\nhash = 'sha256:" + "a" * 64 + "'\nclient_id = 'x'\nexpires = 2026-01-01T00:00:00\n", "zone"),
+        ("[[keys]\n", "unreadable"),
+    ],
+)
 def test_malformed_registry(tmp_path, content, match):
     path = tmp_path / "keys.toml"
     path.write_text(content)
@@ -71,16 +90,19 @@ def test_malformed_registry(tmp_path, content, match):
         KeyRegistry.load(path)
 
 
-@pytest.mark.parametrize("client_id, department, problem", [
-    ("x", "ops", "role"),
-    ('evil"\nrole = "admin', "", "non-printable"),
-    ("bell\x07", "", "non-printable"),
-    ("tab\there", "", "non-printable"),
-    ("fine", "dept\x1f", "non-printable"),
-    ("", "", "empty"),
-    ("x" * 129, "", "129 characters"),
-    ("surrogate\ud800", "", "non-printable"),
-])
+@pytest.mark.parametrize(
+    ("client_id", "department", "problem"),
+    [
+        ("x", "ops", "role"),
+        ('evil"\nrole = "admin', "", "non-printable"),
+        ("bell\x07", "", "non-printable"),
+        ("tab\there", "", "non-printable"),
+        ("fine", "dept\x1f", "non-printable"),
+        ("", "", "empty"),
+        ("x" * 129, "", "129 characters"),
+        ("surrogate\ud800", "", "non-printable"),
+    ],
+)
 def test_keys_add_refuses_bad_identifiers_and_writes_nothing(tmp_path, client_id, department, problem):
     path = tmp_path / "k.toml"
     add_key(path, "first")
@@ -97,9 +119,12 @@ def test_toml_strings_round_trip_through_the_reader(value):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(client=st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cf", "Zl", "Zp", "Co", "Cn")),
-                      min_size=1, max_size=128).filter(str.isprintable),
-       dept=st.text(max_size=20).filter(str.isprintable))
+@given(
+    client=st.text(
+        st.characters(blacklist_categories=("Cs", "Cc", "Cf", "Zl", "Zp", "Co", "Cn")), min_size=1, max_size=128
+    ).filter(str.isprintable),
+    dept=st.text(max_size=20).filter(str.isprintable),
+)
 def test_any_identifier_keys_add_accepts_reads_back_exactly(tmp_path, client, dept):
     path = tmp_path / f"k-{abs(hash((client, dept)))}.toml"
     raw = add_key(path, client, dept)
@@ -135,7 +160,7 @@ def test_running_registry_follows_adds_revocations_and_expiry(tmp_path, fast_rel
     with pytest.raises(AuthError, match="unknown API key") as err:
         reg.authenticate(f"Bearer {first}")
     assert err.value.status == 401
-    soon = add_key(path, "carol", expires=datetime.now(timezone.utc) + timedelta(seconds=1))
+    soon = add_key(path, "carol", expires=datetime.now(UTC) + timedelta(seconds=1))
     assert reg.authenticate(f"Bearer {soon}").client_id == "carol"
     deadline = time.monotonic() + 5
     while reg.lookup(soon) is not None and time.monotonic() < deadline:
@@ -178,8 +203,9 @@ def test_open_until_a_registry_appears_then_enforced(tmp_path, fast_reload):
     assert reg.authenticate(f"Bearer {key}").client_id == "alice"
     with pytest.raises(AuthError):
         reg.authenticate(None)
-    assert KeyRegistry(tmp_path / "other.toml", required=True).state == "unavailable", \
+    assert KeyRegistry(tmp_path / "other.toml", required=True).state == "unavailable", (
         "a configured registry that is missing is never open"
+    )
     write_marker(tmp_path / "m2", path)
     assert (tmp_path / "m2").read_text()
 
@@ -191,10 +217,10 @@ def test_bearer_parsing():
 
 
 def test_parse_expiry():
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
     assert parse_expiry("30d", now) == now + timedelta(days=30)
     assert parse_expiry("90m", now) == now + timedelta(minutes=90)
-    assert parse_expiry("2026-02-01", now) == datetime(2026, 2, 1, tzinfo=timezone.utc)
+    assert parse_expiry("2026-02-01", now) == datetime(2026, 2, 1, tzinfo=UTC)
     for bad in ("yesterday", "0d", "2025-01-01", "999999w", "²d"):
         with pytest.raises(KeyRegistryError, match="--expires"):
             parse_expiry(bad, now)
@@ -203,7 +229,9 @@ def test_parse_expiry():
 def test_keys_cli_add_list_revoke(data_dir):
     from tokenaudit.cli import main
 
-    run = lambda *args: CliRunner().invoke(main, list(args))  # noqa: E731
+    def run(*args):
+        return CliRunner().invoke(main, list(args))
+
     added = run("keys", "add", "--client", "acme", "--department", "research", "--expires", "30d")
     admin = run("keys", "add", "--client", "ops", "--admin")
     assert added.exit_code == 0 and admin.exit_code == 0, added.output

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.apps import cached_model
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull, QueueTimeout
 from tokenaudit.inference.runner import Encoded, Generated, InvalidPrompt, ModelRunner
-from tests.support.apps import cached_model
 from tokenaudit.settings import load_settings
 
 POISON = 666
@@ -35,8 +35,9 @@ def tok_runner(request):
     return _tokenizer_runner(request.param, 24)
 
 
-WORDS = st.lists(st.sampled_from(["licence", "the", "quick", "fox", "naïve", "日本", "😀", " ", ",", "zz"]),
-                 max_size=60).map("".join)
+WORDS = st.lists(
+    st.sampled_from(["licence", "the", "quick", "fox", "naïve", "日本", "😀", " ", ",", "zz"]), max_size=60
+).map("".join)
 
 
 @settings(max_examples=120, deadline=None)
@@ -213,10 +214,12 @@ def test_streamed_rows_get_each_token_as_it_is_decoded_and_a_cancelled_row_stops
     async def go():
         loop = asyncio.get_running_loop()
         a, b = TokenStream(loop), TokenStream(loop)
-        jobs = [asyncio.ensure_future(batcher.submit(_enc(2, 3), 6, a)),
-                asyncio.ensure_future(batcher.submit(_enc(4), 4, b)),
-                asyncio.ensure_future(batcher.submit(_enc(6, 7, 8), 5)),  # does not stream: same batch
-                asyncio.ensure_future(batcher.submit(_enc(5), 6, TokenStream(loop)))]  # EOS at its 2nd token
+        jobs = [
+            asyncio.ensure_future(batcher.submit(_enc(2, 3), 6, a)),
+            asyncio.ensure_future(batcher.submit(_enc(4), 4, b)),
+            asyncio.ensure_future(batcher.submit(_enc(6, 7, 8), 5)),  # does not stream: same batch
+            asyncio.ensure_future(batcher.submit(_enc(5), 6, TokenStream(loop))),
+        ]  # EOS at its 2nd token
         for job, stream in zip(jobs, (a, b)):
             job.add_done_callback(stream.end)
         firsts = [await a.take(), await b.take()]  # the prefill's tokens, before any step was let run
@@ -255,7 +258,11 @@ def test_a_step_that_fails_fails_the_streamed_rows_and_runs_the_others_again_alo
 
     async def go():
         stream = TokenStream(asyncio.get_running_loop())
-        jobs = [batcher.submit(_enc(2), 6, stream), batcher.submit(_enc(3, 4), 6), batcher.submit(_enc(POISON), 3, None)]
+        jobs = [
+            batcher.submit(_enc(2), 6, stream),
+            batcher.submit(_enc(3, 4), 6),
+            batcher.submit(_enc(POISON), 3, None),
+        ]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         stream.end()
         got = []

@@ -40,9 +40,15 @@ def test_processes_starting_at_once_agree_on_one_secret(tmp_path):
         assert sorted(p.name for p in folder.iterdir()) == [SECRET_FILE]
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("", "is empty"), ("   \n", "is empty"), ("not hex at all", "not hex"), ("abcd", "too short"),
-])
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("", "is empty"),
+        ("   \n", "is empty"),
+        ("not hex at all", "not hex"),
+        ("abcd", "too short"),
+    ],
+)
 def test_a_bad_secret_file_stops_start_up_with_a_clear_error(tmp_path, content, problem):
     (tmp_path / SECRET_FILE).write_text(content)
     with pytest.raises(DigestSecretError, match=problem) as err:

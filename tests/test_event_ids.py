@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from tokenaudit.schemas import EVENT, decode, catalog
-from tokenaudit.schemas.event_ids import derived_event_id, event_id_of, id_hash64, is_uuid_text
-
 from test_avro_kafka_roundtrip import sample_event
+
+from tokenaudit.schemas import EVENT, catalog, decode
+from tokenaudit.schemas.event_ids import derived_event_id, event_id_of, id_hash64, is_uuid_text
 
 
 def test_event_id_wins_and_derived_ids_are_stable_uuid8_text():
@@ -33,7 +33,12 @@ def test_the_same_event_gets_the_same_id_whatever_writer_version():
 
 def test_uuid_text_and_hash():
     assert is_uuid_text("0190b9c3-5f4e-7b2a-9c1d-123456789abc")
-    for bad in ("", "0190b9c3-5f4e-7b2a-9c1d-123456789abg", "0190b9c3_5f4e-7b2a-9c1d-123456789abc",
-                "+190b9c3-5f4e-7b2a-9c1d-123456789abc", "0190b9c35f4e7b2a9c1d123456789abc"):
+    for bad in (
+        "",
+        "0190b9c3-5f4e-7b2a-9c1d-123456789abg",
+        "0190b9c3_5f4e-7b2a-9c1d-123456789abc",
+        "+190b9c3-5f4e-7b2a-9c1d-123456789abc",
+        "0190b9c35f4e7b2a9c1d123456789abc",
+    ):
         assert not is_uuid_text(bad), bad
     assert id_hash64("a") == id_hash64("a") != id_hash64("b") and 0 <= id_hash64("a") < 2**64

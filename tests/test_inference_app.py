@@ -12,11 +12,11 @@ import uuid
 import httpx
 import pytest
 
-from tokenaudit.infra.keys import KeyRegistry, add_key
+from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
 from tokenaudit.inference.app import create_app
 from tokenaudit.inference.identity import client_address
-from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
 from tokenaudit.infra.kafka_admin import ensure_topics
+from tokenaudit.infra.keys import KeyRegistry, add_key
 from tokenaudit.settings import load_settings
 
 CANARY = "CANARY-" + uuid.uuid4().hex
@@ -44,17 +44,30 @@ def logs():
 
 
 def _settings(tmp, bootstrap, topic, model, **extra):
-    return load_settings(data_dir=tmp / "data", kafka_bootstrap=bootstrap, topic_usage=topic, model=str(model),
-                         xla=False, max_input_tokens=64, batch_max_size=8, batch_max_wait_ms=20,
-                         max_body_bytes=4096, max_new_tokens_limit=32, kafka_partitions=2, **extra)
+    return load_settings(
+        data_dir=tmp / "data",
+        kafka_bootstrap=bootstrap,
+        topic_usage=topic,
+        model=str(model),
+        xla=False,
+        max_input_tokens=64,
+        batch_max_size=8,
+        batch_max_wait_ms=20,
+        max_body_bytes=4096,
+        max_new_tokens_limit=32,
+        kafka_partitions=2,
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
 def t5_app(tmp_path_factory, kafka_bootstrap, logs):
     tmp = tmp_path_factory.mktemp("app")
     keys_file = tmp / "keys.toml"
-    keys = {name: add_key(keys_file, name, dept) for name, dept in
-            [("acme", "research"), ("globex", "sales"), ("initech", "ops")]}
+    keys = {
+        name: add_key(keys_file, name, dept)
+        for name, dept in [("acme", "research"), ("globex", "sales"), ("initech", "ops")]
+    }
     topic = f"test-{uuid.uuid4().hex[:12]}"
     ensure_topics(kafka_bootstrap, {topic: 2})
     s = _settings(tmp, kafka_bootstrap, topic, cached_model("t5", load_settings().cache_dir), api_keys_file=keys_file)
@@ -94,10 +107,16 @@ def test_concurrent_requests_from_several_keys_give_exactly_one_exact_event_each
 
     async def go():
         async with httpx.AsyncClient(base_url=t5_app.base_url, timeout=60) as client:
-            return await asyncio.gather(*[
-                client.post("/v1/generate", json={"prompt": p, "max_new_tokens": 3 + i % 6},
-                            headers=_auth(t5_app.keys[names[i % 3]]))
-                for i, p in enumerate(prompts)])
+            return await asyncio.gather(
+                *[
+                    client.post(
+                        "/v1/generate",
+                        json={"prompt": p, "max_new_tokens": 3 + i % 6},
+                        headers=_auth(t5_app.keys[names[i % 3]]),
+                    )
+                    for i, p in enumerate(prompts)
+                ]
+            )
 
     responses = asyncio.run(go())
     assert [r.status_code for r in responses] == [200] * len(prompts)
@@ -137,16 +156,24 @@ def test_openai_client_completions_chat_and_streaming(t5_app, kafka_bootstrap):
     comp = client.completions.create(model="t5-tiny", prompt="Say something", max_tokens=5)
     assert comp.usage.prompt_tokens > 0 and 0 < comp.usage.completion_tokens <= 5
     assert comp.usage.total_tokens == comp.usage.prompt_tokens + comp.usage.completion_tokens
-    chat = client.chat.completions.create(model="t5-tiny", max_tokens=4,
-                                          messages=[{"role": "user", "content": "hello there"}])
+    chat = client.chat.completions.create(
+        model="t5-tiny", max_tokens=4, messages=[{"role": "user", "content": "hello there"}]
+    )
     assert chat.choices[0].message.role == "assistant" and 0 < chat.usage.completion_tokens <= 4
-    chunks = list(client.chat.completions.create(model="t5-tiny", max_tokens=4, stream=True,
-                                                 stream_options={"include_usage": True},
-                                                 messages=[{"role": "user", "content": "stream it"}]))
+    chunks = list(
+        client.chat.completions.create(
+            model="t5-tiny",
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "stream it"}],
+        )
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=t5_app.base_url + "/v1", api_key="wrong", max_retries=0).completions.create(
-            model="t5-tiny", prompt="x", max_tokens=2)
+            model="t5-tiny", prompt="x", max_tokens=2
+        )
     ids = [comp.id.removeprefix("cmpl-"), chat.id.removeprefix("chatcmpl-")]
     events = _events_for(t5_app, kafka_bootstrap, ids)
     assert events[ids[0]][0]["output_tokens"] == comp.usage.completion_tokens
@@ -170,7 +197,7 @@ def _raw_request(port, data: bytes, wait_response=True, close_after: float = 0.1
             chunks.append(chunk)
             if b"\r\n\r\n" in b"".join(chunks):
                 head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-                length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")]
+                length = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
                 if length and len(body) >= length[0]:
                     break
         return b"".join(chunks)
@@ -180,15 +207,37 @@ def test_bad_inputs_get_4xx_an_event_each_and_the_canary_leaks_nowhere(t5_app, k
     key = t5_app.keys["initech"]
     port = t5_app.port
     cases = [  # (label, request kwargs, status, error_type)
-        ("invalid json", dict(content=b'{"prompt": "' + CANARY.encode() + b'"', headers={"content-type": "application/json"}), 400, "invalid_json"),
-        ("not utf-8", dict(content=b'{"prompt": "\xff\xfe ' + CANARY.encode() + b'"}', headers={"content-type": "application/json"}), 400, "invalid_utf8"),
-        ("wrong content type", dict(content=CANARY.encode(), headers={"content-type": "text/plain"}), 415, "unsupported_media_type"),
+        (
+            "invalid json",
+            dict(content=b'{"prompt": "' + CANARY.encode() + b'"', headers={"content-type": "application/json"}),
+            400,
+            "invalid_json",
+        ),
+        (
+            "not utf-8",
+            dict(
+                content=b'{"prompt": "\xff\xfe ' + CANARY.encode() + b'"}', headers={"content-type": "application/json"}
+            ),
+            400,
+            "invalid_utf8",
+        ),
+        (
+            "wrong content type",
+            dict(content=CANARY.encode(), headers={"content-type": "text/plain"}),
+            415,
+            "unsupported_media_type",
+        ),
         ("missing prompt", dict(json={"max_new_tokens": 3}), 400, "invalid_prompt"),
         ("empty prompt", dict(json={"prompt": "   "}), 400, "invalid_prompt"),
         ("prompt wrong type", dict(json={"prompt": 42}), 400, "invalid_prompt"),
         ("not an object", dict(json=[CANARY]), 400, "invalid_json"),
         ("max_new_tokens zero", dict(json={"prompt": CANARY, "max_new_tokens": 0}), 400, "invalid_max_new_tokens"),
-        ("max_new_tokens too big", dict(json={"prompt": CANARY, "max_new_tokens": 10_000}), 400, "invalid_max_new_tokens"),
+        (
+            "max_new_tokens too big",
+            dict(json={"prompt": CANARY, "max_new_tokens": 10_000}),
+            400,
+            "invalid_max_new_tokens",
+        ),
         ("max_new_tokens string", dict(json={"prompt": CANARY, "max_new_tokens": "5"}), 400, "invalid_max_new_tokens"),
         ("max_new_tokens bool", dict(json={"prompt": CANARY, "max_new_tokens": True}), 400, "invalid_max_new_tokens"),
         ("declared body too large", dict(json={"prompt": CANARY + "x" * 5000}), 413, "body_too_large"),
@@ -202,14 +251,31 @@ def test_bad_inputs_get_4xx_an_event_each_and_the_canary_leaks_nowhere(t5_app, k
         def stream_body():  # chunked, no Content-Length: the limit must bite while streaming
             for _ in range(10):
                 yield b'{"prompt": "' + CANARY.encode() + b"y" * 1000
-        results.append(("streamed body too large", client.post("/v1/generate", content=stream_body(),
-                        headers={"content-type": "application/json"}), 413, "body_too_large"))
-        results.append(("no key", httpx.post(t5_app.base_url + "/v1/generate", json={"prompt": CANARY}), 401, "invalid_api_key"))
-        results.append(("bad key", httpx.post(t5_app.base_url + "/v1/generate", json={"prompt": CANARY},
-                                              headers=_auth("ta_wrong")), 401, "invalid_api_key"))
+
+        results.append(
+            (
+                "streamed body too large",
+                client.post("/v1/generate", content=stream_body(), headers={"content-type": "application/json"}),
+                413,
+                "body_too_large",
+            )
+        )
+        results.append(
+            ("no key", httpx.post(t5_app.base_url + "/v1/generate", json={"prompt": CANARY}), 401, "invalid_api_key")
+        )
+        results.append(
+            (
+                "bad key",
+                httpx.post(t5_app.base_url + "/v1/generate", json={"prompt": CANARY}, headers=_auth("ta_wrong")),
+                401,
+                "invalid_api_key",
+            )
+        )
         results.append(("unknown route", client.get("/v1/nothing"), 404, "not_found"))
         results.append(("wrong method", client.get("/v1/generate"), 405, "method_not_allowed"))
-        results.append(("chat without messages", client.post("/v1/chat/completions", json={"messages": []}), 400, "invalid_prompt"))
+        results.append(
+            ("chat without messages", client.post("/v1/chat/completions", json={"messages": []}), 400, "invalid_prompt")
+        )
         ok = client.post("/v1/generate", json={"prompt": CANARY + " fine", "max_new_tokens": 4})
         assert ok.status_code == 200 and CANARY not in ok.text
     for label, r, status, err in results:
@@ -221,9 +287,13 @@ def test_bad_inputs_get_4xx_an_event_each_and_the_canary_leaks_nowhere(t5_app, k
     # a client that sends a request and leaves before the answer: 499, tokens still accounted
     body = json.dumps({"prompt": CANARY + " gone", "max_new_tokens": 32}).encode()
     gone_id = "gone-" + uuid.uuid4().hex[:8]
-    _raw_request(port, b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Authorization: Bearer {key}\r\nX-Request-ID: {gone_id}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-                 + body, wait_response=False)
+    _raw_request(
+        port,
+        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {key}\r\nX-Request-ID: {gone_id}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+        wait_response=False,
+    )
 
     ids = [r.headers["x-request-id"] for _, r, _, _ in results] + [ok.headers["x-request-id"], gone_id]
     assert len(set(ids)) == len(ids)
@@ -248,9 +318,14 @@ def test_bad_inputs_get_4xx_an_event_each_and_the_canary_leaks_nowhere(t5_app, k
 def test_request_id_echo_and_metrics(t5_app):
     key = t5_app.keys["acme"]
     with httpx.Client(base_url=t5_app.base_url, timeout=30, headers=_auth(key)) as client:
-        sane = client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 2}, headers={"X-Request-ID": "abc-123.x"})
-        insane = client.post("/v1/generate", json={"prompt": "hi", "max_new_tokens": 2},
-                             headers={"X-Request-ID": "bad id\twith spaces" + "x" * 200})
+        sane = client.post(
+            "/v1/generate", json={"prompt": "hi", "max_new_tokens": 2}, headers={"X-Request-ID": "abc-123.x"}
+        )
+        insane = client.post(
+            "/v1/generate",
+            json={"prompt": "hi", "max_new_tokens": 2},
+            headers={"X-Request-ID": "bad id\twith spaces" + "x" * 200},
+        )
         assert sane.headers["x-request-id"] == "abc-123.x" and sane.json()["request_id"] == "abc-123.x"
         assert insane.headers["x-request-id"] != "bad id" and len(insane.headers["x-request-id"]) == 32
         assert client.get("/healthz").headers["x-request-id"]
@@ -260,8 +335,14 @@ def test_request_id_echo_and_metrics(t5_app):
     model = t5_app.app.state.model_name
     assert f'gen_ai_server_request_duration_seconds_count{{model="{model}",status="200"}}' in text
     assert "client_id" not in text and "acme" not in text, "no tenant in /metrics"
-    for name in ["events_produced_total", "events_failed_total", "events_spooled_total", "events_replayed_total",
-                 "events_dropped_total", "producer_queue_depth"]:
+    for name in [
+        "events_produced_total",
+        "events_failed_total",
+        "events_spooled_total",
+        "events_replayed_total",
+        "events_dropped_total",
+        "producer_queue_depth",
+    ]:
         assert f"tokenaudit_{name}" in text, name
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -290,8 +371,13 @@ def test_client_address_trusts_forwarded_for_only_from_trusted_proxies():
 
 def test_decoder_only_model_in_development_mode(tmp_path, kafka_bootstrap, topic_name):
     ensure_topics(kafka_bootstrap, {topic_name: 1})
-    s = _settings(tmp_path, kafka_bootstrap, topic_name, cached_model("gpt2", load_settings().cache_dir),
-                  trusted_proxies="127.0.0.1")
+    s = _settings(
+        tmp_path,
+        kafka_bootstrap,
+        topic_name,
+        cached_model("gpt2", load_settings().cache_dir),
+        trusted_proxies="127.0.0.1",
+    )
     app = create_app(s)
     with ThreadedServer(app) as server:
         server.wait_ready()
@@ -299,23 +385,29 @@ def test_decoder_only_model_in_development_mode(tmp_path, kafka_bootstrap, topic
         prompts = ["short one", "decoder only models pad on the left " * 12]
         with httpx.Client(base_url=server.base_url, timeout=30) as client:
             plain = client.post("/v1/generate", json={"prompt": prompts[0], "max_new_tokens": 5})
-            proxied = client.post("/v1/generate", json={"prompt": prompts[1], "max_new_tokens": 7},
-                                  headers={"X-Forwarded-For": "198.51.100.7"})
+            proxied = client.post(
+                "/v1/generate",
+                json={"prompt": prompts[1], "max_new_tokens": 7},
+                headers={"X-Forwarded-For": "198.51.100.7"},
+            )
         # a model failure (inputs past GPT-2's 1024 positions, forced past the runner's cap):
         # a JSON 500 and its event, and the app keeps serving
         app.state.runner.max_input_tokens = 1100
-        failed = httpx.post(server.base_url + "/v1/generate", json={"prompt": "x " * 1500, "max_new_tokens": 2},
-                            timeout=60)
+        failed = httpx.post(
+            server.base_url + "/v1/generate", json={"prompt": "x " * 1500, "max_new_tokens": 2}, timeout=60
+        )
         app.state.runner.max_input_tokens = 64
         after = httpx.post(server.base_url + "/v1/generate", json={"prompt": "still fine", "max_new_tokens": 2})
         # a registry that appears while a bare app runs is enforced from then on, with no restart
         key = add_key(s.default_api_keys_file, "late", "ops")
         deadline = time.monotonic() + 5
-        while (late := httpx.post(server.base_url + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1})
-               ).status_code != 401 and time.monotonic() < deadline:
+        while (
+            late := httpx.post(server.base_url + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1})
+        ).status_code != 401 and time.monotonic() < deadline:
             time.sleep(0.05)
-        keyed = httpx.post(server.base_url + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1},
-                           headers=_auth(key), timeout=30)
+        keyed = httpx.post(
+            server.base_url + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1}, headers=_auth(key), timeout=30
+        )
     assert late.status_code == 401 and late.json()["error"]["code"] == "invalid_api_key"
     assert keyed.status_code == 200
     assert failed.status_code == 500 and failed.json()["error"]["code"] == "generation_failed"
@@ -330,7 +422,11 @@ def test_decoder_only_model_in_development_mode(tmp_path, kafka_bootstrap, topic
     assert a["client_id"] == a["client_ip"] == "127.0.0.1" and a["api_key_id"] is None
     assert b["client_id"] == "198.51.100.7", "X-Forwarded-For from a trusted proxy names the client"
     assert a["input_tokens"] == len(tok(prompts[0]).input_ids) and not a["truncated"]
-    assert b["truncated"] and b["input_tokens"] == 64 and b["untruncated_input_tokens"] == len(tok(prompts[1]).input_ids)
-    assert (a["output_tokens"], b["output_tokens"]) == (plain.json()["usage"]["output_tokens"],
-                                                       proxied.json()["usage"]["output_tokens"])
+    assert (
+        b["truncated"] and b["input_tokens"] == 64 and b["untruncated_input_tokens"] == len(tok(prompts[1]).input_ids)
+    )
+    assert (a["output_tokens"], b["output_tokens"]) == (
+        plain.json()["usage"]["output_tokens"],
+        proxied.json()["usage"]["output_tokens"],
+    )
     assert 0 < a["output_tokens"] <= 5 and 0 < b["output_tokens"] <= 7

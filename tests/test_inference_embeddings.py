@@ -12,10 +12,10 @@ import httpx
 import numpy as np
 import pytest
 
-from tokenaudit.infra.keys import add_key
-from tokenaudit.inference.app import create_app
 from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
+from tokenaudit.inference.app import create_app
 from tokenaudit.infra.kafka_admin import ensure_topics
+from tokenaudit.infra.keys import add_key
 from tokenaudit.settings import load_settings
 
 MAX_INPUT = 48
@@ -28,10 +28,18 @@ def bert(tmp_path_factory, kafka_bootstrap):
     key = add_key(keys_file, "embedder", "search")
     topic = f"test-{uuid.uuid4().hex[:12]}"
     ensure_topics(kafka_bootstrap, {topic: 1})
-    s = load_settings(data_dir=tmp / "data", kafka_bootstrap=kafka_bootstrap, topic_usage=topic,
-                      model=str(cached_model("bert", load_settings().cache_dir)), xla=False,
-                      max_input_tokens=MAX_INPUT, batch_max_size=8, batch_max_wait_ms=30, kafka_partitions=1,
-                      api_keys_file=keys_file)
+    s = load_settings(
+        data_dir=tmp / "data",
+        kafka_bootstrap=kafka_bootstrap,
+        topic_usage=topic,
+        model=str(cached_model("bert", load_settings().cache_dir)),
+        xla=False,
+        max_input_tokens=MAX_INPUT,
+        batch_max_size=8,
+        batch_max_wait_ms=30,
+        kafka_partitions=1,
+        api_keys_file=keys_file,
+    )
     app = create_app(s)
     with ThreadedServer(app) as server:
         server.wait_ready()
@@ -42,8 +50,11 @@ def bert(tmp_path_factory, kafka_bootstrap):
 def _events(server, bootstrap, ids: list[str]) -> dict[str, dict]:
     want, got, deadline = set(ids), {}, time.monotonic() + 60
     while not want <= set(got) and time.monotonic() < deadline:
-        events = [e for e in decode_events(read_events(bootstrap, server.topic, expect=len(want), timeout=10,
-                                                       settle=0.3)) if e["request_id"] in want]
+        events = [
+            e
+            for e in decode_events(read_events(bootstrap, server.topic, expect=len(want), timeout=10, settle=0.3))
+            if e["request_id"] in want
+        ]
         assert len(events) == len({e["request_id"] for e in events}), "one event per HTTP request"
         got = {e["request_id"]: e for e in events}
     assert want <= set(got), f"missing events: {want - set(got)}"
@@ -79,8 +90,11 @@ def test_openai_client_embeddings_are_exact_and_audited_once_per_request(bert, k
     raw = httpx.post(bert.base_url + "/v1/embeddings", json={"input": texts, "model": "bert-tiny"}, headers=_auth(bert))
     assert raw.status_code == 200 and raw.json()["usage"] == {"prompt_tokens": sum(fed), "total_tokens": sum(fed)}
     assert isinstance(raw.json()["data"][0]["embedding"], list), "float is the default without the client"
-    b64 = httpx.post(bert.base_url + "/v1/embeddings", headers=_auth(bert),
-                     json={"input": ["x"], "model": "bert-tiny", "encoding_format": "base64"}).json()
+    b64 = httpx.post(
+        bert.base_url + "/v1/embeddings",
+        headers=_auth(bert),
+        json={"input": ["x"], "model": "bert-tiny", "encoding_format": "base64"},
+    ).json()
     decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, vectors[2], atol=1e-5)
     rid = raw.headers["x-request-id"]
@@ -96,8 +110,9 @@ def test_concurrent_embedding_requests_share_one_model_call(bert, kafka_bootstra
 
     async def go():
         async with httpx.AsyncClient(base_url=bert.base_url, headers=_auth(bert), timeout=60) as client:
-            return await asyncio.gather(*[client.post("/v1/embeddings", json={"input": x, "model": "m"})
-                                          for x in inputs])
+            return await asyncio.gather(
+                *[client.post("/v1/embeddings", json={"input": x, "model": "m"}) for x in inputs]
+            )
 
     responses = asyncio.run(go())
     assert [r.status_code for r in responses] == [200] * len(inputs)
@@ -119,8 +134,11 @@ def test_concurrent_embedding_requests_share_one_model_call(bert, kafka_bootstra
 def test_generate_routes_refuse_an_encoder_and_bad_inputs_get_400(bert, kafka_bootstrap):
     cases = [  # (path, body, code)
         ("/v1/completions", {"prompt": "hello", "max_tokens": 3}, "model_cannot_generate"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True},
-         "model_cannot_generate"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "stream": True},
+            "model_cannot_generate",
+        ),
         ("/v1/generate", {"prompt": "hello"}, "model_cannot_generate"),
         ("/v1/embeddings", {"model": "m"}, "invalid_input"),
         ("/v1/embeddings", {"input": ""}, "invalid_input"),

@@ -13,11 +13,11 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from tokenaudit.infra.keys import add_key
+from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
 from tokenaudit.inference.app import create_app
 from tokenaudit.inference.runner import ModelRunner, model_kind
-from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
 from tokenaudit.infra.kafka_admin import ensure_topics
+from tokenaudit.infra.keys import add_key
 from tokenaudit.settings import load_settings
 
 LONG = "the quick brown fox jumps over the lazy dog " * 40
@@ -51,7 +51,7 @@ def test_stepwise_decoding_gives_generates_tokens_one_step_at_a_time(arch):
     assert len(steps) == max(len(w.output_ids) for w in want), "the loop stops when the last row is done"
     for i, w in enumerate(want):  # step k carries row i's k-th token, then None once the row has ended
         column = [s[i] for s in steps]
-        assert column[:len(w.output_ids)] == w.output_ids and set(column[len(w.output_ids):]) <= {None}
+        assert column[: len(w.output_ids)] == w.output_ids and set(column[len(w.output_ids) :]) <= {None}
     # a cancelled row ends where it was, the others go on
     encoded = runner.encode(PROMPTS[:2])
     decoding = runner.start_decoding(encoded, [12, 12])
@@ -65,9 +65,15 @@ def test_stepwise_decoding_gives_generates_tokens_one_step_at_a_time(arch):
     assert rows[1].output_ids == alone.output_ids
 
 
-@pytest.mark.parametrize(("arch", "kind", "tokenizer_class", "first_special"), [
-    ("t5", "seq2seq", "T5TokenizerFast", None), ("gpt2", "causal", "GPT2TokenizerFast", None),
-    ("mistral", "causal", "LlamaTokenizerFast", "<s>"), ("bert", "encoder", "BertTokenizerFast", "[CLS]")])
+@pytest.mark.parametrize(
+    ("arch", "kind", "tokenizer_class", "first_special"),
+    [
+        ("t5", "seq2seq", "T5TokenizerFast", None),
+        ("gpt2", "causal", "GPT2TokenizerFast", None),
+        ("mistral", "causal", "LlamaTokenizerFast", "<s>"),
+        ("bert", "encoder", "BertTokenizerFast", "[CLS]"),
+    ],
+)
 def test_each_family_builds_with_its_own_tokenizer_and_kind(arch, kind, tokenizer_class, first_special):
     from transformers import AutoConfig, AutoTokenizer
 
@@ -128,8 +134,9 @@ def test_docs_list_the_tensorflow_families_of_the_installed_transformers():
     from tokenaudit.inference.families import models_markdown, tf_families
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "models.md"
-    assert doc.read_text() == models_markdown(), \
+    assert doc.read_text() == models_markdown(), (
         "docs/models.md is stale: python -m tokenaudit.inference.families > docs/models.md"
+    )
     rows = {r["model_type"]: r for r in tf_families()}
     assert rows["mistral"]["tf_class"] == "TFMistralForCausalLM" and "llama" not in rows
     assert {k for k, r in rows.items() if r["tested"]} == {"t5", "gpt2", "mistral", "bert"}
@@ -144,9 +151,19 @@ def mistral(tmp_path_factory, kafka_bootstrap):
     key = add_key(keys_file, "llama-fan", "research")
     topic = f"test-{uuid.uuid4().hex[:12]}"
     ensure_topics(kafka_bootstrap, {topic: 1})
-    s = load_settings(data_dir=tmp / "data", kafka_bootstrap=kafka_bootstrap, topic_usage=topic,
-                      model=str(_path("mistral")), xla=False, max_input_tokens=48, batch_max_size=8,
-                      batch_max_wait_ms=30, max_new_tokens_limit=16, kafka_partitions=1, api_keys_file=keys_file)
+    s = load_settings(
+        data_dir=tmp / "data",
+        kafka_bootstrap=kafka_bootstrap,
+        topic_usage=topic,
+        model=str(_path("mistral")),
+        xla=False,
+        max_input_tokens=48,
+        batch_max_size=8,
+        batch_max_wait_ms=30,
+        max_new_tokens_limit=16,
+        kafka_partitions=1,
+        api_keys_file=keys_file,
+    )
     app = create_app(s)
     with ThreadedServer(app) as server:
         server.wait_ready()
@@ -164,15 +181,24 @@ def test_a_tiny_mistral_serves_streamed_and_whole_answers_with_exact_accounting(
     limits = [3 + 3 * i for i in range(5)]
 
     async def whole():
-        async with httpx.AsyncClient(base_url=mistral.base_url, timeout=60,
-                                     headers={"Authorization": f"Bearer {mistral.key}"}) as c:
-            return await asyncio.gather(*[c.post("/v1/completions", json={"prompt": p, "max_tokens": n})
-                                          for p, n in zip(prompts, limits)])
+        async with httpx.AsyncClient(
+            base_url=mistral.base_url, timeout=60, headers={"Authorization": f"Bearer {mistral.key}"}
+        ) as c:
+            return await asyncio.gather(
+                *[c.post("/v1/completions", json={"prompt": p, "max_tokens": n}) for p, n in zip(prompts, limits)]
+            )
 
     answers = asyncio.run(whole())
     assert [r.status_code for r in answers] == [200] * len(prompts)
-    chunks = list(client.completions.create(model="mistral-tiny", prompt=prompts[4], max_tokens=limits[4],
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="mistral-tiny",
+            prompt=prompts[4],
+            max_tokens=limits[4],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
     assert streamed == answers[4].json()["choices"][0]["text"], "pieces add up to the whole (multi-byte too)"
     assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1
@@ -187,9 +213,13 @@ def test_a_tiny_mistral_serves_streamed_and_whole_answers_with_exact_accounting(
         fed = tok(prompt, truncation=True, max_length=48).input_ids
         assert fed[0] == tok.bos_token_id, "LLaMA-style: the tokenizer prepends <s>"
         assert e["input_tokens"] == usage["prompt_tokens"] == len(fed)
-        assert e["untruncated_input_tokens"] == len(tok(prompt).input_ids) and e["truncated"] is (len(fed) < len(tok(prompt).input_ids))
+        assert e["untruncated_input_tokens"] == len(tok(prompt).input_ids) and e["truncated"] is (
+            len(fed) < len(tok(prompt).input_ids)
+        )
         assert e["output_tokens"] == usage["completion_tokens"] == runner.generate([prompt], [limit])[0].output_tokens
         assert e["ttft_ms"] is None, "set for streamed responses only"
     s = events[ids[-1]]
-    assert s["output_tokens"] == chunks[-1].usage.completion_tokens and s["input_tokens"] == chunks[-1].usage.prompt_tokens
+    assert (
+        s["output_tokens"] == chunks[-1].usage.completion_tokens and s["input_tokens"] == chunks[-1].usage.prompt_tokens
+    )
     assert 0 < s["ttft_ms"] < s["latency_ms"] and s["model"] == answers[0].json()["model"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tokenaudit.inference.runner import ModelRunner, as_token_ids, count_generated
 from tests.support.apps import cached_model
+from tokenaudit.inference.runner import ModelRunner, as_token_ids, count_generated
 from tokenaudit.settings import load_settings
 
 LONG = "the quick brown fox jumps over the lazy dog " * 40
@@ -50,9 +50,13 @@ def _reference_ids(model, tok, prompt: str, max_len: int, max_new: int, encoder_
     import tensorflow as tf
 
     ids = tok(prompt, truncation=True, max_length=max_len).input_ids
-    out = model.generate(input_ids=tf.constant([ids]), attention_mask=tf.ones((1, len(ids)), tf.int32),
-                         max_new_tokens=max_new, do_sample=False)
-    row = out.numpy()[0][1:] if encoder_decoder else out.numpy()[0][len(ids):]
+    out = model.generate(
+        input_ids=tf.constant([ids]),
+        attention_mask=tf.ones((1, len(ids)), tf.int32),
+        max_new_tokens=max_new,
+        do_sample=False,
+    )
+    row = out.numpy()[0][1:] if encoder_decoder else out.numpy()[0][len(ids) :]
     eos = tok.eos_token_id
     kept = []
     for t in row:
@@ -113,8 +117,16 @@ def _stepwise_ids(runner: ModelRunner, prompts: list[str], limits: list[int]) ->
 
 def test_xla_bucket_generation_matches_eager(t5_path):
     eager = ModelRunner(str(t5_path), max_input_tokens=16).load()
-    xla = ModelRunner(str(t5_path), max_input_tokens=16, xla=True, batch_buckets="2", length_buckets="16",
-                      new_token_buckets="4", max_batch=2, max_new_tokens_limit=4).load()
+    xla = ModelRunner(
+        str(t5_path),
+        max_input_tokens=16,
+        xla=True,
+        batch_buckets="2",
+        length_buckets="16",
+        new_token_buckets="4",
+        max_batch=2,
+        max_new_tokens_limit=4,
+    ).load()
     xla.warmup()  # compiles the one (2, 16, 4) bucket: generate, and the step-wise prefill and step
     prompts, limits = ["hello world", "a somewhat longer prompt for the bucket test"], [4, 3]
     got = xla.generate(prompts, limits)
@@ -135,8 +147,16 @@ def test_xla_stepwise_decoding_of_decoder_only_models_matches_eager_generate(arc
     values stacked with the batch on axis 1, Mistral has grouped-query heads and rotary positions."""
     path = cached_model(arch, load_settings().cache_dir)
     eager = ModelRunner(str(path), max_input_tokens=16).load()
-    xla = ModelRunner(str(path), max_input_tokens=16, xla=True, batch_buckets="2", length_buckets="16",
-                      new_token_buckets="6", max_batch=2, max_new_tokens_limit=6).load()
+    xla = ModelRunner(
+        str(path),
+        max_input_tokens=16,
+        xla=True,
+        batch_buckets="2",
+        length_buckets="16",
+        new_token_buckets="6",
+        max_batch=2,
+        max_new_tokens_limit=6,
+    ).load()
     prompts, limits = ["hello world", "a somewhat longer prompt for the bucket test"], [6, 4]
     want = [w.output_ids for w in eager.generate(prompts, limits)]
     assert _stepwise_ids(xla, prompts, limits) == want

@@ -27,10 +27,10 @@ import httpx
 import pytest
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
+from tests.support.apps import cached_model, decode_events, read_events
 from tokenaudit.inference.audit import AuditContext
 from tokenaudit.inference.spool import Spool
 from tokenaudit.inference.spool_format import SpoolRecord, parse_segment
-from tests.support.apps import cached_model, decode_events, read_events
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
 from tokenaudit.infra.procutil import free_port
@@ -43,8 +43,16 @@ TOPIC = "token-usage"
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     s = load_settings()
-    b = KafkaBroker(BrokerConfig(home=tmp_path_factory.mktemp("kafka-outage"), cache_dir=s.cache_dir,
-                                 version=s.kafka_version, port=free_port(), controller_port=free_port(), heap="384m"))
+    b = KafkaBroker(
+        BrokerConfig(
+            home=tmp_path_factory.mktemp("kafka-outage"),
+            cache_dir=s.cache_dir,
+            version=s.kafka_version,
+            port=free_port(),
+            controller_port=free_port(),
+            heap="384m",
+        )
+    )
     b.start()
     ensure_topics(b.bootstrap, {TOPIC: 2})
     yield b
@@ -77,22 +85,32 @@ class App:
         self.port = free_port()
         self.readyz_seen: list[tuple[int, str | None]] = []
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "TOKENAUDIT_DATA_DIR": str(data_dir), "TOKENAUDIT_KAFKA_BOOTSTRAP": bootstrap,
-                    "TOKENAUDIT_MODEL": str(model), "TOKENAUDIT_XLA": "false", "TOKENAUDIT_HTTP_PORT": str(self.port),
-                    "TOKENAUDIT_PRODUCER_MESSAGE_TIMEOUT_MS": "3000", "TOKENAUDIT_SPOOL_RETRY_SECONDS": "0.5",
-                    "TOKENAUDIT_BATCH_MAX_WAIT_MS": "2", "TOKENAUDIT_TOPIC_USAGE": topic, **env}
+        self.env = {
+            **os.environ,
+            "TOKENAUDIT_DATA_DIR": str(data_dir),
+            "TOKENAUDIT_KAFKA_BOOTSTRAP": bootstrap,
+            "TOKENAUDIT_MODEL": str(model),
+            "TOKENAUDIT_XLA": "false",
+            "TOKENAUDIT_HTTP_PORT": str(self.port),
+            "TOKENAUDIT_PRODUCER_MESSAGE_TIMEOUT_MS": "3000",
+            "TOKENAUDIT_SPOOL_RETRY_SECONDS": "0.5",
+            "TOKENAUDIT_BATCH_MAX_WAIT_MS": "2",
+            "TOKENAUDIT_TOPIC_USAGE": topic,
+            **env,
+        }
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = data_dir.parent / f"serve-{self.port}.log"
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tokenaudit.cli", "serve"], env=self.env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tokenaudit.cli", "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
         _started.append(self.proc)
 
     def ready(self) -> tuple[int, str | None]:
         r = httpx.get(self.url + "/readyz", timeout=5)
         return r.status_code, r.json().get("reason")
 
-    def wait_ready(self, timeout=120.0) -> "App":
+    def wait_ready(self, timeout=120.0) -> App:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"app exited: {self.proc.returncode}\n{self.log_text()[-3000:]}"
@@ -105,9 +123,10 @@ class App:
             time.sleep(0.3)
         raise TimeoutError("app not ready")
 
-    def wait_serving(self, timeout=120.0) -> "App":
+    def wait_serving(self, timeout=120.0) -> App:
         """Up and answering, model perhaps still loading: enough for cheap requests and for the
         publisher (it starts before the model loads), and seconds sooner on a busy machine."""
+
         def serving():
             assert self.proc.poll() is None, f"app exited: {self.proc.returncode}\n{self.log_text()[-3000:]}"
             try:
@@ -186,11 +205,11 @@ class Load:
             while not self._stop.is_set():
                 try:
                     self.ids.append(self.app.models(client) if cheap else self.app.generate(client, i))
-                except BaseException as exc:  # noqa: BLE001 - reported by the test's assertion
+                except BaseException as exc:
                     self.errors.append(exc)
                 i += 1
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self._threads:
             t.start()
         return self
@@ -230,8 +249,9 @@ def _assert_on_topic_or_counted(by_id: dict[str, list[dict]], ids: list[str], dr
     assert len(set(event_ids)) == len(event_ids), "two requests share an event_id"
 
 
-def test_frozen_and_stopped_broker_full_disk_and_a_rival_app_lose_no_event_uncounted(broker, model, tmp_path,
-                                                                                     small_disk):
+def test_frozen_and_stopped_broker_full_disk_and_a_rival_app_lose_no_event_uncounted(
+    broker, model, tmp_path, small_disk
+):
     spool_dir = small_disk(tmp_path / "spool", "256k")
     app = App(tmp_path / "a", broker.bootstrap, model, TOKENAUDIT_SPOOL_DIR=str(spool_dir)).wait_ready()
     assert (503, "model is loading") in app.readyz_seen, "/readyz says 503 until the model is loaded"
@@ -246,13 +266,12 @@ def test_frozen_and_stopped_broker_full_disk_and_a_rival_app_lose_no_event_uncou
         app.wait_metric("tokenaudit_spool_bytes", lambda v: v == 0)
         # meanwhile a second app on the same spool directory was refused, naming the holder
         assert rival.proc.wait(120) == 3, "a refused start is a failure a supervisor sees"
-        assert (f"spool directory {spool_dir} is in use by another process (pid {app.proc.pid})"
-                in rival.log_text())
+        assert f"spool directory {spool_dir} is in use by another process (pid {app.proc.pid})" in rival.log_text()
         # 2. the broker stops; the spool's small disk fills up: events are counted as dropped,
         # every request still succeeds and /readyz says why the instance should get no traffic
         broker.stop()
         app.wait_metric("tokenaudit_spool_write_failures_total", lambda v: v >= 10)
-        status, reason = _await(lambda: (r := app.ready())[0] == 503 and r, 30, "readyz 503")
+        _status, reason = _await(lambda: (r := app.ready())[0] == 503 and r, 30, "readyz 503")
         assert "event spool unwritable" in reason and ("disk full" in reason or "No space" in reason)
         broker.start()
         app.wait_metric("tokenaudit_spool_bytes", lambda v: v == 0, timeout=90)
@@ -264,7 +283,9 @@ def test_frozen_and_stopped_broker_full_disk_and_a_rival_app_lose_no_event_uncou
     assert m["tokenaudit_events_dropped_total"] == m["tokenaudit_spool_write_failures_total"] > 0
     assert m["tokenaudit_events_replayed_total"] > 0 and m["tokenaudit_spool_quarantined_total"] == 0
     assert app.stop()
-    by_id = _events_by_request(broker.bootstrap, TOPIC, expect=len(load.ids) - int(m["tokenaudit_events_dropped_total"]))
+    by_id = _events_by_request(
+        broker.bootstrap, TOPIC, expect=len(load.ids) - int(m["tokenaudit_events_dropped_total"])
+    )
     _assert_on_topic_or_counted(by_id, load.ids, int(m["tokenaudit_events_dropped_total"]))
 
 
@@ -273,8 +294,13 @@ LIMIT = 32 << 10  # max.message.bytes of the second test's topic: a replay batch
 
 def _raise_topic_limit(bootstrap: str, topic: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    change = ConfigResource("topic", topic, incremental_configs=[
-        ConfigEntry("max.message.bytes", str(1 << 20), incremental_operation=AlterConfigOpType.SET)])
+    change = ConfigResource(
+        "topic",
+        topic,
+        incremental_configs=[
+            ConfigEntry("max.message.bytes", str(1 << 20), incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
     for fut in admin.incremental_alter_configs([change]).values():
         fut.result(30)
 
@@ -309,7 +335,7 @@ def test_sigkill_torn_tail_flipped_byte_and_sigkill_during_replay_lose_no_event_
     flipped, torn = records[9], records[-1]
     damaged = bytearray(raw)
     damaged[flipped.end - 1] ^= 0x01
-    segment.write_bytes(bytes(damaged[:torn.end - 20]))
+    segment.write_bytes(bytes(damaged[: torn.end - 20]))
     lost = {decode(r.value, EVENT)["request_id"] for r in (flipped, torn)}
 
     broker.start()

@@ -32,8 +32,14 @@ def _event(i: int, client_id: str = "acme", error_type: str | None = None) -> di
 def _topic_messages(bootstrap: str, topic: str, expect: int, timeout: float = 30.0, settle: float = 1.5) -> list:
     """(partition, event, headers) of every message: read until ``expect`` arrived and nothing
     more came for ``settle`` seconds, so extra copies would be seen."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"t-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     got, quiet_since, deadline = [], None, time.monotonic() + timeout
     try:
@@ -61,8 +67,13 @@ def _wait(condition, timeout: float = 30.0) -> None:
 
 def _raise_topic_limit(bootstrap: str, topic: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    change = ConfigResource("topic", topic, incremental_configs=[
-        ConfigEntry("max.message.bytes", str(1 << 20), incremental_operation=AlterConfigOpType.SET)])
+    change = ConfigResource(
+        "topic",
+        topic,
+        incremental_configs=[
+            ConfigEntry("max.message.bytes", str(1 << 20), incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
     for fut in admin.incremental_alter_configs([change]).values():
         fut.result(30)
 
@@ -74,15 +85,17 @@ def test_replay_after_a_partial_failure_sends_only_what_kafka_did_not_confirm(ka
     # left by the previous release (its framing, its file name)
     legacy = [_event(i) for i in range(3)]
     (spool_dir / f"{'1'.zfill(16)}.spool").write_bytes(
-        b"".join(encode_legacy_record(b"acme", encode(EVENT, e)) for e in legacy))
+        b"".join(encode_legacy_record(b"acme", encode(EVENT, e)) for e in legacy)
+    )
     # ten events spooled while the broker was unreachable; one of another client (so another
     # partition, so a batch of its own) is larger than the topic accepts (a huge field that is not
     # capped: paths are cut to 256 characters)
     assert zlib.crc32(b"acme") % 2 != zlib.crc32(b"big-1") % 2
     noise = "".join(random.Random(5).choices(string.ascii_letters, k=3 * LIMIT))
     outage = [_event(10 + i) if i != 5 else _event(15, "big-1", noise) for i in range(10)]
-    offline = EventPublisher(f"127.0.0.1:{free_port()}", topic_name, spool_dir, message_timeout_ms=1000,
-                             retry_seconds=0.3).start()
+    offline = EventPublisher(
+        f"127.0.0.1:{free_port()}", topic_name, spool_dir, message_timeout_ms=1000, retry_seconds=0.3
+    ).start()
     for e in outage:
         offline.publish_encoded(e["client_id"].encode(), encode(EVENT, e), headers=[("ce_id", e["event_id"].encode())])
     _wait(lambda: offline.stats.spooled == 10)
@@ -100,18 +113,18 @@ def test_replay_after_a_partial_failure_sends_only_what_kafka_did_not_confirm(ka
         pub.publish(late)
         first = _topic_messages(kafka_bootstrap, topic_name, expect=13)
         assert sorted(e["request_id"] for _, e, _ in first) == sorted(
-            e["request_id"] for e in legacy + outage + [late] if e["client_id"] == "acme"), \
-            "each confirmed record sent once"
+            e["request_id"] for e in legacy + outage + [late] if e["client_id"] == "acme"
+        ), "each confirmed record sent once"
         # the operator raises the topic's limit: the next round sends that one record
         _raise_topic_limit(kafka_bootstrap, topic_name)
-        _wait(lambda: pub.spool.empty())
+        _wait(pub.spool.empty)
         assert pub.stats.replayed == 13 and pub.stats.enqueued == 1 and pub.stats.dropped == 0
         everything = _topic_messages(kafka_bootstrap, topic_name, expect=14)
         ids = [e["request_id"] for _, e, _ in everything]
         assert sorted(ids) == sorted(e["request_id"] for e in legacy + outage + [late]), "nothing lost, no copies"
         by_id = {e["request_id"]: (partition, e, headers) for partition, e, headers in everything}
         for e in outage:
-            partition, got, headers = by_id[e["request_id"]]
+            _partition, got, headers = by_id[e["request_id"]]
             assert got["event_id"] == e["event_id"] and headers == {"ce_id": e["event_id"].encode()}
         assert by_id["replay-15"][0] != by_id["replay-10"][0] and by_id["replay-15"][1]["error_type"] == noise
         assert not list(spool_dir.glob("*.seg")) and not list(spool_dir.glob("*.spool"))

@@ -7,17 +7,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from datetime import UTC
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from tokenaudit.infra.keys import KeyRegistry
 from tokenaudit.inference.audit import AuditContext, PromptDigester
 from tokenaudit.inference.identity import UNAUTHENTICATED
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.inference.spool import ACK_SUFFIX, Appended, Spool, SpoolLocked
-from tokenaudit.inference.spool_format import SYNC, encode_legacy_record, encode_record
+from tokenaudit.inference.spool_format import encode_legacy_record, encode_record
+from tokenaudit.infra.keys import KeyRegistry
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import EVENT, decode
 
@@ -55,9 +56,14 @@ def _sealed(tmp_path: Path, records, **kw) -> tuple[Path, list[int]]:
 
 def test_records_keep_key_value_headers_and_order_across_segments_and_reopen(tmp_path):
     spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
-    records = [(f"c{i % 3}".encode(), f"value-{i}".encode() * 5,
-                [("ce_id", f"id-{i}".encode()), ("empty", b""), ("null", None)] if i % 2 else None)
-               for i in range(40)]
+    records = [
+        (
+            f"c{i % 3}".encode(),
+            f"value-{i}".encode() * 5,
+            [("ce_id", f"id-{i}".encode()), ("empty", b""), ("null", None)] if i % 2 else None,
+        )
+        for i in range(40)
+    ]
     for k, v, h in records:
         assert spool.append(k, v, h) is Appended.STORED
     assert spool.append(b"k", b"v", [("text", "é")]) is Appended.STORED, "str header values are stored as UTF-8"
@@ -90,7 +96,7 @@ def test_torn_tail_is_truncated_at_start_up_reported_and_kept_in_quarantine(tmp_
     assert losses.seen == [("torn_tail", 1)] and "torn last record" in caplog.text
     assert segment.stat().st_size == offsets[-1] == spool.bytes, "cut back to the last whole record"
     [kept] = (tmp_path / "quarantine").iterdir()
-    assert kept.name.endswith(".torn") and kept.read_bytes() == whole[offsets[-1]:-7]
+    assert kept.name.endswith(".torn") and kept.read_bytes() == whole[offsets[-1] : -7]
     assert [r.value for r in spool.pending(segment)] == [f"event-{i}".encode() * 10 for i in range(19)]
     spool.close()
     again = Losses()
@@ -113,7 +119,7 @@ def test_corrupt_records_mid_segment_are_skipped_quarantined_and_counted_once(tm
     got = [(r.key, r.value) for r in spool.pending(segment)]
     assert got == [rec for i, rec in enumerate(records) if i not in (300, 600, 900)], "every other record is read"
     quarantined = sorted((tmp_path / "quarantine").iterdir())
-    assert [q.read_bytes() for q in quarantined] == [bytes(data[offsets[i]:offsets[i + 1]]) for i in (300, 600, 900)]
+    assert [q.read_bytes() for q in quarantined] == [bytes(data[offsets[i] : offsets[i + 1]]) for i in (300, 600, 900)]
     assert losses.seen == [("quarantined", 1)] * 3, "reading again reports nothing twice"
     spool.remove(segment)
     spool.close()
@@ -164,12 +170,12 @@ def test_unauthenticated_records_are_capped_to_their_share_across_restarts(tmp_p
     spool = Spool(tmp_path, max_bytes=20_000, **cap)
     size = len(encode_record(UNAUTHENTICATED.encode(), b"x" * 80))
     flood = [spool.append(UNAUTHENTICATED.encode(), b"x" * 80) for _ in range(100)]
-    assert flood.count(Appended.STORED) == 2000 // size and set(flood[2000 // size:]) == {Appended.CAPPED}
+    assert flood.count(Appended.STORED) == 2000 // size and set(flood[2000 // size :]) == {Appended.CAPPED}
     assert spool.capped_bytes <= 2000
     paid = [spool.append(b"acme", b"y" * 80) for _ in range(300)]
     paid_size = len(encode_record(b"acme", b"y" * 80))
     assert paid.count(Appended.STORED) == (20_000 - spool.capped_bytes) // paid_size, "paid events get the rest"
-    assert set(paid[paid.count(Appended.STORED):]) == {Appended.FULL}
+    assert set(paid[paid.count(Appended.STORED) :]) == {Appended.FULL}
     spool.close()
     reopened = Spool(tmp_path, max_bytes=40_000, **cap)
     assert reopened.capped_bytes == spool.capped_bytes, "the share is recounted from disk at start-up"
@@ -196,8 +202,9 @@ def test_full_filesystem_writes_are_all_or_nothing(tmp_path, small_disk):
     assert set(results[stored:]) == {Appended.FAILED}, "no exception, and no write after the first failure fits"
     assert "disk full" in spool.last_error or "No space left" in spool.last_error
     [segment] = spool.segments()
-    assert segment.stat().st_size == spool.bytes == stored * len(encode_record(b"acme", values[0])), \
+    assert segment.stat().st_size == spool.bytes == stored * len(encode_record(b"acme", values[0])), (
         "no partial record on disk"
+    )
     spool.close()
     losses = Losses()
     reopened = Spool(d, max_bytes=1 << 30, on_loss=losses)
@@ -213,8 +220,9 @@ def _event(i: int, client_id: str = "acme") -> dict:
 
 def _offline_publisher(spool_dir: Path, **kw) -> EventPublisher:
     """A publisher whose broker never answers: everything goes to the spool."""
-    return EventPublisher(f"127.0.0.1:{free_port()}", "nowhere", spool_dir, message_timeout_ms=1000,
-                          retry_seconds=0.3, **kw).start()
+    return EventPublisher(
+        f"127.0.0.1:{free_port()}", "nowhere", spool_dir, message_timeout_ms=1000, retry_seconds=0.3, **kw
+    ).start()
 
 
 def _wait(condition, timeout: float = 30.0) -> None:
@@ -276,8 +284,9 @@ class _FlakyPublisher(EventPublisher):
 
 
 def test_publisher_thread_survives_errors_and_reports_its_death(tmp_path):
-    flaky = _FlakyPublisher(f"127.0.0.1:{free_port()}", "nowhere", tmp_path / "a", message_timeout_ms=1000,
-                            retry_seconds=0.05).start()
+    flaky = _FlakyPublisher(
+        f"127.0.0.1:{free_port()}", "nowhere", tmp_path / "a", message_timeout_ms=1000, retry_seconds=0.05
+    ).start()
     dying = _DyingPublisher(f"127.0.0.1:{free_port()}", "nowhere", tmp_path / "b").start()
     try:
         flaky.publish_encoded(b"acme", b"x")
@@ -330,10 +339,10 @@ def test_keys_add_prints_a_key_once_and_the_app_uses_the_default_registry(data_d
 
 def test_fast_event_encoder_is_byte_identical_to_the_schemas_codec():
     import random
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    from tokenaudit.schemas.compiled import compile_encoder
     from tokenaudit.schemas import encode
+    from tokenaudit.schemas.compiled import compile_encoder
 
     fast = compile_encoder(EVENT)
     assert fast is not None
@@ -357,7 +366,7 @@ def test_fast_event_encoder_is_byte_identical_to_the_schemas_codec():
         assert decode(fast(e), EVENT)["request_id"] == e["request_id"]
     # values outside the fast path (a datetime ts, an int32 overflow) defer to the generic codec
     e = _event(1)
-    e["ts"] = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    e["ts"] = datetime(2026, 1, 2, tzinfo=UTC)
     assert fast(e) == encode(EVENT, e)
     e = _event(2)
     e["input_tokens"] = 2**31

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tokenaudit.infra.keys import add_key
-from tokenaudit.inference.app import create_app
 from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
+from tokenaudit.inference.app import create_app
 from tokenaudit.infra.kafka_admin import ensure_topics
+from tokenaudit.infra.keys import add_key
 from tokenaudit.settings import load_settings
 
 LIMIT = 32
@@ -28,10 +28,19 @@ def served(tmp_path_factory, kafka_bootstrap):
     key = add_key(keys_file, "streamer", "research")
     topic = f"test-{uuid.uuid4().hex[:12]}"
     ensure_topics(kafka_bootstrap, {topic: 1})
-    s = load_settings(data_dir=tmp / "data", kafka_bootstrap=kafka_bootstrap, topic_usage=topic,
-                      model=str(cached_model("t5", load_settings().cache_dir)), xla=False, max_input_tokens=64,
-                      batch_max_size=8, batch_max_wait_ms=50, max_new_tokens_limit=LIMIT, kafka_partitions=1,
-                      api_keys_file=keys_file)
+    s = load_settings(
+        data_dir=tmp / "data",
+        kafka_bootstrap=kafka_bootstrap,
+        topic_usage=topic,
+        model=str(cached_model("t5", load_settings().cache_dir)),
+        xla=False,
+        max_input_tokens=64,
+        batch_max_size=8,
+        batch_max_wait_ms=50,
+        max_new_tokens_limit=LIMIT,
+        kafka_partitions=1,
+        api_keys_file=keys_file,
+    )
     app = create_app(s)
     with ThreadedServer(app) as server:
         server.wait_ready()
@@ -52,8 +61,12 @@ def _events(server, bootstrap, ids: list[str]) -> dict[str, dict]:
 
 
 def _non_streamed_text(server, prompt: str, limit: int = LIMIT) -> tuple[str, dict]:
-    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": prompt, "max_tokens": limit},
-                   headers={"Authorization": f"Bearer {server.key}"}, timeout=60)
+    r = httpx.post(
+        server.base_url + "/v1/completions",
+        json={"prompt": prompt, "max_tokens": limit},
+        headers={"Authorization": f"Bearer {server.key}"},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"], r.json()["usage"]
 
@@ -66,9 +79,13 @@ def test_a_streamed_answer_arrives_token_by_token_and_agrees_with_its_event(serv
     whole, whole_usage = _non_streamed_text(served, prompt)
     t0 = time.perf_counter()
     arrivals, pieces, chunks = [], [], []
-    for chunk in client.chat.completions.create(model="t5-tiny", max_tokens=LIMIT, stream=True,
-                                                stream_options={"include_usage": True},
-                                                messages=[{"role": "user", "content": prompt}]):
+    for chunk in client.chat.completions.create(
+        model="t5-tiny",
+        max_tokens=LIMIT,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": prompt}],
+    ):
         chunks.append(chunk)
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.perf_counter() - t0)
@@ -81,7 +98,9 @@ def test_a_streamed_answer_arrives_token_by_token_and_agrees_with_its_event(serv
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     usage = chunks[-1].usage
     assert usage is not None and not chunks[-1].choices and usage.completion_tokens == LIMIT
-    e = _events(served, kafka_bootstrap, [chunks[0].id.removeprefix("chatcmpl-")])[chunks[0].id.removeprefix("chatcmpl-")]
+    e = _events(served, kafka_bootstrap, [chunks[0].id.removeprefix("chatcmpl-")])[
+        chunks[0].id.removeprefix("chatcmpl-")
+    ]
     assert (e["status_code"], e["error_type"], e["path"]) == (200, None, "/v1/chat/completions")
     assert e["output_tokens"] == usage.completion_tokens and e["input_tokens"] == usage.prompt_tokens
     assert e["total_tokens"] == usage.total_tokens and e["finish_reason"] == "length"
@@ -89,8 +108,9 @@ def test_a_streamed_answer_arrives_token_by_token_and_agrees_with_its_event(serv
     assert e["tpot_ms"] > 0 and e["ttft_ms"] + (LIMIT - 1) * e["tpot_ms"] <= e["latency_ms"] + 1e-6
 
     # the legacy completions stream: its pieces add up to the non-streamed text of the same prompt
-    stream = client.completions.create(model="t5-tiny", prompt=prompt, max_tokens=LIMIT, stream=True,
-                                       stream_options={"include_usage": True})
+    stream = client.completions.create(
+        model="t5-tiny", prompt=prompt, max_tokens=LIMIT, stream=True, stream_options={"include_usage": True}
+    )
     parts = list(stream)
     text = "".join(c.choices[0].text for c in parts if c.choices)
     assert text == whole and len([c for c in parts if c.choices and c.choices[0].text]) > 1
@@ -120,8 +140,9 @@ def test_concurrent_streams_decode_side_by_side_in_one_batch(served, kafka_boots
         return rid, text, usage
 
     async def go():
-        async with httpx.AsyncClient(base_url=served.base_url, timeout=60,
-                                     headers={"Authorization": f"Bearer {served.key}"}) as client:
+        async with httpx.AsyncClient(
+            base_url=served.base_url, timeout=60, headers={"Authorization": f"Bearer {served.key}"}
+        ) as client:
             return await asyncio.gather(*[one(client, p, n) for p, n in zip(prompts, limits)])
 
     results = asyncio.run(go())
@@ -140,14 +161,17 @@ def test_a_client_that_leaves_mid_stream_is_billed_what_the_model_made(served, k
     rid = "left-" + uuid.uuid4().hex[:8]
     body = {"prompt": "stream number 3 about licences", "max_tokens": LIMIT, "stream": True}
     received = 0
-    with httpx.Client(base_url=served.base_url, timeout=60) as client:
-        with client.stream("POST", "/v1/completions", json=body,
-                           headers={"Authorization": f"Bearer {served.key}", "X-Request-ID": rid}) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    received += 1
-                    break  # leave after the first chunk: the context manager closes the connection
+    with (
+        httpx.Client(base_url=served.base_url, timeout=60) as client,
+        client.stream(
+            "POST", "/v1/completions", json=body, headers={"Authorization": f"Bearer {served.key}", "X-Request-ID": rid}
+        ) as r,
+    ):
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                received += 1
+                break  # leave after the first chunk: the context manager closes the connection
     e = _events(served, kafka_bootstrap, [rid])[rid]
     assert (e["status_code"], e["error_type"]) == (499, "client_disconnect")
     assert e["finish_reason"] == "cancelled", "the row stopped when the client left, not at its limit"
@@ -157,8 +181,13 @@ def test_a_client_that_leaves_mid_stream_is_billed_what_the_model_made(served, k
 
 def test_metrics_carry_time_to_first_token_and_per_output_token_by_model_only(served):
     body = {"prompt": "metrics", "max_tokens": 4, "stream": True}
-    with httpx.stream("POST", served.base_url + "/v1/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {served.key}"}) as r:
+    with httpx.stream(
+        "POST",
+        served.base_url + "/v1/completions",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {served.key}"},
+    ) as r:
         assert r.status_code == 200 and "data: [DONE]" in r.read().decode()
     text = httpx.get(served.base_url + "/metrics", timeout=10).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -170,8 +199,12 @@ def test_metrics_carry_time_to_first_token_and_per_output_token_by_model_only(se
 
 
 def test_embeddings_on_a_generator_are_refused_with_an_event(served, kafka_bootstrap):
-    r = httpx.post(served.base_url + "/v1/embeddings", json={"input": "hello", "model": "t5-tiny"},
-                   headers={"Authorization": f"Bearer {served.key}"}, timeout=30)
+    r = httpx.post(
+        served.base_url + "/v1/embeddings",
+        json={"input": "hello", "model": "t5-tiny"},
+        headers={"Authorization": f"Bearer {served.key}"},
+        timeout=30,
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "model_cannot_embed"
     assert "cannot embed" in r.json()["error"]["message"] or "does not embed" in r.json()["error"]["message"]
     e = _events(served, kafka_bootstrap, [r.headers["x-request-id"]])[r.headers["x-request-id"]]

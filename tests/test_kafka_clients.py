@@ -9,8 +9,8 @@ import ssl
 import pytest
 
 from tokenaudit.infra import kafka_clients
-from tokenaudit.infra.kafka_cluster import ClusterConfig, KafkaCluster, KafkaLaunchError, check_port_ranges
 from tokenaudit.infra.kafka_clients import KafkaConfigError
+from tokenaudit.infra.kafka_cluster import ClusterConfig, KafkaCluster, KafkaLaunchError, check_port_ranges
 from tokenaudit.infra.topics import COMPACT, Replication, declared_topics
 from tokenaudit.settings import load_settings
 
@@ -25,32 +25,56 @@ def _local_cluster(data_dir, brokers: int, sasl: bool, formatted: bool = True) -
         storage.mkdir(parents=True)
         (storage / "meta.properties").write_text("cluster.id=x\nnode.id=1\n")
     if sasl:
-        (home / "credentials.json").write_text(json.dumps({"mechanism": "SCRAM-SHA-512", "users": {
-            "broker": {"username": "broker", "password": "b-secret"},
-            "client": {"username": "tokenaudit", "password": "c-secret"}}}))
+        (home / "credentials.json").write_text(
+            json.dumps(
+                {
+                    "mechanism": "SCRAM-SHA-512",
+                    "users": {
+                        "broker": {"username": "broker", "password": "b-secret"},
+                        "client": {"username": "tokenaudit", "password": "c-secret"},
+                    },
+                }
+            )
+        )
 
 
 def test_plaintext_by_default(tmp_path):
     s = load_settings(data_dir=tmp_path, kafka_bootstrap="k1:9092,k2:9092")
     assert kafka_clients.kafka_config(s, {"group.id": "g"}) == {
-        "bootstrap.servers": "k1:9092,k2:9092", "security.protocol": "PLAINTEXT", "group.id": "g"}
+        "bootstrap.servers": "k1:9092,k2:9092",
+        "security.protocol": "PLAINTEXT",
+        "group.id": "g",
+    }
     assert kafka_clients.producer_config(s)["acks"] == "all"
     assert kafka_clients.producer_config(s)["enable.idempotence"] is True
-    assert kafka_clients.aiokafka_kwargs(s) == {"bootstrap_servers": ["k1:9092", "k2:9092"],
-                                                "security_protocol": "PLAINTEXT"}
+    assert kafka_clients.aiokafka_kwargs(s) == {
+        "bootstrap_servers": ["k1:9092", "k2:9092"],
+        "security_protocol": "PLAINTEXT",
+    }
     assert kafka_clients.faust_options(s) == {"producer_acks": -1}
 
 
 def test_explicit_sasl_ssl_reaches_every_client_kind(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
-    s = load_settings(data_dir=tmp_path, kafka_bootstrap="k1:9093", kafka_security_protocol="SASL_SSL",
-                      kafka_sasl_mechanism="SCRAM-SHA-256", kafka_sasl_username="svc",
-                      kafka_sasl_password="pw", kafka_ssl_ca_file=ca)
+    s = load_settings(
+        data_dir=tmp_path,
+        kafka_bootstrap="k1:9093",
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-256",
+        kafka_sasl_username="svc",
+        kafka_sasl_password="pw",
+        kafka_ssl_ca_file=ca,
+    )
     conf = kafka_clients.kafka_config(s)
-    assert conf == {"bootstrap.servers": "k1:9093", "security.protocol": "SASL_SSL",
-                    "sasl.mechanism": "SCRAM-SHA-256", "sasl.username": "svc", "sasl.password": "pw",
-                    "ssl.ca.location": str(ca)}
+    assert conf == {
+        "bootstrap.servers": "k1:9093",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-256",
+        "sasl.username": "svc",
+        "sasl.password": "pw",
+        "ssl.ca.location": str(ca),
+    }
     sec = kafka_clients.security(s)
     assert "pw" not in repr(sec) and "pw" not in sec.describe()
     # aiokafka / faust get the same, with an SSL context built from the CA (a real one needs a
@@ -60,23 +84,35 @@ def test_explicit_sasl_ssl_reaches_every_client_kind(tmp_path):
 
 
 def test_tls_context_from_the_system_store(tmp_path):
-    s = load_settings(data_dir=tmp_path, kafka_bootstrap="k1:9093", kafka_security_protocol="SASL_SSL",
-                      kafka_sasl_username="svc", kafka_sasl_password="pw")
+    s = load_settings(
+        data_dir=tmp_path,
+        kafka_bootstrap="k1:9093",
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_username="svc",
+        kafka_sasl_password="pw",
+    )
     kwargs = kafka_clients.aiokafka_kwargs(s)
     assert kwargs["security_protocol"] == "SASL_SSL" and kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
     assert (kwargs["sasl_plain_username"], kwargs["sasl_plain_password"]) == ("svc", "pw")
     assert isinstance(kwargs["ssl_context"], ssl.SSLContext)
     creds = kafka_clients.faust_options(s)["broker_credentials"]
-    assert (creds.username, creds.password, creds.mechanism.value, creds.protocol.value) == \
-        ("svc", "pw", "SCRAM-SHA-512", "SASL_SSL")
+    assert (creds.username, creds.password, creds.mechanism.value, creds.protocol.value) == (
+        "svc",
+        "pw",
+        "SCRAM-SHA-512",
+        "SASL_SSL",
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"kafka_security_protocol": "SASL_SSL"}, "needs TOKENAUDIT_KAFKA_SASL_USERNAME"),
-    ({"kafka_sasl_username": "u", "kafka_sasl_password": "p"}, "set it to SASL_SSL"),
-    ({"kafka_security_protocol": "SSL", "kafka_ssl_ca_file": "/no/such/ca.pem"}, "TOKENAUDIT_KAFKA_SSL_CA_FILE"),
-    ({"kafka_ssl_ca_file": "/etc/hostname"}, "set it to SSL or SASL_SSL"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kafka_security_protocol": "SASL_SSL"}, "needs TOKENAUDIT_KAFKA_SASL_USERNAME"),
+        ({"kafka_sasl_username": "u", "kafka_sasl_password": "p"}, "set it to SASL_SSL"),
+        ({"kafka_security_protocol": "SSL", "kafka_ssl_ca_file": "/no/such/ca.pem"}, "TOKENAUDIT_KAFKA_SSL_CA_FILE"),
+        ({"kafka_ssl_ca_file": "/etc/hostname"}, "set it to SSL or SASL_SSL"),
+    ],
+)
 def test_contradictory_settings_name_the_variables(tmp_path, overrides, message):
     s = load_settings(data_dir=tmp_path, kafka_bootstrap="k1:9092", **overrides)
     with pytest.raises(KafkaConfigError, match=message):
@@ -88,8 +124,12 @@ def test_local_sasl_cluster_lends_its_credentials_and_all_its_nodes(tmp_path):
     s = load_settings(data_dir=tmp_path, kafka_port=29092)
     conf = kafka_clients.kafka_config(s)
     assert conf["bootstrap.servers"] == "127.0.0.1:29092,127.0.0.1:29093,127.0.0.1:29094"
-    assert (conf["security.protocol"], conf["sasl.mechanism"], conf["sasl.username"], conf["sasl.password"]) == \
-        ("SASL_PLAINTEXT", "SCRAM-SHA-512", "tokenaudit", "c-secret")
+    assert (conf["security.protocol"], conf["sasl.mechanism"], conf["sasl.username"], conf["sasl.password"]) == (
+        "SASL_PLAINTEXT",
+        "SCRAM-SHA-512",
+        "tokenaudit",
+        "c-secret",
+    )
     # an explicit password wins (how a wrong one is tested), the local user stays
     wrong = load_settings(data_dir=tmp_path, kafka_port=29092, kafka_sasl_password="wrong")
     assert kafka_clients.kafka_config(wrong)["sasl.password"] == "wrong"
@@ -108,7 +148,7 @@ def test_local_plain_cluster_is_plaintext(tmp_path):
 def test_port_ranges_that_overlap_are_refused():
     check_port_ranges(9092, 9192, 3)
     check_port_ranges(9092, 9093, 1)
-    with pytest.raises(KafkaLaunchError, match="9092-9094 .* 9093-9095 .* overlap"):
+    with pytest.raises(KafkaLaunchError, match=r"9092-9094 .* 9093-9095 .* overlap"):
         check_port_ranges(9092, 9093, 3)
     with pytest.raises(KafkaLaunchError, match="above 65535"):
         check_port_ranges(65534, 9192, 3)
@@ -137,7 +177,11 @@ def test_a_shape_recorded_by_a_start_that_formatted_nothing_can_change(tmp_path)
 
 def test_replication_rule_and_declaration():
     assert [Replication.for_brokers(n) for n in (1, 2, 3, 5)] == [
-        Replication(1, 1), Replication(2, 1), Replication(3, 2), Replication(3, 2)]
+        Replication(1, 1),
+        Replication(2, 1),
+        Replication(3, 2),
+        Replication(3, 2),
+    ]
     s = load_settings(kafka_partitions=6)
     specs = {t.role: t for t in declared_topics(s)}
     assert set(specs) == {"usage", "anomalies", "dlq", "rollups", "sampled"}

@@ -30,8 +30,8 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
-from tokenaudit.infra.keys import add_key
 from tokenaudit.infra import kafka_clients
+from tokenaudit.infra.keys import add_key
 from tokenaudit.infra.procutil import free_port, pid_alive, port_in_use
 from tokenaudit.settings import get_settings, load_settings
 
@@ -64,13 +64,21 @@ def cluster_env(tmp_path, model, monkeypatch):
     controller = _free_range(3, set(range(kafka, kafka + 3)))
     env = {
         "TOKENAUDIT_DATA_DIR": str(tmp_path / "data"),
-        "TOKENAUDIT_KAFKA_PORT": str(kafka), "TOKENAUDIT_KAFKA_CONTROLLER_PORT": str(controller),
-        "TOKENAUDIT_KAFKA_HEAP": "256m", "TOKENAUDIT_KAFKA_PARTITIONS": "3", "TOKENAUDIT_KAFKA_START_TIMEOUT": "120",
-        "TOKENAUDIT_MODEL": str(model), "TOKENAUDIT_XLA": "false",
-        "TOKENAUDIT_HTTP_PORT": str(free_port()), "TOKENAUDIT_USAGE_API_PORT": str(free_port()),
+        "TOKENAUDIT_KAFKA_PORT": str(kafka),
+        "TOKENAUDIT_KAFKA_CONTROLLER_PORT": str(controller),
+        "TOKENAUDIT_KAFKA_HEAP": "256m",
+        "TOKENAUDIT_KAFKA_PARTITIONS": "3",
+        "TOKENAUDIT_KAFKA_START_TIMEOUT": "120",
+        "TOKENAUDIT_MODEL": str(model),
+        "TOKENAUDIT_XLA": "false",
+        "TOKENAUDIT_HTTP_PORT": str(free_port()),
+        "TOKENAUDIT_USAGE_API_PORT": str(free_port()),
         "TOKENAUDIT_WORKER_WEB_PORT": str(free_port()),
-        "TOKENAUDIT_WINDOW_SECONDS": "2", "TOKENAUDIT_GRACE_SECONDS": "1", "TOKENAUDIT_IDLE_TIMEOUT_SECONDS": "2",
-        "TOKENAUDIT_SINK_BATCH_SECONDS": "0.5", "TOKENAUDIT_WORKER_SESSION_TIMEOUT": "8",
+        "TOKENAUDIT_WINDOW_SECONDS": "2",
+        "TOKENAUDIT_GRACE_SECONDS": "1",
+        "TOKENAUDIT_IDLE_TIMEOUT_SECONDS": "2",
+        "TOKENAUDIT_SINK_BATCH_SECONDS": "0.5",
+        "TOKENAUDIT_WORKER_SESSION_TIMEOUT": "8",
         # failover takes the controller's session timeout (~9 s) plus an election: let the
         # producer ride it out rather than spool
         "TOKENAUDIT_PRODUCER_MESSAGE_TIMEOUT_MS": "45000",
@@ -85,8 +93,9 @@ def cluster_env(tmp_path, model, monkeypatch):
 
 
 def cli(*args: str, check: bool = True, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        CLI + list(args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     if check:
         assert proc.returncode == 0, f"tokenaudit {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -101,14 +110,21 @@ class Extra:
 
     def start(self) -> None:
         base = dict(os.environ)
-        app_env = {**base, "TOKENAUDIT_HTTP_PORT": str(self.app_port),
-                   "TOKENAUDIT_SPOOL_DIR": str(self.tmp / "spool-2"), "TOKENAUDIT_INSTANCE": "app-2"}
+        app_env = {
+            **base,
+            "TOKENAUDIT_HTTP_PORT": str(self.app_port),
+            "TOKENAUDIT_SPOOL_DIR": str(self.tmp / "spool-2"),
+            "TOKENAUDIT_INSTANCE": "app-2",
+        }
         worker_env = {**base, "TOKENAUDIT_WORKER_WEB_PORT": str(self.worker_port)}
-        for name, argv, env in (("app-2", CLI + ["serve"], app_env),
-                                ("worker-2", [sys.executable, "-m", "tokenaudit.streams.app"], worker_env)):
+        for name, argv, env in (
+            ("app-2", CLI + ["serve"], app_env),
+            ("worker-2", [sys.executable, "-m", "tokenaudit.streams.app"], worker_env),
+        ):
             log = open(self.tmp / f"{name}.log", "wb")
-            self.procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
+            self.procs.append(
+                subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
 
     def wait_ready(self, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
@@ -156,9 +172,11 @@ class Load:
                 client = clients[i % len(clients)]
                 words = " ".join(f"w{(i * 7 + j) % 13}" for j in range(3 + i % 9))
                 try:
-                    r = http.post(f"{self.urls[i % len(self.urls)]}/v1/generate",
-                                  json={"prompt": words, "max_new_tokens": 2 + i % 4},
-                                  headers={"Authorization": f"Bearer {self.keys[client]}"})
+                    r = http.post(
+                        f"{self.urls[i % len(self.urls)]}/v1/generate",
+                        json={"prompt": words, "max_new_tokens": 2 + i % 4},
+                        headers={"Authorization": f"Bearer {self.keys[client]}"},
+                    )
                 except httpx.HTTPError as exc:
                     self.failures.append(repr(exc))
                     continue
@@ -174,7 +192,7 @@ class Load:
                 i += self.threads
                 time.sleep(0.05)
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         for t in self.workers:
             t.start()
         return self
@@ -231,11 +249,19 @@ def test_sasl_cluster_loses_its_busiest_broker_and_every_answered_request_is_sto
     startup = time.monotonic() - t0
 
     # every topic as declared, replicated 3 ways with min.insync.replicas 2 (faust's changelog too)
-    topics = [settings.topic_usage, settings.topic_rollups, settings.topic_sampled, settings.topic_anomalies,
-              settings.topic_dlq, f"{settings.worker_id}-state-changelog"]
+    topics = [
+        settings.topic_usage,
+        settings.topic_rollups,
+        settings.topic_sampled,
+        settings.topic_anomalies,
+        settings.topic_dlq,
+        f"{settings.worker_id}-state-changelog",
+    ]
     md = admin.list_topics(timeout=15).topics
-    described = {res.name: fut.result(15) for res, fut in
-                 admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in topics]).items()}
+    described = {
+        res.name: fut.result(15)
+        for res, fut in admin.describe_configs([ConfigResource(ResourceType.TOPIC, t) for t in topics]).items()
+    }
     for name, conf in described.items():
         assert {len(p.replicas) for p in md[name].partitions.values()} == {3}, name
         assert conf["min.insync.replicas"].value == "2", name
@@ -259,8 +285,9 @@ def test_sasl_cluster_loses_its_busiest_broker_and_every_answered_request_is_sto
 
         status = cli("kafka", "status", "--format", "json", check=False)
         assert status.returncode == 3, status.stdout
-        assert {r["broker"]: r["state"] for r in json.loads(status.stdout)} == \
-            {n: "down" if n == victim else "running" for n in (1, 2, 3)}
+        assert {r["broker"]: r["state"] for r in json.loads(status.stdout)} == {
+            n: "down" if n == victim else "running" for n in (1, 2, 3)
+        }
 
         # while it is down: a client without credentials and one with a wrong password are refused
         bootstrap = kafka_clients.bootstrap_servers(settings)
@@ -282,8 +309,9 @@ def test_sasl_cluster_loses_its_busiest_broker_and_every_answered_request_is_sto
         during = load.requests() - before_kill
         restarted = cli("kafka", "start")
         assert f"started broker(s) {victim};" in restarted.stdout, restarted.stdout
-        assert {n: int((data / "kafka" / f"broker-{n}" / "kafka.pid").read_text()) for n in others} == others, \
+        assert {n: int((data / "kafka" / f"broker-{n}" / "kafka.pid").read_text()) for n in others} == others, (
             "running brokers are left alone"
+        )
         wait_for(lambda: load.requests() >= before_kill + during + 40, 60, "load after the restart")
     finally:
         load.stop()
@@ -294,8 +322,15 @@ def test_sasl_cluster_loses_its_busiest_broker_and_every_answered_request_is_sto
 
     def matches():
         got = usage_by_client()
-        return all(c in got and (got[c]["requests"], got[c]["input_tokens"], got[c]["output_tokens"]) ==
-                   (e["requests"], e["input_tokens"], e["output_tokens"]) for c, e in expected.items()) and got
+        return (
+            all(
+                c in got
+                and (got[c]["requests"], got[c]["input_tokens"], got[c]["output_tokens"])
+                == (e["requests"], e["input_tokens"], e["output_tokens"])
+                for c, e in expected.items()
+            )
+            and got
+        )
 
     try:
         got = wait_for(matches, 120, "usage to equal the clients' totals", interval=2)
@@ -314,12 +349,15 @@ def test_sasl_cluster_loses_its_busiest_broker_and_every_answered_request_is_sto
 
     report = wait_for(verified, 60, "verify to cover every request with nothing pending", interval=2)
     assert report["ok"] and report["buckets"] >= len(expected)
-    assert {c: (r["requests"], r["input_tokens"], r["output_tokens"]) for c, r in usage_by_client().items()} == \
-        {c: (e["requests"], e["input_tokens"], e["output_tokens"]) for c, e in expected.items()}
+    assert {c: (r["requests"], r["input_tokens"], r["output_tokens"]) for c, r in usage_by_client().items()} == {
+        c: (e["requests"], e["input_tokens"], e["output_tokens"]) for c, e in expected.items()
+    }
     extra.stop()
     del admin  # its connections would complain once the brokers stop
     down = cli("down")
     assert "kafka" in down.stdout
     assert cli("kafka", "status", check=False).stdout.strip() == "kafka is down"
-    print(f"startup {startup:.0f}s, {total} requests, {during} answered during the outage, "
-          f"killed broker {victim} (led {led[victim]} of {sum(led.values())} partitions)")
+    print(
+        f"startup {startup:.0f}s, {total} requests, {during} answered during the outage, "
+        f"killed broker {victim} (led {led[victim]} of {sum(led.values())} partitions)"
+    )

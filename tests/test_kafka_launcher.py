@@ -17,8 +17,16 @@ from tokenaudit.settings import load_settings
 
 def _broker(home) -> KafkaBroker:
     s = load_settings()
-    return KafkaBroker(BrokerConfig(home=home, cache_dir=s.cache_dir, version=s.kafka_version,
-                                    port=free_port(), controller_port=free_port(), heap="384m"))
+    return KafkaBroker(
+        BrokerConfig(
+            home=home,
+            cache_dir=s.cache_dir,
+            version=s.kafka_version,
+            port=free_port(),
+            controller_port=free_port(),
+            heap="384m",
+        )
+    )
 
 
 def test_lifecycle_idempotent_start_and_data_kept_across_restart(tmp_path):
@@ -41,8 +49,7 @@ def test_lifecycle_idempotent_start_and_data_kept_across_restart(tmp_path):
         assert broker.stop() is False
 
         assert broker.start() is True
-        consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "g",
-                             "auto.offset.reset": "earliest"})
+        consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "g", "auto.offset.reset": "earliest"})
         consumer.subscribe(["kept"])
         values = []
         for _ in range(60):
@@ -62,8 +69,15 @@ def test_start_on_busy_port_fails_clearly(tmp_path):
         sock.listen()
         busy = sock.getsockname()[1]
         s = load_settings()
-        broker = KafkaBroker(BrokerConfig(home=tmp_path / "k", cache_dir=s.cache_dir, version=s.kafka_version,
-                                          port=busy, controller_port=free_port()))
+        broker = KafkaBroker(
+            BrokerConfig(
+                home=tmp_path / "k",
+                cache_dir=s.cache_dir,
+                version=s.kafka_version,
+                port=busy,
+                controller_port=free_port(),
+            )
+        )
         with pytest.raises(KafkaLaunchError, match=f"port {busy} .* already in use"):
             broker.start()
         assert broker.pid() is None
@@ -76,15 +90,20 @@ def test_missing_java_fails_clearly(tmp_path, monkeypatch):
 
 
 def test_failed_download_fails_clearly(tmp_path):
-    with pytest.raises(KafkaInstallError, match="could not fetch Apache Kafka 0.0.404"):
+    with pytest.raises(KafkaInstallError, match=r"could not fetch Apache Kafka 0\.0\.404"):
         install(tmp_path / "cache", "0.0.404")
     assert not (tmp_path / "cache" / "kafka-0.0.404" / "COMPLETE").exists()
 
 
 def test_cli_status_when_down(tmp_path):
-    env = {"TOKENAUDIT_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",
-           "TOKENAUDIT_KAFKA_PORT": str(free_port()), "TOKENAUDIT_KAFKA_CONTROLLER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-m", "tokenaudit.cli", "kafka", "status"],
-                          capture_output=True, text=True, env=env)
+    env = {
+        "TOKENAUDIT_DATA_DIR": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+        "TOKENAUDIT_KAFKA_PORT": str(free_port()),
+        "TOKENAUDIT_KAFKA_CONTROLLER_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenaudit.cli", "kafka", "status"], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 3
     assert "kafka is down" in proc.stdout

@@ -17,23 +17,39 @@ from tokenaudit.settings import load_settings
 
 def _settings(bootstrap: str, tmp_path):
     tag = f"decl-{uuid.uuid4().hex[:8]}"
-    return load_settings(data_dir=tmp_path, kafka_bootstrap=bootstrap, kafka_partitions=3,
-                         topic_usage=f"{tag}-usage", topic_anomalies=f"{tag}-anomalies", topic_dlq=f"{tag}-dlq",
-                         topic_rollups=f"{tag}-rollups", topic_sampled=f"{tag}-sampled")
+    return load_settings(
+        data_dir=tmp_path,
+        kafka_bootstrap=bootstrap,
+        kafka_partitions=3,
+        topic_usage=f"{tag}-usage",
+        topic_anomalies=f"{tag}-anomalies",
+        topic_dlq=f"{tag}-dlq",
+        topic_rollups=f"{tag}-rollups",
+        topic_sampled=f"{tag}-sampled",
+    )
 
 
 def _describe(settings) -> dict[str, tuple[int, int, str, str]]:
     """topic -> (partitions, replication factor, cleanup.policy, min.insync.replicas)."""
     admin = AdminClient(admin_config(settings))
-    names = [settings.topic_usage, settings.topic_anomalies, settings.topic_dlq, settings.topic_rollups,
-             settings.topic_sampled]
+    names = [
+        settings.topic_usage,
+        settings.topic_anomalies,
+        settings.topic_dlq,
+        settings.topic_rollups,
+        settings.topic_sampled,
+    ]
     md = _wait_visible(admin, set(names), 10)
     out = {}
     for res, fut in admin.describe_configs([ConfigResource(ResourceType.TOPIC, n) for n in names]).items():
         conf = fut.result(10)
         parts = md[res.name].partitions
-        out[res.name] = (len(parts), len(parts[0].replicas), conf["cleanup.policy"].value,
-                         conf["min.insync.replicas"].value)
+        out[res.name] = (
+            len(parts),
+            len(parts[0].replicas),
+            conf["cleanup.policy"].value,
+            conf["min.insync.replicas"].value,
+        )
     return out
 
 
@@ -43,8 +59,10 @@ def test_every_topic_as_declared(kafka_bootstrap, tmp_path):
     assert ensured.brokers == 1 and (ensured.replication.factor, ensured.replication.min_insync) == (1, 1)
     assert len(ensured.created) == 5 and not ensured.corrected
     assert _describe(s) == {
-        s.topic_usage: (3, 1, "delete", "1"), s.topic_anomalies: (3, 1, "delete", "1"),
-        s.topic_dlq: (3, 1, "delete", "1"), s.topic_rollups: (3, 1, "compact", "1"),
+        s.topic_usage: (3, 1, "delete", "1"),
+        s.topic_anomalies: (3, 1, "delete", "1"),
+        s.topic_dlq: (3, 1, "delete", "1"),
+        s.topic_rollups: (3, 1, "compact", "1"),
         s.topic_sampled: (3, 1, "delete", "1"),
     }
     again = ensure_declared(s)

@@ -31,9 +31,15 @@ def test_import_contracts_hold(tmp_path):
     lint = Path(sys.executable).with_name("lint-imports")
     assert lint.exists(), "lint-imports (import-linter, a test dependency) is missing: run `make setup`"
     tree = _assembled(tmp_path)
-    done = subprocess.run([str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")], cwd=tree,
-                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True, timeout=300)
-    report = done.stdout[done.stdout.find("Contracts"):]
+    done = subprocess.run(
+        [str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    report = done.stdout[done.stdout.find("Contracts") :]
     assert done.returncode == 0, f"an import contract is broken:\n{report[-8000:]}\n{done.stderr[-2000:]}"
     assert "0 broken" in report and "2 kept" in report, report
 

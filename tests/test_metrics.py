@@ -11,15 +11,25 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenaudit.inference.audit import AuditContext
-from tokenaudit.inference.metrics import (QUEUE_TIME, REQUEST_DURATION, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN,
-                                         TOKEN_USAGE, AppMetrics)
+from tokenaudit.inference.metrics import (
+    QUEUE_TIME,
+    REQUEST_DURATION,
+    TIME_PER_OUTPUT_TOKEN,
+    TIME_TO_FIRST_TOKEN,
+    TOKEN_USAGE,
+    AppMetrics,
+)
 
 
 def _samples(text: bytes | str, name: str) -> dict[tuple, float]:
     text = text.decode() if isinstance(text, bytes) else text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) if f.name == name for s in f.samples
-            if not s.name.endswith("_created")}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == name
+        for s in f.samples
+        if not s.name.endswith("_created")
+    }
 
 
 def _event(rng: random.Random, client: str) -> dict:
@@ -38,10 +48,12 @@ def _event(rng: random.Random, client: str) -> dict:
 
 def test_histograms_match_prometheus_client_and_name_no_client():
     rng = random.Random(7)
-    metrics = AppMetrics(lambda: None, lambda: {})
+    metrics = AppMetrics(lambda: None, dict)
     reference = CollectorRegistry()
-    ref = {spec.name: Histogram(spec.name, spec.doc, spec.labels, buckets=spec.buckets, registry=reference)
-           for spec in (REQUEST_DURATION, TOKEN_USAGE, QUEUE_TIME, TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN)}
+    ref = {
+        spec.name: Histogram(spec.name, spec.doc, spec.labels, buckets=spec.buckets, registry=reference)
+        for spec in (REQUEST_DURATION, TOKEN_USAGE, QUEUE_TIME, TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN)
+    }
     for i in range(2000):
         event = _event(rng, f"client-{i}")  # 2000 distinct callers
         metrics.observe(event)
@@ -61,9 +73,12 @@ def test_histograms_match_prometheus_client_and_name_no_client():
         got, want = _samples(ours, spec.name), _samples(theirs, spec.name)
         assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-6 for k in want), spec.name
     assert b"client_id" not in ours and b"client-" not in ours
-    assert len(_samples(ours, REQUEST_DURATION.name)) == 3 * (len(REQUEST_DURATION.buckets) + 3), \
+    assert len(_samples(ours, REQUEST_DURATION.name)) == 3 * (len(REQUEST_DURATION.buckets) + 3), (
         "one series per status, however many callers"
-    assert len(_samples(ours, TIME_TO_FIRST_TOKEN.name)) == len(TIME_TO_FIRST_TOKEN.buckets) + 3, "one series: the model"
+    )
+    assert len(_samples(ours, TIME_TO_FIRST_TOKEN.name)) == len(TIME_TO_FIRST_TOKEN.buckets) + 3, (
+        "one series: the model"
+    )
     assert _samples(ours, TIME_PER_OUTPUT_TOKEN.name), "time per output token observed"
 
 
@@ -83,7 +98,7 @@ def test_every_integer_publisher_counter_is_exported():
     class Publisher:
         stats, spool, produced, queue_depth, state = Stats(), Spool(), 1, 0, "direct"
 
-    text = AppMetrics(lambda: Publisher(), lambda: {"model_ready": (1, "ready")}).render().decode()
+    text = AppMetrics(Publisher, lambda: {"model_ready": (1, "ready")}).render().decode()
     values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert values["tokenaudit_events_enqueued_total"] == 3 and values["tokenaudit_events_dropped_total"] == 2
     assert values["tokenaudit_spool_quarantined_total"] == 4, "named as the fault docs and alerts know it"

@@ -76,8 +76,12 @@ def send(base: str, keys: dict[str, str], n: int, expected: dict, offset: int) -
     def one(i: int) -> None:
         client = list(keys)[i % len(keys)]
         words = " ".join(f"w{(i * 7 + j) % 13}" for j in range(3 + i % 11))
-        r = httpx.post(f"{base}/v1/generate", json={"prompt": words, "max_new_tokens": 2 + i % 5},
-                       headers={"Authorization": f"Bearer {keys[client]}"}, timeout=120)
+        r = httpx.post(
+            f"{base}/v1/generate",
+            json={"prompt": words, "max_new_tokens": 2 + i % 5},
+            headers={"Authorization": f"Bearer {keys[client]}"},
+            timeout=120,
+        )
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]
         with_lock = expected[client]
@@ -99,8 +103,11 @@ def test_http_to_usage_exact_across_worker_kill(pipeline_env):
     assert "tokenaudit is up" in up.stdout
     s = load_settings()
     base = f"http://{s.http_host}:{s.http_port}"
-    keys = {"acme-web": add_key("acme-web", "sales"), "acme-etl": add_key("acme-etl", "data"),
-            "globex": add_key("globex", "research")}
+    keys = {
+        "acme-web": add_key("acme-web", "sales"),
+        "acme-etl": add_key("acme-etl", "data"),
+        "globex": add_key("globex", "research"),
+    }
     time.sleep(1.5)  # the running app picks up the new keys (registry follows the file)
     expected: dict[str, dict] = defaultdict(lambda: {"requests": 0, "input_tokens": 0, "output_tokens": 0})
     send(base, keys, 30, expected, 0)
@@ -123,8 +130,11 @@ def test_http_to_usage_exact_across_worker_kill(pipeline_env):
     got = usage_json()
     for client, e in expected.items():
         row = got[client]
-        assert (row["requests"], row["input_tokens"], row["output_tokens"]) == \
-            (e["requests"], e["input_tokens"], e["output_tokens"]), client
+        assert (row["requests"], row["input_tokens"], row["output_tokens"]) == (
+            e["requests"],
+            e["input_tokens"],
+            e["output_tokens"],
+        ), client
         assert row["total_tokens"] == e["input_tokens"] + e["output_tokens"]
 
 

@@ -25,8 +25,9 @@ def _publisher(tmp_path) -> tuple[EventPublisher, list[FakeProducer]]:
         made.append(FakeProducer(config))
         return made[-1]
 
-    pub = EventPublisher("fake:9092", "usage", tmp_path / "spool", retry_seconds=0.05, message_timeout_ms=1000,
-                         producer_factory=factory)
+    pub = EventPublisher(
+        "fake:9092", "usage", tmp_path / "spool", retry_seconds=0.05, message_timeout_ms=1000, producer_factory=factory
+    )
     return pub, made
 
 

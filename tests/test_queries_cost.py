@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
-from tests.support.usage_seed import ROLLUP_COLUMNS, rollup_rows, superseded
 
+from tests.support.usage_seed import ROLLUP_COLUMNS, rollup_rows, superseded
+from tokenaudit.infra.store import Store
 from tokenaudit.reports.params import parse_report_params
 from tokenaudit.reports.prices import PriceTable, PriceTableError, cost_report
 from tokenaudit.reports.queries import month_tokens
-from tokenaudit.infra.store import Store
 
 PRICES = """
 currency = "USD"
@@ -29,12 +29,14 @@ def month_store(ch_client, ch_database):
     """Rollups in March 2026 (plus a window in February and one in April that must not count)."""
     store = Store(ch_client, ch_database)
     store.migrate()
-    rows = rollup_rows(datetime(2026, 3, 1, 0, 31, tzinfo=timezone.utc), windows=30)  # 2026-03-01 00:00..00:29
-    rows += rollup_rows(datetime(2026, 3, 31, 23, 59, 59, tzinfo=timezone.utc), windows=28, seed=9)
-    outside = [[*r[:3], datetime(2026, 2, 28, 23, 59, tzinfo=timezone.utc), datetime(2026, 3, 1, tzinfo=timezone.utc),
-                *r[5:]] for r in rows[:3]]
-    outside += [[*r[:3], datetime(2026, 4, 1, tzinfo=timezone.utc), datetime(2026, 4, 1, 0, 1, tzinfo=timezone.utc),
-                 *r[5:]] for r in rows[3:6]]
+    rows = rollup_rows(datetime(2026, 3, 1, 0, 31, tzinfo=UTC), windows=30)  # 2026-03-01 00:00..00:29
+    rows += rollup_rows(datetime(2026, 3, 31, 23, 59, 59, tzinfo=UTC), windows=28, seed=9)
+    outside = [
+        [*r[:3], datetime(2026, 2, 28, 23, 59, tzinfo=UTC), datetime(2026, 3, 1, tzinfo=UTC), *r[5:]] for r in rows[:3]
+    ]
+    outside += [
+        [*r[:3], datetime(2026, 4, 1, tzinfo=UTC), datetime(2026, 4, 1, 0, 1, tzinfo=UTC), *r[5:]] for r in rows[3:6]
+    ]
     store.insert("usage_rollup", superseded(rows) + outside, ROLLUP_COLUMNS)
     store.insert("usage_rollup", rows, ROLLUP_COLUMNS)
     store.insert("usage_rollup", rows[::3], ROLLUP_COLUMNS)  # replayed windows
@@ -49,9 +51,16 @@ def test_cost_report_reconciles_to_the_cent(month_store):
     # independent check straight from usage_rollup: tokens per model x price, rounded once
     per_model = month_store.query(
         "SELECT model, sum(input_tokens) AS i, sum(output_tokens) AS o, sum(total_tokens) AS t "
-        "FROM {db}.usage_rollup FINAL WHERE toYYYYMM(window_start) = 202603 GROUP BY model")
-    exact = sum((Decimal(r["i"]) * prices.models[r["model"]].input_per_1k
-                 + Decimal(r["o"]) * prices.models[r["model"]].output_per_1k) / 1000 for r in per_model)
+        "FROM {db}.usage_rollup FINAL WHERE toYYYYMM(window_start) = 202603 GROUP BY model"
+    )
+    exact = sum(
+        (
+            Decimal(r["i"]) * prices.models[r["model"]].input_per_1k
+            + Decimal(r["o"]) * prices.models[r["model"]].output_per_1k
+        )
+        / 1000
+        for r in per_model
+    )
     expected_total = exact.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
 
     total = report[-1]
@@ -71,7 +80,9 @@ def test_cost_report_reconciles_to_the_cent(month_store):
     for line in clients:
         rows = month_store.query(
             "SELECT model, sum(input_tokens) AS i, sum(output_tokens) AS o FROM {db}.usage_rollup FINAL "
-            "WHERE toYYYYMM(window_start) = 202603 AND client_id = {c:String} GROUP BY model", {"c": line["client_id"]})
+            "WHERE toYYYYMM(window_start) = 202603 AND client_id = {c:String} GROUP BY model",
+            {"c": line["client_id"]},
+        )
         line_exact = sum(prices.models[r["model"]].cost(r["i"], r["o"]) for r in rows)
         assert abs(Decimal(line["cost"]) - line_exact) < Decimal("0.01")
 
@@ -90,16 +101,25 @@ def test_report_with_a_model_missing_from_the_price_table(month_store):
         cost_report(rows, prices)
 
 
-@pytest.mark.parametrize("text, match", [
-    ('[models."m"]\ninput_per_1k = "cheap"\noutput_per_1k = 1\n', r'\[models."m"\].input_per_1k: expected a number'),
-    ('[models."m"]\ninput_per_1k = -1\noutput_per_1k = 1\n', r"input_per_1k: expected a non-negative"),
-    ('[models."m"]\ninput_per_1k = 1\n', r'\[models."m"\]: missing output_per_1k'),
-    ('[models."m"]\ninput_per_1k = 1\noutput_per_1k = 1\ninput_per_1K = 2\n', r"unknown key\(s\) \['input_per_1K'\]"),
-    ('[models."m"]\ninput_per_1k = true\noutput_per_1k = 1\n', r"input_per_1k: expected a number"),
-    ('[models."m"]\ninput_per_1k = nan\noutput_per_1k = 1\n', r"non-negative finite"),
-    ("currency = 'USD'\n", r"no \[models"),
-    ("[models\n", r"not valid TOML"),
-])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (
+            '[models."m"]\ninput_per_1k = "cheap"\noutput_per_1k = 1\n',
+            r'\[models."m"\].input_per_1k: expected a number',
+        ),
+        ('[models."m"]\ninput_per_1k = -1\noutput_per_1k = 1\n', r"input_per_1k: expected a non-negative"),
+        ('[models."m"]\ninput_per_1k = 1\n', r'\[models."m"\]: missing output_per_1k'),
+        (
+            '[models."m"]\ninput_per_1k = 1\noutput_per_1k = 1\ninput_per_1K = 2\n',
+            r"unknown key\(s\) \['input_per_1K'\]",
+        ),
+        ('[models."m"]\ninput_per_1k = true\noutput_per_1k = 1\n', r"input_per_1k: expected a number"),
+        ('[models."m"]\ninput_per_1k = nan\noutput_per_1k = 1\n', r"non-negative finite"),
+        ("currency = 'USD'\n", r"no \[models"),
+        ("[models\n", r"not valid TOML"),
+    ],
+)
 def test_malformed_price_tables(text, match):
     with pytest.raises(PriceTableError, match=match):
         PriceTable.parse(text, "prices.toml")
@@ -118,8 +138,18 @@ def test_price_table_file_errors(tmp_path):
 def test_cent_allocation_sums_exactly():
     # three clients with a third of a cent each: lines must still add up to the rounded total
     prices = PriceTable.parse('[models."m"]\ninput_per_1k = 0.01\noutput_per_1k = 0\n')
-    rows = [{"department": "d", "client_id": c, "model": "m", "requests": 1, "input_tokens": 1333,
-             "output_tokens": 0, "total_tokens": 1333} for c in ("a", "b", "c")]
+    rows = [
+        {
+            "department": "d",
+            "client_id": c,
+            "model": "m",
+            "requests": 1,
+            "input_tokens": 1333,
+            "output_tokens": 0,
+            "total_tokens": 1333,
+        }
+        for c in ("a", "b", "c")
+    ]
     report = cost_report(rows, prices)
     lines = [Decimal(r["cost"]) for r in report if r["level"] == "client"]
     assert Decimal(report[-1]["cost"]) == Decimal("0.04")  # 3 x 0.01333 = 0.03999

@@ -3,14 +3,14 @@ grouping, top share, latency buckets, anomalies, and parameter validation."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from tests.support.usage_seed import CLIENTS, seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 
+from tests.support.usage_seed import CLIENTS, seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
+from tokenaudit.infra.store import Store
 from tokenaudit.reports.params import QueryParamError, parse_month, parse_report_params, parse_time
 from tokenaudit.reports.queries import run_raw
-from tokenaudit.infra.store import Store
 
 SUMS = ("requests", "errors", "input_tokens", "output_tokens", "total_tokens")
 
@@ -29,8 +29,9 @@ def seeded(store):
     return store, rows, now
 
 
-@pytest.mark.parametrize("by, key, index", [("client", "client_id", 0), ("department", "department", 1),
-                                            ("model", "model", 2)])
+@pytest.mark.parametrize(
+    ("by", "key", "index"), [("client", "client_id", 0), ("department", "department", 1), ("model", "model", 2)]
+)
 def test_usage_by_key_is_exact_despite_replays(seeded, by, key, index):
     store, rows, _ = seeded
     got = run_raw(store, "usage", {"since": "2h", "by": by})
@@ -42,7 +43,7 @@ def test_usage_by_key_is_exact_despite_replays(seeded, by, key, index):
 
 
 def test_usage_by_hour_and_day_sum_to_the_same_total(seeded):
-    store, rows, now = seeded
+    store, rows, _now = seeded
     grand = sum(r[9] for r in rows)
     for by in ("hour", "day"):
         got = run_raw(store, "usage", {"since": "2h", "by": by})
@@ -106,29 +107,31 @@ def test_anomalies_listing_dedups_and_orders(store):
 
 
 def test_parse_time_forms():
-    now = datetime(2026, 3, 10, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
     assert parse_time("15m", "since", now) == now - timedelta(minutes=15)
     assert parse_time("24h", "since", now) == now - timedelta(hours=24)
     assert parse_time("7d", "since", now) == now - timedelta(days=7)
-    assert parse_time("2026-03-01", "since", now) == datetime(2026, 3, 1, tzinfo=timezone.utc)
-    assert parse_time("2026-03-01T05:30:00Z", "since", now) == datetime(2026, 3, 1, 5, 30, tzinfo=timezone.utc)
-    assert parse_time("2026-03-01T07:30:00+02:00", "since", now) == datetime(2026, 3, 1, 5, 30, tzinfo=timezone.utc)
-    assert parse_month("2026-12") == (datetime(2026, 12, 1, tzinfo=timezone.utc),
-                                      datetime(2027, 1, 1, tzinfo=timezone.utc))
+    assert parse_time("2026-03-01", "since", now) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert parse_time("2026-03-01T05:30:00Z", "since", now) == datetime(2026, 3, 1, 5, 30, tzinfo=UTC)
+    assert parse_time("2026-03-01T07:30:00+02:00", "since", now) == datetime(2026, 3, 1, 5, 30, tzinfo=UTC)
+    assert parse_month("2026-12") == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
 
 
-@pytest.mark.parametrize("report, raw, match", [
-    ("usage", {"since": "yesterday"}, "since: expected a duration"),
-    ("usage", {"since": "1h", "until": "2h"}, "until: must be after since"),
-    ("usage", {"by": "client_id; DROP TABLE x"}, "by: expected one of"),
-    ("usage", {"by": "hour", "order": "1"}, "unknown parameter"),
-    ("top", {"limit": "0"}, "limit: expected a whole number"),
-    ("top", {"limit": "10 OR 1=1"}, "limit: expected a whole number"),
-    ("report", {}, "month: required"),
-    ("report", {"month": "2026-13"}, "month: expected YYYY-MM"),
-    ("usage", {"client": "x' OR '1'='1"}, "client: expected a client id"),
-    ("nope", {}, "unknown report"),
-])
+@pytest.mark.parametrize(
+    ("report", "raw", "match"),
+    [
+        ("usage", {"since": "yesterday"}, "since: expected a duration"),
+        ("usage", {"since": "1h", "until": "2h"}, "until: must be after since"),
+        ("usage", {"by": "client_id; DROP TABLE x"}, "by: expected one of"),
+        ("usage", {"by": "hour", "order": "1"}, "unknown parameter"),
+        ("top", {"limit": "0"}, "limit: expected a whole number"),
+        ("top", {"limit": "10 OR 1=1"}, "limit: expected a whole number"),
+        ("report", {}, "month: required"),
+        ("report", {"month": "2026-13"}, "month: expected YYYY-MM"),
+        ("usage", {"client": "x' OR '1'='1"}, "client: expected a client id"),
+        ("nope", {}, "unknown report"),
+    ],
+)
 def test_bad_parameters_are_rejected(report, raw, match):
     with pytest.raises(QueryParamError, match=match):
         parse_report_params(report, raw)

@@ -17,5 +17,4 @@ def test_readme_starts_with_the_two_commands():
 def test_settings_table_in_sync():
     text = README.read_text()
     block = text.split("<!-- settings:start -->", 1)[1].split("<!-- settings:end -->", 1)[0]
-    assert block.strip() == settings_table_markdown().strip(), \
-        "README settings table is stale: run `make docs`"
+    assert block.strip() == settings_table_markdown().strip(), "README settings table is stale: run `make docs`"

@@ -8,8 +8,9 @@ import typing
 import pytest
 
 from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, catalog, encode
-from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.schemas import records as rec
+from tokenaudit.schemas.compiled import compile_decoder
+
 
 def decode(data: bytes, name: str) -> dict:
     return compile_decoder(name)(data)  # timestamps as int epoch ms, as the records hold them
@@ -32,17 +33,25 @@ def _python_type(avro) -> object:
 def test_typed_record_matches_the_current_schema(name):
     schema = catalog.current(name).raw
     hints = typing.get_type_hints(RECORDS[name])
-    assert list(hints) == [f["name"] for f in schema["fields"]], f"{name}: fields differ from {name} " \
-        f"v{catalog.current(name).version} (order included)"
+    assert list(hints) == [f["name"] for f in schema["fields"]], (
+        f"{name}: fields differ from {name} v{catalog.current(name).version} (order included)"
+    )
     for field in schema["fields"]:
-        assert hints[field["name"]] == _python_type(field["type"]), \
+        assert hints[field["name"]] == _python_type(field["type"]), (
             f"{name}.{field['name']}: typed as {hints[field['name']]}, the schema says {field['type']}"
+        )
 
 
 class _Request:
     """What the inference app's AuditContext holds for one request."""
 
-    request_id, event_id, ts_ms, client_id, department = "r1", "0190a4d2-1c3b-7d4e-8f00-0123456789ab", 1_750_000_000_123, "acme", "eng"
+    request_id, event_id, ts_ms, client_id, department = (
+        "r1",
+        "0190a4d2-1c3b-7d4e-8f00-0123456789ab",
+        1_750_000_000_123,
+        "acme",
+        "eng",
+    )
     api_key_id, client_ip, model, input_tokens, untruncated_input_tokens = "k_1", "10.0.0.1", "t5", 12, 40
     truncated, output_tokens, queue_ms, inference_ms, batch_id = True, 5, 1.5, 7.25, "b1"
     batch_size, position_in_batch, device, prompt_digest, finish_reason, error_type = 4, 2, "cpu", "ab", "length", None
@@ -66,10 +75,30 @@ def test_builders_make_records_the_codecs_round_trip():
     assert rollup["version"] == rollup["requests"] == 3 and rollup["delta_id"] is None
     assert decode(encode(ROLLUP, rollup), ROLLUP) == rollup
 
-    critical = rec.anomaly("token_spike", "acme", "eng", "t5", 1_750_000_000_000, 200.0, 100.0, "spike",
-                           ts=1_750_000_060_000, api_key_id="k_1")
-    warning = rec.anomaly("token_spike", "acme", "eng", "t5", 1_750_000_000_000, 150.0, 100.0, "spike",
-                          ts=1_750_000_060_000, api_key_id="k_1")
+    critical = rec.anomaly(
+        "token_spike",
+        "acme",
+        "eng",
+        "t5",
+        1_750_000_000_000,
+        200.0,
+        100.0,
+        "spike",
+        ts=1_750_000_060_000,
+        api_key_id="k_1",
+    )
+    warning = rec.anomaly(
+        "token_spike",
+        "acme",
+        "eng",
+        "t5",
+        1_750_000_000_000,
+        150.0,
+        100.0,
+        "spike",
+        ts=1_750_000_060_000,
+        api_key_id="k_1",
+    )
     assert (critical["severity"], warning["severity"]) == ("critical", "warning")
     assert critical["anomaly_id"] == warning["anomaly_id"]  # the same rule and window: the same anomaly
     assert decode(encode(ANOMALY, critical), ANOMALY) == critical

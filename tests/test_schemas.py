@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from test_avro_kafka_roundtrip import sample_event
 
 from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError, catalog
 from tokenaudit.schemas.codec import MAGIC, SchemaCatalog, schema_fingerprint
-
-from test_avro_kafka_roundtrip import sample_event
 
 
 def test_fingerprint_matches_avro_spec_vector():
@@ -45,10 +44,32 @@ def test_new_writer_reads_with_old_reader():
 def test_event_carries_every_design_field():
     names = {f["name"] for f in catalog.current(EVENT).raw["fields"]}
     required = {
-        "client_id", "department", "api_key_id", "client_ip", "method", "path", "status_code", "model",
-        "error_type", "input_tokens", "untruncated_input_tokens", "truncated", "output_tokens", "total_tokens",
-        "latency_ms", "queue_ms", "inference_ms", "batch_id", "batch_size", "position_in_batch", "device",
-        "prompt_digest", "request_id", "ts", "event_id", "instance",
+        "client_id",
+        "department",
+        "api_key_id",
+        "client_ip",
+        "method",
+        "path",
+        "status_code",
+        "model",
+        "error_type",
+        "input_tokens",
+        "untruncated_input_tokens",
+        "truncated",
+        "output_tokens",
+        "total_tokens",
+        "latency_ms",
+        "queue_ms",
+        "inference_ms",
+        "batch_id",
+        "batch_size",
+        "position_in_batch",
+        "device",
+        "prompt_digest",
+        "request_id",
+        "ts",
+        "event_id",
+        "instance",
     }
     assert required <= names
 
@@ -77,7 +98,7 @@ def _good() -> bytes:
 
 
 @pytest.mark.parametrize(
-    "data, match",
+    ("data", "match"),
     [
         (b"", "shorter than the 10-byte header"),
         (b"\x00\x01garbage-garbage", "bad magic"),

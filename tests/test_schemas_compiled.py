@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import random
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-
-from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError, decode, encode, catalog
-from tokenaudit.schemas.compiled import NATIVE, compile_decoder, compile_encoder
-
 from test_avro_kafka_roundtrip import sample_event
 
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError, catalog, decode, encode
+from tokenaudit.schemas.compiled import NATIVE, compile_decoder, compile_encoder
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TEXTS = ["", "acme", "ünïcödé ✓ 日本", "x" * 300, "a\x00b"]
 INTS = [0, 1, 63, 64, -64, -65, 127, 128, 8191, 8192, 16383, 16384, -1, 2**31 - 1, -(2**31)]
 LONGS = INTS + [2**40, -(2**40), 2**63 - 1, -(2**63)]
@@ -28,9 +27,13 @@ def _value(ftype, rng: random.Random):
         return str(uuid.UUID(int=rng.getrandbits(128)))
     if isinstance(ftype, dict):  # timestamp-millis: int epoch ms on the generated paths
         return rng.choice([0, 1_795_000_000_000, 1_795_000_000_123, -5])
-    return {"string": lambda: rng.choice(TEXTS), "int": lambda: rng.choice(INTS),
-            "long": lambda: rng.choice(LONGS), "boolean": lambda: rng.random() < 0.5,
-            "double": lambda: rng.choice([0.0, -1.5, 1e300, 3.14159, 7.0, float("inf")])}[ftype]()
+    return {
+        "string": lambda: rng.choice(TEXTS),
+        "int": lambda: rng.choice(INTS),
+        "long": lambda: rng.choice(LONGS),
+        "boolean": lambda: rng.random() < 0.5,
+        "double": lambda: rng.choice([0.0, -1.5, 1e300, 3.14159, 7.0, float("inf")]),
+    }[ftype]()
 
 
 @pytest.fixture(params=[False, True], ids=["python", "native"])
@@ -81,7 +84,7 @@ def test_encoder_hands_what_it_does_not_write_to_the_schemas_codec(native):
                 fast_encode(record)
         else:  # fastavro writes it (a bool as an int): the same bytes
             assert fast_encode(record) == expected
-    with pytest.raises(Exception) as generic_error:
+    with pytest.raises(Exception) as generic_error:  # noqa: PT011 (whatever it is, the twin must raise the same)
         encode(EVENT, {k: v for k, v in event.items() if k != "model"})
     with pytest.raises(type(generic_error.value)):
         fast_encode({k: v for k, v in event.items() if k != "model"})
@@ -100,15 +103,18 @@ def _good() -> bytes:
     return catalog.encode(EVENT, sample_event())
 
 
-@pytest.mark.parametrize("data, match", [
-    (b"", "shorter than the 10-byte header"),
-    (b"\x00\x01garbage-garbage", "bad magic"),
-    (b"\xc3\x01" + b"\x00" * 8 + b"body", "unknown writer schema fingerprint"),
-    (_good()[:-5], "truncated"),
-    (_good()[:11], "truncated"),
-    (_good() + b"\x00", "trailing bytes"),
-    (catalog.encode(ROLLUP, random_record(ROLLUP, random.Random(1))), "expected 'token_usage_event'|expected"),
-])
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "shorter than the 10-byte header"),
+        (b"\x00\x01garbage-garbage", "bad magic"),
+        (b"\xc3\x01" + b"\x00" * 8 + b"body", "unknown writer schema fingerprint"),
+        (_good()[:-5], "truncated"),
+        (_good()[:11], "truncated"),
+        (_good() + b"\x00", "trailing bytes"),
+        (catalog.encode(ROLLUP, random_record(ROLLUP, random.Random(1))), "expected 'token_usage_event'|expected"),
+    ],
+)
 def test_decoder_errors_name_the_problem(data, match, native):
     with pytest.raises(AvroDecodeError, match=match):
         compile_decoder(EVENT, native=native)(data)
@@ -121,7 +127,7 @@ def test_corrupted_bytes_decode_as_the_codec_does_or_fail_cleanly(native):
     fast_decode = compile_decoder(EVENT, native=native)
     rng = random.Random(5)
     agreed = rejected = 0
-    for n in range(40):
+    for _n in range(40):
         good = bytearray(encode(EVENT, random_record(EVENT, rng)))
         variants = [bytes(good[:cut]) for cut in range(10, len(good))]
         for _ in range(40):

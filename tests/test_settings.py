@@ -13,13 +13,16 @@ def test_defaults_and_derived(tmp_path, monkeypatch):
     assert s.topic_usage == "token-usage"
 
 
-@pytest.mark.parametrize("var, value, expect", [
-    ("TOKENAUDIT_WINDOW_SECONDS", "abc", "TOKENAUDIT_WINDOW_SECONDS"),
-    ("TOKENAUDIT_WINDOW_SECONDS", "0", "greater than or equal to 1"),
-    ("TOKENAUDIT_HTTP_PORT", "70000", "TOKENAUDIT_HTTP_PORT"),
-    ("TOKENAUDIT_KAFKA_BOOTSTRAP", "nohostport", "TOKENAUDIT_KAFKA_BOOTSTRAP"),
-    ("TOKENAUDIT_KAFKA_HEAP", "lots", "TOKENAUDIT_KAFKA_HEAP"),
-])
+@pytest.mark.parametrize(
+    ("var", "value", "expect"),
+    [
+        ("TOKENAUDIT_WINDOW_SECONDS", "abc", "TOKENAUDIT_WINDOW_SECONDS"),
+        ("TOKENAUDIT_WINDOW_SECONDS", "0", "greater than or equal to 1"),
+        ("TOKENAUDIT_HTTP_PORT", "70000", "TOKENAUDIT_HTTP_PORT"),
+        ("TOKENAUDIT_KAFKA_BOOTSTRAP", "nohostport", "TOKENAUDIT_KAFKA_BOOTSTRAP"),
+        ("TOKENAUDIT_KAFKA_HEAP", "lots", "TOKENAUDIT_KAFKA_HEAP"),
+    ],
+)
 def test_bad_value_names_the_variable(monkeypatch, var, value, expect):
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=expect):
@@ -28,7 +31,7 @@ def test_bad_value_names_the_variable(monkeypatch, var, value, expect):
 
 def test_toml_file_then_env_override(tmp_path, monkeypatch):
     cfg = tmp_path / "s.toml"
-    cfg.write_text('window_seconds = 30\nhttp_port = 9000\n')
+    cfg.write_text("window_seconds = 30\nhttp_port = 9000\n")
     monkeypatch.setenv("TOKENAUDIT_CONFIG", str(cfg))
     monkeypatch.setenv("TOKENAUDIT_HTTP_PORT", "9100")
     s = load_settings()

@@ -21,25 +21,48 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.procutil import free_port
+from tokenaudit.infra.store import Store
 from tokenaudit.schemas import ROLLUP, encode
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
-from tokenaudit.infra.store import Store
 
 pytestmark = pytest.mark.timeout(180)
 WS = int(time.time() * 1000) // 60_000 * 60_000
 
 
 def rollup(client: str, requests: int, ws: int = WS) -> dict:
-    return {"client_id": client, "department": "eng", "api_key_id": "", "model": "m", "window_start": ws,
-            "window_end": ws + 60_000, "requests": requests, "errors": 0, "input_tokens": 10, "output_tokens": 5,
-            "total_tokens": 15, "latency_ms_sum": 2.0, "latency_ms_max": 2.0, "max_input_tokens": 10,
-            "truncated": 0, "version": max(requests, 0), "delta_id": None, "applied_offset": 100, "event_ids": ""}
+    return {
+        "client_id": client,
+        "department": "eng",
+        "api_key_id": "",
+        "model": "m",
+        "window_start": ws,
+        "window_end": ws + 60_000,
+        "requests": requests,
+        "errors": 0,
+        "input_tokens": 10,
+        "output_tokens": 5,
+        "total_tokens": 15,
+        "latency_ms_sum": 2.0,
+        "latency_ms_max": 2.0,
+        "max_input_tokens": 10,
+        "truncated": 0,
+        "version": max(requests, 0),
+        "delta_id": None,
+        "applied_offset": 100,
+        "event_ids": "",
+    }
 
 
 def _settings(bootstrap: str, tag: str, **kw):
-    return load_settings(kafka_bootstrap=bootstrap, topic_rollups=f"{tag}-rollups", topic_sampled=f"{tag}-sampled",
-                         topic_anomalies=f"{tag}-anomalies", topic_dlq=f"{tag}-dlq", **kw)
+    return load_settings(
+        kafka_bootstrap=bootstrap,
+        topic_rollups=f"{tag}-rollups",
+        topic_sampled=f"{tag}-sampled",
+        topic_anomalies=f"{tag}-anomalies",
+        topic_dlq=f"{tag}-dlq",
+        **kw,
+    )
 
 
 def _produce(bootstrap: str, topic: str, records: list[dict]) -> None:
@@ -52,8 +75,9 @@ def _produce(bootstrap: str, topic: str, records: list[dict]) -> None:
 def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
-        return [tp.offset for tp in consumer.committed([TopicPartition(topic, p) for p in range(partitions)],
-                                                       timeout=10)]
+        return [
+            tp.offset for tp in consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        ]
     finally:
         consumer.close()
 
@@ -81,11 +105,15 @@ def test_refused_rows_land_in_rejected_rows_and_their_neighbours_are_stored(kafk
     finally:
         stop.set()
         thread.join(30)
-    stored = {r["client_id"]: r["requests"] for r in store.query("SELECT client_id, requests FROM {db}.usage_rollup FINAL")}
+    stored = {
+        r["client_id"]: r["requests"] for r in store.query("SELECT client_id, requests FROM {db}.usage_rollup FINAL")
+    }
     assert stored == {r["client_id"]: r["requests"] for i, r in enumerate(records) if i not in (7, 29)}
     rejected = store.query("SELECT table, reason, record FROM {db}.rejected_rows FINAL ORDER BY record")
-    assert [(r["table"], json.loads(r["record"])["client_id"]) for r in rejected] == \
-        [("usage_rollup", "c07"), ("usage_rollup", "c29")]
+    assert [(r["table"], json.loads(r["record"])["client_id"]) for r in rejected] == [
+        ("usage_rollup", "c07"),
+        ("usage_rollup", "c29"),
+    ]
     by_client = {json.loads(r["record"])["client_id"]: r["reason"] for r in rejected}
     assert "VIOLATED_CONSTRAINT" in by_client["c07"] and "sane_requests" in by_client["c07"]
     assert by_client["c29"].startswith("column requests cannot hold -3") and "out of range" in by_client["c29"]
@@ -101,14 +129,15 @@ def _metric(port: int, name: str) -> float | None:
     except httpx.HTTPError:
         return None
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return None
 
 
 def _start_sink(env: dict, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tokenaudit.cli", "sink"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenaudit.cli", "sink"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -128,12 +157,20 @@ def test_sigterm_during_a_store_outage_exits_promptly_and_commits_nothing_unstor
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)], check=True)
     try:
         port = free_port()
-        env = dict(os.environ, TOKENAUDIT_KAFKA_BOOTSTRAP=kafka_bootstrap, TOKENAUDIT_DATA_DIR=str(tmp_path / "data"),
-                   TOKENAUDIT_CLICKHOUSE_DSN=f"chdb://{disk / 'ch'}",
-                   TOKENAUDIT_TOPIC_ROLLUPS=f"{tag}-rollups", TOKENAUDIT_TOPIC_SAMPLED=f"{tag}-sampled",
-                   TOKENAUDIT_TOPIC_ANOMALIES=f"{tag}-anomalies", TOKENAUDIT_TOPIC_DLQ=f"{tag}-dlq",
-                   TOKENAUDIT_USAGE_API_PORT=str(port), TOKENAUDIT_SINK_GROUP_ID=f"{tag}-sink",
-                   TOKENAUDIT_SINK_BATCH_SECONDS="0.3", TOKENAUDIT_SINK_SHUTDOWN_SECONDS="2")
+        env = dict(
+            os.environ,
+            TOKENAUDIT_KAFKA_BOOTSTRAP=kafka_bootstrap,
+            TOKENAUDIT_DATA_DIR=str(tmp_path / "data"),
+            TOKENAUDIT_CLICKHOUSE_DSN=f"chdb://{disk / 'ch'}",
+            TOKENAUDIT_TOPIC_ROLLUPS=f"{tag}-rollups",
+            TOKENAUDIT_TOPIC_SAMPLED=f"{tag}-sampled",
+            TOKENAUDIT_TOPIC_ANOMALIES=f"{tag}-anomalies",
+            TOKENAUDIT_TOPIC_DLQ=f"{tag}-dlq",
+            TOKENAUDIT_USAGE_API_PORT=str(port),
+            TOKENAUDIT_SINK_GROUP_ID=f"{tag}-sink",
+            TOKENAUDIT_SINK_BATCH_SECONDS="0.3",
+            TOKENAUDIT_SINK_SHUTDOWN_SECONDS="2",
+        )
         s = _settings(kafka_bootstrap, tag)
         ensure_topics(kafka_bootstrap, {s.topic_rollups: 2, s.topic_sampled: 1, s.topic_anomalies: 1, s.topic_dlq: 1})
         proc = _start_sink(env, port)
@@ -164,8 +201,9 @@ def test_sigterm_during_a_store_outage_exits_promptly_and_commits_nothing_unstor
         proc = _start_sink(env, port)
         try:
             deadline = time.monotonic() + 30
-            while (_metric(port, "tokenaudit_sink_inserted_rows_total{table=\"usage_rollup\"}") or 0) < 30 \
-                    and time.monotonic() < deadline:
+            while (
+                _metric(port, 'tokenaudit_sink_inserted_rows_total{table="usage_rollup"}') or 0
+            ) < 30 and time.monotonic() < deadline:
                 time.sleep(0.3)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0
@@ -173,9 +211,11 @@ def test_sigterm_during_a_store_outage_exits_promptly_and_commits_nothing_unstor
             if proc.poll() is None:
                 proc.kill()
         assert sum(_committed(kafka_bootstrap, f"{tag}-sink", s.topic_rollups, 2)) == 30
-        script = ("import json; from tokenaudit.infra.store import Store; from tokenaudit.settings import get_settings;"
-                  "st=Store.from_settings(get_settings(), migrate_schema=False);"
-                  "print(json.dumps(st.query('SELECT count() AS n, sum(requests) AS r FROM {db}.usage_rollup FINAL')[0]))")
+        script = (
+            "import json; from tokenaudit.infra.store import Store; from tokenaudit.settings import get_settings;"
+            "st=Store.from_settings(get_settings(), migrate_schema=False);"
+            "print(json.dumps(st.query('SELECT count() AS n, sum(requests) AS r FROM {db}.usage_rollup FINAL')[0]))"
+        )
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
         assert json.loads(out.stdout.strip().splitlines()[-1]) == {"n": 30, "r": sum(range(1, 31))}, out.stderr
     finally:

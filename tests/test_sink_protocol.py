@@ -33,11 +33,15 @@ def _rollup(client: str, requests: int, ws: int = T0) -> bytes:
 def _messages(s) -> list[FakeMessage]:
     ev = synth.event("r1", T0, "acme", input_tokens=5000)
     anomaly = records.anomaly("input_tokens", "acme", "eng", "t5", T0, 5000, 2048, "big", ts=T0, request_id="r1")
-    values = [(s.topic_rollups, _rollup("acme", 1)), (s.topic_rollups, _rollup("acme", 3)),
-              (s.topic_rollups, _rollup("acme", 2)),  # an older version after a newer one: the newer stays
-              (s.topic_rollups, _rollup("beta", 4)),
-              (s.topic_sampled, encode(SAMPLED, records.sampled_record(ev, "top_fraction", 1.0))),
-              (s.topic_anomalies, encode(ANOMALY, anomaly)), (s.topic_anomalies, encode(ANOMALY, anomaly))]
+    values = [
+        (s.topic_rollups, _rollup("acme", 1)),
+        (s.topic_rollups, _rollup("acme", 3)),
+        (s.topic_rollups, _rollup("acme", 2)),  # an older version after a newer one: the newer stays
+        (s.topic_rollups, _rollup("beta", 4)),
+        (s.topic_sampled, encode(SAMPLED, records.sampled_record(ev, "top_fraction", 1.0))),
+        (s.topic_anomalies, encode(ANOMALY, anomaly)),
+        (s.topic_anomalies, encode(ANOMALY, anomaly)),
+    ]
     return [FakeMessage(topic, value, b"acme", 0, i) for i, (topic, value) in enumerate(values)]
 
 
@@ -53,21 +57,31 @@ def test_batch_deduplicate_insert_then_commit():
     assert len(store.tables["usage_sampled"]) == 1 and len(store.tables["anomalies"]) == 1
     assert consumer.commits == [7]  # one commit, after every row was stored
     c = sink.counters
-    assert (c.messages, c.batch_duplicates, c.inserted_rollups, c.inserted_sampled, c.inserted_anomalies,
-            c.batches, c.commits_skipped) == (7, 3, 2, 1, 1, 1, 0)
+    assert (
+        c.messages,
+        c.batch_duplicates,
+        c.inserted_rollups,
+        c.inserted_sampled,
+        c.inserted_anomalies,
+        c.batches,
+        c.commits_skipped,
+    ) == (7, 3, 2, 1, 1, 1, 0)
 
 
 def test_refused_rows_are_isolated_and_the_rest_is_stored():
     s = _settings()
     consumer = FakeConsumer([FakeMessage(s.topic_rollups, _rollup(f"c{i}", i + 1), b"k", 0, i) for i in range(9)])
-    store = FakeStore(refuse=lambda table, row: "out of range" if table == "usage_rollup" and
-                      row["requests"] in (3, 7) else None)
+    store = FakeStore(
+        refuse=lambda table, row: "out of range" if table == "usage_rollup" and row["requests"] in (3, 7) else None
+    )
     sink = Sink(s, store, consumer=consumer)
     sink.poll(timeout=0)
     assert sink.flush()
     assert sorted(r["requests"] for r in store.tables["usage_rollup"]) == [1, 2, 4, 5, 6, 8, 9]
     rejected = store.tables["rejected_rows"]
-    assert [r["table"] for r in rejected] == ["usage_rollup"] * 2 and all("out of range" in r["reason"] for r in rejected)
+    assert [r["table"] for r in rejected] == ["usage_rollup"] * 2 and all(
+        "out of range" in r["reason"] for r in rejected
+    )
     assert sink.counters.rejected_rows == 2 and consumer.commits == [9]
 
 
@@ -94,12 +108,16 @@ def test_a_stopping_sink_gives_up_on_a_down_store_without_committing():
 def test_an_undecodable_record_goes_to_the_dead_letter_topic_and_the_rest_is_stored():
     s = _settings()
     dlq = FakeProducer({})
-    consumer = FakeConsumer([FakeMessage(s.topic_rollups, b"\x00garbage", b"k", 3, 41),
-                             FakeMessage(s.topic_rollups, _rollup("acme", 1), b"k", 3, 42)])
+    consumer = FakeConsumer(
+        [
+            FakeMessage(s.topic_rollups, b"\x00garbage", b"k", 3, 41),
+            FakeMessage(s.topic_rollups, _rollup("acme", 1), b"k", 3, 42),
+        ]
+    )
     sink = Sink(s, FakeStore(), consumer=consumer, dlq_producer=dlq)
     sink.poll(timeout=0)
     assert sink.flush()
-    (topic, value, key, headers), = dlq.produced
+    ((topic, value, key, headers),) = dlq.produced
     reasons = dict(headers)
     assert (topic, value, key) == (s.topic_dlq, b"\x00garbage", b"k")
     assert reasons["reason"].startswith(b"sink undecodable") and reasons["source_offset"] == b"41"

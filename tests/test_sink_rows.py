@@ -3,9 +3,9 @@ event id; a copy of an event the row counts (in its window or merged earlier) is
 
 from __future__ import annotations
 
+from tests.support.synth import synthetic_event_id
 from tokenaudit.schemas.event_ids import id_bytes, ids_contain, pack_ids, unpack_ids
 from tokenaudit.sinks import rows as R
-from tests.support.synth import synthetic_event_id
 
 WS = 1_750_000_000_000
 
@@ -15,11 +15,27 @@ def _ids(*names: str) -> str:
 
 
 def _row(requests: int, ids: str, applied_offset: int = 10) -> dict:
-    return {"client_id": "c", "department": "d", "api_key_id": "", "model": "m", "window_start": WS,
-            "window_end": WS + 60_000, "requests": requests, "errors": 0, "input_tokens": 10 * requests,
-            "output_tokens": requests, "total_tokens": 11 * requests, "latency_ms_sum": 1.0 * requests,
-            "latency_ms_max": 1.0, "max_input_tokens": 10, "truncated": 0, "version": requests,
-            "applied_offset": applied_offset, "event_ids": ids, "delta_id": None}
+    return {
+        "client_id": "c",
+        "department": "d",
+        "api_key_id": "",
+        "model": "m",
+        "window_start": WS,
+        "window_end": WS + 60_000,
+        "requests": requests,
+        "errors": 0,
+        "input_tokens": 10 * requests,
+        "output_tokens": requests,
+        "total_tokens": 11 * requests,
+        "latency_ms_sum": 1.0 * requests,
+        "latency_ms_max": 1.0,
+        "max_input_tokens": 10,
+        "truncated": 0,
+        "version": requests,
+        "applied_offset": applied_offset,
+        "event_ids": ids,
+        "delta_id": None,
+    }
 
 
 def _delta(name: str, offset: int) -> dict:
@@ -63,8 +79,8 @@ def test_id_bytes_accepts_exactly_uuid_text():
     for text in list(samples):
         for _ in range(20):  # one character changed, kept or lost, at a random place
             i = rnd.randrange(36)
-            samples.append(text[:i] + rnd.choice(alphabet) + text[i + 1:])
-            samples.append(text[:i] + text[i + 1:] + rnd.choice("0a"))
+            samples.append(text[:i] + rnd.choice(alphabet) + text[i + 1 :])
+            samples.append(text[:i] + text[i + 1 :] + rnd.choice("0a"))
     samples += [t.upper() for t in samples[:50]] + ["", "x" * 36, "-" * 36]
     for text in samples:
         got = id_bytes(text)

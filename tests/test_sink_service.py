@@ -16,43 +16,86 @@ import uuid
 import httpx
 import pytest
 
+from tests.support import synth
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.procutil import free_port
+from tokenaudit.infra.store import Store
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
-from tokenaudit.infra.store import Store
-from tests.support import synth
 
 pytestmark = pytest.mark.timeout(120)
 WS = int(time.time() * 1000) // 60_000 * 60_000  # recent: the TTLs (30 days for sampled) apply
 
 
 def rollup(client: str, requests: int, ws: int = WS, delta_id: str | None = None) -> dict:
-    return {"client_id": client, "department": "eng", "model": "m", "window_start": ws, "window_end": ws + 60_000,
-            "requests": requests, "errors": 0, "input_tokens": 10 * requests, "output_tokens": 5 * requests,
-            "total_tokens": 15 * requests, "latency_ms_sum": 2.0 * requests, "latency_ms_max": 2.0,
-            "max_input_tokens": 10, "truncated": 0, "version": requests, "delta_id": delta_id,
-            "applied_offset": int(delta_id.rsplit(":", 1)[1]) if delta_id else 100}
+    return {
+        "client_id": client,
+        "department": "eng",
+        "model": "m",
+        "window_start": ws,
+        "window_end": ws + 60_000,
+        "requests": requests,
+        "errors": 0,
+        "input_tokens": 10 * requests,
+        "output_tokens": 5 * requests,
+        "total_tokens": 15 * requests,
+        "latency_ms_sum": 2.0 * requests,
+        "latency_ms_max": 2.0,
+        "max_input_tokens": 10,
+        "truncated": 0,
+        "version": requests,
+        "delta_id": delta_id,
+        "applied_offset": int(delta_id.rsplit(":", 1)[1]) if delta_id else 100,
+    }
 
 
 def sampled(request_id: str) -> dict:
     e = synth.event(request_id, WS + 5, "c1", "m", input_tokens=300)
-    return {"request_id": request_id, "ts": e["ts"], "client_id": "c1", "department": "eng", "model": "m",
-            "input_tokens": 300, "output_tokens": 10, "total_tokens": 310, "latency_ms": 20.0, "status_code": 200,
-            "sample_reason": "top_fraction", "threshold": 250.0}
+    return {
+        "request_id": request_id,
+        "ts": e["ts"],
+        "client_id": "c1",
+        "department": "eng",
+        "model": "m",
+        "input_tokens": 300,
+        "output_tokens": 10,
+        "total_tokens": 310,
+        "latency_ms": 20.0,
+        "status_code": 200,
+        "sample_reason": "top_fraction",
+        "threshold": 250.0,
+    }
 
 
 def anomaly(aid: str) -> dict:
-    return {"anomaly_id": aid, "ts": WS, "client_id": "c1", "department": "eng", "model": "m", "rule": "error_rate",
-            "severity": "warning", "observed": 0.9, "threshold": 0.5, "window_start": WS, "request_id": None,
-            "message": "9 of 10 requests failed"}
+    return {
+        "anomaly_id": aid,
+        "ts": WS,
+        "client_id": "c1",
+        "department": "eng",
+        "model": "m",
+        "rule": "error_rate",
+        "severity": "warning",
+        "observed": 0.9,
+        "threshold": 0.5,
+        "window_start": WS,
+        "request_id": None,
+        "message": "9 of 10 requests failed",
+    }
 
 
 def _settings(bootstrap: str, tag: str, **kw):
-    return load_settings(kafka_bootstrap=bootstrap, topic_rollups=f"{tag}-rollups", topic_sampled=f"{tag}-sampled",
-                         topic_anomalies=f"{tag}-anomalies", topic_dlq=f"{tag}-dlq", sink_batch_rows=50,
-                         sink_batch_seconds=0.3, **kw)
+    return load_settings(
+        kafka_bootstrap=bootstrap,
+        topic_rollups=f"{tag}-rollups",
+        topic_sampled=f"{tag}-sampled",
+        topic_anomalies=f"{tag}-anomalies",
+        topic_dlq=f"{tag}-dlq",
+        sink_batch_rows=50,
+        sink_batch_seconds=0.3,
+        **kw,
+    )
 
 
 def _produce_all(s) -> None:
@@ -75,12 +118,25 @@ def _produce_all(s) -> None:
 
 
 def _expected_state(query) -> None:
-    rows = {r["client_id"]: r for r in query(
-        "SELECT client_id, requests, version, total_tokens FROM {db}.usage_rollup FINAL ORDER BY client_id")}
+    rows = {
+        r["client_id"]: r
+        for r in query(
+            "SELECT client_id, requests, version, total_tokens FROM {db}.usage_rollup FINAL ORDER BY client_id"
+        )
+    }
     assert {c: (r["requests"], r["total_tokens"]) for c, r in rows.items()} == {
-        "c1": (5, 75), "c2": (2, 30), "c3": (2, 30)}
-    assert [r["request_id"] for r in query("SELECT request_id FROM {db}.usage_sampled FINAL ORDER BY request_id")] == ["a", "b"]
-    assert [r["anomaly_id"] for r in query("SELECT anomaly_id FROM {db}.anomalies FINAL ORDER BY anomaly_id")] == ["x1", "x2"]
+        "c1": (5, 75),
+        "c2": (2, 30),
+        "c3": (2, 30),
+    }
+    assert [r["request_id"] for r in query("SELECT request_id FROM {db}.usage_sampled FINAL ORDER BY request_id")] == [
+        "a",
+        "b",
+    ]
+    assert [r["anomaly_id"] for r in query("SELECT anomaly_id FROM {db}.anomalies FINAL ORDER BY anomaly_id")] == [
+        "x1",
+        "x2",
+    ]
 
 
 def test_sink_is_idempotent_and_replays_change_nothing(kafka_bootstrap, ch_client, ch_database):
@@ -108,15 +164,24 @@ def test_sink_is_idempotent_and_replays_change_nothing(kafka_bootstrap, ch_clien
 def test_sink_process_ready_then_sigterm_flushes(kafka_bootstrap, tmp_path):
     tag = f"p{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = dict(os.environ, TOKENAUDIT_KAFKA_BOOTSTRAP=kafka_bootstrap, TOKENAUDIT_DATA_DIR=str(tmp_path / "data"),
-               TOKENAUDIT_TOPIC_ROLLUPS=f"{tag}-rollups", TOKENAUDIT_TOPIC_SAMPLED=f"{tag}-sampled",
-               TOKENAUDIT_TOPIC_ANOMALIES=f"{tag}-anomalies", TOKENAUDIT_TOPIC_DLQ=f"{tag}-dlq",
-               TOKENAUDIT_USAGE_API_PORT=str(port), TOKENAUDIT_SINK_GROUP_ID=f"{tag}-sink",
-               TOKENAUDIT_SINK_BATCH_ROWS="100000", TOKENAUDIT_SINK_BATCH_SECONDS="60")
+    env = dict(
+        os.environ,
+        TOKENAUDIT_KAFKA_BOOTSTRAP=kafka_bootstrap,
+        TOKENAUDIT_DATA_DIR=str(tmp_path / "data"),
+        TOKENAUDIT_TOPIC_ROLLUPS=f"{tag}-rollups",
+        TOKENAUDIT_TOPIC_SAMPLED=f"{tag}-sampled",
+        TOKENAUDIT_TOPIC_ANOMALIES=f"{tag}-anomalies",
+        TOKENAUDIT_TOPIC_DLQ=f"{tag}-dlq",
+        TOKENAUDIT_USAGE_API_PORT=str(port),
+        TOKENAUDIT_SINK_GROUP_ID=f"{tag}-sink",
+        TOKENAUDIT_SINK_BATCH_ROWS="100000",
+        TOKENAUDIT_SINK_BATCH_SECONDS="60",
+    )
     s = _settings(kafka_bootstrap, tag)
     ensure_topics(kafka_bootstrap, {s.topic_rollups: 2, s.topic_sampled: 2, s.topic_anomalies: 2, s.topic_dlq: 1})
-    proc = subprocess.Popen([sys.executable, "-m", "tokenaudit.cli", "sink"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenaudit.cli", "sink"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -129,17 +194,21 @@ def test_sink_process_ready_then_sigterm_flushes(kafka_bootstrap, tmp_path):
         else:
             pytest.fail("sink never became ready")
         _produce_all(s)
-        time.sleep(7)  # group joined (broker delays the first rebalance 3 s) and consumed, but the batch (60 s / 100k rows) is not due: SIGTERM must flush it
+        time.sleep(
+            7
+        )  # group joined (broker delays the first rebalance 3 s) and consumed, but the batch (60 s / 100k rows) is not due: SIGTERM must flush it
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, proc.stdout.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()
     # The store belongs to no process now; read it from a fresh one (one chDB store per process).
-    script = ("import json,sys; from tokenaudit.infra.store import Store; from tokenaudit.settings import get_settings;"
-              "st=Store.from_settings(get_settings(), migrate_schema=False);"
-              "print(json.dumps({t: st.query(f'SELECT count() AS n FROM {{db}}.{t} FINAL')[0]['n'] "
-              "for t in ['usage_rollup','usage_sampled','anomalies']}))")
+    script = (
+        "import json,sys; from tokenaudit.infra.store import Store; from tokenaudit.settings import get_settings;"
+        "st=Store.from_settings(get_settings(), migrate_schema=False);"
+        "print(json.dumps({t: st.query(f'SELECT count() AS n FROM {{db}}.{t} FINAL')[0]['n'] "
+        "for t in ['usage_rollup','usage_sampled','anomalies']}))"
+    )
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"usage_rollup": 3, "usage_sampled": 2, "anomalies": 2}

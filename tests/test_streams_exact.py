@@ -20,12 +20,12 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from tests.support import synth
 from tokenaudit.infra.procutil import free_port
+from tokenaudit.infra.store import Store
 from tokenaudit.schemas import EVENT, encode
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
-from tokenaudit.infra.store import Store
-from tests.support import synth
 from tokenaudit.streams.app import ensure_worker_topics
 from tokenaudit.streams.processor import Outputs, Processor
 from tokenaudit.streams.state import MemoryState
@@ -65,7 +65,7 @@ class Pipeline:
         self.tag = f"t{uuid.uuid4().hex[:8]}"
         self.bootstrap, self.tmp = bootstrap, tmp
         self.env = _env(bootstrap, self.tag, tmp / "data", f"{self.tag}-worker")
-        self.settings = load_settings(**{k[len("TOKENAUDIT_"):].lower(): v for k, v in self.env.items()})
+        self.settings = load_settings(**{k[len("TOKENAUDIT_") :].lower(): v for k, v in self.env.items()})
         ensure_worker_topics(self.settings)
         self.store = Store(ch_client, database)
         self.store.migrate()
@@ -82,8 +82,13 @@ class Pipeline:
         if worker_id:
             env["TOKENAUDIT_WORKER_ID"] = worker_id
         log = open(self.tmp / f"worker-{len(self.workers)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "tokenaudit.streams.app"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tokenaudit.streams.app"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.workers.append(proc)
         self.ports[proc.pid] = port
         return proc
@@ -109,8 +114,9 @@ class Pipeline:
 
     def topic_log(self, topic: str) -> dict[int, list]:
         """Every record of ``topic`` as (offset, key, value), per partition, in offset order."""
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.tag}-read",
-                             "enable.auto.commit": False})
+        consumer = Consumer(
+            {"bootstrap.servers": self.bootstrap, "group.id": f"{self.tag}-read", "enable.auto.commit": False}
+        )
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         out: dict[int, list] = {}
         for p in parts:
@@ -155,10 +161,22 @@ class Pipeline:
         rows = self.store.query(
             "SELECT client_id, department, api_key_id, model, toUnixTimestamp64Milli(window_start) AS ws, requests, "
             "errors, input_tokens, output_tokens, total_tokens, latency_ms_sum, latency_ms_max, max_input_tokens, "
-            "truncated FROM {db}.usage_rollup FINAL")
-        return {(r["client_id"], r["department"], r["api_key_id"], r["model"], r["ws"]): (
-            r["requests"], r["errors"], r["input_tokens"], r["output_tokens"], r["total_tokens"],
-            round(r["latency_ms_sum"], 3), r["latency_ms_max"], r["max_input_tokens"], r["truncated"]) for r in rows}
+            "truncated FROM {db}.usage_rollup FINAL"
+        )
+        return {
+            (r["client_id"], r["department"], r["api_key_id"], r["model"], r["ws"]): (
+                r["requests"],
+                r["errors"],
+                r["input_tokens"],
+                r["output_tokens"],
+                r["total_tokens"],
+                round(r["latency_ms_sum"], 3),
+                r["latency_ms_max"],
+                r["max_input_tokens"],
+                r["truncated"],
+            )
+            for r in rows
+        }
 
     def wait_exact(self, truth: dict, timeout: float = 90.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -173,11 +191,15 @@ class Pipeline:
         missing = [k for k in truth if k not in got][:3]
         wrong = [(k, truth[k], got[k]) for k in truth if k in got and got[k] != truth[k]][:3]
         extra = [k for k in got if k not in truth][:3]
-        raise AssertionError(f"rollups differ: {len(truth)} expected, {len(got)} got; missing {missing}; "
-                             f"wrong {wrong}; extra {extra}\n{self.logs()}")
+        raise AssertionError(
+            f"rollups differ: {len(truth)} expected, {len(got)} got; missing {missing}; "
+            f"wrong {wrong}; extra {extra}\n{self.logs()}"
+        )
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.tmp.glob("worker-*.log")))
+        return "\n".join(
+            f"--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(self.tmp.glob("worker-*.log"))
+        )
 
     def close(self) -> None:
         for proc in self.workers:
@@ -201,13 +223,18 @@ def pipeline(kafka_bootstrap, ch_client, ch_database, tmp_path):
 
 def _chunks(events, n):
     size = (len(events) + n - 1) // n
-    return [events[i:i + size] for i in range(0, len(events), size)]
+    return [events[i : i + size] for i in range(0, len(events), size)]
 
 
 def _dead_letters(pipeline, expected: int, timeout: float = 30.0) -> list[tuple[bytes, dict]]:
     """Dead letters until ``expected`` distinct values arrived (replays may repeat some)."""
-    consumer = Consumer({"bootstrap.servers": pipeline.bootstrap, "group.id": f"{pipeline.tag}-dlq-{uuid.uuid4().hex[:4]}",
-                         "auto.offset.reset": "earliest"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": pipeline.bootstrap,
+            "group.id": f"{pipeline.tag}-dlq-{uuid.uuid4().hex[:4]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
     consumer.subscribe([pipeline.settings.topic_dlq])
     dead: dict[bytes, dict] = {}
     deadline = time.monotonic() + timeout
@@ -221,8 +248,17 @@ def _dead_letters(pipeline, expected: int, timeout: float = 30.0) -> list[tuple[
 
 def test_exact_with_copies_under_three_sigkills_then_full_replay_then_poison(pipeline):
     rnd = random.Random(11)
-    events = synth.mixed_stream(24_000, clients=300, models=3, start_ms=T0, span_ms=40_000, seed=5,
-                                late_share=0.04, late_ms=12_000, jitter_ms=800)
+    events = synth.mixed_stream(
+        24_000,
+        clients=300,
+        models=3,
+        start_ms=T0,
+        span_ms=40_000,
+        seed=5,
+        late_share=0.04,
+        late_ms=12_000,
+        jitter_ms=800,
+    )
     # planted: one oversized request (anomaly + sampled record)
     events[5000] = synth.event("big-1", events[5000]["ts"], "client-7", "model-0", input_tokens=3000)
     truth = synth.ground_truth(events, WINDOW_MS)
@@ -235,14 +271,12 @@ def test_exact_with_copies_under_three_sigkills_then_full_replay_then_poison(pip
     stream, far = synth.with_copies(stream, 0.02, seed=3, max_delay=3_000)
     tail = [dict(e) for e in events[:2_000:40]]
     copies = near + third + far + len(tail)
-    poison = [b"\x00random-bytes", synth.encoded(events[:1])[0][1][:14],
-              b"\xc3\x01" + b"\x11" * 8 + b"body"]
+    poison = [b"\x00random-bytes", synth.encoded(events[:1])[0][1][:14], b"\xc3\x01" + b"\x11" * 8 + b"body"]
     chunks = _chunks(stream, 4)
     chunks[-1] = chunks[-1] + tail
 
     proc = pipeline.start_worker()
-    synth.produce(pipeline.bootstrap, pipeline.settings.topic_usage,
-                  [(b"bad", v) for v in poison], raw=True)
+    synth.produce(pipeline.bootstrap, pipeline.settings.topic_usage, [(b"bad", v) for v in poison], raw=True)
     for i, chunk in enumerate(chunks):
         pipeline.produce(chunk)
         if i < 3:
@@ -260,7 +294,9 @@ def test_exact_with_copies_under_three_sigkills_then_full_replay_then_poison(pip
     # The sampled records and anomalies are there, keyed so that replays do not duplicate them.
     big = pipeline.store.query("SELECT sample_reason FROM {db}.usage_sampled FINAL WHERE request_id = 'big-1'")
     assert big == [{"sample_reason": "anomaly:input_tokens"}]
-    anomalies = pipeline.store.query("SELECT anomaly_id, rule, request_id FROM {db}.anomalies FINAL WHERE rule = 'input_tokens'")
+    anomalies = pipeline.store.query(
+        "SELECT anomaly_id, rule, request_id FROM {db}.anomalies FINAL WHERE rule = 'input_tokens'"
+    )
     assert [(a["rule"], a["request_id"]) for a in anomalies] == [("input_tokens", "big-1")]
     sampled_before = pipeline.store.query("SELECT count() AS n FROM {db}.usage_sampled FINAL")[0]["n"]
     assert 0.07 * len(events) < sampled_before < 0.14 * len(events)
@@ -284,7 +320,8 @@ def test_exact_with_copies_under_three_sigkills_then_full_replay_then_poison(pip
     after = pipeline.store.query(
         "SELECT count() AS n, uniqExact(rule, client_id, model, ifNull(toString(window_start), ''), "
         "ifNull(request_id, '')) AS keys, "
-        "groupArray(anomaly_id) AS ids FROM {db}.anomalies FINAL")[0]
+        "groupArray(anomaly_id) AS ids FROM {db}.anomalies FINAL"
+    )[0]
     # Replays never duplicate an anomaly: one row per (rule, client, model, window/request),
     # because ids are derived from exactly those. (Whether a rule fires can still differ
     # between a crashed history and a clean replay in rare cases, so the count may only grow.)
@@ -311,8 +348,9 @@ def test_exact_with_copies_under_three_sigkills_then_full_replay_then_poison(pip
     }
     valid_after = [synth.event(f"after-{i}", T0 + 45_000 + 10 * i, f"client-{i % 5}", "model-0") for i in range(40)]
     bad_values = {name: encode(EVENT, e) for name, e in bad_events.items()}
-    synth.produce(pipeline.bootstrap, pipeline.settings.topic_usage,
-                  [(b"client-1", v) for v in bad_values.values()], raw=True)
+    synth.produce(
+        pipeline.bootstrap, pipeline.settings.topic_usage, [(b"client-1", v) for v in bad_values.values()], raw=True
+    )
     pipeline.produce(valid_after)
     pipeline.wait_exact({**truth, **synth.ground_truth(valid_after, WINDOW_MS)}, timeout=60)
     dead = dict(_dead_letters(pipeline, len(poison) + len(bad_values)))
@@ -330,8 +368,17 @@ def test_exact_with_copies_under_three_sigkills_then_full_replay_then_poison(pip
 
 
 def test_two_workers_one_killed(pipeline):
-    events = synth.mixed_stream(16_000, clients=200, models=2, start_ms=T0, span_ms=30_000, seed=9,
-                                late_share=0.03, late_ms=4_000, jitter_ms=500)
+    events = synth.mixed_stream(
+        16_000,
+        clients=200,
+        models=2,
+        start_ms=T0,
+        span_ms=30_000,
+        seed=9,
+        late_share=0.03,
+        late_ms=4_000,
+        jitter_ms=500,
+    )
     truth = synth.ground_truth(events, WINDOW_MS)
     first, second = _chunks(events, 2)
     a = pipeline.start_worker()

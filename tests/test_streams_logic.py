@@ -11,10 +11,10 @@ import zlib
 
 import pytest
 
+from tests.support import synth
 from tokenaudit.schemas import EVENT, encode
 from tokenaudit.settings import load_settings
 from tokenaudit.sinks import rows as R
-from tests.support import synth
 from tokenaudit.streams import sampler
 from tokenaudit.streams.processor import Outputs, Processor
 from tokenaudit.streams.state import MemoryState
@@ -24,8 +24,7 @@ PARTS = 4
 
 
 def settings(**kw):
-    base = dict(window_seconds=2, grace_seconds=1, late_retention_seconds=6, idle_timeout_seconds=1.0,
-                sample_warmup=50)
+    base = dict(window_seconds=2, grace_seconds=1, late_retention_seconds=6, idle_timeout_seconds=1.0, sample_warmup=50)
     base.update(kw)
     return load_settings(**base)
 
@@ -56,9 +55,20 @@ class Table:
             self.sampled[R.sampled_key(s)] = s
 
     def totals(self) -> dict:
-        return {k: (v["requests"], v["errors"], v["input_tokens"], v["output_tokens"], v["total_tokens"],
-                    round(v["latency_ms_sum"], 3), v["latency_ms_max"], v["max_input_tokens"], v["truncated"])
-                for k, v in self.rows.items()}
+        return {
+            k: (
+                v["requests"],
+                v["errors"],
+                v["input_tokens"],
+                v["output_tokens"],
+                v["total_tokens"],
+                round(v["latency_ms_sum"], 3),
+                v["latency_ms_max"],
+                v["max_input_tokens"],
+                v["truncated"],
+            )
+            for k, v in self.rows.items()
+        }
 
 
 def partitioned(events):
@@ -78,7 +88,7 @@ def partitioned(events):
 def run(proc: Processor, table: Table, msgs, batch: int = 500) -> None:
     for i in range(0, len(msgs), batch):
         out = Outputs()
-        for p, off, key, value in msgs[i:i + batch]:
+        for p, off, key, value in msgs[i : i + batch]:
             proc.process(p, off, key, value, out)
         proc.end_batch(out)
         table.apply(out)
@@ -94,8 +104,17 @@ def drain_idle(proc: Processor, table: Table) -> None:
 
 
 def test_rollups_exact_with_out_of_order_late_and_very_late_events():
-    events = synth.mixed_stream(12_000, clients=120, models=3, start_ms=T0, span_ms=30_000, seed=3,
-                                late_share=0.05, late_ms=12_000, jitter_ms=900)
+    events = synth.mixed_stream(
+        12_000,
+        clients=120,
+        models=3,
+        start_ms=T0,
+        span_ms=30_000,
+        seed=3,
+        late_share=0.05,
+        late_ms=12_000,
+        jitter_ms=900,
+    )
     proc, table = Processor(settings(), MemoryState()), Table()
     run(proc, table, partitioned(events))
     drain_idle(proc, table)
@@ -160,8 +179,9 @@ def test_crash_at_random_points_replays_exactly(seed):
     """Crash = state and outputs since the last commit are partly lost; restart from the
     committed offsets; repeat. Outputs already delivered stay (they are idempotent)."""
     rnd = random.Random(seed)
-    events = synth.mixed_stream(8_000, clients=80, models=2, start_ms=T0, span_ms=20_000, seed=8,
-                                late_share=0.05, late_ms=9_000, jitter_ms=700)
+    events = synth.mixed_stream(
+        8_000, clients=80, models=2, start_ms=T0, span_ms=20_000, seed=8, late_share=0.05, late_ms=9_000, jitter_ms=700
+    )
     # Copies (producer retries, spool replays): most within a few hundred ms of event time,
     # some ~5-10 s later, after their window closed (sent as deltas, skipped by the sink).
     stream, near = synth.with_copies(events, 0.08, seed=seed, max_delay=40)
@@ -183,7 +203,7 @@ def test_crash_at_random_points_replays_exactly(seed):
         stop = min(len(msgs), pos + rnd.randint(600, 2400))
         while pos < stop:
             out = Outputs()
-            for p, off, key, value in msgs[pos:pos + 300]:
+            for p, off, key, value in msgs[pos : pos + 300]:
                 proc.process(p, off, key, value, out)
             proc.end_batch(out)  # state written (changelog) and outputs sent, not yet acknowledged
             pending.append(out)
@@ -225,8 +245,9 @@ def test_sampler_share_and_recall_100k(dist):
     if dist == "lognormal":
         values = [int(rnd.lognormvariate(5, 1)) for _ in range(n)]
     else:  # 85% at 100, 12% at 200 (the cut falls inside this run), 3% spread above
-        values = [100 if u < 0.85 else 200 if u < 0.97 else 200 + int(u * 1000)
-                  for u in (rnd.random() for _ in range(n))]
+        values = [
+            100 if u < 0.85 else 200 if u < 0.97 else 200 + int(u * 1000) for u in (rnd.random() for _ in range(n))
+        ]
     top = sampler.TopSampler(sampler.new_sketch())  # what the worker runs (cached cut)
     sketch = top.sketch
     kept = []
@@ -234,8 +255,10 @@ def test_sampler_share_and_recall_100k(dist):
         kept.append(top.keep(float(v), f, f"req-{i}", warmup=200))
         top.update(float(v), i)
     # the uncached rule agrees on a sample of the stream
-    assert all(sampler.keep(sketch, float(v), f, f"req-{i}", 200) == top.keep(float(v), f, f"req-{i}", 200)
-               for i, v in list(enumerate(values))[::997])
+    assert all(
+        sampler.keep(sketch, float(v), f, f"req-{i}", 200) == top.keep(float(v), f, f"req-{i}", 200)
+        for i, v in list(enumerate(values))[::997]
+    )
     warm = 5_000
     share = sum(kept[warm:]) / (n - warm)
     exact_cut = sorted(values[warm:])[int((1 - f) * (n - warm))]
@@ -248,8 +271,16 @@ def test_sampler_share_and_recall_100k(dist):
 
 
 def _proc_rules(**kw):
-    s = settings(window_seconds=1, grace_seconds=0, anomaly_spike_floor_tokens=3000, anomaly_spike_min_history=5,
-                 anomaly_new_client_tokens=20_000, anomaly_latency_min_requests=100, anomaly_input_tokens=2048, **kw)
+    s = settings(
+        window_seconds=1,
+        grace_seconds=0,
+        anomaly_spike_floor_tokens=3000,
+        anomaly_spike_min_history=5,
+        anomaly_new_client_tokens=20_000,
+        anomaly_latency_min_requests=100,
+        anomaly_input_tokens=2048,
+        **kw,
+    )
     return Processor(s, MemoryState())
 
 
@@ -260,10 +291,18 @@ def _normal_stream(seed: int, windows: int = 30, clients: int = 40) -> list[dict
         for c in range(clients):
             for _ in range(rnd.randint(3, 6)):
                 inp = rnd.randint(20, 300)
-                events.append(synth.event(f"n{seed}-{i}", T0 + w * 1000 + rnd.randint(0, 999), f"client-{c}",
-                                          "model-a", input_tokens=inp, output_tokens=rnd.randint(5, 40),
-                                          status_code=500 if rnd.random() < 0.02 else 200,
-                                          latency_ms=4 + 0.05 * inp * rnd.uniform(0.8, 1.25)))
+                events.append(
+                    synth.event(
+                        f"n{seed}-{i}",
+                        T0 + w * 1000 + rnd.randint(0, 999),
+                        f"client-{c}",
+                        "model-a",
+                        input_tokens=inp,
+                        output_tokens=rnd.randint(5, 40),
+                        status_code=500 if rnd.random() < 0.02 else 200,
+                        latency_ms=4 + 0.05 * inp * rnd.uniform(0.8, 1.25),
+                    )
+                )
                 i += 1
     events.sort(key=lambda e: e["ts"])
     return events
@@ -287,19 +326,30 @@ def test_each_anomaly_rule_fires_on_its_planted_case_and_replay_dedups():
     late_w = T0 + 20 * 1000
     planted = [
         synth.event("huge-1", late_w + 5, "client-1", "model-b", input_tokens=2100, output_tokens=0),
-        *[synth.event(f"spike-{i}", late_w + 10 + i, "client-2", "model-a", input_tokens=400, output_tokens=100)
-          for i in range(12)],
+        *[
+            synth.event(f"spike-{i}", late_w + 10 + i, "client-2", "model-a", input_tokens=400, output_tokens=100)
+            for i in range(12)
+        ],
         *[synth.event(f"err-{i}", late_w + 10 + i, "client-3", "model-a", status_code=503) for i in range(12)],
-        *[synth.event(f"slow-{i}", late_w + 10 + i, "client-4", "model-a", input_tokens=200, latency_ms=500.0)
-          for i in range(4)],
-        *[synth.event(f"new-{i}", late_w + 10 + i, "stranger", "model-a", input_tokens=2000, output_tokens=500)
-          for i in range(10)],
+        *[
+            synth.event(f"slow-{i}", late_w + 10 + i, "client-4", "model-a", input_tokens=200, latency_ms=500.0)
+            for i in range(4)
+        ],
+        *[
+            synth.event(f"new-{i}", late_w + 10 + i, "stranger", "model-a", input_tokens=2000, output_tokens=500)
+            for i in range(10)
+        ],
     ]
     events = sorted(events + planted, key=lambda e: e["ts"])
     anomalies, table = _rules(events)
     fired = {(a["rule"], a["client_id"]) for a in anomalies.values()}
-    assert fired == {("input_tokens", "client-1"), ("token_spike", "client-2"), ("error_rate", "client-3"),
-                     ("latency_per_token", "client-4"), ("new_client_volume", "stranger")}, (fired, n)
+    assert fired == {
+        ("input_tokens", "client-1"),
+        ("token_spike", "client-2"),
+        ("error_rate", "client-3"),
+        ("latency_per_token", "client-4"),
+        ("new_client_volume", "stranger"),
+    }, (fired, n)
     huge = next(a for a in anomalies.values() if a["rule"] == "input_tokens")
     assert huge["request_id"] == "huge-1" and huge["observed"] == 2100 and huge["message"]
     assert table.sampled[("client-1", "huge-1")]["sample_reason"] == "anomaly:input_tokens"
@@ -313,8 +363,11 @@ def test_dead_letters_for_poison_and_invalid_events():
     """Each kind of poison goes to the dead-letter output with its reason; the valid events
     after it are counted exactly, and none of it moves the watermark."""
     now_ms = T0 + 60_000
-    proc = Processor(settings(max_clock_skew_seconds=300, max_tokens_per_event=1_000_000), MemoryState(),
-                     wall_clock=lambda: now_ms / 1000)
+    proc = Processor(
+        settings(max_clock_skew_seconds=300, max_tokens_per_event=1_000_000),
+        MemoryState(),
+        wall_clock=lambda: now_ms / 1000,
+    )
     good = synth.event("ok", T0, "c1")
     valid = encode(EVENT, good)
     poison = {
@@ -343,7 +396,9 @@ def test_dead_letters_for_poison_and_invalid_events():
     assert reasons[b"fingerprint"].startswith("undecodable: unknown writer schema fingerprint")
     assert reasons[b"empty"] == "invalid: client_id must not be empty"
     assert "control" in reasons[b"separator"] and reasons[b"separator"].startswith("invalid: client_id")
-    assert reasons[b"department"].startswith("invalid: department") and reasons[b"key"].startswith("invalid: api_key_id")
+    assert reasons[b"department"].startswith("invalid: department") and reasons[b"key"].startswith(
+        "invalid: api_key_id"
+    )
     assert reasons[b"long"] == "invalid: model is 129 characters long (at most 128)"
     assert reasons[b"negative"] == "invalid: negative output_tokens"
     assert reasons[b"huge"] == "invalid: total_tokens 1000001 above the limit of 1000000"
@@ -370,7 +425,7 @@ def test_clock_skew_decision_replays_the_same_after_a_crash():
     for i, e in enumerate(events):
         proc.process(0, i, b"c1", encode(EVENT, e), out)
     proc.end_batch(out)
-    assert [r for _, _, r, _, _ in out.dlq][0].startswith("invalid: event time")
+    assert next(r for _, _, r, _, _ in out.dlq).startswith("invalid: event time")
     clock[0] = (T0 + 500_000) / 1000  # much later: "b" is no longer in the future
     again = Processor(settings(), state.persisted(), wall_clock=lambda: clock[0])
     out2 = Outputs()
@@ -382,10 +437,12 @@ def test_clock_skew_decision_replays_the_same_after_a_crash():
 
 def test_a_client_changing_department_mid_window_is_charged_to_each():
     proc, table = Processor(settings(), MemoryState()), Table()
-    events = [synth.event("r1", T0 + 10, "c1", department="sales", input_tokens=10, output_tokens=1),
-              synth.event("r2", T0 + 20, "c1", department="research", input_tokens=20, output_tokens=2),
-              synth.event("r3", T0 + 30, "c1", department="sales", input_tokens=30, output_tokens=3, api_key_id="k9"),
-              synth.event("r4", T0 + 40, "c1", department="sales", input_tokens=40, output_tokens=4)]
+    events = [
+        synth.event("r1", T0 + 10, "c1", department="sales", input_tokens=10, output_tokens=1),
+        synth.event("r2", T0 + 20, "c1", department="research", input_tokens=20, output_tokens=2),
+        synth.event("r3", T0 + 30, "c1", department="sales", input_tokens=30, output_tokens=3, api_key_id="k9"),
+        synth.event("r4", T0 + 40, "c1", department="sales", input_tokens=40, output_tokens=4),
+    ]
     run(proc, table, partitioned(events))
     drain_idle(proc, table)
     got = {(k[1], k[2]): v[0:3] for k, v in table.totals().items()}
@@ -422,7 +479,7 @@ def test_id_chunks_stay_bounded_and_copies_after_the_window_go_to_the_sink():
     held = []
     for i in range(0, len(msgs), 200):
         out = Outputs()
-        for p, off, key, value in msgs[i:i + 200]:
+        for p, off, key, value in msgs[i : i + 200]:
             proc.process(p, off, key, value, out)
         proc.end_batch(out)
         table.apply(out)
@@ -455,12 +512,17 @@ def _random_json_value(rng: random.Random, depth: int = 0):
     if kind == 4:
         return rng.uniform(-1e6, 1e6)
     if kind in (5, 6):
-        return "".join(rng.choice(["a", "Z", " ", "\x1f", "\x00", '"', "\\", "/", "\n", "\x7f", "é", "日", "\U0001f600", "\ud800"])
-                       for _ in range(rng.randrange(12)))
+        return "".join(
+            rng.choice(["a", "Z", " ", "\x1f", "\x00", '"', "\\", "/", "\n", "\x7f", "é", "日", "\U0001f600", "\ud800"])
+            for _ in range(rng.randrange(12))
+        )
     if kind == 7:
         return [_random_json_value(rng, depth + 1) for _ in range(rng.randrange(6))]
-    return {"k": _random_json_value(rng, depth + 1)} if rng.random() < 0.2 else tuple(
-        _random_json_value(rng, depth + 1) for _ in range(rng.randrange(4)))
+    return (
+        {"k": _random_json_value(rng, depth + 1)}
+        if rng.random() < 0.2
+        else tuple(_random_json_value(rng, depth + 1) for _ in range(rng.randrange(4)))
+    )
 
 
 def test_changelog_records_are_written_as_faust_json_reads_them():
@@ -472,9 +534,13 @@ def test_changelog_records_are_written_as_faust_json_reads_them():
 
     assert app._fastjson is not None, "streams/_fastjson.pyx is not built: see the install output"
     rng = random.Random(3)
-    state_like = [["dept-ü", 1, 0, 49, 50, 99, 32.45, 1e-07, 49, 0, 12, -1, -1, 0.1 + 0.2, 2**62, 3],
-                  [0, 1.0, 2.5e300, -1, 1_795_000_000_000], [sampler.dump_sketch(sampler.new_sketch()), 17],
-                  "w\x1fclient-ü\x1fm\x1f0", "p\x1f3"]
+    state_like = [
+        ["dept-ü", 1, 0, 49, 50, 99, 32.45, 1e-07, 49, 0, 12, -1, -1, 0.1 + 0.2, 2**62, 3],
+        [0, 1.0, 2.5e300, -1, 1_795_000_000_000],
+        [sampler.dump_sketch(sampler.new_sketch()), 17],
+        "w\x1fclient-ü\x1fm\x1f0",
+        "p\x1f3",
+    ]
     for value in state_like + [_random_json_value(rng) for _ in range(3000)]:
         expected = json.dumps(value, separators=(",", ":")).encode()
         assert app._json_bytes(value) == expected

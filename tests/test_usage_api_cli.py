@@ -11,18 +11,20 @@ import time
 
 import pytest
 import uvicorn
-from tests.support.usage_seed import seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 from click.testing import CliRunner
 
+from tests.support.usage_seed import seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 from tokenaudit.cli import main
-from tokenaudit.infra.procutil import free_port
-from tokenaudit.settings import get_settings
 from tokenaudit.infra.keys import admin_key_path, ensure_admin_key, registry_path
+from tokenaudit.infra.procutil import free_port
 from tokenaudit.infra.store import Store
 from tokenaudit.reports.usage_api import create_app
+from tokenaudit.settings import get_settings
 
-PRICES = '[models."t5-tiny"]\ninput_per_1k = 0.0004\noutput_per_1k = 0.0016\n' \
-         '[models."gpt2-tiny"]\ninput_per_1k = 0.0003\noutput_per_1k = 0.0012\n'
+PRICES = (
+    '[models."t5-tiny"]\ninput_per_1k = 0.0004\noutput_per_1k = 0.0016\n'
+    '[models."gpt2-tiny"]\ninput_per_1k = 0.0003\noutput_per_1k = 0.0012\n'
+)
 
 
 @pytest.fixture
@@ -42,8 +44,9 @@ def served(ch_client, ch_database, chdb_dsn, data_dir, monkeypatch, tmp_path):
     rows = seed_rollups(store, now)
     seed_sampled(store, now)
     seed_anomalies(store, now)
-    server = uvicorn.Server(uvicorn.Config(create_app(store, settings), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(store, settings), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

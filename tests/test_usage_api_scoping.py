@@ -4,15 +4,15 @@ scoping, errors, and injection attempts in every parameter (400, nothing execute
 from __future__ import annotations
 
 import pytest
-from tests.support.usage_seed import CLIENTS, seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 from starlette.testclient import TestClient
 
+from tests.support.usage_seed import CLIENTS, seed_anomalies, seed_rollups, seed_sampled, totals, utcnow
 from tokenaudit.infra.keys import add_key
-from tokenaudit.settings import load_settings
-from tokenaudit.reports.params import REPORT_PARAMS
 from tokenaudit.infra.store import Store
+from tokenaudit.reports.params import REPORT_PARAMS
 from tokenaudit.reports.usage_api import create_app
 from tokenaudit.reports.usage_client import ApiReports, DirectReports, UsageApiError
+from tokenaudit.settings import load_settings
 
 INJECTIONS = [
     "1; DROP TABLE {db}.usage_rollup",
@@ -64,7 +64,7 @@ def test_missing_or_unknown_key_is_401(api):
 
 
 def test_client_key_sees_only_its_own_usage(api):
-    client, keys, store, rows, _ = api
+    client, keys, _store, rows, _ = api
     expected = totals(rows, 0)
     for report in ("usage", "top"):
         r = _get(client, f"/v1/{report}", keys["acme-web"], since="2h")
@@ -83,8 +83,13 @@ def test_client_key_sees_only_its_own_usage(api):
 
 def test_client_key_cannot_ask_for_another_client(api):
     client, keys, *_ = api
-    for report, extra in (("usage", {}), ("top", {}), ("report", {"month": "2026-01"}), ("latency", {}),
-                          ("anomalies", {})):
+    for report, extra in (
+        ("usage", {}),
+        ("top", {}),
+        ("report", {"month": "2026-01"}),
+        ("latency", {}),
+        ("anomalies", {}),
+    ):
         r = _get(client, f"/v1/{report}", keys["acme-web"], client="beta-app", **extra)
         assert r.status_code == 403, report
         err = r.json()["error"]
@@ -92,20 +97,22 @@ def test_client_key_cannot_ask_for_another_client(api):
 
 
 def test_admin_sees_all_and_can_narrow(api):
-    client, keys, store, rows, _ = api
+    client, keys, _store, rows, _ = api
     expected = totals(rows, 0)
     body = _get(client, "/v1/usage", keys["admin"], since="2h").json()
     assert body["scope"] == "*"
-    assert {r["client_id"]: r["total_tokens"] for r in body["rows"]} == \
-        {c: v["total_tokens"] for c, v in expected.items()}
+    assert {r["client_id"]: r["total_tokens"] for r in body["rows"]} == {
+        c: v["total_tokens"] for c, v in expected.items()
+    }
     narrowed = _get(client, "/v1/usage", keys["admin"], since="2h", client="beta-app").json()["rows"]
     assert [r["client_id"] for r in narrowed] == ["beta-app"]
     assert _get(client, "/v1/latency", keys["admin"], since="1h").json()["rows"]
 
 
 def _fingerprint(store):
-    tables = store.query("SELECT name FROM system.tables WHERE database = {d:String} ORDER BY name",
-                         {"d": store.database})
+    tables = store.query(
+        "SELECT name FROM system.tables WHERE database = {d:String} ORDER BY name", {"d": store.database}
+    )
     counts = store.query("SELECT count() AS n, sum(total_tokens) AS t FROM {db}.usage_rollup")
     return tables, counts
 
@@ -125,7 +132,7 @@ def test_injection_attempts_in_every_parameter_are_400(api, report):
             assert name in err["message"] and err["param"] == name, err
             assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_parameter")
     # smuggled extra parameters and repeated ones are refused too
-    assert _get(client, f"/v1/{report}", keys["admin"], **{"format": "1; SELECT 1"}).status_code == 400
+    assert _get(client, f"/v1/{report}", keys["admin"], format="1; SELECT 1").status_code == 400
     r = client.get(f"/v1/{report}?since=1h&since=2h", headers={"Authorization": f"Bearer {keys['admin']}"})
     assert r.status_code == 400
     assert _fingerprint(store) == before
@@ -149,11 +156,13 @@ def test_http_backend_returns_what_the_direct_backend_returns(api):
     via_api = ApiReports("http://testserver", keys["admin"], http=client)
     direct = DirectReports(store)
     now = utcnow().isoformat()
-    for report, params in (("usage", {"since": "2h", "until": now, "by": "department"}),
-                           ("top", {"since": "2h", "until": now, "limit": "3"}),
-                           ("latency", {"since": "2h", "until": now}),
-                           ("anomalies", {"since": "7d", "until": now}),
-                           ("report", {"month": utcnow().strftime("%Y-%m")})):
+    for report, params in (
+        ("usage", {"since": "2h", "until": now, "by": "department"}),
+        ("top", {"since": "2h", "until": now, "limit": "3"}),
+        ("latency", {"since": "2h", "until": now}),
+        ("anomalies", {"since": "7d", "until": now}),
+        ("report", {"month": utcnow().strftime("%Y-%m")}),
+    ):
         assert via_api.fetch(report, params) == direct.fetch(report, params), report
     with pytest.raises(UsageApiError, match="by: expected one of"):
         via_api.fetch("usage", {"by": "nope"})

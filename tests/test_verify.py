@@ -12,25 +12,24 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import pytest
 from starlette.testclient import TestClient
 
+from tests.support import synth
+from tests.support.usage_seed import ROLLUP_COLUMNS
 from tokenaudit.infra.keys import add_key
 from tokenaudit.infra.procutil import free_port
-from tokenaudit.schemas import EVENT, encode
-from tokenaudit.settings import load_settings
 from tokenaudit.infra.store import Store
 from tokenaudit.reports.usage_api import create_app
 from tokenaudit.reports.verify import HOUR_MS, TopicScan, _EventCounter, reconcile, store_totals
-from tests.support import synth
-from tests.support.usage_seed import ROLLUP_COLUMNS
+from tokenaudit.schemas import EVENT, encode
+from tokenaudit.settings import load_settings
 
 CLI = [sys.executable, "-m", "tokenaudit.cli"]
-H10 = int(datetime(2025, 6, 15, 10, tzinfo=timezone.utc).timestamp() * 1000)  # an hour long settled
+H10 = int(datetime(2025, 6, 15, 10, tzinfo=UTC).timestamp() * 1000)  # an hour long settled
 
 
 def _scan(events, window_ms: int, arrived: int = 0, arrived_before: int = 1 << 62) -> TopicScan:
@@ -64,21 +63,41 @@ def test_events_are_bucketed_by_window_start_and_counted_once():
 
 def test_reconcile_reports_each_kind_of_difference_and_leaves_pending_out():
     hour = H10
-    scan = _scan([synth.event("a", hour + 1, "ok"), synth.event("b", hour + 2, "short"),
-                  synth.event("c", hour + 3, "lost"), synth.event("d", hour + 4, "late")], 60_000,
-                 arrived=5, arrived_before=10)
+    scan = _scan(
+        [
+            synth.event("a", hour + 1, "ok"),
+            synth.event("b", hour + 2, "short"),
+            synth.event("c", hour + 3, "lost"),
+            synth.event("d", hour + 4, "late"),
+        ],
+        60_000,
+        arrived=5,
+        arrived_before=10,
+    )
     scan.pending.clear()
     scan.pending.add(("late", "t5-tiny", hour))
-    row = {"model": "t5-tiny", "hour_ms": hour, "requests": 1, "input_tokens": 20, "output_tokens": 10,
-           "total_tokens": 30, "events": None}
-    store = [{**row, "client_id": "ok"}, {**row, "client_id": "short", "output_tokens": 9, "total_tokens": 29},
-             {**row, "client_id": "ghost"}]
+    row = {
+        "model": "t5-tiny",
+        "hour_ms": hour,
+        "requests": 1,
+        "input_tokens": 20,
+        "output_tokens": 10,
+        "total_tokens": 30,
+        "events": None,
+    }
+    store = [
+        {**row, "client_id": "ok"},
+        {**row, "client_id": "short", "output_tokens": 9, "total_tokens": 29},
+        {**row, "client_id": "ghost"},
+    ]
     compared, drift, pending, ledger = reconcile(scan, store, hour)
     assert (compared, ledger) == (4, False)
     assert pending == [{"client_id": "late", "model": "t5-tiny", "hour": "2025-06-15T10:00:00Z"}]
     assert {d["client_id"]: d["what"] for d in drift} == {
-        "short": "differs: output_tokens, total_tokens", "lost": "missing in ClickHouse",
-        "ghost": "in ClickHouse, not on the topic"}
+        "short": "differs: output_tokens, total_tokens",
+        "lost": "missing in ClickHouse",
+        "ghost": "in ClickHouse, not on the topic",
+    }
     # a range that starts inside an hour compares that partial hour too
     assert reconcile(scan, store, hour + 1)[0] == 4
     assert reconcile(scan, store, hour + HOUR_MS)[0] == 0
@@ -91,7 +110,7 @@ def test_admin_route_gives_store_totals_to_admin_keys_only(ch_client, ch_databas
     store = Store(ch_client, ch_database)
     store.migrate()
     cols = ROLLUP_COLUMNS
-    ws = datetime(2025, 6, 15, 10, 59, 30, tzinfo=timezone.utc)
+    ws = datetime(2025, 6, 15, 10, 59, 30, tzinfo=UTC)
     row = ["c1", "d", "m", ws, ws, 2, 0, 10, 5, 15, 1.0, 1.0, 5, 0, 2]
     earlier = ws.replace(minute=58)
     store.insert("usage_rollup", [row, [*row[:3], earlier, earlier, *row[5:]]], cols)  # two windows of hour 10
@@ -104,13 +123,27 @@ def test_admin_route_gives_store_totals_to_admin_keys_only(ch_client, ch_databas
     assert api.get(url, params=bounds).status_code == 401
     assert api.get(url, params=bounds, headers={"Authorization": f"Bearer {client}"}).status_code == 403
     auth = {"Authorization": f"Bearer {admin}"}
-    for bad in ({"since_ms": "1h", "until_ms": "2"}, {"since_ms": "5"}, {**bounds, "x": "1"},
-                {"since_ms": str(H10 + 1), "until_ms": str(H10)}):
+    for bad in (
+        {"since_ms": "1h", "until_ms": "2"},
+        {"since_ms": "5"},
+        {**bounds, "x": "1"},
+        {"since_ms": str(H10 + 1), "until_ms": str(H10)},
+    ):
         r = api.get(url, params=bad, headers=auth)
         assert r.status_code == 400 and "error" in r.json(), bad
     rows = api.get(url, params=bounds, headers=auth).json()["rows"]
-    assert rows == [{"client_id": "c1", "model": "m", "hour_ms": H10, "requests": 4, "input_tokens": 20,
-                     "output_tokens": 10, "total_tokens": 30, "events": None}]
+    assert rows == [
+        {
+            "client_id": "c1",
+            "model": "m",
+            "hour_ms": H10,
+            "requests": 4,
+            "input_tokens": 20,
+            "output_tokens": 10,
+            "total_tokens": 30,
+            "events": None,
+        }
+    ]
     assert rows == store_totals(store, H10, H10 + HOUR_MS, 60_000)
     # usage reports say up to when they are settled
     assert api.get("/v1/usage", params={"since": "1h"}, headers=auth).json()["settled_until"].endswith("Z")
@@ -120,14 +153,24 @@ def test_admin_route_gives_store_totals_to_admin_keys_only(ch_client, ch_databas
 def _env(bootstrap: str, data: Path) -> dict[str, str]:
     tag = f"vg{uuid.uuid4().hex[:8]}"
     return {
-        **os.environ, "TOKENAUDIT_DATA_DIR": str(data), "TOKENAUDIT_KAFKA_BOOTSTRAP": bootstrap,
-        "TOKENAUDIT_TOPIC_USAGE": f"{tag}-usage", "TOKENAUDIT_TOPIC_ROLLUPS": f"{tag}-rollups",
-        "TOKENAUDIT_TOPIC_SAMPLED": f"{tag}-sampled", "TOKENAUDIT_TOPIC_ANOMALIES": f"{tag}-anomalies",
-        "TOKENAUDIT_TOPIC_DLQ": f"{tag}-dlq", "TOKENAUDIT_WORKER_ID": f"{tag}-worker",
-        "TOKENAUDIT_SINK_GROUP_ID": f"{tag}-sink", "TOKENAUDIT_KAFKA_PARTITIONS": "2",
-        "TOKENAUDIT_WINDOW_SECONDS": "2", "TOKENAUDIT_GRACE_SECONDS": "1", "TOKENAUDIT_IDLE_TIMEOUT_SECONDS": "1",
-        "TOKENAUDIT_SINK_BATCH_SECONDS": "0.5", "TOKENAUDIT_USAGE_API_PORT": str(free_port()),
-        "TOKENAUDIT_WORKER_WEB_PORT": str(free_port()), "TOKENAUDIT_SAMPLE_WARMUP": "1000000",
+        **os.environ,
+        "TOKENAUDIT_DATA_DIR": str(data),
+        "TOKENAUDIT_KAFKA_BOOTSTRAP": bootstrap,
+        "TOKENAUDIT_TOPIC_USAGE": f"{tag}-usage",
+        "TOKENAUDIT_TOPIC_ROLLUPS": f"{tag}-rollups",
+        "TOKENAUDIT_TOPIC_SAMPLED": f"{tag}-sampled",
+        "TOKENAUDIT_TOPIC_ANOMALIES": f"{tag}-anomalies",
+        "TOKENAUDIT_TOPIC_DLQ": f"{tag}-dlq",
+        "TOKENAUDIT_WORKER_ID": f"{tag}-worker",
+        "TOKENAUDIT_SINK_GROUP_ID": f"{tag}-sink",
+        "TOKENAUDIT_KAFKA_PARTITIONS": "2",
+        "TOKENAUDIT_WINDOW_SECONDS": "2",
+        "TOKENAUDIT_GRACE_SECONDS": "1",
+        "TOKENAUDIT_IDLE_TIMEOUT_SECONDS": "1",
+        "TOKENAUDIT_SINK_BATCH_SECONDS": "0.5",
+        "TOKENAUDIT_USAGE_API_PORT": str(free_port()),
+        "TOKENAUDIT_WORKER_WEB_PORT": str(free_port()),
+        "TOKENAUDIT_SAMPLE_WARMUP": "1000000",
     }
 
 
@@ -137,8 +180,9 @@ class Procs:
 
     def start(self, name: str, argv: list[str]) -> None:
         log = open(self.logs / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)
@@ -166,8 +210,13 @@ class Procs:
 
 
 def verify(env, *args) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + ["verify", "--since", "2025-06-15T09:00", "--until", "2025-06-15T13:00", *args],
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        CLI + ["verify", "--since", "2025-06-15T09:00", "--until", "2025-06-15T13:00", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def wait_verify(env, rc: int, timeout: float, *args) -> subprocess.CompletedProcess:
@@ -176,18 +225,24 @@ def wait_verify(env, rc: int, timeout: float, *args) -> subprocess.CompletedProc
     deadline = time.monotonic() + timeout
     while True:
         proc = verify(env, *args)
-        if (proc.returncode == rc and "pending" not in proc.stdout.replace('"pending": []', "")) \
-                or time.monotonic() > deadline:
+        if (
+            proc.returncode == rc and "pending" not in proc.stdout.replace('"pending": []', "")
+        ) or time.monotonic() > deadline:
             return proc
         time.sleep(1.0)
 
 
 def test_planted_gap_is_found_then_closed(kafka_bootstrap, tmp_path):
     env = _env(kafka_bootstrap, tmp_path / "data")
-    settings = load_settings(**{k[len("TOKENAUDIT_"):].lower(): v for k, v in env.items()
-                                if k.startswith("TOKENAUDIT_") and k != "TOKENAUDIT_CONFIG"})
-    from tokenaudit.infra.topics import ensure_declared
+    settings = load_settings(
+        **{
+            k[len("TOKENAUDIT_") :].lower(): v
+            for k, v in env.items()
+            if k.startswith("TOKENAUDIT_") and k != "TOKENAUDIT_CONFIG"
+        }
+    )
     from tokenaudit.infra.keys import ensure_admin_key
+    from tokenaudit.infra.topics import ensure_declared
 
     ensure_declared(settings)
     ensure_admin_key(settings)  # the CLI's key for the sink's admin route
@@ -212,12 +267,16 @@ def test_planted_gap_is_found_then_closed(kafka_bootstrap, tmp_path):
         assert found.returncode == 1, found.stdout + found.stderr
         report = json.loads(found.stdout)
         assert not report["ok"] and report["checked_until"] == "2025-06-15T13:00:00Z"
-        assert report["drift"] == [{"client_id": "gap-client", "model": "model-1", "hour": "2025-06-15T11:00:00Z",
-                                    "what": "missing in ClickHouse",
-                                    "topic": {"requests": 40, "input_tokens": 800, "output_tokens": 400,
-                                              "total_tokens": 1200},
-                                    "clickhouse": {"requests": 0, "input_tokens": 0, "output_tokens": 0,
-                                                   "total_tokens": 0}}]
+        assert report["drift"] == [
+            {
+                "client_id": "gap-client",
+                "model": "model-1",
+                "hour": "2025-06-15T11:00:00Z",
+                "what": "missing in ClickHouse",
+                "topic": {"requests": 40, "input_tokens": 800, "output_tokens": 400, "total_tokens": 1200},
+                "clickhouse": {"requests": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+            }
+        ]
         table = verify(env)
         assert table.returncode == 1 and "gap-client" in table.stdout and "2025-06-15T11:00:00Z" in table.stdout
         assert "DRIFT in 1 bucket(s)" in table.stdout

@@ -35,8 +35,14 @@ def _is_sketch(record: list) -> bool:
 def test_the_worker_writes_the_changelog_bytes_of_the_previous_release():
     # PYTHONHASHSEED fixed as when the fixture was written: set order decides which of the
     # windows closing at one offset is emitted first, and so its client's baseline
-    done = subprocess.run([sys.executable, "-m", "tests.support.changelog_stream"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONHASHSEED": "0"})
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.support.changelog_stream"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     new, old = _records(done.stdout.splitlines()), _records(FIXTURE.read_text().splitlines())
     assert len(new) == len(old) and sum(json.loads(r[1]).startswith("w\x1f") for r in old) > 100
@@ -47,15 +53,20 @@ def test_the_worker_writes_the_changelog_bytes_of_the_previous_release():
             assert a == b
 
 
-@pytest.mark.parametrize("value", [
-    ["dept-ü", 3, 1, 30, 9, 39, 30.5, 12.25, 20, 1, 77, -1, -1],                       # before latency norms
-    ["d", 3, 1, 30, 9, 39, 30.5, 12.25, 20, 1, 77, 90, 80, 1234.5, 600, 250],           # before first_offset
-    ["", 1, 0, 5, 1, 6, 0.1 + 0.2, 0.30000000000000004, 5, 0, 12, -1, -1, 0.0, 0, 0, 12],  # current
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        ["dept-ü", 3, 1, 30, 9, 39, 30.5, 12.25, 20, 1, 77, -1, -1],  # before latency norms
+        ["d", 3, 1, 30, 9, 39, 30.5, 12.25, 20, 1, 77, 90, 80, 1234.5, 600, 250],  # before first_offset
+        ["", 1, 0, 5, 1, 6, 0.1 + 0.2, 0.30000000000000004, 5, 0, 12, -1, -1, 0.0, 0, 0, 12],  # current
+    ],
+)
 def test_a_window_reads_and_writes_every_layout_as_it_was(value):
     w = Window.from_list(value)
     assert w.as_list() == value
-    assert changelog_record(0, "w\x1fc\x1fd\x1f\x1fm\x1f0", w) == changelog_record(0, "w\x1fc\x1fd\x1f\x1fm\x1f0", value)
+    assert changelog_record(0, "w\x1fc\x1fd\x1f\x1fm\x1f0", w) == changelog_record(
+        0, "w\x1fc\x1fd\x1f\x1fm\x1f0", value
+    )
     assert w.norm_count is None if len(value) < 16 else w.norm_count == value[15]
 
 
@@ -65,7 +76,7 @@ def test_state_written_by_the_previous_release_restores_and_carries_on_exactly()
     release restores it, processes the rest of the stream and the sink holds every event once."""
     events, msgs = fixed.stream()
     table, committed = Table(), {}
-    fixed.run(fixed.processor(MemoryState(), committed), msgs[:fixed.CUT], committed, table.apply)
+    fixed.run(fixed.processor(MemoryState(), committed), msgs[: fixed.CUT], committed, table.apply)
     restored = MemoryState()
     for partition, key, value in _records(FIXTURE.read_text().splitlines()):
         k = json.loads(key)
@@ -76,7 +87,7 @@ def test_state_written_by_the_previous_release_restores_and_carries_on_exactly()
             restored.data[k], restored.key_partition[k] = json.loads(value), partition
     assert all(v.__class__ is list for v in restored.data.values())  # as recovery hands them over
     proc = fixed.processor(restored, committed)
-    fixed.run(proc, msgs[fixed.CUT:], committed, table.apply)
+    fixed.run(proc, msgs[fixed.CUT :], committed, table.apply)
     drain_idle(proc, table)
     assert proc.counters.late > 0 and any(v.__class__ is Window for v in restored.data.values())
     assert table.totals() == synth.ground_truth(events, 2000)

@@ -20,9 +20,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 import httpx
 
@@ -36,17 +36,53 @@ DEMO_OVERRIDES = {
     "TOKENAUDIT_ANOMALY_NEW_CLIENT_TOKENS": "1500",
 }
 
-WORDS = ("the model answers questions about invoices shipping orders refunds weather travel code reviews "
-         "database latency budget quarterly report summary translate explain customer support ticket "
-         "please short detailed list steps why how when where compare contrast risks benefits").split()
+WORDS = [
+    "the",
+    "model",
+    "answers",
+    "questions",
+    "about",
+    "invoices",
+    "shipping",
+    "orders",
+    "refunds",
+    "weather",
+    "travel",
+    "code",
+    "reviews",
+    "database",
+    "latency",
+    "budget",
+    "quarterly",
+    "report",
+    "summary",
+    "translate",
+    "explain",
+    "customer",
+    "support",
+    "ticket",
+    "please",
+    "short",
+    "detailed",
+    "list",
+    "steps",
+    "why",
+    "how",
+    "when",
+    "where",
+    "compare",
+    "contrast",
+    "risks",
+    "benefits",
+]
 
 
 @dataclass(frozen=True)
 class DemoClient:
     client_id: str
     department: str
-    rate: float               # requests per second in the steady phase
-    spike_rate: float         # requests per second in the spike phase
+    rate: float  # requests per second in the steady phase
+    spike_rate: float  # requests per second in the spike phase
     prompt_words: tuple[int, int]
     oversized_every: int = 0  # every n-th request carries a prompt far beyond the model's input limit
 
@@ -56,8 +92,8 @@ CLIENTS = [
     DemoClient("bob-batch", "research", 0.8, 0.8, (10, 40)),
     DemoClient("carol-chat", "support", 1.2, 1.2, (5, 25)),
     DemoClient("dave-docs", "finance", 0.6, 0.6, (30, 80), oversized_every=4),
-    DemoClient("eve-campaigns", "marketing", 0.8, 10.0, (10, 30)),    # multiplies its volume
-    DemoClient("frank-newbot", "operations", 0.0, 5.0, (60, 120)),    # never seen before, arrives big
+    DemoClient("eve-campaigns", "marketing", 0.8, 10.0, (10, 30)),  # multiplies its volume
+    DemoClient("frank-newbot", "operations", 0.0, 5.0, (60, 120)),  # never seen before, arrives big
 ]
 
 
@@ -98,8 +134,9 @@ def prompt(rng: random.Random, words: tuple[int, int], oversized: bool) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n)) + "?"
 
 
-async def send_traffic(base_url: str, keys: dict[str, str], steady_s: float, spike_s: float,
-                       echo: Callable[[str], None]) -> tuple[Counter, Counter]:
+async def send_traffic(
+    base_url: str, keys: dict[str, str], steady_s: float, spike_s: float, echo: Callable[[str], None]
+) -> tuple[Counter, Counter]:
     """Open-loop traffic: each client sends at its rate whatever the latency (like real users)."""
     sent: Counter = Counter()
     failed: Counter = Counter()
@@ -116,7 +153,7 @@ async def send_traffic(base_url: str, keys: dict[str, str], steady_s: float, spi
                 failed[c.client_id] += 1
 
         async def client_loop(c: DemoClient, seed: int) -> None:
-            rng = random.Random(seed)
+            rng = random.Random(seed)  # noqa: S311 (the demo's traffic shape, not a secret)
             start = time.monotonic()
             n = 0
             while (elapsed := time.monotonic() - start) < steady_s + spike_s:
@@ -170,12 +207,13 @@ def wait_accounted(settings, since: str, sent: Counter, timeout: float, echo) ->
 
 def show(title: str, args: list[str], echo) -> None:
     echo(f"\n=== {title}  (tokenaudit {' '.join(args)})")
-    out = subprocess.run([sys.executable, "-m", "tokenaudit.cli", *args], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "tokenaudit.cli", *args], check=False, capture_output=True, text=True)
     echo((out.stdout + out.stderr).rstrip())
 
 
-def run_demo(echo: Callable[[str], None] = print, steady_s: float = 40.0, spike_s: float = 15.0,
-             keep_running: bool = False) -> int:
+def run_demo(
+    echo: Callable[[str], None] = print, steady_s: float = 40.0, spike_s: float = 15.0, keep_running: bool = False
+) -> int:
     from tokenaudit.infra.services import Supervisor
     from tokenaudit.settings import get_settings
 
@@ -189,26 +227,32 @@ def run_demo(echo: Callable[[str], None] = print, steady_s: float = 40.0, spike_
         echo("note: services are already running; they keep the settings they were started with")
     t0 = time.monotonic()
     endpoints = supervisor.up()
-    echo(f"pipeline up in {time.monotonic() - t0:.0f}s: inference {endpoints['inference']}, "
-         f"usage API {endpoints['usage_api']}")
+    echo(
+        f"pipeline up in {time.monotonic() - t0:.0f}s: inference {endpoints['inference']}, "
+        f"usage API {endpoints['usage_api']}"
+    )
     try:
         keys = demo_keys(settings, echo)
         # Rollups are per window: start the report range at the boundary of the first window.
         now = int(time.time())
-        since = datetime.fromtimestamp(now - now % settings.window_seconds, timezone.utc).isoformat()
-        echo(f"traffic    {len(CLIENTS)} clients for {steady_s + spike_s:.0f}s "
-             f"(eve-campaigns x10 and a new client after {steady_s:.0f}s; dave-docs sends oversized prompts)")
+        since = datetime.fromtimestamp(now - now % settings.window_seconds, UTC).isoformat()
+        echo(
+            f"traffic    {len(CLIENTS)} clients for {steady_s + spike_s:.0f}s "
+            f"(eve-campaigns x10 and a new client after {steady_s:.0f}s; dave-docs sends oversized prompts)"
+        )
         sent, failed = asyncio.run(send_traffic(endpoints["inference"], keys, steady_s, spike_s, echo))
         echo(f"traffic    done: {sum(sent.values())} requests, {sum(failed.values())} non-200")
         echo("waiting    until every request is in ClickHouse (windows close on event time or idle timeout)")
         seen = wait_accounted(settings, since, sent, timeout=180, echo=echo)
         exact = all(seen.get(c) == n for c, n in sent.items())
-        echo(f"accounted  {sum(seen.get(c, 0) for c in sent)} of {sum(sent.values())} requests "
-             f"({'exact per client' if exact else 'MISMATCH'})")
+        echo(
+            f"accounted  {sum(seen.get(c, 0) for c in sent)} of {sum(sent.values())} requests "
+            f"({'exact per client' if exact else 'MISMATCH'})"
+        )
         time.sleep(2)  # anomalies travel on their own topic; give the sink one more batch
         prices = settings.data_dir / "demo-prices.toml"
         prices.write_text('currency = "USD"\n\n[models."t5-tiny"]\ninput_per_1k = "0.50"\noutput_per_1k = "1.50"\n')
-        month = datetime.now(timezone.utc).strftime("%Y-%m")
+        month = datetime.now(UTC).strftime("%Y-%m")
         show("usage by client", ["usage", "--since", since, "--by", "client"], echo)
         show("usage by department", ["usage", "--since", since, "--by", "department"], echo)
         show("top clients", ["top", "--since", since, "--limit", "5"], echo)

@@ -20,7 +20,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-from tokenaudit.errors import SettingsError  # noqa: F401 (raised here, declared there)
+
+from tokenaudit.errors import SettingsError
 
 ENV_PREFIX = "TOKENAUDIT_"
 
@@ -45,70 +46,153 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Downloaded Kafka jars (never committed).")
 
     # --- Kafka ----------------------------------------------------------------------------
-    kafka_bootstrap: str = Field("", description="Bootstrap servers, comma separated; default: the local broker (127.0.0.1:<kafka_port>; clients of a local cluster get all its nodes).")
+    kafka_bootstrap: str = Field(
+        "",
+        description="Bootstrap servers, comma separated; default: the local broker (127.0.0.1:<kafka_port>; clients of a local cluster get all its nodes).",
+    )
     kafka_version: str = Field("4.4.0", description="Apache Kafka version the launcher fetches and runs.")
-    kafka_port: int = Field(9092, ge=1, le=65535, description="Local broker's client port (broker i of a local cluster: this + i).")
-    kafka_controller_port: int = Field(9192, ge=1, le=65535, description="Local broker's KRaft controller port (broker i of a local cluster: this + i; moved from 9093 so 3 brokers' ranges do not overlap, see CHANGELOG).")
-    kafka_heap: str = Field("512m", pattern=r"^\d+[kmgKMG]$", description="JVM heap of each local broker (-Xmx and -Xms).")
+    kafka_port: int = Field(
+        9092, ge=1, le=65535, description="Local broker's client port (broker i of a local cluster: this + i)."
+    )
+    kafka_controller_port: int = Field(
+        9192,
+        ge=1,
+        le=65535,
+        description="Local broker's KRaft controller port (broker i of a local cluster: this + i; moved from 9093 so 3 brokers' ranges do not overlap, see CHANGELOG).",
+    )
+    kafka_heap: str = Field(
+        "512m", pattern=r"^\d+[kmgKMG]$", description="JVM heap of each local broker (-Xmx and -Xms)."
+    )
     kafka_partitions: int = Field(4, ge=1, le=1024, description="Partitions of the topics the project creates.")
     kafka_start_timeout: float = Field(60.0, gt=0, description="Seconds `kafka start` waits for metadata.")
     topic_usage: str = Field("token-usage", min_length=1, description="Token-usage event topic.")
     topic_anomalies: str = Field("token-usage-anomalies", min_length=1, description="Anomaly topic.")
     topic_dlq: str = Field("token-usage-dlq", min_length=1, description="Dead-letter topic.")
-    kafka_security_protocol: str = Field("", pattern=r"^(|PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$", description="security.protocol of every Kafka client; default PLAINTEXT, or SASL_PLAINTEXT towards a local cluster started with `kafka start --sasl`.")
-    kafka_sasl_mechanism: str = Field("SCRAM-SHA-512", pattern=r"^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$", description="SASL mechanism (with a SASL_* protocol).")
+    kafka_security_protocol: str = Field(
+        "",
+        pattern=r"^(|PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$",
+        description="security.protocol of every Kafka client; default PLAINTEXT, or SASL_PLAINTEXT towards a local cluster started with `kafka start --sasl`.",
+    )
+    kafka_sasl_mechanism: str = Field(
+        "SCRAM-SHA-512",
+        pattern=r"^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$",
+        description="SASL mechanism (with a SASL_* protocol).",
+    )
     kafka_sasl_username: str = Field("", description="SASL username; default: the local --sasl cluster's client user.")
-    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged); default: the local --sasl cluster's, from <data_dir>/kafka/credentials.json.")
-    kafka_ssl_ca_file: Path | None = Field(None, description="PEM CA bundle that signs the brokers' certificates (SSL, SASL_SSL); default: the system's.")
-    kafka_ssl_cert_file: Path | None = Field(None, description="PEM client certificate, for clusters that require TLS client authentication.")
+    kafka_sasl_password: SecretStr | None = Field(
+        None,
+        description="SASL password (never logged); default: the local --sasl cluster's, from <data_dir>/kafka/credentials.json.",
+    )
+    kafka_ssl_ca_file: Path | None = Field(
+        None, description="PEM CA bundle that signs the brokers' certificates (SSL, SASL_SSL); default: the system's."
+    )
+    kafka_ssl_cert_file: Path | None = Field(
+        None, description="PEM client certificate, for clusters that require TLS client authentication."
+    )
     kafka_ssl_key_file: Path | None = Field(None, description="PEM private key of TOKENAUDIT_KAFKA_SSL_CERT_FILE.")
-    kafka_ssl_key_password: SecretStr | None = Field(None, description="Password of an encrypted TOKENAUDIT_KAFKA_SSL_KEY_FILE.")
+    kafka_ssl_key_password: SecretStr | None = Field(
+        None, description="Password of an encrypted TOKENAUDIT_KAFKA_SSL_KEY_FILE."
+    )
 
     # --- ClickHouse -----------------------------------------------------------------------
-    clickhouse_dsn: str = Field("", description="chdb:///path (embedded, default <data_dir>/clickhouse) or http(s)://user:pass@host:port.")
+    clickhouse_dsn: str = Field(
+        "", description="chdb:///path (embedded, default <data_dir>/clickhouse) or http(s)://user:pass@host:port."
+    )
     clickhouse_database: str = Field("tokenaudit", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Database name.")
     ttl_rollup_days: int = Field(730, ge=0, description="usage_rollup retention in days (0 keeps forever).")
     ttl_sampled_days: int = Field(30, ge=0, description="usage_sampled retention in days (0 keeps forever).")
     ttl_anomalies_days: int = Field(365, ge=0, description="anomalies retention in days (0 keeps forever).")
-    dedup_retention_days: int = Field(7, ge=0, description="Days usage_rollup keeps a row's event ids (event_ids) after the row was written: a copy of an event arriving up to that much later still counts once (0 keeps them forever).")
+    dedup_retention_days: int = Field(
+        7,
+        ge=0,
+        description="Days usage_rollup keeps a row's event ids (event_ids) after the row was written: a copy of an event arriving up to that much later still counts once (0 keeps them forever).",
+    )
 
     # --- inference ------------------------------------------------------------------------
-    model: str = Field("", description="HF TF checkpoint path or name; default <data_dir>/models/t5-tiny (built by `model init`).")
+    model: str = Field(
+        "", description="HF TF checkpoint path or name; default <data_dir>/models/t5-tiny (built by `model init`)."
+    )
     http_host: str = Field("127.0.0.1", description="Inference app bind address.")
     http_port: int = Field(8000, ge=1, le=65535, description="Inference app port.")
-    instance: str = Field("", max_length=128, description="This inference instance's name in events; default <hostname>:<http_port>.")
-    api_keys_file: Path | None = Field(None, description="API-key registry (TOML); unset: <data_dir>/api_keys.toml, open (development mode) only while no registry has ever existed.")
+    instance: str = Field(
+        "", max_length=128, description="This inference instance's name in events; default <hostname>:<http_port>."
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="API-key registry (TOML); unset: <data_dir>/api_keys.toml, open (development mode) only while no registry has ever existed.",
+    )
     trusted_proxies: str = Field("", description="Comma-separated proxy IPs/CIDRs whose X-Forwarded-For is trusted.")
-    prompt_digest_secret: str = Field("", description="HMAC key for prompt digests; default: generated once in data_dir.")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest accepted request body (enforced while streaming).")
+    prompt_digest_secret: str = Field(
+        "", description="HMAC key for prompt digests; default: generated once in data_dir."
+    )
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest accepted request body (enforced while streaming)."
+    )
     max_input_tokens: int = Field(512, ge=8, description="Model input is truncated to this many tokens.")
     max_new_tokens_limit: int = Field(256, ge=1, description="Largest max_new_tokens a request may ask for.")
     default_max_new_tokens: int = Field(16, ge=1, description="max_new_tokens when a request gives none.")
     batch_max_size: int = Field(16, ge=1, le=1024, description="Micro-batch size bound.")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="Micro-batch wait bound in milliseconds.")
-    max_queue: int = Field(256, ge=1, description="Most requests waiting for the tokenizer or for a micro-batch (each bound); beyond it a 503 `queue_full` with Retry-After.")
-    queue_timeout_seconds: float = Field(30.0, gt=0, description="Longest wait in the batch queue; beyond it a 503 `queue_timeout` with Retry-After (the request is not run).")
-    tokenizer_threads: int = Field(2, ge=1, le=64, description="Threads that tokenize prompts, off the event loop and the model thread.")
+    max_queue: int = Field(
+        256,
+        ge=1,
+        description="Most requests waiting for the tokenizer or for a micro-batch (each bound); beyond it a 503 `queue_full` with Retry-After.",
+    )
+    queue_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait in the batch queue; beyond it a 503 `queue_timeout` with Retry-After (the request is not run).",
+    )
+    tokenizer_threads: int = Field(
+        2, ge=1, le=64, description="Threads that tokenize prompts, off the event loop and the model thread."
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Also serve /metrics on 127.0.0.1 at this port (0 = off).")
     xla: bool = Field(True, description="XLA-compile generation for padded shape buckets.")
     spool_max_bytes: int = Field(256 << 20, ge=1 << 16, description="Bound of the on-disk event spool.")
     producer_queue_max: int = Field(100_000, ge=100, description="confluent-kafka local queue bound (messages).")
-    producer_message_timeout_ms: int = Field(15_000, ge=1000, description="Delivery timeout before an event is spooled.")
-    producer_linger_ms: float = Field(100.0, ge=0, description="Producer linger in ms: fewer, larger produce requests (measured: 5 ms cost the app ~30% throughput on a 2-core box shared with the broker).")
-    producer_compression: str = Field("lz4", pattern=r"^(none|gzip|snappy|lz4|zstd)$", description="Producer compression codec.")
+    producer_message_timeout_ms: int = Field(
+        15_000, ge=1000, description="Delivery timeout before an event is spooled."
+    )
+    producer_linger_ms: float = Field(
+        100.0,
+        ge=0,
+        description="Producer linger in ms: fewer, larger produce requests (measured: 5 ms cost the app ~30% throughput on a 2-core box shared with the broker).",
+    )
+    producer_compression: str = Field(
+        "lz4", pattern=r"^(none|gzip|snappy|lz4|zstd)$", description="Producer compression codec."
+    )
     spool_dir: Path | None = Field(None, description="Event spool folder; default <data_dir>/spool.")
-    spool_unauthenticated_share: float = Field(0.1, ge=0, le=1, description="Share of TOKENAUDIT_SPOOL_MAX_BYTES that unauthenticated events (401s) may fill; beyond it they are dropped and counted, so a keyless flood during an outage cannot push out paid events.")
+    spool_unauthenticated_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of TOKENAUDIT_SPOOL_MAX_BYTES that unauthenticated events (401s) may fill; beyond it they are dropped and counted, so a keyless flood during an outage cannot push out paid events.",
+    )
     spool_retry_seconds: float = Field(2.0, gt=0, description="How often a spooling producer probes the broker.")
-    shutdown_flush_seconds: float = Field(10.0, ge=0, description="Producer flush timeout on shutdown; the rest is spooled.")
-    xla_batch_buckets: str = Field("1,16", pattern=r"^\d+(,\d+)*$", description="XLA batch-size buckets (clipped to batch_max_size); all compiled before /readyz at the smallest length and new-token bucket, larger shapes on first use.")
-    xla_length_buckets: str = Field("64,512", pattern=r"^\d+(,\d+)*$", description="XLA input-length buckets (clipped to max_input_tokens).")
-    xla_new_token_buckets: str = Field("16,256", pattern=r"^\d+(,\d+)*$", description="XLA max_new_tokens buckets (clipped to max_new_tokens_limit).")
-    audit_exclude_paths: str = Field("/healthz,/readyz,/metrics", description="Paths that get no audit event (probes, scrapes).")
+    shutdown_flush_seconds: float = Field(
+        10.0, ge=0, description="Producer flush timeout on shutdown; the rest is spooled."
+    )
+    xla_batch_buckets: str = Field(
+        "1,16",
+        pattern=r"^\d+(,\d+)*$",
+        description="XLA batch-size buckets (clipped to batch_max_size); all compiled before /readyz at the smallest length and new-token bucket, larger shapes on first use.",
+    )
+    xla_length_buckets: str = Field(
+        "64,512", pattern=r"^\d+(,\d+)*$", description="XLA input-length buckets (clipped to max_input_tokens)."
+    )
+    xla_new_token_buckets: str = Field(
+        "16,256", pattern=r"^\d+(,\d+)*$", description="XLA max_new_tokens buckets (clipped to max_new_tokens_limit)."
+    )
+    audit_exclude_paths: str = Field(
+        "/healthz,/readyz,/metrics", description="Paths that get no audit event (probes, scrapes)."
+    )
 
     # --- streams --------------------------------------------------------------------------
     window_seconds: int = Field(60, ge=1, description="Tumbling window length (event time).")
     grace_seconds: int = Field(10, ge=0, description="Grace period before a window is emitted.")
-    idle_timeout_seconds: float = Field(15.0, gt=0, description="Wall-clock idle time after which open windows are emitted.")
+    idle_timeout_seconds: float = Field(
+        15.0, gt=0, description="Wall-clock idle time after which open windows are emitted."
+    )
     worker_id: str = Field("tokenaudit-worker", min_length=1, description="faust app id / consumer group.")
     worker_web_port: int = Field(6066, ge=1, le=65535, description="faust worker web port (metrics).")
     anomaly_input_tokens: int = Field(2048, ge=1, description="Per-request input_tokens threshold.")
@@ -116,37 +200,93 @@ class Settings(BaseSettings):
     anomaly_spike_min_history: int = Field(5, ge=2, description="Windows of history before spike detection starts.")
     anomaly_spike_floor_tokens: int = Field(5000, ge=0, description="Absolute floor: no spike below this many tokens.")
     anomaly_error_rate: float = Field(0.5, gt=0, le=1, description="Error-rate burst threshold per window.")
-    anomaly_error_min_requests: int = Field(10, ge=1, description="Minimum requests in a window for the error-rate rule.")
+    anomaly_error_min_requests: int = Field(
+        10, ge=1, description="Minimum requests in a window for the error-rate rule."
+    )
     anomaly_latency_factor: float = Field(5.0, gt=1, description="Latency per input token over the model norm, factor.")
     anomaly_new_client_tokens: int = Field(50_000, ge=1, description="Tokens in a never-seen client's first window.")
     sample_fraction: float = Field(0.10, gt=0, le=1, description="Share of requests kept as detailed records.")
-    sample_warmup: int = Field(200, ge=0, description="Requests per model seen before the top-fraction sampler keeps any.")
-    late_retention_seconds: int = Field(3600, ge=0, description="Event time a closed window stays in worker state after closing (re-emitted after a crash until its close is committed); later events for it go to the sink as deltas.")
-    anomaly_latency_min_requests: int = Field(200, ge=1, description="Requests of a model before its latency norm is trusted.")
-    topic_rollups: str = Field("token-usage-rollups", min_length=1, description="Internal topic: window rollups for the sink.")
-    topic_sampled: str = Field("token-usage-sampled", min_length=1, description="Internal topic: sampled records for the sink.")
-    worker_batch_size: int = Field(20000, ge=1, description="Most events the worker takes per batch (one fetch; bigger batches coalesce more changelog writes).")
-    worker_batch_seconds: float = Field(0.2, gt=0, description="Longest wait of one worker fetch for records (a batch is what one fetch returns).")
-    worker_fetch_bytes: int = Field(4 << 20, ge=64 << 10, description="Most bytes one worker fetch takes per partition (faust's 1 MiB default left the worker waiting on fetches for half its time).")
-    worker_commit_seconds: float = Field(1.0, gt=0, description="Worker offset commit interval (state is flushed first).")
-    worker_session_timeout: float = Field(10.0, ge=6.0, description="Worker consumer session timeout: how soon a dead worker's partitions move.")
+    sample_warmup: int = Field(
+        200, ge=0, description="Requests per model seen before the top-fraction sampler keeps any."
+    )
+    late_retention_seconds: int = Field(
+        3600,
+        ge=0,
+        description="Event time a closed window stays in worker state after closing (re-emitted after a crash until its close is committed); later events for it go to the sink as deltas.",
+    )
+    anomaly_latency_min_requests: int = Field(
+        200, ge=1, description="Requests of a model before its latency norm is trusted."
+    )
+    topic_rollups: str = Field(
+        "token-usage-rollups", min_length=1, description="Internal topic: window rollups for the sink."
+    )
+    topic_sampled: str = Field(
+        "token-usage-sampled", min_length=1, description="Internal topic: sampled records for the sink."
+    )
+    worker_batch_size: int = Field(
+        20000,
+        ge=1,
+        description="Most events the worker takes per batch (one fetch; bigger batches coalesce more changelog writes).",
+    )
+    worker_batch_seconds: float = Field(
+        0.2, gt=0, description="Longest wait of one worker fetch for records (a batch is what one fetch returns)."
+    )
+    worker_fetch_bytes: int = Field(
+        4 << 20,
+        ge=64 << 10,
+        description="Most bytes one worker fetch takes per partition (faust's 1 MiB default left the worker waiting on fetches for half its time).",
+    )
+    worker_commit_seconds: float = Field(
+        1.0, gt=0, description="Worker offset commit interval (state is flushed first)."
+    )
+    worker_session_timeout: float = Field(
+        10.0, ge=6.0, description="Worker consumer session timeout: how soon a dead worker's partitions move."
+    )
     sink_group_id: str = Field("tokenaudit-sink", min_length=1, description="Consumer group of the ClickHouse sink.")
-    dedup: bool = Field(True, description="Count each event_id once: the worker drops copies of an event while its window is open, the sink skips late copies (false only to measure what it costs).")
-    max_tokens_per_event: int = Field(10_000_000, ge=1, description="Largest token count an event may carry; an event above it (or below 0) goes to the dead-letter topic.")
-    max_clock_skew_seconds: float = Field(300.0, ge=0, description="How far an event's time may be ahead of the worker's clock; a later one goes to the dead-letter topic and never moves a watermark.")
+    dedup: bool = Field(
+        True,
+        description="Count each event_id once: the worker drops copies of an event while its window is open, the sink skips late copies (false only to measure what it costs).",
+    )
+    max_tokens_per_event: int = Field(
+        10_000_000,
+        ge=1,
+        description="Largest token count an event may carry; an event above it (or below 0) goes to the dead-letter topic.",
+    )
+    max_clock_skew_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="How far an event's time may be ahead of the worker's clock; a later one goes to the dead-letter topic and never moves a watermark.",
+    )
 
     # --- sinks / queries --------------------------------------------------------------------
     sink_batch_rows: int = Field(5000, ge=1, description="Rows per ClickHouse insert.")
     sink_batch_seconds: float = Field(1.0, gt=0, description="Longest wait before a partial batch is inserted.")
-    sink_shutdown_seconds: float = Field(5.0, ge=0, description="How long a stopping sink keeps retrying its last batch while ClickHouse is unreachable; then it exits without committing it (replayed on the next start).")
+    sink_shutdown_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long a stopping sink keeps retrying its last batch while ClickHouse is unreachable; then it exits without committing it (replayed on the next start).",
+    )
     usage_api_host: str = Field("127.0.0.1", description="Read-only usage API bind address.")
     usage_api_port: int = Field(8001, ge=1, le=65535, description="Read-only usage API port.")
-    sink_port: int = Field(8002, ge=1, le=65535, description="The sink's own listener (GET /healthz, GET /metrics; on TOKENAUDIT_USAGE_API_HOST) when it runs without the usage API: `tokenaudit sink --no-api`, what `up` starts for a ClickHouse server beside `tokenaudit api`. A sink serving the API (the embedded store) answers both on the API's port.")
+    sink_port: int = Field(
+        8002,
+        ge=1,
+        le=65535,
+        description="The sink's own listener (GET /healthz, GET /metrics; on TOKENAUDIT_USAGE_API_HOST) when it runs without the usage API: `tokenaudit sink --no-api`, what `up` starts for a ClickHouse server beside `tokenaudit api`. A sink serving the API (the embedded store) answers both on the API's port.",
+    )
     price_table: Path | None = Field(None, description="TOML price table for `report` (per model, per 1K tokens).")
-    api_key: str = Field("", description="Key the CLI sends to the usage API; default: <data_dir>/admin.key (written by `up`).")
-    anomaly_group_id: str = Field("tokenaudit-anomaly-follow", min_length=1, description="Consumer group of `anomalies --follow` (offsets commit after delivery).")
+    api_key: str = Field(
+        "", description="Key the CLI sends to the usage API; default: <data_dir>/admin.key (written by `up`)."
+    )
+    anomaly_group_id: str = Field(
+        "tokenaudit-anomaly-follow",
+        min_length=1,
+        description="Consumer group of `anomalies --follow` (offsets commit after delivery).",
+    )
     webhook_timeout_seconds: float = Field(5.0, gt=0, description="Per-attempt timeout of an anomaly webhook POST.")
-    webhook_backoff_max_seconds: float = Field(30.0, gt=0, description="Longest pause between webhook retries (exponential backoff).")
+    webhook_backoff_max_seconds: float = Field(
+        30.0, gt=0, description="Longest pause between webhook retries (exponential backoff)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -165,7 +305,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _distinct_ports(self) -> "Settings":
+    def _distinct_ports(self) -> Settings:
         if self.kafka_port == self.kafka_controller_port:
             raise ValueError("TOKENAUDIT_KAFKA_PORT and TOKENAUDIT_KAFKA_CONTROLLER_PORT must differ")
         return self
@@ -262,7 +402,8 @@ def settings_table_markdown() -> str:
     for name, info in Settings.model_fields.items():
         if info.default_factory is not None:
             default = {"data_dir": "`~/.local/share/tokenaudit`", "cache_dir": "`~/.cache/tokenaudit`"}.get(
-                name, "(computed)")
+                name, "(computed)"
+            )
         else:
             default = f"`{info.default}`" if info.default not in (None, "") else "(unset)"
         rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {default} | {info.description or ''} |")
@@ -270,4 +411,4 @@ def settings_table_markdown() -> str:
 
 
 if __name__ == "__main__":  # `python -m tokenaudit.settings` prints the table
-    print(settings_table_markdown())
+    print(settings_table_markdown())  # noqa: T201 (its output is the point)

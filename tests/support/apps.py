@@ -33,11 +33,12 @@ class ThreadedServer:
 
         self.port = port or free_port(host)
         self.base_url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, lifespan="on",
-                                                    log_level="warning", log_config=None))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=self.port, lifespan="on", log_level="warning", log_config=None)
+        )
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 
-    def __enter__(self) -> "ThreadedServer":
+    def __enter__(self) -> ThreadedServer:
         self.thread.start()
         return self
 
@@ -59,14 +60,21 @@ class ThreadedServer:
         self.thread.join(60)
 
 
-def read_events(bootstrap: str, topic: str, expect: int, timeout: float = 60.0,
-                settle: float = 1.0) -> list[tuple[bytes, bytes]]:
+def read_events(
+    bootstrap: str, topic: str, expect: int, timeout: float = 60.0, settle: float = 1.0
+) -> list[tuple[bytes, bytes]]:
     """All (key, raw value) pairs on ``topic``: reads until ``expect`` arrived and nothing more came
     for ``settle`` seconds (so extra events would be seen), or until ``timeout``."""
     from confluent_kafka import Consumer
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"t-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.subscribe([topic])
     got: list[tuple[bytes, bytes]] = []
     deadline = time.monotonic() + timeout

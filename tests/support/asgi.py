@@ -7,12 +7,30 @@ import asyncio
 import json
 
 
-async def call(app, method: str, path: str, *, query: bytes = b"", headers: list[tuple[bytes, bytes]] = (),
-               body: bytes = b"", client: tuple[str, int] = ("127.0.0.1", 50000)) -> tuple[int, dict, bytes]:
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-             "scheme": "http", "path": path, "raw_path": path.encode("utf-8", "surrogateescape"),
-             "query_string": query, "root_path": "", "headers": [(k.lower(), v) for k, v in headers],
-             "client": client, "server": ("127.0.0.1", 8000)}
+async def call(
+    app,
+    method: str,
+    path: str,
+    *,
+    query: bytes = b"",
+    headers: list[tuple[bytes, bytes]] = (),
+    body: bytes = b"",
+    client: tuple[str, int] = ("127.0.0.1", 50000),
+) -> tuple[int, dict, bytes]:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode("utf-8", "surrogateescape"),
+        "query_string": query,
+        "root_path": "",
+        "headers": [(k.lower(), v) for k, v in headers],
+        "client": client,
+        "server": ("127.0.0.1", 8000),
+    }
     sent_body = False
     done = asyncio.Event()
     messages: list[dict] = []

@@ -32,6 +32,7 @@ except ImportError:  # 0.1.0
     def changelog_record(partition, key, value):
         return partition, _json_key(key).encode(), None if value is None else _json_bytes(value)
 
+
 T0 = 1_750_000_000_000
 PARTS = 2
 BATCH = 150
@@ -39,15 +40,17 @@ CUT = 900  # records processed into the fixture's changelog; the rest of the str
 
 
 def settings():
-    return load_settings(window_seconds=2, grace_seconds=1, late_retention_seconds=4, idle_timeout_seconds=1.0,
-                         sample_warmup=50)
+    return load_settings(
+        window_seconds=2, grace_seconds=1, late_retention_seconds=4, idle_timeout_seconds=1.0, sample_warmup=50
+    )
 
 
 def stream() -> tuple[list[dict], list[tuple[int, int, bytes, bytes]]]:
     """The events (with copies and late ones), and (partition, offset, key, value) in the
     interleaved order a consumer sees them."""
-    events = synth.mixed_stream(1500, clients=8, models=2, start_ms=T0, span_ms=20_000, seed=11, late_share=0.05,
-                                late_ms=6_000, jitter_ms=400)
+    events = synth.mixed_stream(
+        1500, clients=8, models=2, start_ms=T0, span_ms=20_000, seed=11, late_share=0.05, late_ms=6_000, jitter_ms=400
+    )
     events, _ = synth.with_copies(events, 0.03, seed=5, max_delay=30)
     logs: dict[int, list] = {p: [] for p in range(PARTS)}
     for key, value in synth.encoded(events):
@@ -59,20 +62,19 @@ def stream() -> tuple[list[dict], list[tuple[int, int, bytes, bytes]]]:
 
 def processor(state, committed: dict[int, int]) -> Processor:
     """The processor both runs use: fixed clocks, the given committed offsets."""
-    return Processor(settings(), state, committed=lambda p: committed.get(p), clock=lambda: 0.0,
-                     wall_clock=lambda: T0 / 1000 + 3600)
+    return Processor(settings(), state, committed=committed.get, clock=lambda: 0.0, wall_clock=lambda: T0 / 1000 + 3600)
 
 
 def run(proc: Processor, msgs, committed: dict[int, int], apply=None) -> None:
     """Batches of BATCH records, each committed once handled (as the worker commits)."""
     for i in range(0, len(msgs), BATCH):
         out = Outputs()
-        for p, off, key, value in msgs[i:i + BATCH]:
+        for p, off, key, value in msgs[i : i + BATCH]:
             proc.process(p, off, key, value, out)
         proc.end_batch(out)
         if apply is not None:
             apply(out)
-        for p, off, _, _ in msgs[i:i + BATCH]:
+        for p, off, _, _ in msgs[i : i + BATCH]:
             committed[p] = off + 1
 
 

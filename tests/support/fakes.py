@@ -104,8 +104,11 @@ class FakeStore:
             self.down -= 1
             raise StoreDown("store unreachable")
         keys = {tuple(k) for k in (parameters or {}).get("keys", [])}
-        return [dict(r, ws_ms=r["window_start"]) for r in self.tables.get("usage_rollup", [])
-                if (r["client_id"], r["department"], r["api_key_id"], r["model"], r["window_start"]) in keys]
+        return [
+            dict(r, ws_ms=r["window_start"])
+            for r in self.tables.get("usage_rollup", [])
+            if (r["client_id"], r["department"], r["api_key_id"], r["model"], r["window_start"]) in keys
+        ]
 
 
 class FakeProducer:
@@ -120,7 +123,7 @@ class FakeProducer:
         self.fail_deliveries = 0
         self.probes = 0  # metadata requests (the publisher's "is the broker back?")
         self.produced: list[tuple[str, bytes, bytes | None, Any]] = []
-        self._pending: list[tuple[Callable | None, Any, "FakeProducer._Msg"]] = []
+        self._pending: list[tuple[Callable | None, Any, FakeProducer._Msg]] = []
 
     class _Msg:
         def __init__(self, key, value):
@@ -132,8 +135,14 @@ class FakeProducer:
         def value(self):
             return self._value
 
-    def produce(self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None,
-                on_delivery: Callable | None = None) -> None:
+    def produce(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        headers: Any = None,
+        on_delivery: Callable | None = None,
+    ) -> None:
         if self.refuse:
             raise BufferError("Local: Queue full")
         report = on_delivery or self.config.get("on_delivery")

@@ -15,8 +15,17 @@ from tokenaudit.inference.audit import AuditContext
 from tokenaudit.schemas import EVENT, encode
 from tokenaudit.schemas.records import token_usage_event
 
-ROLLUP_FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "total_tokens",
-                 "latency_ms_sum", "latency_ms_max", "max_input_tokens", "truncated")
+ROLLUP_FIELDS = (
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "latency_ms_sum",
+    "latency_ms_max",
+    "max_input_tokens",
+    "truncated",
+)
 
 
 def synthetic_event_id(request_id: str) -> str:
@@ -29,26 +38,64 @@ def synthetic_event_id(request_id: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def event(request_id: str, ts_ms: int, client_id: str, model: str = "t5-tiny", input_tokens: int = 20,
-          output_tokens: int = 10, latency_ms: float | None = None, status_code: int = 200,
-          department: str = "eng", truncated: bool = False, api_key_id: str | None = None) -> dict:
+def event(
+    request_id: str,
+    ts_ms: int,
+    client_id: str,
+    model: str = "t5-tiny",
+    input_tokens: int = 20,
+    output_tokens: int = 10,
+    latency_ms: float | None = None,
+    status_code: int = 200,
+    department: str = "eng",
+    truncated: bool = False,
+    api_key_id: str | None = None,
+) -> dict:
     """A synthetic request's event, made by the one event builder (schemas.records) from what
     the inference app's audit context would hold for it."""
     if latency_ms is None:
         latency_ms = 5.0 + 0.05 * input_tokens + 0.5 * output_tokens
     request = AuditContext(
-        request_id, synthetic_event_id(request_id), ts_ms, 0.0, client_id=client_id, department=department,
-        api_key_id=api_key_id, client_ip="127.0.0.1", model=model, input_tokens=input_tokens,
-        untruncated_input_tokens=input_tokens + (50 if truncated else 0), truncated=truncated,
-        output_tokens=output_tokens, queue_ms=1.0, inference_ms=float(latency_ms) - 1.0, batch_id=None, batch_size=1,
-        position_in_batch=0, device="cpu", prompt_digest=None, finish_reason="stop",
-        error_type=None if status_code < 400 else "error")
+        request_id,
+        synthetic_event_id(request_id),
+        ts_ms,
+        0.0,
+        client_id=client_id,
+        department=department,
+        api_key_id=api_key_id,
+        client_ip="127.0.0.1",
+        model=model,
+        input_tokens=input_tokens,
+        untruncated_input_tokens=input_tokens + (50 if truncated else 0),
+        truncated=truncated,
+        output_tokens=output_tokens,
+        queue_ms=1.0,
+        inference_ms=float(latency_ms) - 1.0,
+        batch_id=None,
+        batch_size=1,
+        position_in_batch=0,
+        device="cpu",
+        prompt_digest=None,
+        finish_reason="stop",
+        error_type=None if status_code < 400 else "error",
+    )
     return token_usage_event(request, "POST", "/v1/generate", status_code, "synth:0", float(latency_ms))
 
 
-def mixed_stream(n: int, clients: int, models: int, start_ms: int, span_ms: int, seed: int = 7,
-                 late_share: float = 0.05, late_ms: int = 0, jitter_ms: int = 0, errors: float = 0.02,
-                 prefix: str = "r", dept_switch: float = 0.02) -> list[dict]:
+def mixed_stream(
+    n: int,
+    clients: int,
+    models: int,
+    start_ms: int,
+    span_ms: int,
+    seed: int = 7,
+    late_share: float = 0.05,
+    late_ms: int = 0,
+    jitter_ms: int = 0,
+    errors: float = 0.02,
+    prefix: str = "r",
+    dept_switch: float = 0.02,
+) -> list[dict]:
     """Events in roughly increasing time with jitter (out of order) and a share of late ones.
     Each client has its department; ``dept_switch`` of its requests are charged to another one
     (a key moved between departments), so windows split by department now and then."""
@@ -61,10 +108,19 @@ def mixed_stream(n: int, clients: int, models: int, start_ms: int, span_ms: int,
         inp = rnd.randint(1, 400)
         client = rnd.randrange(clients)
         dept = client % 3 if rnd.random() >= dept_switch else rnd.randrange(3)
-        out.append(event(f"{prefix}{i}", max(ts, 1), f"client-{client}", f"model-{rnd.randrange(models)}",
-                         input_tokens=inp, output_tokens=rnd.randint(1, 64),
-                         status_code=500 if rnd.random() < errors else 200, truncated=rnd.random() < 0.03,
-                         department=f"dept-{dept}"))
+        out.append(
+            event(
+                f"{prefix}{i}",
+                max(ts, 1),
+                f"client-{client}",
+                f"model-{rnd.randrange(models)}",
+                input_tokens=inp,
+                output_tokens=rnd.randint(1, 64),
+                status_code=500 if rnd.random() < errors else 200,
+                truncated=rnd.random() < 0.03,
+                department=f"dept-{dept}",
+            )
+        )
     return out
 
 
@@ -111,12 +167,20 @@ def encoded(events: Iterable[dict]) -> list[tuple[bytes, bytes]]:
     return [(e["client_id"].encode(), encode(EVENT, e)) for e in events]
 
 
-def produce(bootstrap: str, topic: str, events: Iterable[dict] | Iterable[tuple[bytes, bytes]], raw: bool = False) -> int:
+def produce(
+    bootstrap: str, topic: str, events: Iterable[dict] | Iterable[tuple[bytes, bytes]], raw: bool = False
+) -> int:
     """Produce events keyed by client_id with confluent-kafka (the inference app's producer)."""
     from confluent_kafka import Producer
 
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "enable.idempotence": True,
-                         "queue.buffering.max.messages": 1_000_000})
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "enable.idempotence": True,
+            "queue.buffering.max.messages": 1_000_000,
+        }
+    )
     n = 0
     for item in events:
         key, value = item if raw else (item["client_id"].encode(), encode(EVENT, item))

@@ -6,13 +6,28 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from tokenaudit.schemas import columns
 
-ROLLUP_COLUMNS = columns.subset(columns.USAGE_ROLLUP, "client_id", "department", "model", "window_start", "window_end",
-                                "requests", "errors", "input_tokens", "output_tokens", "total_tokens",
-                                "latency_ms_sum", "latency_ms_max", "max_input_tokens", "truncated", "version")
+ROLLUP_COLUMNS = columns.subset(
+    columns.USAGE_ROLLUP,
+    "client_id",
+    "department",
+    "model",
+    "window_start",
+    "window_end",
+    "requests",
+    "errors",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "latency_ms_sum",
+    "latency_ms_max",
+    "max_input_tokens",
+    "truncated",
+    "version",
+)
 CLIENTS = {"acme-web": "sales", "acme-batch": "research", "beta-app": "sales", "gamma-bot": "support"}
 MODELS = ["t5-tiny", "gpt2-tiny"]
 
@@ -28,8 +43,25 @@ def rollup_rows(now: datetime, windows: int = 30, seed: int = 7) -> list[list]:
                 ws = start + timedelta(minutes=w)
                 req = rng.randint(1, 20)
                 inp, out = rng.randint(10, 900) * req, rng.randint(5, 300) * req
-                rows.append([client, dept, model, ws, ws + timedelta(minutes=1), req, rng.randint(0, 1), inp, out,
-                             inp + out, 12.5 * req, 40.0, 900, 0, 2])
+                rows.append(
+                    [
+                        client,
+                        dept,
+                        model,
+                        ws,
+                        ws + timedelta(minutes=1),
+                        req,
+                        rng.randint(0, 1),
+                        inp,
+                        out,
+                        inp + out,
+                        12.5 * req,
+                        40.0,
+                        900,
+                        0,
+                        2,
+                    ]
+                )
     return rows
 
 
@@ -49,14 +81,22 @@ def superseded(rows: list[list]) -> list[list]:
 def seed_rollups(store, now: datetime, windows: int = 30) -> list[list]:
     rows = rollup_rows(now, windows)
     columns = ROLLUP_COLUMNS
-    if store.query("SELECT count() AS n FROM system.columns WHERE database = {d:String} AND table = 'usage_rollup' "
-                   "AND name = 'api_key_id'", {"d": store.database})[0]["n"]:
+    if store.query(
+        "SELECT count() AS n FROM system.columns WHERE database = {d:String} AND table = 'usage_rollup' "
+        "AND name = 'api_key_id'",
+        {"d": store.database},
+    )[0]["n"]:
         # a window is (client, department, api key, model, start) since migration 0011: each
         # client's rows come from one key (the rows keep their shape: totals index them)
         columns = ROLLUP_COLUMNS + ["api_key_id"]
-        keyed = lambda rs: [r + [f"key-{r[0]}"] for r in rs]  # noqa: E731
+
+        def keyed(rs):
+            return [r + [f"key-{r[0]}"] for r in rs]
     else:  # seeding a store migrated only up to an older version (migration tests)
-        keyed = lambda rs: rs  # noqa: E731
+
+        def keyed(rs):
+            return rs
+
     store.insert("usage_rollup", keyed(superseded(rows)), columns)
     store.insert("usage_rollup", keyed(rows), columns)
     store.insert("usage_rollup", keyed(rows[: len(rows) // 2]), columns)  # a replay of half of them
@@ -75,18 +115,41 @@ def totals(rows: list[list], key_index: int) -> dict[str, dict[str, int]]:
     return {k: dict(v) for k, v in out.items()}
 
 
-SAMPLED_COLUMNS = columns.subset(columns.USAGE_SAMPLED, "request_id", "ts", "client_id", "department", "model",
-                                 "input_tokens", "output_tokens", "total_tokens", "latency_ms", "status_code",
-                                 "sample_reason")
+SAMPLED_COLUMNS = columns.subset(
+    columns.USAGE_SAMPLED,
+    "request_id",
+    "ts",
+    "client_id",
+    "department",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "latency_ms",
+    "status_code",
+    "sample_reason",
+)
 
 
 def seed_sampled(store, now: datetime) -> list[list]:
     """Requests whose latency grows with input length: 10 ms + 0.1 ms per input token."""
     rows = []
     for i, inp in enumerate([5, 10, 16, 20, 30, 60, 100, 120, 250, 500, 1000, 1500, 2000] * 3):
-        rows.append([f"r{i}", now - timedelta(minutes=5, seconds=i), "acme-web" if i % 2 else "beta-app",
-                     CLIENTS["acme-web" if i % 2 else "beta-app"], "t5-tiny", inp, 8, inp + 8,
-                     10.0 + 0.1 * inp, 200, "top"])
+        rows.append(
+            [
+                f"r{i}",
+                now - timedelta(minutes=5, seconds=i),
+                "acme-web" if i % 2 else "beta-app",
+                CLIENTS["acme-web" if i % 2 else "beta-app"],
+                "t5-tiny",
+                inp,
+                8,
+                inp + 8,
+                10.0 + 0.1 * inp,
+                200,
+                "top",
+            ]
+        )
     rows.append(["err", now - timedelta(minutes=4), "acme-web", "sales", "t5-tiny", 40, 0, 40, 9999.0, 500, "top"])
     store.insert("usage_sampled", rows, SAMPLED_COLUMNS)
     store.insert("usage_sampled", rows[:5], SAMPLED_COLUMNS)  # replayed
@@ -98,12 +161,48 @@ ANOMALY_COLUMNS = list(columns.ANOMALIES)
 
 def seed_anomalies(store, now: datetime) -> list[list]:
     rows = [
-        ["a1", now - timedelta(minutes=30), "acme-web", "sales", "t5-tiny", "input_tokens", "warning", 4096.0, 2048.0,
-         None, "req-1", "oversized prompt"],
-        ["a2", now - timedelta(minutes=10), "beta-app", "sales", "t5-tiny", "spike", "critical", 90000.0, 12000.0,
-         now - timedelta(minutes=11), None, "volume spike"],
-        ["a3", now - timedelta(days=3), "acme-web", "sales", "t5-tiny", "error_rate", "warning", 0.8, 0.5,
-         now - timedelta(days=3, minutes=1), None, "errors"],
+        [
+            "a1",
+            now - timedelta(minutes=30),
+            "acme-web",
+            "sales",
+            "t5-tiny",
+            "input_tokens",
+            "warning",
+            4096.0,
+            2048.0,
+            None,
+            "req-1",
+            "oversized prompt",
+        ],
+        [
+            "a2",
+            now - timedelta(minutes=10),
+            "beta-app",
+            "sales",
+            "t5-tiny",
+            "spike",
+            "critical",
+            90000.0,
+            12000.0,
+            now - timedelta(minutes=11),
+            None,
+            "volume spike",
+        ],
+        [
+            "a3",
+            now - timedelta(days=3),
+            "acme-web",
+            "sales",
+            "t5-tiny",
+            "error_rate",
+            "warning",
+            0.8,
+            0.5,
+            now - timedelta(days=3, minutes=1),
+            None,
+            "errors",
+        ],
     ]
     store.insert("anomalies", rows, ANOMALY_COLUMNS)
     store.insert("anomalies", rows, ANOMALY_COLUMNS)  # replayed
@@ -111,4 +210,4 @@ def seed_anomalies(store, now: datetime) -> list[list]:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)

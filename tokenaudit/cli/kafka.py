@@ -22,22 +22,30 @@ def _cluster(brokers: int | None = None, sasl: bool | None = None):
 
 @kafka.command("start")
 @BROKERS_OPTION
-@click.option("--sasl", is_flag=True, default=None,
-              help="Create the cluster with SASL/SCRAM-SHA-512 client listeners (credentials in <data_dir>/kafka).")
+@click.option(
+    "--sasl",
+    is_flag=True,
+    default=None,
+    help="Create the cluster with SASL/SCRAM-SHA-512 client listeners (credentials in <data_dir>/kafka).",
+)
 def kafka_start(brokers: int | None, sasl: bool | None) -> None:
     """Start the nodes that are not running (fetching Kafka on first use); returns once every
     node answers metadata."""
     cluster = _cluster(brokers, sasl)
     started = cluster.start()
-    shape = f"{cluster.size} broker{'s' if cluster.size > 1 else ''}" + (" (SASL/SCRAM-SHA-512)" if cluster.sasl else "")
+    shape = f"{cluster.size} broker{'s' if cluster.size > 1 else ''}" + (
+        " (SASL/SCRAM-SHA-512)" if cluster.sasl else ""
+    )
     if not started:
         click.echo(f"kafka already running at {cluster.bootstrap}: {shape}")
     elif cluster.size == 1:
         click.echo(f"kafka started at {cluster.bootstrap}" + (" (SASL/SCRAM-SHA-512)" if cluster.sasl else ""))
     else:
         others = [str(n) for n in range(1, cluster.size + 1) if n not in started]
-        click.echo(f"kafka at {cluster.bootstrap}: {shape}; started broker(s) {', '.join(map(str, started))}"
-                   + (f"; {', '.join(others)} already running" if others else ""))
+        click.echo(
+            f"kafka at {cluster.bootstrap}: {shape}; started broker(s) {', '.join(map(str, started))}"
+            + (f"; {', '.join(others)} already running" if others else "")
+        )
     if cluster.sasl:
         from tokenaudit.infra.kafka_cluster import CLIENT_USER, CREDENTIALS_FILE
 
@@ -61,8 +69,19 @@ def kafka_status(fmt: str) -> None:
     if all(n.state == "down" for n in nodes):
         click.echo("kafka is down")
         sys.exit(3)
-    print_rows([{"broker": n.node_id, "address": n.address, "controller": n.controller, "state": n.state,
-                 "pid": str(n.pid or "")} for n in nodes], fmt)
+    print_rows(
+        [
+            {
+                "broker": n.node_id,
+                "address": n.address,
+                "controller": n.controller,
+                "state": n.state,
+                "pid": str(n.pid or ""),
+            }
+            for n in nodes
+        ],
+        fmt,
+    )
     if any(n.state != "running" for n in nodes):
         sys.exit(3)
 

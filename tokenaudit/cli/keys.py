@@ -18,16 +18,21 @@ def keys() -> None:
 @click.option("--client", "client_id", required=True, help="client_id the key maps to.")
 @click.option("--department", default="", show_default=True, help="Department of the client.")
 @click.option("--admin", is_flag=True, help="Give the key the admin role.")
-@click.option("--expires", default=None, metavar="WHEN",
-              help="Expiry: a duration from now (90m, 12h, 30d, 2w) or an ISO date/time; default never.")
+@click.option(
+    "--expires",
+    default=None,
+    metavar="WHEN",
+    help="Expiry: a duration from now (90m, 12h, 30d, 2w) or an ISO date/time; default never.",
+)
 def keys_add(client_id: str, department: str, admin: bool, expires: str | None) -> None:
     """Add a key and print it once (only its hash is stored)."""
     from tokenaudit.infra.keys import add_key, marker_path, parse_expiry, write_marker
 
     s = settings()
     path = s.default_api_keys_file
-    raw = add_key(path, client_id, department, "admin" if admin else "client",
-                  expires=parse_expiry(expires) if expires else None)
+    raw = add_key(
+        path, client_id, department, "admin" if admin else "client", expires=parse_expiry(expires) if expires else None
+    )
     write_marker(marker_path(s), path)
     click.echo(raw)
     click.echo(f"(added to {path}; store the key now, it is not shown again)", err=True)
@@ -42,10 +47,25 @@ def keys_list(fmt: str) -> None:
 
     found = list_keys(settings().default_api_keys_file)
     now = time.time()
-    stamp = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else ""  # noqa: E731
-    print_rows([{"key_id": k.key_id, "client": k.client_id, "department": k.department, "role": k.role,
-                 "created": stamp(k.created), "expires": stamp(k.expires),
-                 "state": "expired" if k.expired(now) else "active"} for k in found], fmt)
+
+    def stamp(t):
+        return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else ""
+
+    print_rows(
+        [
+            {
+                "key_id": k.key_id,
+                "client": k.client_id,
+                "department": k.department,
+                "role": k.role,
+                "created": stamp(k.created),
+                "expires": stamp(k.expires),
+                "state": "expired" if k.expired(now) else "active",
+            }
+            for k in found
+        ],
+        fmt,
+    )
 
 
 @keys.command("revoke")

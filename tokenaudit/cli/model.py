@@ -13,8 +13,13 @@ def model() -> None:
 
 
 @model.command("init")
-@click.option("--arch", type=click.Choice(["t5", "gpt2", "bert", "mistral"]), default="t5", show_default=True,
-              help="Family: t5 (the default model), gpt2, mistral (the LLaMA family) or bert (embeddings only).")
+@click.option(
+    "--arch",
+    type=click.Choice(["t5", "gpt2", "bert", "mistral"]),
+    default="t5",
+    show_default=True,
+    help="Family: t5 (the default model), gpt2, mistral (the LLaMA family) or bert (embeddings only).",
+)
 def model_init(arch: str) -> None:
     """Build a tiny offline model of a family (seeded weights, its own locally trained tokenizer)
     into <data_dir>/models/<arch>-tiny and print its path (for TOKENAUDIT_MODEL)."""

@@ -14,8 +14,9 @@ import click
 from tokenaudit.cli.common import FORMAT_OPTION as FORMAT
 from tokenaudit.cli.common import settings
 
-SINCE = click.option("--since", default="24h", show_default=True,
-                     help="Start: a duration back from now (15m, 24h, 7d) or an ISO time.")
+SINCE = click.option(
+    "--since", default="24h", show_default=True, help="Start: a duration back from now (15m, 24h, 7d) or an ISO time."
+)
 UNTIL = click.option("--until", default=None, help="End (exclusive), same forms as --since; default now.")
 CLIENT = click.option("--client", default=None, help="Only this client_id (an admin key may pick any).")
 
@@ -42,15 +43,22 @@ def _say_settled(fmt: str) -> None:
     from tokenaudit.reports.queries import iso_utc, settle_seconds, settled_until
 
     s = settings()
-    click.echo(f"settled up to {iso_utc(settled_until(s))}: windows starting later may still change "
-               f"(window + grace + idle timeout + sink batch = {settle_seconds(s):g}s)")
+    click.echo(
+        f"settled up to {iso_utc(settled_until(s))}: windows starting later may still change "
+        f"(window + grace + idle timeout + sink batch = {settle_seconds(s):g}s)"
+    )
 
 
 @click.command()
 @SINCE
 @UNTIL
-@click.option("--by", type=click.Choice(["client", "department", "model", "hour", "day"]), default="client",
-              show_default=True, help="Group by.")
+@click.option(
+    "--by",
+    type=click.Choice(["client", "department", "model", "hour", "day"]),
+    default="client",
+    show_default=True,
+    help="Group by.",
+)
 @CLIENT
 @FORMAT
 def usage(since: str, until: str | None, by: str, client: str | None, fmt: str) -> None:
@@ -73,8 +81,13 @@ def top(since: str, until: str | None, limit: int, client: str | None, fmt: str)
 
 @click.command()
 @click.option("--month", required=True, help="Calendar month, YYYY-MM (UTC).")
-@click.option("--prices", "prices_path", type=click.Path(dir_okay=False), default=None,
-              help="Price table TOML (default TOKENAUDIT_PRICE_TABLE).")
+@click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Price table TOML (default TOKENAUDIT_PRICE_TABLE).",
+)
 @CLIENT
 @FORMAT
 def report(month: str, prices_path: str | None, client: str | None, fmt: str) -> None:
@@ -83,8 +96,10 @@ def report(month: str, prices_path: str | None, client: str | None, fmt: str) ->
 
     path = prices_path or settings().price_table
     if not path:
-        raise click.ClickException('no price table: pass --prices FILE or set TOKENAUDIT_PRICE_TABLE (TOML, per '
-                                   'model: [models."<name>"] input_per_1k = ..., output_per_1k = ...)')
+        raise click.ClickException(
+            "no price table: pass --prices FILE or set TOKENAUDIT_PRICE_TABLE (TOML, per "
+            'model: [models."<name>"] input_per_1k = ..., output_per_1k = ...)'
+        )
     prices = PriceTable.load(path)
     _print(cost_report(_fetch("report", {"month": month, "client": client}), prices), fmt)
     _say_settled(fmt)
@@ -101,21 +116,37 @@ def latency(since: str, until: str | None, client: str | None, fmt: str) -> None
 
 
 @click.command()
-@click.option("--since", default=None, help="Replay anomalies from ClickHouse since then (15m, 24h, 7d, ISO); "
-                                            "without --follow the default is 24h.")
+@click.option(
+    "--since",
+    default=None,
+    help="Replay anomalies from ClickHouse since then (15m, 24h, 7d, ISO); without --follow the default is 24h.",
+)
 @UNTIL
 @click.option("--limit", type=int, default=1000, show_default=True, help="Most anomalies to list or replay.")
 @CLIENT
 @click.option("--follow", is_flag=True, help="Then print each new anomaly from the anomaly topic as it arrives.")
-@click.option("--webhook", default=None, metavar="URL", help="With --follow: also POST each new anomaly as JSON "
-                                                              "(retries with backoff; offsets commit after delivery).")
+@click.option(
+    "--webhook",
+    default=None,
+    metavar="URL",
+    help="With --follow: also POST each new anomaly as JSON (retries with backoff; offsets commit after delivery).",
+)
 @click.option("--group", default=None, help="Consumer group for --follow (default TOKENAUDIT_ANOMALY_GROUP_ID).")
 @click.option("--from-beginning", is_flag=True, help="A new consumer group starts at the oldest retained anomaly.")
 @click.option("--max-messages", type=int, default=None, hidden=True, help="Exit after this many new anomalies.")
 @FORMAT
-def anomalies(since: str | None, until: str | None, limit: int, client: str | None, follow: bool,
-              webhook: str | None, group: str | None, from_beginning: bool, max_messages: int | None,
-              fmt: str) -> None:
+def anomalies(
+    since: str | None,
+    until: str | None,
+    limit: int,
+    client: str | None,
+    follow: bool,
+    webhook: str | None,
+    group: str | None,
+    from_beginning: bool,
+    max_messages: int | None,
+    fmt: str,
+) -> None:
     """List anomalies, or follow the anomaly topic (--follow) and optionally forward them to a webhook."""
     if not follow:
         if webhook:
@@ -137,8 +168,11 @@ def _follow(since, limit, client, webhook, group, from_beginning, max_messages, 
     forwarder = None
     if webhook:
         forwarder = WebhookForwarder(
-            webhook, timeout=s.webhook_timeout_seconds, backoff_max=s.webhook_backoff_max_seconds,
-            on_retry=lambda n, why: click.echo(f"webhook: attempt {n} failed ({why}); retrying", err=True))
+            webhook,
+            timeout=s.webhook_timeout_seconds,
+            backoff_max=s.webhook_backoff_max_seconds,
+            on_retry=lambda n, why: click.echo(f"webhook: attempt {n} failed ({why}); retrying", err=True),
+        )
     if since:
         for row in _fetch("anomalies", {"since": since, "limit": limit, "client": client}):
             printer(row)
@@ -151,10 +185,16 @@ def _follow(since, limit, client, webhook, group, from_beginning, max_messages, 
             forwarder.deliver(anomaly)
 
     try:
-        follow(s.kafka_bootstrap, s.topic_anomalies, group or s.anomaly_group_id, handle,
-               from_beginning=from_beginning, max_messages=max_messages,
-               on_undecodable=lambda why: click.echo(f"warning: {why}", err=True),
-               client_config=kafka_config(s))
+        follow(
+            s.kafka_bootstrap,
+            s.topic_anomalies,
+            group or s.anomaly_group_id,
+            handle,
+            from_beginning=from_beginning,
+            max_messages=max_messages,
+            on_undecodable=lambda why: click.echo(f"warning: {why}", err=True),
+            client_config=kafka_config(s),
+        )
     except KeyboardInterrupt:
         pass
     except (FollowError, WebhookError) as exc:

@@ -28,8 +28,13 @@ def serve() -> None:
 
 
 @click.command()
-@click.option("--loglevel", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]), help="faust log level.")
+@click.option(
+    "--loglevel",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="faust log level.",
+)
 def worker(loglevel: str) -> None:
     """Run the stream worker (faust) in the foreground; more workers with the same
     TOKENAUDIT_WORKER_ID share the partitions. SIGTERM stops it gracefully."""
@@ -39,10 +44,15 @@ def worker(loglevel: str) -> None:
 
 
 @click.command()
-@click.option("--api/--no-api", "with_api", default=True, show_default=True,
-              help="Also serve the read-only usage API from this process, over the sink's store (what `up` "
-                   "does for the embedded store: one process owns a chDB directory). --no-api: only the "
-                   "sink's /healthz and /metrics, on TOKENAUDIT_SINK_PORT; the API runs as `tokenaudit api`.")
+@click.option(
+    "--api/--no-api",
+    "with_api",
+    default=True,
+    show_default=True,
+    help="Also serve the read-only usage API from this process, over the sink's store (what `up` "
+    "does for the embedded store: one process owns a chDB directory). --no-api: only the "
+    "sink's /healthz and /metrics, on TOKENAUDIT_SINK_PORT; the API runs as `tokenaudit api`.",
+)
 def sink(with_api: bool) -> None:
     """Run the ClickHouse sink in the foreground (GET /healthz answers once it is ready)."""
     from tokenaudit.sinks.service import run_sink
@@ -55,6 +65,7 @@ def sink(with_api: bool) -> None:
 
         def api(store):
             return create_app(store, s)
+
     sys.exit(run_sink(s, api=api))
 
 
