@@ -77,7 +77,8 @@ def topics_block() -> str:
         if spec.role == "rollups":
             # the key as the worker builds it, fields named in place of values (topics.py's
             # description of it predates the department and api key in a window's identity)
-            built = rollup_record_key("client_id", "department", "api_key_id", "model", "window_start")  # type: ignore[arg-type]
+            names = ("client_id", "department", "api_key_id", "model", "window_start")
+            built = rollup_record_key(*names)  # type: ignore[arg-type]
             key = "`" + built.decode().replace("\x1f", " \\x1f ") + "` (window_start: epoch ms)"
         setting = _setting_named(spec.name, "topic_")
         partitions = f"`{partitions_var}` ({spec.partitions})" if partitions_var else str(spec.partitions)
@@ -156,7 +157,8 @@ def routes_block() -> str:
         inference = _starlette_routes(inference_app(s))
         usage = _starlette_routes(usage_app(None, s))
     rows = [f"Inference app (`tokenaudit serve`, port `{_setting_named(s.http_port, 'http_port')}` "
-            f"({s.http_port})):", "", "| method | path | key | handler (`inference/routes.py`) |", "| --- | --- | --- | --- |"]
+            f"({s.http_port})):", "",
+            "| method | path | key | handler (`inference/routes.py`) |", "| --- | --- | --- | --- |"]
     for r in inference:
         key = "no" if r.path in OPEN_PATHS else "yes"
         rows.append(f"| {_methods(r)} | `{r.path}` | {key} | `{r.endpoint.__name__}` |")
