@@ -62,9 +62,8 @@ bench: setup
 	@for b in bench/bench_*.py; do echo ">> $$b"; $(PY) $$b || exit 1; done
 
 docs: $(STAMP)
-	@$(PY) -c "import re, pathlib; from tokenaudit.settings import settings_table_markdown as t; \
-	p = pathlib.Path('README.md'); s = p.read_text(); \
-	p.write_text(re.sub(r'(<!-- settings:start -->\n).*?(<!-- settings:end -->)', lambda m: m.group(1) + t() + '\n' + m.group(2), s, flags=re.S))"
+	@# every generated block of README.md, CONTRIBUTING.md and docs/*.md, and docs/models.md
+	@$(PY) -m tokenaudit.docs_gen
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,7 +1,7 @@
 """The stream job's logic, free of faust: events in, rollups / sampled records / anomalies /
 dead letters out, with all state in a :class:`~tokenaudit.streams.state.State`.
 
-Why it is built this way (see DESIGN.md):
+Why it is built this way (see docs/exactness.md and docs/architecture.md):
 
 * **Event-time windows in our own state.** Per (client_id, department, api_key_id, model)
   tumbling windows (keys: :mod:`.state_keys`; values: :class:`~.windows.Window`; attribution

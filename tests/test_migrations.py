@@ -11,8 +11,8 @@ from tokenaudit.infra.clickhouse import ClickHouseError, connect, validate_dsn
 from tokenaudit.infra.migrate import applied_versions, load_migrations, migrate
 from tokenaudit.schemas import columns
 
-# every column the sink writes and the reports read (the one list per table), and DESIGN.md's
-# contract columns, which those lists include
+# every column the sink writes and the reports read (the one list per table), and the design's
+# contract columns (docs/contracts.md#tables), which those lists include
 CONTRACT_COLUMNS = {table: set(names) for table, names in columns.TABLES.items()}
 CONTRACT_COLUMNS["usage_rollup"].add(columns.ROLLUP_LATE_IDS)
 DESIGN_COLUMNS = {
