@@ -174,8 +174,10 @@ def routes_block() -> str:
         rows.append(f"| {_methods(r)} | `{r.path}` | {key} | `{r.endpoint.__name__}` |")
     rows += [
         "",
-        f"Usage API (`tokenaudit api`, or inside `tokenaudit sink`; port "
-        f"`{_setting_named(s.usage_api_port, 'usage_api_port')}` ({s.usage_api_port})):",
+        (
+            f"Usage API (`tokenaudit api`, or inside `tokenaudit sink`; port "
+            f"`{_setting_named(s.usage_api_port, 'usage_api_port')}` ({s.usage_api_port})):"
+        ),
         "",
         "| method | path | key | query parameters |",
         "| --- | --- | --- | --- |",
@@ -204,7 +206,8 @@ def _walk(group: click.Group, ctx: click.Context, prefix: str) -> Iterator[tuple
 def _param_usage(p: click.Parameter) -> str:
     if isinstance(p, click.Argument):
         return (p.name or "").upper()
-    assert isinstance(p, click.Option)
+    if not isinstance(p, click.Option):
+        raise TypeError(f"a click parameter of an unknown kind: {p!r}")
     if p.is_flag:
         text = "|".join(p.opts + p.secondary_opts)
     elif isinstance(p.type, click.Choice):
@@ -282,11 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     changed = stale(ROOT, with_models=True)
     if "--check" in args:
         for path in changed:
-            print(f"stale: {path.relative_to(ROOT)} (run `make docs`)")
+            print(f"stale: {path.relative_to(ROOT)} (run `make docs`)")  # noqa: T201 (a command-line tool)
         return 1 if changed else 0
     for path, text in changed.items():
         path.write_text(text)
-        print(f"regenerated {path.relative_to(ROOT)}")
+        print(f"regenerated {path.relative_to(ROOT)}")  # noqa: T201 (a command-line tool)
     return 0
 
 
