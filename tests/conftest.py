@@ -19,6 +19,22 @@ from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.settings import load_settings
 
+# a fixture implies what the test needs: the lanes (pyproject's markers) follow from it
+NEEDS = {
+    "kafka_broker": "broker",
+    "kafka_bootstrap": "broker",
+    "chdb_dsn": "store",
+    "ch_client": "store",
+    "ch_database": "store",
+    "small_disk": "chaos",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for marker in {NEEDS[f] for f in getattr(item, "fixturenames", ()) if f in NEEDS}:
+            item.add_marker(marker)
+
 
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory) -> KafkaBroker | None:

@@ -19,6 +19,8 @@ from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.keys import KeyRegistry, add_key
 from tokenaudit.settings import load_settings
 
+pytestmark = [pytest.mark.model]
+
 CANARY = "CANARY-" + uuid.uuid4().hex
 
 

@@ -20,6 +20,8 @@ from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.keys import add_key
 from tokenaudit.settings import load_settings
 
+pytestmark = [pytest.mark.model]
+
 LONG = "the quick brown fox jumps over the lazy dog " * 40
 PROMPTS = ["hello world", "Licence terms and conditions apply.", LONG, "x", "naïve café 日本 😀 text"]
 

@@ -29,6 +29,8 @@ from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas.records import MAX_EVENT_PATH
 from tokenaudit.settings import load_settings
 
+pytestmark = [pytest.mark.model]
+
 MAX_QUEUE = 8
 
 

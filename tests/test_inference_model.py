@@ -10,6 +10,8 @@ from tests.support.apps import cached_model
 from tokenaudit.inference.runner import ModelRunner, as_token_ids, count_generated
 from tokenaudit.settings import load_settings
 
+pytestmark = [pytest.mark.model]
+
 LONG = "the quick brown fox jumps over the lazy dog " * 40
 PROMPTS = ["hello world", "Licence terms and conditions apply.", LONG, "x"]
 

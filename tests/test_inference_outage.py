@@ -37,6 +37,8 @@ from tokenaudit.infra.procutil import free_port
 from tokenaudit.schemas import EVENT, decode, encode
 from tokenaudit.settings import load_settings
 
+pytestmark = [pytest.mark.broker, pytest.mark.model, pytest.mark.chaos]
+
 TOPIC = "token-usage"
 
 

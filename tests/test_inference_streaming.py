@@ -18,6 +18,8 @@ from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.keys import add_key
 from tokenaudit.settings import load_settings
 
+pytestmark = [pytest.mark.model]
+
 LIMIT = 32
 
 

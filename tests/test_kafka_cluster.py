@@ -35,7 +35,7 @@ from tokenaudit.infra.keys import add_key
 from tokenaudit.infra.procutil import free_port, pid_alive, port_in_use
 from tokenaudit.settings import get_settings, load_settings
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.cluster, pytest.mark.broker, pytest.mark.model, pytest.mark.chaos, pytest.mark.timeout(480)]
 
 CLI = [sys.executable, "-m", "tokenaudit.cli"]
 CLIENTS = {"acme-web": "sales", "acme-etl": "data", "globex": "research"}

@@ -21,6 +21,8 @@ import pytest
 from tokenaudit.infra.procutil import free_port, pid_alive
 from tokenaudit.settings import get_settings, load_settings
 
+pytestmark = [pytest.mark.broker, pytest.mark.store, pytest.mark.model, pytest.mark.chaos]
+
 CLI = [sys.executable, "-m", "tokenaudit.cli"]
 
 
@@ -108,8 +110,20 @@ def test_http_to_usage_exact_across_worker_kill(pipeline_env):
         "acme-etl": add_key("acme-etl", "data"),
         "globex": add_key("globex", "research"),
     }
-    time.sleep(1.5)  # the running app picks up the new keys (registry follows the file)
     expected: dict[str, dict] = defaultdict(lambda: {"requests": 0, "input_tokens": 0, "output_tokens": 0})
+    # The running app picks up the new keys (its registry follows the file): wait until an
+    # unknown key is refused (keyed mode) and each new key is admitted. A refused call is billed
+    # to no client of ours; an admitted one is a request of its client (no tokens).
+    deadline = time.monotonic() + 30
+    for client, key in [("", "sk-ta-unknown"), *keys.items()]:
+        while True:
+            status = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+            if status == (200 if client else 401):
+                break
+            assert time.monotonic() < deadline, f"the inference app never took up the new keys ({client}: {status})"
+            time.sleep(0.1)
+        if client:
+            expected[client]["requests"] += 1
     send(base, keys, 30, expected, 0)
 
     worker_pid = int((s.run_dir / "worker.pid").read_text())
@@ -126,7 +140,14 @@ def test_http_to_usage_exact_across_worker_kill(pipeline_env):
         if all(got.get(c, {}).get("requests", 0) >= e["requests"] for c, e in expected.items()):
             break
         time.sleep(1)
-    time.sleep(3)  # any double count would show up as more than expected
+    # any double count would show up as more than expected: `verify` (topic vs ClickHouse, per
+    # client and hour) says when the store holds every event on the topic exactly once
+    deadline = time.monotonic() + 90
+    while (checked := cli("verify", "--since", "1h", "--format", "json", check=False)).returncode != 0 or json.loads(
+        checked.stdout
+    ).get("pending"):
+        assert time.monotonic() < deadline, f"verify never agreed:\n{checked.stdout}\n{checked.stderr}"
+        time.sleep(1)
     got = usage_json()
     for client, e in expected.items():
         row = got[client]

@@ -98,7 +98,7 @@ def _settings(bootstrap: str, tag: str, **kw):
     )
 
 
-def _produce_all(s) -> None:
+def _produce_all(s) -> int:
     msgs = []
     for r in [rollup("c1", 3), rollup("c1", 5), rollup("c1", 4), rollup("c2", 2)]:  # 4 arrives after 5
         msgs.append((s.topic_rollups, r["client_id"].encode(), encode(ROLLUP, r)))
@@ -115,6 +115,15 @@ def _produce_all(s) -> None:
     for topic, key, value in msgs:
         producer.produce(topic, key=key, value=value)
         producer.flush(10)  # one at a time: keeps the order above across topics
+    return len(msgs)
+
+
+def _sink_messages(port: int) -> int:
+    """The sink's consumed-records counter, from its /metrics."""
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text.splitlines():
+        if line.startswith("tokenaudit_sink_messages_total "):
+            return int(float(line.split()[1]))
+    return 0
 
 
 def _expected_state(query) -> None:
@@ -193,10 +202,12 @@ def test_sink_process_ready_then_sigterm_flushes(kafka_bootstrap, tmp_path):
                 time.sleep(0.3)
         else:
             pytest.fail("sink never became ready")
-        _produce_all(s)
-        time.sleep(
-            7
-        )  # group joined (broker delays the first rebalance 3 s) and consumed, but the batch (60 s / 100k rows) is not due: SIGTERM must flush it
+        produced = _produce_all(s)
+        # every record consumed, but the batch (60 s / 100k rows) is not due: SIGTERM must flush it
+        deadline = time.monotonic() + 60
+        while _sink_messages(port) < produced:
+            assert time.monotonic() < deadline, f"the sink consumed {_sink_messages(port)} of {produced} records"
+            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, proc.stdout.read().decode()
     finally:

@@ -30,7 +30,7 @@ from tokenaudit.streams.app import ensure_worker_topics
 from tokenaudit.streams.processor import Outputs, Processor
 from tokenaudit.streams.state import MemoryState
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]  # SIGKILLs workers; broker and store by fixture
 
 WINDOW_MS = 2000
 T0 = 1_750_000_000_000  # fixed event-time origin (ms)
@@ -384,7 +384,11 @@ def test_two_workers_one_killed(pipeline):
     a = pipeline.start_worker()
     pipeline.start_worker()
     pipeline.produce(first)
-    time.sleep(9)
+    # killed mid-work: once it has consumed a share of the first half (of what it was assigned)
+    deadline = time.monotonic() + 90
+    while (pipeline.metric(a, "tokenaudit_worker_consumed_total") or 0) < len(first) // 4:
+        assert time.monotonic() < deadline and a.poll() is None, f"worker a never got going\n{pipeline.logs()}"
+        time.sleep(0.2)
     a.send_signal(signal.SIGKILL)
     a.wait(10)
     pipeline.produce(second)
