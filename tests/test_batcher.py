@@ -40,6 +40,7 @@ WORDS = st.lists(
 ).map("".join)
 
 
+@pytest.mark.model  # the tiny models' tokenizers
 @settings(max_examples=120, deadline=None)
 @given(text=WORDS)
 def test_truncation_on_ids_matches_the_tokenizers_own(tok_runner, text):
@@ -56,6 +57,7 @@ def test_t5_keeps_its_trailing_eos_when_cut():
     assert len(long.ids) == 16 and long.ids[-1] == runner.tokenizer.eos_token_id and long.truncated
 
 
+@pytest.mark.model  # the tiny models' tokenizers
 def test_a_prompt_the_tokenizer_refuses_is_invalid_prompt(tok_runner):
     with pytest.raises(InvalidPrompt, match="cannot encode"):
         tok_runner.tokenize("fine text \ud800 more")

@@ -29,6 +29,7 @@ def _broker(home) -> KafkaBroker:
     )
 
 
+@pytest.mark.broker  # starts its own
 def test_lifecycle_idempotent_start_and_data_kept_across_restart(tmp_path):
     broker = _broker(tmp_path / "k")
     assert broker.status() == "down"
@@ -63,6 +64,7 @@ def test_lifecycle_idempotent_start_and_data_kept_across_restart(tmp_path):
         broker.stop()
 
 
+@pytest.mark.broker  # starts its own
 def test_start_on_busy_port_fails_clearly(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
