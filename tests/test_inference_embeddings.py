@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
-import uuid
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
-from tokenaudit.inference.app import create_app
-from tokenaudit.infra.kafka_admin import ensure_topics
-from tokenaudit.infra.keys import add_key
+from tests.support.apps import cached_model, events_of, served_app
 from tokenaudit.settings import load_settings
 
 pytestmark = [pytest.mark.model]
@@ -26,41 +21,15 @@ MAX_INPUT = 48
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory, kafka_bootstrap):
     tmp = tmp_path_factory.mktemp("embeddings")
-    keys_file = tmp / "keys.toml"
-    key = add_key(keys_file, "embedder", "search")
-    topic = f"test-{uuid.uuid4().hex[:12]}"
-    ensure_topics(kafka_bootstrap, {topic: 1})
-    s = load_settings(
-        data_dir=tmp / "data",
-        kafka_bootstrap=kafka_bootstrap,
-        topic_usage=topic,
-        model=str(cached_model("bert", load_settings().cache_dir)),
-        xla=False,
+    with served_app(
+        tmp,
+        kafka_bootstrap,
+        cached_model("bert", load_settings().cache_dir),
+        "embedder",
+        "search",
         max_input_tokens=MAX_INPUT,
-        batch_max_size=8,
-        batch_max_wait_ms=30,
-        kafka_partitions=1,
-        api_keys_file=keys_file,
-    )
-    app = create_app(s)
-    with ThreadedServer(app) as server:
-        server.wait_ready()
-        server.app, server.key, server.topic = app, key, topic
+    ) as server:
         yield server
-
-
-def _events(server, bootstrap, ids: list[str]) -> dict[str, dict]:
-    want, got, deadline = set(ids), {}, time.monotonic() + 60
-    while not want <= set(got) and time.monotonic() < deadline:
-        events = [
-            e
-            for e in decode_events(read_events(bootstrap, server.topic, expect=len(want), timeout=10, settle=0.3))
-            if e["request_id"] in want
-        ]
-        assert len(events) == len({e["request_id"] for e in events}), "one event per HTTP request"
-        got = {e["request_id"]: e for e in events}
-    assert want <= set(got), f"missing events: {want - set(got)}"
-    return got
 
 
 def _auth(server) -> dict:
@@ -100,7 +69,7 @@ def test_openai_client_embeddings_are_exact_and_audited_once_per_request(bert, k
     decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, vectors[2], atol=1e-5)
     rid = raw.headers["x-request-id"]
-    e = _events(bert, kafka_bootstrap, [rid])[rid]
+    e = events_of(bert, kafka_bootstrap, [rid])[rid]
     assert (e["status_code"], e["error_type"], e["path"]) == (200, None, "/v1/embeddings")
     assert e["input_tokens"] == sum(fed) and e["output_tokens"] == 0 and e["total_tokens"] == sum(fed)
     assert e["truncated"] and e["untruncated_input_tokens"] == sum(len(tok(t).input_ids) for t in texts)
@@ -118,7 +87,7 @@ def test_concurrent_embedding_requests_share_one_model_call(bert, kafka_bootstra
 
     responses = asyncio.run(go())
     assert [r.status_code for r in responses] == [200] * len(inputs)
-    events = _events(bert, kafka_bootstrap, [r.headers["x-request-id"] for r in responses])
+    events = events_of(bert, kafka_bootstrap, [r.headers["x-request-id"] for r in responses])
     tok = bert.app.state.runner.tokenizer
     by_batch: dict[str, list[tuple[dict, int]]] = {}
     for x, r in zip(inputs, responses):
@@ -164,7 +133,7 @@ def test_generate_routes_refuse_an_encoder_and_bad_inputs_get_400(bert, kafka_bo
             assert r.status_code == 400 and r.json()["error"]["code"] == code, (path, body, r.text[:200])
             responses.append(r)
     assert "cannot generate" in responses[0].json()["error"]["message"]
-    events = _events(bert, kafka_bootstrap, [r.headers["x-request-id"] for r in responses])
+    events = events_of(bert, kafka_bootstrap, [r.headers["x-request-id"] for r in responses])
     for (path, _, code), r in zip(cases, responses):
         e = events[r.headers["x-request-id"]]
         assert (e["status_code"], e["error_type"], e["path"]) == (400, code, path)

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 from click.testing import CliRunner
 
-from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
-from tokenaudit.inference.app import create_app
+from tests.support.apps import cached_model, decode_events, read_events, served_app
 from tokenaudit.inference.runner import ModelRunner, model_kind
-from tokenaudit.infra.kafka_admin import ensure_topics
-from tokenaudit.infra.keys import add_key
 from tokenaudit.settings import load_settings
 
 pytestmark = [pytest.mark.model]
@@ -149,27 +145,9 @@ def test_docs_list_the_tensorflow_families_of_the_installed_transformers():
 @pytest.fixture(scope="module")
 def mistral(tmp_path_factory, kafka_bootstrap):
     tmp = tmp_path_factory.mktemp("mistral")
-    keys_file = tmp / "keys.toml"
-    key = add_key(keys_file, "llama-fan", "research")
-    topic = f"test-{uuid.uuid4().hex[:12]}"
-    ensure_topics(kafka_bootstrap, {topic: 1})
-    s = load_settings(
-        data_dir=tmp / "data",
-        kafka_bootstrap=kafka_bootstrap,
-        topic_usage=topic,
-        model=str(_path("mistral")),
-        xla=False,
-        max_input_tokens=48,
-        batch_max_size=8,
-        batch_max_wait_ms=30,
-        max_new_tokens_limit=16,
-        kafka_partitions=1,
-        api_keys_file=keys_file,
-    )
-    app = create_app(s)
-    with ThreadedServer(app) as server:
-        server.wait_ready()
-        server.app, server.key, server.topic = app, key, topic
+    with served_app(
+        tmp, kafka_bootstrap, _path("mistral"), "llama-fan", "research", max_input_tokens=48, max_new_tokens_limit=16
+    ) as server:
         yield server
 
 

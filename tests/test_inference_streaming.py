@@ -12,10 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.apps import ThreadedServer, cached_model, decode_events, read_events
-from tokenaudit.inference.app import create_app
-from tokenaudit.infra.kafka_admin import ensure_topics
-from tokenaudit.infra.keys import add_key
+from tests.support.apps import cached_model, events_of, served_app
 from tokenaudit.settings import load_settings
 
 pytestmark = [pytest.mark.model]
@@ -26,40 +23,17 @@ LIMIT = 32
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, kafka_bootstrap):
     tmp = tmp_path_factory.mktemp("streaming")
-    keys_file = tmp / "keys.toml"
-    key = add_key(keys_file, "streamer", "research")
-    topic = f"test-{uuid.uuid4().hex[:12]}"
-    ensure_topics(kafka_bootstrap, {topic: 1})
-    s = load_settings(
-        data_dir=tmp / "data",
-        kafka_bootstrap=kafka_bootstrap,
-        topic_usage=topic,
-        model=str(cached_model("t5", load_settings().cache_dir)),
-        xla=False,
+    with served_app(
+        tmp,
+        kafka_bootstrap,
+        cached_model("t5", load_settings().cache_dir),
+        "streamer",
+        "research",
         max_input_tokens=64,
-        batch_max_size=8,
         batch_max_wait_ms=50,
         max_new_tokens_limit=LIMIT,
-        kafka_partitions=1,
-        api_keys_file=keys_file,
-    )
-    app = create_app(s)
-    with ThreadedServer(app) as server:
-        server.wait_ready()
-        server.app, server.key, server.topic = app, key, topic
+    ) as server:
         yield server
-
-
-def _events(server, bootstrap, ids: list[str]) -> dict[str, dict]:
-    """The event of each request id, awaited (read until all are there); one each."""
-    want, got, deadline = set(ids), {}, time.monotonic() + 60
-    while not want <= set(got) and time.monotonic() < deadline:
-        pairs = read_events(bootstrap, server.topic, expect=len(want), timeout=10, settle=0.3)
-        events = [e for e in decode_events(pairs) if e["request_id"] in want]
-        assert len(events) == len({e["request_id"] for e in events}), "one event per request"
-        got = {e["request_id"]: e for e in events}
-    assert want <= set(got), f"missing events: {want - set(got)}"
-    return got
 
 
 def _non_streamed_text(server, prompt: str, limit: int = LIMIT) -> tuple[str, dict]:
@@ -100,7 +74,7 @@ def test_a_streamed_answer_arrives_token_by_token_and_agrees_with_its_event(serv
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     usage = chunks[-1].usage
     assert usage is not None and not chunks[-1].choices and usage.completion_tokens == LIMIT
-    e = _events(served, kafka_bootstrap, [chunks[0].id.removeprefix("chatcmpl-")])[
+    e = events_of(served, kafka_bootstrap, [chunks[0].id.removeprefix("chatcmpl-")])[
         chunks[0].id.removeprefix("chatcmpl-")
     ]
     assert (e["status_code"], e["error_type"], e["path"]) == (200, None, "/v1/chat/completions")
@@ -148,7 +122,7 @@ def test_concurrent_streams_decode_side_by_side_in_one_batch(served, kafka_boots
             return await asyncio.gather(*[one(client, p, n) for p, n in zip(prompts, limits)])
 
     results = asyncio.run(go())
-    events = _events(served, kafka_bootstrap, [rid for rid, _, _ in results])
+    events = events_of(served, kafka_bootstrap, [rid for rid, _, _ in results])
     for (rid, text, usage), whole, limit in zip(results, wholes, limits):
         e = events[rid]
         assert usage["completion_tokens"] == e["output_tokens"] == limit and e["finish_reason"] == "length"
@@ -174,7 +148,7 @@ def test_a_client_that_leaves_mid_stream_is_billed_what_the_model_made(served, k
             if line.startswith("data: {"):
                 received += 1
                 break  # leave after the first chunk: the context manager closes the connection
-    e = _events(served, kafka_bootstrap, [rid])[rid]
+    e = events_of(served, kafka_bootstrap, [rid])[rid]
     assert (e["status_code"], e["error_type"]) == (499, "client_disconnect")
     assert e["finish_reason"] == "cancelled", "the row stopped when the client left, not at its limit"
     assert received >= 1 and 1 <= e["output_tokens"] < LIMIT, e["output_tokens"]
@@ -209,5 +183,5 @@ def test_embeddings_on_a_generator_are_refused_with_an_event(served, kafka_boots
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "model_cannot_embed"
     assert "cannot embed" in r.json()["error"]["message"] or "does not embed" in r.json()["error"]["message"]
-    e = _events(served, kafka_bootstrap, [r.headers["x-request-id"]])[r.headers["x-request-id"]]
+    e = events_of(served, kafka_bootstrap, [r.headers["x-request-id"]])[r.headers["x-request-id"]]
     assert (e["status_code"], e["error_type"], e["input_tokens"]) == (400, "model_cannot_embed", 0)

@@ -6,7 +6,6 @@ seconds with nothing committed that was not stored, which the next start then st
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,15 +14,14 @@ import threading
 import time
 import uuid
 
-import httpx
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from tests.support.sink_process import metric, sink_env, sink_settings, start_sink
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.infra.store import Store
 from tokenaudit.schemas import ROLLUP, encode
-from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
 
 pytestmark = pytest.mark.timeout(180)
@@ -54,17 +52,6 @@ def rollup(client: str, requests: int, ws: int = WS) -> dict:
     }
 
 
-def _settings(bootstrap: str, tag: str, **kw):
-    return load_settings(
-        kafka_bootstrap=bootstrap,
-        topic_rollups=f"{tag}-rollups",
-        topic_sampled=f"{tag}-sampled",
-        topic_anomalies=f"{tag}-anomalies",
-        topic_dlq=f"{tag}-dlq",
-        **kw,
-    )
-
-
 def _produce(bootstrap: str, topic: str, records: list[dict]) -> None:
     producer = Producer({"bootstrap.servers": bootstrap})
     for r in records:
@@ -84,7 +71,7 @@ def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> list[
 
 def test_refused_rows_land_in_rejected_rows_and_their_neighbours_are_stored(kafka_bootstrap, ch_client, ch_database):
     tag = f"r{uuid.uuid4().hex[:8]}"
-    s = _settings(kafka_bootstrap, tag, sink_batch_rows=1000, sink_batch_seconds=0.5)
+    s = sink_settings(kafka_bootstrap, tag, sink_batch_rows=1000, sink_batch_seconds=0.5)
     ensure_topics(kafka_bootstrap, {s.topic_rollups: 1, s.topic_sampled: 1, s.topic_anomalies: 1, s.topic_dlq: 1})
     store = Store(ch_client, ch_database)
     store.migrate()
@@ -123,33 +110,7 @@ def test_refused_rows_land_in_rejected_rows_and_their_neighbours_are_stored(kafk
     assert _committed(kafka_bootstrap, f"{tag}-sink", s.topic_rollups, 1) == [40]
 
 
-def _metric(port: int, name: str) -> float | None:
-    try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-    except httpx.HTTPError:
-        return None
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
-def _start_sink(env: dict, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenaudit.cli", "sink"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail("sink never became ready")
-
-
+@pytest.mark.chaos  # the store's disk fills up (a tmpfs)
 def test_sigterm_during_a_store_outage_exits_promptly_and_commits_nothing_unstored(kafka_bootstrap, tmp_path):
     tag = f"o{uuid.uuid4().hex[:8]}"
     disk = tmp_path / "disk"
@@ -157,23 +118,18 @@ def test_sigterm_during_a_store_outage_exits_promptly_and_commits_nothing_unstor
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)], check=True)
     try:
         port = free_port()
-        env = dict(
-            os.environ,
-            TOKENAUDIT_KAFKA_BOOTSTRAP=kafka_bootstrap,
-            TOKENAUDIT_DATA_DIR=str(tmp_path / "data"),
+        env = sink_env(
+            kafka_bootstrap,
+            str(tmp_path / "data"),
+            tag,
+            port,
             TOKENAUDIT_CLICKHOUSE_DSN=f"chdb://{disk / 'ch'}",
-            TOKENAUDIT_TOPIC_ROLLUPS=f"{tag}-rollups",
-            TOKENAUDIT_TOPIC_SAMPLED=f"{tag}-sampled",
-            TOKENAUDIT_TOPIC_ANOMALIES=f"{tag}-anomalies",
-            TOKENAUDIT_TOPIC_DLQ=f"{tag}-dlq",
-            TOKENAUDIT_USAGE_API_PORT=str(port),
-            TOKENAUDIT_SINK_GROUP_ID=f"{tag}-sink",
             TOKENAUDIT_SINK_BATCH_SECONDS="0.3",
             TOKENAUDIT_SINK_SHUTDOWN_SECONDS="2",
         )
-        s = _settings(kafka_bootstrap, tag)
+        s = sink_settings(kafka_bootstrap, tag)
         ensure_topics(kafka_bootstrap, {s.topic_rollups: 2, s.topic_sampled: 1, s.topic_anomalies: 1, s.topic_dlq: 1})
-        proc = _start_sink(env, port)
+        proc = start_sink(env, port)
         try:
             with open(disk / "filler", "wb") as f:  # the store's disk is full from here on
                 try:
@@ -183,10 +139,10 @@ def test_sigterm_during_a_store_outage_exits_promptly_and_commits_nothing_unstor
                     pass
             _produce(kafka_bootstrap, s.topic_rollups, [rollup(f"c{i}", i + 1) for i in range(30)])
             deadline = time.monotonic() + 30
-            while (_metric(port, "tokenaudit_sink_insert_errors_total") or 0) < 2 and time.monotonic() < deadline:
+            while (metric(port, "tokenaudit_sink_insert_errors_total") or 0) < 2 and time.monotonic() < deadline:
                 time.sleep(0.3)  # consumed, insert failing, retried with backoff
-            assert (_metric(port, "tokenaudit_sink_insert_errors_total") or 0) >= 2
-            assert _metric(port, "tokenaudit_sink_messages_total") == 30
+            assert (metric(port, "tokenaudit_sink_insert_errors_total") or 0) >= 2
+            assert metric(port, "tokenaudit_sink_messages_total") == 30
             started = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0, proc.stdout.read().decode()
@@ -198,11 +154,11 @@ def test_sigterm_during_a_store_outage_exits_promptly_and_commits_nothing_unstor
         assert "not stored" in log and "not committed" in log, log
         assert all(o < 0 for o in _committed(kafka_bootstrap, f"{tag}-sink", s.topic_rollups, 2))  # nothing
         (disk / "filler").unlink()  # the disk has room again: the next start stores every row
-        proc = _start_sink(env, port)
+        proc = start_sink(env, port)
         try:
             deadline = time.monotonic() + 30
             while (
-                _metric(port, 'tokenaudit_sink_inserted_rows_total{table="usage_rollup"}') or 0
+                metric(port, 'tokenaudit_sink_inserted_rows_total{table="usage_rollup"}') or 0
             ) < 30 and time.monotonic() < deadline:
                 time.sleep(0.3)
             proc.send_signal(signal.SIGTERM)

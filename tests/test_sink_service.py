@@ -5,7 +5,6 @@ lower rollup version never wins, late deltas merge once) and the `tokenaudit sin
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,18 +12,18 @@ import threading
 import time
 import uuid
 
-import httpx
 import pytest
 
 from tests.support import synth
+from tests.support.sink_process import metric, sink_env, sink_settings, start_sink
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.procutil import free_port
 from tokenaudit.infra.store import Store
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
-from tokenaudit.settings import load_settings
 from tokenaudit.sinks.sink import Sink
 
 pytestmark = pytest.mark.timeout(120)
+SINK_MESSAGES = "tokenaudit_sink_messages_total"
 WS = int(time.time() * 1000) // 60_000 * 60_000  # recent: the TTLs (30 days for sampled) apply
 
 
@@ -86,16 +85,7 @@ def anomaly(aid: str) -> dict:
 
 
 def _settings(bootstrap: str, tag: str, **kw):
-    return load_settings(
-        kafka_bootstrap=bootstrap,
-        topic_rollups=f"{tag}-rollups",
-        topic_sampled=f"{tag}-sampled",
-        topic_anomalies=f"{tag}-anomalies",
-        topic_dlq=f"{tag}-dlq",
-        sink_batch_rows=50,
-        sink_batch_seconds=0.3,
-        **kw,
-    )
+    return sink_settings(bootstrap, tag, sink_batch_rows=50, sink_batch_seconds=0.3, **kw)
 
 
 def _produce_all(s) -> int:
@@ -116,14 +106,6 @@ def _produce_all(s) -> int:
         producer.produce(topic, key=key, value=value)
         producer.flush(10)  # one at a time: keeps the order above across topics
     return len(msgs)
-
-
-def _sink_messages(port: int) -> int:
-    """The sink's consumed-records counter, from its /metrics."""
-    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text.splitlines():
-        if line.startswith("tokenaudit_sink_messages_total "):
-            return int(float(line.split()[1]))
-    return 0
 
 
 def _expected_state(query) -> None:
@@ -173,40 +155,25 @@ def test_sink_is_idempotent_and_replays_change_nothing(kafka_bootstrap, ch_clien
 def test_sink_process_ready_then_sigterm_flushes(kafka_bootstrap, tmp_path):
     tag = f"p{uuid.uuid4().hex[:8]}"
     port = free_port()
-    env = dict(
-        os.environ,
-        TOKENAUDIT_KAFKA_BOOTSTRAP=kafka_bootstrap,
-        TOKENAUDIT_DATA_DIR=str(tmp_path / "data"),
-        TOKENAUDIT_TOPIC_ROLLUPS=f"{tag}-rollups",
-        TOKENAUDIT_TOPIC_SAMPLED=f"{tag}-sampled",
-        TOKENAUDIT_TOPIC_ANOMALIES=f"{tag}-anomalies",
-        TOKENAUDIT_TOPIC_DLQ=f"{tag}-dlq",
-        TOKENAUDIT_USAGE_API_PORT=str(port),
-        TOKENAUDIT_SINK_GROUP_ID=f"{tag}-sink",
+    env = sink_env(
+        kafka_bootstrap,
+        str(tmp_path / "data"),
+        tag,
+        port,
         TOKENAUDIT_SINK_BATCH_ROWS="100000",
         TOKENAUDIT_SINK_BATCH_SECONDS="60",
     )
     s = _settings(kafka_bootstrap, tag)
     ensure_topics(kafka_bootstrap, {s.topic_rollups: 2, s.topic_sampled: 2, s.topic_anomalies: 2, s.topic_dlq: 1})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenaudit.cli", "sink"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    proc = start_sink(env, port)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                time.sleep(0.3)
-        else:
-            pytest.fail("sink never became ready")
         produced = _produce_all(s)
         # every record consumed, but the batch (60 s / 100k rows) is not due: SIGTERM must flush it
         deadline = time.monotonic() + 60
-        while _sink_messages(port) < produced:
-            assert time.monotonic() < deadline, f"the sink consumed {_sink_messages(port)} of {produced} records"
+        while (metric(port, SINK_MESSAGES) or 0) < produced:
+            assert time.monotonic() < deadline, (
+                f"the sink consumed {(metric(port, SINK_MESSAGES) or 0)} of {produced} records"
+            )
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, proc.stdout.read().decode()

@@ -7,7 +7,9 @@ import hashlib
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from tokenaudit.schemas import EVENT, decode
 
@@ -97,3 +99,44 @@ def read_events(
 
 def decode_events(pairs: list[tuple[bytes, bytes]]) -> list[dict]:
     return [decode(value, EVENT) for _, value in pairs]
+
+
+@contextmanager
+def served_app(tmp: Path, bootstrap: str, model: Path, client: str, department: str, **overrides: Any):
+    """The inference app on a real server, keyed (one key for ``client``), publishing to a fresh
+    one-partition topic of its own. The server carries ``app``, ``key`` and ``topic``."""
+    from tokenaudit.inference.app import create_app
+    from tokenaudit.infra.kafka_admin import ensure_topics
+    from tokenaudit.infra.keys import add_key
+    from tokenaudit.settings import load_settings
+
+    keys_file = tmp / "keys.toml"
+    key = add_key(keys_file, client, department)
+    topic = f"test-{uuid.uuid4().hex[:12]}"
+    ensure_topics(bootstrap, {topic: 1})
+    settings = dict(xla=False, batch_max_size=8, batch_max_wait_ms=30, kafka_partitions=1) | overrides
+    s = load_settings(
+        data_dir=tmp / "data",
+        kafka_bootstrap=bootstrap,
+        topic_usage=topic,
+        model=str(model),
+        api_keys_file=keys_file,
+        **settings,
+    )
+    app = create_app(s)
+    with ThreadedServer(app) as server:
+        server.wait_ready()
+        server.app, server.key, server.topic = app, key, topic
+        yield server
+
+
+def events_of(server: Any, bootstrap: str, ids: list[str], timeout: float = 60.0) -> dict[str, dict]:
+    """The event of each request id on the server's topic, awaited until all are there; one each."""
+    want, got, deadline = set(ids), {}, time.monotonic() + timeout
+    while not want <= set(got) and time.monotonic() < deadline:
+        pairs = read_events(bootstrap, server.topic, expect=len(want), timeout=10, settle=0.3)
+        events = [e for e in decode_events(pairs) if e["request_id"] in want]
+        assert len(events) == len({e["request_id"] for e in events}), "one event per request"
+        got = {e["request_id"]: e for e in events}
+    assert want <= set(got), f"missing events: {want - set(got)}"
+    return got
