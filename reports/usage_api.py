@@ -37,7 +37,8 @@ from tokenaudit.errors import QueryParamError
 from tokenaudit.infra.keys import ApiKey, AuthError, KeyRegistry, marker_path
 from tokenaudit.reports.params import REPORT_PARAMS, parse_report_params
 from tokenaudit.reports.queries import iso_utc, run_report, settled_until
-from tokenaudit.reports.verify import API_PATH, admin_verify_endpoint
+from tokenaudit.reports.verify import API_PATH
+from tokenaudit.reports.verify_route import admin_verify_endpoint
 from tokenaudit.schemas.http_errors import error_response
 
 if TYPE_CHECKING:
