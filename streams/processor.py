@@ -37,9 +37,10 @@ Why it is built this way (see DESIGN.md):
   state; above it, chunks written by a batch whose meta record was lost are discarded at
   restore, so the ids held are exactly those of the events before the offset being decided.
 
-The steps, each in its own module: decode + validate (:mod:`.source`; the contract's codec and rule, inlined
-for the valid case), deduplicate (:mod:`.dedup`), windows (:mod:`.windows`, closing and
-emission here), rules (:mod:`.rules`), sampling (:mod:`.sampler`), outputs (:mod:`.outputs`).
+The steps, each in its own module: decode + validate (:mod:`.source`; the contract's codec
+and rule, inlined for the valid case), deduplicate (:mod:`.dedup`), windows (:mod:`.windows`,
+closing and emission here), rules (:mod:`.rules`), sampling (:mod:`.sampler`), outputs
+(:mod:`.outputs`).
 :meth:`Processor.process_records` runs them per event in one loop, in that order: the per-event
 path of tens of thousands of events a second, where a call per step measured as much as the
 step itself, so the loop keeps the steps' fast paths inline and calls out for the rest.
