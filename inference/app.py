@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from tokenaudit.errors import SpoolLocked
 from tokenaudit.inference import routes
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull
@@ -27,9 +28,9 @@ from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics, start_metrics_listener
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.inference.runner import Encoded, ModelRunner
-from tokenaudit.inference.spool import SpoolLocked
 from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.infra.keys import KeyRegistry
+from tokenaudit.schemas.records import TokenUsageEvent
 from tokenaudit.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class AppState:
         finally:
             self._tokenizing -= 1
 
-    def publish(self, event: dict) -> None:
+    def publish(self, event: TokenUsageEvent) -> None:
         if self.publisher is not None:
             self.publisher.publish(event)
         self.metrics.observe(event)
@@ -151,7 +152,7 @@ def publisher_from_settings(s: Settings) -> EventPublisher:
 
 def create_app(
     settings: Settings, *, audit: bool = True, runner: ModelRunner | None = None, load_in_background: bool = True
-):
+) -> IdentityMiddleware | AuditMiddleware:
     """The ASGI app. ``audit=False`` exists only for the overhead benchmark: no events at all."""
     runner = runner or runner_from_settings(settings)
     state = AppState(settings, runner)
@@ -197,7 +198,7 @@ def create_app(
         lifespan=lifespan,
     )
     star.state.tokenaudit = state
-    app = IdentityMiddleware(star, registry, trusted, OPEN_PATHS)
+    app: IdentityMiddleware | AuditMiddleware = IdentityMiddleware(star, registry, trusted, OPEN_PATHS)
     if audit:
         exclude = frozenset(p.strip() for p in settings.audit_exclude_paths.split(",") if p.strip())
         app = AuditMiddleware(app, state.publish, runner.model_name, exclude, settings.effective_instance)

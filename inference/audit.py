@@ -17,15 +17,19 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import uuid_utils
 
 from tokenaudit.errors import DigestSecretError
 from tokenaudit.schemas.http_errors import send_error
 from tokenaudit.schemas.records import TokenUsageEvent, token_usage_event
+
+if TYPE_CHECKING:
+    from tokenaudit.inference.app import AppState
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ class AuditContext:
         return token_usage_event(self, method, path, status, instance, (time.perf_counter() - self.started) * 1000)
 
 
-def context_of(scope: dict) -> AuditContext:
+def context_of(scope: MutableMapping[str, Any]) -> AuditContext:
     """The request's context; created on first use so handlers work with the audit layer off."""
     ctx = scope.get(SCOPE_KEY)
     if ctx is None:
@@ -180,10 +184,13 @@ Send = Callable[[dict], Awaitable[None]]
 
 
 class AuditMiddleware:
+    #: set by create_app on the outermost layer (tests and the server reach the app's state there)
+    state: AppState
+
     def __init__(
         self,
         app,
-        publish: Callable[[dict], None],
+        publish: Callable[[TokenUsageEvent], None],
         model_name: str,
         exclude_paths: frozenset[str] = frozenset(),
         instance: str = "",

@@ -88,6 +88,27 @@ class EmbeddingResult:
     device: str
 
 
+def _prompts(batch: list[_Pending]) -> list[Encoded]:
+    """The prompts of a generation batch. A model serves one kind of request (the routes refuse
+    the other), so batches do not mix kinds; a mix would fail here, and each request alone."""
+    prompts = []
+    for p in batch:
+        if isinstance(p.encoded, list):
+            raise TypeError("an embeddings request in a generation batch")
+        prompts.append(p.encoded)
+    return prompts
+
+
+def _embedding_rows(batch: list[_Pending]) -> list[Encoded]:
+    """The inputs of an embeddings batch, every request's in order (see :func:`_prompts`)."""
+    rows = []
+    for p in batch:
+        if not isinstance(p.encoded, list):
+            raise TypeError("a generation request in an embeddings batch")
+        rows.extend(p.encoded)
+    return rows
+
+
 @dataclass(slots=True)
 class _Pending:
     encoded: Encoded | list[Encoded]  # one prompt to generate from, or the inputs of one embeddings request
@@ -252,7 +273,7 @@ class MicroBatcher:
         batch_id = uuid.uuid4().hex[:16]
         started = time.perf_counter()
         try:
-            results = self.runner.generate_encoded([p.encoded for p in batch], [p.max_new_tokens for p in batch])
+            results = self.runner.generate_encoded(_prompts(batch), [p.max_new_tokens for p in batch])
         except Exception as exc:
             self._retry_alone(batch, exc, "generation")
             return
@@ -267,8 +288,8 @@ class MicroBatcher:
     def _run_stepwise(self, batch: list[_Pending]) -> None:
         batch_id = uuid.uuid4().hex[:16]
         started = time.perf_counter()
-        encoded = [p.encoded for p in batch]
         try:
+            encoded = _prompts(batch)
             decoding = self.runner.start_decoding(encoded, [p.max_new_tokens for p in batch])
         except Exception as exc:  # nothing was streamed yet: as a failed generate
             self._retry_alone(batch, exc, "step-wise prefill")
@@ -325,8 +346,8 @@ class MicroBatcher:
     def _run_embeddings(self, batch: list[_Pending]) -> None:
         batch_id = uuid.uuid4().hex[:16]
         started = time.perf_counter()
-        rows = [e for p in batch for e in p.encoded]
         try:
+            rows = _embedding_rows(batch)
             vectors = self.runner.embed_encoded(rows)
         except Exception as exc:
             self._retry_alone(batch, exc, "embedding")

@@ -8,6 +8,7 @@ Regenerate with ``python -m tokenaudit.inference.families > docs/models.md``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from tokenaudit.inference.model_init import ARCHS
 
@@ -25,6 +26,7 @@ def tf_families() -> list[dict]:
     masked = auto.TF_MODEL_FOR_MASKED_LM_MAPPING_NAMES
     base = auto.TF_MODEL_MAPPING_NAMES
     rows = []
+    cls: str | Sequence[str]  # a few families map to several classes (funnel: a tuple of two)
     for kind in sorted(set(causal) | set(seq2seq) | set(masked)):
         if kind in seq2seq:
             serves, cls = "generate, stream (encoder-decoder)", seq2seq[kind]

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from tokenaudit.errors import SettingsError
 from tokenaudit.inference.audit import context_of
 from tokenaudit.infra.keys import AuthError, KeyRegistry
 from tokenaudit.schemas.http_errors import send_error
+
+if TYPE_CHECKING:
+    from tokenaudit.inference.app import AppState
 
 UNAUTHENTICATED = "unauthenticated"
 
@@ -66,6 +70,9 @@ def _authorization(headers: list[tuple[bytes, bytes]]) -> bytes | None:
 
 
 class IdentityMiddleware:
+    #: set by create_app on the outermost layer (tests and the server reach the app's state there)
+    state: AppState
+
     def __init__(self, app, registry: KeyRegistry, trusted_proxies: list, open_paths: frozenset[str]):
         self.app = app
         self.registry = registry

@@ -36,6 +36,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from tokenaudit.schemas.records import TokenUsageEvent
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: OpenTelemetry GenAI advice for gen_ai.server.request.duration (seconds)
@@ -219,7 +221,7 @@ class AppMetrics:
         )
         return children
 
-    def observe(self, event: dict) -> None:
+    def observe(self, event: TokenUsageEvent) -> None:
         """Account one audited request. Cells are bound once per (model, status), a set the app
         bounds (one model, the statuses it answers with), so this is a dict hit and up to four
         bisects into fixed buckets; no per-caller label exists."""
@@ -242,13 +244,14 @@ class AppMetrics:
         if n:
             tokens_out[bisect_left(TOKEN_BUCKETS, n)] += 1
             tokens_out[-1] += n
-        if event.get("ttft_ms") is not None and event["status_code"] == 200:
-            self._observe_streamed(event)
+        ttft_ms = event.get("ttft_ms")
+        if ttft_ms is not None and event["status_code"] == 200:
+            self._observe_streamed(event, ttft_ms)
 
-    def _observe_streamed(self, event: dict) -> None:
+    def _observe_streamed(self, event: TokenUsageEvent, ttft_ms: float) -> None:
         """The streaming histograms (labelled by model only); off the common path: only streamed
         responses carry ``ttft_ms``."""
-        seconds = event["ttft_ms"] / 1000.0
+        seconds = ttft_ms / 1000.0
         cells = self.ttft.child(event["model"]).cells
         cells[bisect_left(TTFT_BUCKETS, seconds)] += 1
         cells[-1] += seconds

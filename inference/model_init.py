@@ -166,7 +166,7 @@ def _build_model(arch: str, tokenizer, seed: int):
     if arch == "t5":
         from transformers import T5Config, TFT5ForConditionalGeneration
 
-        config = T5Config(
+        t5_config = T5Config(
             vocab_size=vocab,
             d_model=64,
             d_kv=16,
@@ -180,13 +180,13 @@ def _build_model(arch: str, tokenizer, seed: int):
             eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id,
         )
-        model = TFT5ForConditionalGeneration(config)
+        model = TFT5ForConditionalGeneration(t5_config)
         ids = tf.constant([[5, 6, 7, tokenizer.eos_token_id]])
         model(input_ids=ids, decoder_input_ids=tf.constant([[tokenizer.pad_token_id]]))
     elif arch == "gpt2":
         from transformers import GPT2Config, TFGPT2LMHeadModel
 
-        config = GPT2Config(
+        gpt2_config = GPT2Config(
             vocab_size=vocab,
             n_embd=64,
             n_layer=2,
@@ -199,13 +199,13 @@ def _build_model(arch: str, tokenizer, seed: int):
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        model = TFGPT2LMHeadModel(config)
+        model = TFGPT2LMHeadModel(gpt2_config)
         model(input_ids=tf.constant([[5, 6, 7]]))
     elif arch == "mistral":
         from transformers import MistralConfig, TFMistralForCausalLM
 
         # grouped-query attention (4 query heads share 2 key/value heads), as Mistral and LLaMA 2+ do
-        config = MistralConfig(
+        mistral_config = MistralConfig(
             vocab_size=vocab,
             hidden_size=64,
             intermediate_size=128,
@@ -219,12 +219,12 @@ def _build_model(arch: str, tokenizer, seed: int):
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        model = TFMistralForCausalLM(config)
+        model = TFMistralForCausalLM(mistral_config)
         model(input_ids=tf.constant([[5, 6, 7]]))
     else:  # bert: an encoder, no head; /v1/embeddings pools its last hidden state
         from transformers import BertConfig, TFBertModel
 
-        config = BertConfig(
+        bert_config = BertConfig(
             vocab_size=vocab,
             hidden_size=64,
             num_hidden_layers=2,
@@ -235,7 +235,7 @@ def _build_model(arch: str, tokenizer, seed: int):
             attention_probs_dropout_prob=0.0,
             pad_token_id=tokenizer.pad_token_id,
         )
-        model = TFBertModel(config)
+        model = TFBertModel(bert_config)
         model(input_ids=tf.constant([[5, 6, 7]]))
         return model
     # Random weights make greedy decoding favour whichever row is largest; a zero row for <pad>

@@ -41,6 +41,7 @@ from tokenaudit.inference.spool import Appended, Spool
 from tokenaudit.inference.spool_format import Headers
 from tokenaudit.schemas import EVENT, encode
 from tokenaudit.schemas.compiled import compile_encoder
+from tokenaudit.schemas.records import TokenUsageEvent
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ class EventPublisher:
         self.spool.close()
 
     # --- hot path -------------------------------------------------------------------------
-    def publish(self, event: dict) -> None:
+    def publish(self, event: TokenUsageEvent) -> None:
         """Encode and enqueue one event; never blocks on the network, never raises."""
         try:
             value = self._encode(event)
@@ -280,7 +281,7 @@ class EventPublisher:
                         self.topic,
                         value,
                         key,
-                        headers=headers,
+                        headers=list(headers),  # confluent-kafka takes a list (or a dict), not any sequence
                         on_delivery=functools.partial(self._on_delivery_with, headers),
                     )
                 self.stats.enqueued += 1

@@ -13,7 +13,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tokenaudit.inference.audit import AuditContext, context_of
-from tokenaudit.inference.batcher import BatchResult, Overloaded
+from tokenaudit.inference.batcher import BatchResult, MicroBatcher, Overloaded
 from tokenaudit.inference.http_io import (
     ApiError,
     Disconnected,
@@ -46,6 +46,13 @@ def _state(request: Request) -> AppState:
 async def _wait_disconnect(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def _batcher(state: AppState) -> MicroBatcher:
+    """The micro-batcher, which load_model starts before the app is ready (see _ready_for)."""
+    if state.batcher is None:
+        raise ApiError(503, "model_not_ready", state.not_ready_reason())
+    return state.batcher
 
 
 def _ready_for(request: Request, what: str) -> AppState:
@@ -132,7 +139,7 @@ async def _generate(request: Request, prompt: str, max_new: int, param: str = "p
     state = _ready_for(request, "generate")
     ctx = context_of(request.scope)
     encoded = await _tokenized(request, prompt, param)
-    result, gone = await _outcome(request, asyncio.ensure_future(state.batcher.submit(encoded, max_new)))
+    result, gone = await _outcome(request, asyncio.ensure_future(_batcher(state).submit(encoded, max_new)))
     if result is not None:
         _account(ctx, result)
     return None if gone else result
@@ -181,7 +188,7 @@ async def _stream_start(request: Request, prompt: str, max_new: int, param: str)
     ctx = context_of(request.scope)
     encoded = await _tokenized(request, prompt, param)
     stream = TokenStream(asyncio.get_running_loop())
-    job = asyncio.ensure_future(state.batcher.submit(encoded, max_new, stream))
+    job = asyncio.ensure_future(_batcher(state).submit(encoded, max_new, stream))
     job.add_done_callback(stream.end)
     watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
     first = asyncio.ensure_future(stream.take())
@@ -216,7 +223,7 @@ def _streamed(
     state, ctx = _state(request), context_of(request.scope)
     deltas = state.runner.text_deltas()
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncGenerator[bytes, None]:
         tokens, first = live.first, True
         while tokens:
             piece = deltas.add(tokens)
@@ -270,10 +277,14 @@ def _limits(request: Request) -> tuple[int, int]:
     return s.default_max_new_tokens, s.max_new_tokens_limit
 
 
-def _api(handler):
+#: a route handler: a Starlette Response, or an EventStream (an ASGI response of its own)
+Handler = Callable[[Request], Awaitable[Response | EventStream]]
+
+
+def _api(handler: Handler) -> Handler:
     """Turn ApiError into the JSON error shape and a vanished client into a bodiless 499."""
 
-    async def wrapped(request: Request) -> Response:
+    async def wrapped(request: Request) -> Response | EventStream:
         try:
             return await handler(request)
         except ApiError as err:
@@ -329,7 +340,7 @@ def _stream_usage(data: dict) -> bool:
 
 
 @_api
-async def completions(request: Request) -> Response:
+async def completions(request: Request) -> Response | EventStream:
     data = await _body(request)
     prompt = require_prompt(data)
     default, limit = _limits(request)
@@ -376,7 +387,7 @@ def _chat_prompt(request: Request, messages) -> str:
 
 
 @_api
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request) -> Response | EventStream:
     data = await _body(request)
     default, limit = _limits(request)
     max_new = optional_int(data, ("max_completion_tokens", "max_tokens"), default, 1, limit)
@@ -468,7 +479,7 @@ async def embeddings(request: Request) -> Response:
     except Overloaded as exc:
         raise _overloaded(exc) from None
     result, gone = await _outcome(
-        request, asyncio.ensure_future(state.batcher.submit_embeddings(encoded)), "embedding_failed"
+        request, asyncio.ensure_future(_batcher(state).submit_embeddings(encoded)), "embedding_failed"
     )
     ctx.input_tokens = sum(len(e.ids) for e in encoded)
     ctx.untruncated_input_tokens = sum(e.untruncated for e in encoded)

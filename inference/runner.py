@@ -19,11 +19,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tokenaudit.inference.stepwise import Decoding, StepDecoder
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +170,11 @@ class ModelRunner:
         self.batch_buckets = parse_buckets(batch_buckets, max_batch)
         self.length_buckets = parse_buckets(length_buckets, max_input_tokens)
         self.new_token_buckets = parse_buckets(new_token_buckets, max_new_tokens_limit)
-        self.tokenizer = None
-        self._backend = None  # private copy of the fast tokenizer's Rust backend, see tokenize()
+        # transformers' classes are chosen per checkpoint (AutoTokenizer, TFAuto*): typed Any
+        self.tokenizer: Any = None
+        self._backend: Tokenizer | None = None  # private copy of the fast tokenizer's Rust backend, see tokenize()
         self._specials = 0
-        self.model = None
+        self.model: Any = None
         self.device = ""
         self.kind = ""
         self.encoder_decoder = False
@@ -439,18 +443,21 @@ class ModelRunner:
         call ``step()`` on the result until ``done``, then :meth:`decoded` gives the rows. Rows end
         on their own limits, and the loop ends when all of them have."""
         self._require("generate")
-        if self.stepper is None:
+        stepper = self.stepper
+        if stepper is None:
             raise WrongModelKind(f"model {self.model_name} cannot decode step-wise")
         ids, mask, new = self._padded(encoded, max(max_new_tokens))
         limits = list(max_new_tokens) + [1] * (ids.shape[0] - len(encoded))  # filler rows end at once
-        return self._decoding(ids, mask, limits, new)
+        return self._decoding(stepper, ids, mask, limits, new)
 
-    def _decoding(self, ids: np.ndarray, mask: np.ndarray, limits: list[int], new: int) -> Decoding:
+    def _decoding(
+        self, stepper: StepDecoder, ids: np.ndarray, mask: np.ndarray, limits: list[int], new: int
+    ) -> Decoding:
         shape = (ids.shape[0], ids.shape[1], new)
         if self.xla and shape not in self._step_shapes:  # prefill compiles now, step on the first step
             self._step_shapes.add(shape)
             log.info("xla step-wise bucket batch=%d len=%d new=%d compiles on first use", *shape)
-        return Decoding(self.stepper, ids, mask, limits, new, self.eos_ids, self._lock)
+        return Decoding(stepper, ids, mask, limits, new, self.eos_ids, self._lock)
 
     def decoded(self, decoding: Decoding, encoded: Sequence[Encoded]) -> list[Decoded]:
         return [

@@ -43,6 +43,7 @@ so a flood of them can never push out the others.
 
 from __future__ import annotations
 
+import builtins
 import enum
 import errno
 import fcntl
@@ -245,7 +246,8 @@ class Spool:
             return [s.path for s in sorted(self._segments.values(), key=lambda s: s.seq)]
 
     # --- writing ---------------------------------------------------------------------------------
-    def append(self, key: bytes, value: bytes, headers: Headers | None = None) -> Appended:
+    # builtins.bytes: in this class, `bytes` names the property above
+    def append(self, key: builtins.bytes, value: builtins.bytes, headers: Headers | None = None) -> Appended:
         """Store one record whole, or not at all; never raises for I/O errors (see ``last_error``)."""
         record = encode_record(key, value, headers)
         size = len(record)
@@ -353,13 +355,13 @@ class Spool:
         confirmed = self.confirmed(segment)
         return (r for r in self.records(segment) if r.offset not in confirmed)
 
-    def _parse(self, seg: _Segment, data: bytes) -> Iterator[SpoolRecord | BadRegion]:
+    def _parse(self, seg: _Segment, data: builtins.bytes) -> Iterator[SpoolRecord | BadRegion]:
         for item in (parse_legacy_segment if seg.legacy else parse_segment)(data):
             if isinstance(item, BadRegion):
                 self._quarantine(seg, data, item)
             yield item
 
-    def _quarantine(self, seg: _Segment, data: bytes, bad: BadRegion) -> None:
+    def _quarantine(self, seg: _Segment, data: builtins.bytes, bad: BadRegion) -> None:
         """Copy a bad region to quarantine (atomically, never overwriting) and report it once."""
         if (seg.path, bad.start) in self._bad_seen:
             return

@@ -35,7 +35,7 @@ class SpoolRecord(NamedTuple):  # a tuple: made once per record read, a frozen d
     end: int
     key: bytes
     value: bytes
-    headers: list[tuple[str, bytes | None]] | None
+    headers: list[tuple[str, bytes | str | None]] | None  # as confluent-kafka's produce takes them
 
 
 class BadRegion(NamedTuple):
@@ -69,7 +69,7 @@ def _decode_body(data: bytes, offset: int, start: int, end: int) -> SpoolRecord:
     if version != VERSION:
         raise ValueError(f"unknown record version {version}")
     pos = start + BODY.size
-    headers: list[tuple[str, bytes | None]] | None = None
+    headers: list[tuple[str, bytes | str | None]] | None = None
     if n_headers:
         headers = []
         for _ in range(n_headers):

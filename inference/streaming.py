@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class EventStream:
 
     def __init__(
         self,
-        body: AsyncIterator[bytes],
+        body: AsyncGenerator[bytes, None],
         disconnected: asyncio.Future,
         on_disconnect: Callable[[], Awaitable[None]],
         headers: dict[str, str] | None = None,

@@ -244,7 +244,8 @@ def check_access(config: dict[str, Any], timeout: float = 15.0) -> int:
     errors: list[KafkaError] = []
     quiet = logging.getLogger("tokenaudit.kafka.access")
     quiet.setLevel(logging.CRITICAL)
-    admin = AdminClient({**config, "error_cb": errors.append, "logger": quiet, "log_level": 0})
+    # confluent-kafka's hints allow only scalar config values; the client takes these two objects too
+    admin = AdminClient({**config, "error_cb": errors.append, "logger": quiet, "log_level": 0})  # type: ignore[dict-item]
     where = config.get("bootstrap.servers", "?")
     how = config.get("security.protocol", PLAINTEXT)
     if config.get("sasl.username"):

@@ -262,8 +262,7 @@ class KafkaCluster:
     def stop(self, timeout: float = 30.0) -> int:
         """Stop every running node (SIGTERM to all at once: a node stopped alone while the
         others wait would lose the controller quorum under the last ones). Returns how many."""
-        running = [(node, node.pid()) for node in self.nodes()]
-        running = [(node, pid) for node, pid in running if pid is not None]
+        running = [(node, pid) for node in self.nodes() if (pid := node.pid()) is not None]
         for _, pid in running:
             try:
                 os.killpg(pid, signal.SIGTERM)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 
 from tokenaudit.errors import FollowError
 from tokenaudit.schemas import ANOMALY, AvroDecodeError, decode
@@ -60,8 +60,8 @@ def follow(
             msg = consumer.poll(poll_seconds)
             if msg is None:
                 continue
-            if msg.error():
-                err = msg.error()
+            err = msg.error()
+            if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     continue
                 if err.fatal():
@@ -69,8 +69,11 @@ def follow(
                 # transient (broker down, topic not created yet): librdkafka keeps retrying
                 log.warning("anomaly follower: %s", err.str())
                 continue
+            value = msg.value()
             try:
-                anomaly = decode(msg.value(), ANOMALY)
+                if value is None:
+                    raise AvroDecodeError("a message without a value (a tombstone)")
+                anomaly = decode(value, ANOMALY)
             except AvroDecodeError as exc:
                 # not an anomaly record: nothing to deliver; report it and move past it
                 where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
@@ -84,7 +87,7 @@ def follow(
         consumer.close()
 
 
-def _commit(consumer: Consumer, msg) -> None:
+def _commit(consumer: Consumer, msg: Message) -> None:
     try:
         consumer.commit(message=msg, asynchronous=False)
     except KafkaException as exc:  # e.g. a rebalance took the partition: the next owner re-reads it

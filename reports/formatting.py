@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
 from tokenaudit.schemas.columns import ANOMALIES
 
+if TYPE_CHECKING:
+    from tokenaudit.reports.verify import VerifyReport
 
-def print_rows(rows: list[dict], fmt: str) -> None:
+
+def print_rows(rows: list[dict[str, Any]], fmt: str) -> None:
     """Print a list of flat dicts as a table, JSON or CSV."""
     if fmt == "json":
         click.echo(json.dumps(rows, default=str, indent=2))
@@ -32,7 +35,7 @@ def print_rows(rows: list[dict], fmt: str) -> None:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     numeric = [all(isinstance(r[c], (int, float)) for r in rows) for c in columns]
 
-    def line(vals):
+    def line(vals: list[str]) -> str:
         return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(vals, widths, numeric))
 
     click.echo(line(columns))
@@ -41,7 +44,7 @@ def print_rows(rows: list[dict], fmt: str) -> None:
         click.echo(line(row))
 
 
-def _cell(value) -> str:
+def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:,.4f}".rstrip("0").rstrip(".") if value % 1 else f"{value:,.0f}"
     if isinstance(value, int):
@@ -54,7 +57,7 @@ class AnomalyPrinter:
 
     TABLE = ("ts", "severity", "rule", "client_id", "observed", "threshold", "message")
 
-    def __init__(self, fmt: str, out=None):
+    def __init__(self, fmt: str, out: TextIO | None = None) -> None:
         self.fmt, self.out, self.columns, self._header = fmt, out or sys.stdout, ANOMALIES, False
 
     def __call__(self, anomaly: dict[str, Any]) -> None:
@@ -91,7 +94,7 @@ def _short(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def print_verify(report) -> None:
+def print_verify(report: VerifyReport) -> None:
     """A :class:`~tokenaudit.reports.verify.VerifyReport` for people: what was checked, notes,
     pending buckets, and every drift as a table."""
     out = report.as_json()

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from tokenaudit.errors import QueryParamError
 
@@ -117,7 +118,7 @@ def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | Non
         if not isinstance(value, str) or len(value) > _MAX_VALUE_LEN:
             raise QueryParamError(f"{name}: value too long or not text", name)
     now = now or datetime.now(UTC)
-    values: dict = {}
+    values: dict[str, Any] = {}
     if "since" in allowed:
         values["since"] = parse_time(raw.get("since") or DEFAULT_SINCE, "since", now)
         values["until"] = parse_time(raw["until"], "until", now) if raw.get("until") else now

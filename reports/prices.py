@@ -149,7 +149,9 @@ def cost_report(token_rows: list[dict[str, Any]], prices: PriceTable) -> list[di
     out: list[dict[str, Any]] = []
     sums = ("requests", "input_tokens", "output_tokens", "total_tokens")
 
-    def row(level: str, department: str, client: str, parts: list[dict], cost: Decimal) -> dict[str, Any]:
+    def report_line(
+        level: str, department: str, client: str, parts: list[dict[str, Any]], cost: Decimal
+    ) -> dict[str, Any]:
         return {
             "level": level,
             "department": department,
@@ -162,10 +164,12 @@ def cost_report(token_rows: list[dict[str, Any]], prices: PriceTable) -> list[di
     departments = sorted({k[0] for k in keys})
     for department in departments:
         members = [(k, c) for k, c in zip(keys, cents) if k[0] == department]
-        for key, cost in members:
-            out.append(row("client", department, key[1], [lines[key]], cost))
+        for member, cost in members:
+            out.append(report_line("client", department, member[1], [lines[member]], cost))
         out.append(
-            row("department", department, "*", [lines[k] for k, _ in members], sum((c for _, c in members), Decimal(0)))
+            report_line(
+                "department", department, "*", [lines[k] for k, _ in members], sum((c for _, c in members), Decimal(0))
+            )
         )
-    out.append(row("total", "*", "*", [lines[k] for k in keys], total))
+    out.append(report_line("total", "*", "*", [lines[k] for k in keys], total))
     return out

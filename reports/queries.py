@@ -11,11 +11,16 @@ directly or went through the usage API.
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tokenaudit.infra.store import Store
 from tokenaudit.reports.params import ReportParams, parse_report_params
 from tokenaudit.schemas import columns
+
+if TYPE_CHECKING:
+    from tokenaudit.settings import Settings
+
+_T = TypeVar("_T")
 
 # prefer_column_name_to_alias: `sum(requests) AS requests` must not make a later
 # `sum(requests)` refer to the alias (an aggregate inside an aggregate).
@@ -39,7 +44,7 @@ _SUMS = """
     round(sum(latency_ms_sum) / greatest(sum(requests), 1), 2) AS avg_latency_ms"""
 
 
-def settle_seconds(settings) -> float:
+def settle_seconds(settings: Settings) -> float:
     """How long after a window starts its row can still change: the window itself, the grace
     the worker waits for stragglers, the idle timeout that closes quiet windows, and the
     sink's batch before the row reaches ClickHouse."""
@@ -48,7 +53,7 @@ def settle_seconds(settings) -> float:
     )
 
 
-def settled_until(settings, now: datetime | None = None) -> datetime:
+def settled_until(settings: Settings, now: datetime | None = None) -> datetime:
     """Windows that start before this instant are settled: their rows will not change any
     more (unless a late event arrives, which the stream applies as a correction)."""
     now = now or datetime.now(UTC)
@@ -64,13 +69,23 @@ def _ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
 
 
+def _given(value: _T | None, name: str) -> _T:
+    """A parameter the report needs: parse_report_params sets it for every report that takes it."""
+    if value is None:
+        raise ValueError(f"report parameter {name} is not set: parse the parameters for this report")
+    return value
+
+
 def _range(column: str, params: ReportParams, client: str | None) -> tuple[str, dict[str, Any]]:
     """WHERE clause for [since, until) on ``column`` and an optional client scope."""
     where = (
         f"{column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC') "
         f"AND {column} < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')"
     )
-    bound: dict[str, Any] = {"since_ms": _ms(params.since), "until_ms": _ms(params.until)}
+    bound: dict[str, Any] = {
+        "since_ms": _ms(_given(params.since, "since")),
+        "until_ms": _ms(_given(params.until, "until")),
+    }
     if client is not None:
         where += " AND client_id = {client:String}"
         bound["client"] = client
@@ -93,7 +108,7 @@ def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def usage(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """Token totals in [since, until) grouped by client, department, model, hour or day."""
-    name, expr = _GROUP_EXPR[params.by]
+    name, expr = _GROUP_EXPR[_given(params.by, "by")]
     where, bound = _range("window_start", params, client)
     extra = "argMax(department, window_start) AS dept," if params.by == "client" else ""
     order = f"{name}" if params.by in ("hour", "day") else f"sum(total_tokens) DESC, {name}"
@@ -137,7 +152,10 @@ def top(store: Store, params: ReportParams, client: str | None = None) -> list[d
 def month_tokens(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """Tokens per (department, client, model) in one calendar month (UTC): the input of the
     cost report, which prices them with the caller's price table (see prices.cost_report)."""
-    bound: dict[str, Any] = {"since_ms": _ms(params.month_start), "until_ms": _ms(params.month_end)}
+    bound: dict[str, Any] = {
+        "since_ms": _ms(_given(params.month_start, "month")),
+        "until_ms": _ms(_given(params.month_end, "month")),
+    }
     scope = ""
     if client is not None:
         scope, bound["client"] = " AND client_id = {client:String}", client

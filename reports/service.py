@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import logging
 import signal
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenaudit.settings import Settings
 
 log = logging.getLogger("tokenaudit.api")
 
 
-def run_api(settings) -> int:
+def run_api(settings: Settings) -> int:
     import uvicorn
 
     from tokenaudit.infra.store import Store
@@ -35,7 +40,7 @@ def run_api(settings) -> int:
             )
         )
 
-        def on_signal(signum, frame) -> None:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
             server.should_exit = True
 
         # uvicorn re-raises the signal after its graceful shutdown; this handler takes it then

@@ -23,7 +23,9 @@ with the error envelope before any SQL runs. Answers are ``{"report", "scope", "
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -31,11 +33,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tokenaudit.infra.keys import AuthError, KeyRegistry, marker_path
-from tokenaudit.reports.params import REPORT_PARAMS, QueryParamError, parse_report_params
+from tokenaudit.errors import QueryParamError
+from tokenaudit.infra.keys import ApiKey, AuthError, KeyRegistry, marker_path
+from tokenaudit.reports.params import REPORT_PARAMS, parse_report_params
 from tokenaudit.reports.queries import iso_utc, run_report, settled_until
-from tokenaudit.reports.verify import API_PATH, admin_verify_endpoint
+from tokenaudit.reports.verify import API_PATH
+from tokenaudit.reports.verify_route import admin_verify_endpoint
 from tokenaudit.schemas.http_errors import error_response
+
+if TYPE_CHECKING:
+    from tokenaudit.infra.store import Store
+    from tokenaudit.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,7 @@ def _error(status: int, code: str, message: str, param: str | None = None) -> Re
     return error_response(status, code, message, param)
 
 
-def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
+def create_app(store: Store, settings: Settings, keys_path: Path | None = None) -> Starlette:
     """The usage API over ``store``; keys come from the registry named by ``settings`` (the
     same module, rules and reload as the inference app: revoked or expired keys stop working
     within a second; a missing registry after one existed is a 503)."""
@@ -57,7 +65,7 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
     async def healthz(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    def authenticate(request: Request):
+    def authenticate(request: Request) -> ApiKey | Response:
         """The caller's key, or the error response to send (the usage API has no open mode)."""
         try:
             key = registry.authenticate(request.headers.get("authorization"), allow_open=False)
@@ -67,8 +75,8 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
             raise AssertionError("authenticate returned no key with allow_open=False")
         return key
 
-    def endpoint(report: str):
-        async def handle(request: Request) -> JSONResponse:
+    def endpoint(report: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
             key = authenticate(request)
             if isinstance(key, Response):
                 return key
@@ -102,10 +110,10 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
         return handle
 
     # messages take the path from the scope: request.url raises on a query string that is not UTF-8
-    async def not_found(request: Request, exc) -> Response:
+    async def not_found(request: Request, exc: Exception) -> Response:
         return _error(404, "not_found", f"no route {request.scope['path'][:200]}")
 
-    async def method_not_allowed(request: Request, exc) -> Response:
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
         return _error(
             405, "method_not_allowed", f"{request.method[:16]} is not allowed on {request.scope['path'][:200]}"
         )

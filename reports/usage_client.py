@@ -9,7 +9,8 @@ so they accept and reject exactly the same input and return the same rows.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -18,18 +19,25 @@ from tokenaudit.infra.keys import admin_key_path, read_api_key
 from tokenaudit.reports.params import parse_report_params
 from tokenaudit.reports.queries import run_report
 
+if TYPE_CHECKING:
+    from tokenaudit.infra.store import Store
+    from tokenaudit.settings import Settings
+
+#: raw report parameters as the CLI and the API take them (None or "": not given)
+RawParams = Mapping[str, str | None]
+
 
 class Reports(Protocol):
-    def fetch(self, report: str, params: dict[str, str]) -> list[dict[str, Any]]: ...
+    def fetch(self, report: str, params: RawParams) -> list[dict[str, Any]]: ...
 
 
 class DirectReports:
     """Reports straight from a Store (server mode, or embedded when no sink holds the store)."""
 
-    def __init__(self, store):
+    def __init__(self, store: Store) -> None:
         self.store = store
 
-    def fetch(self, report: str, params: dict[str, str]) -> list[dict[str, Any]]:
+    def fetch(self, report: str, params: RawParams) -> list[dict[str, Any]]:
         from clickhouse_connect.driver.exceptions import ClickHouseError as DriverError
 
         from tokenaudit.infra.clickhouse import ClickHouseError
@@ -45,12 +53,12 @@ class DirectReports:
 class ApiReports:
     """Reports from the usage API; ``http`` may be any httpx.Client (a Starlette TestClient too)."""
 
-    def __init__(self, base_url: str, api_key: str, timeout: float = 60.0, http: httpx.Client | None = None):
+    def __init__(self, base_url: str, api_key: str, timeout: float = 60.0, http: httpx.Client | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = http or httpx.Client(timeout=timeout)
         self.headers = {"Authorization": f"Bearer {api_key}"}
 
-    def fetch(self, report: str, params: dict[str, str]) -> list[dict[str, Any]]:
+    def fetch(self, report: str, params: RawParams) -> list[dict[str, Any]]:
         url = f"{self.base_url}/v1/{report}"
         try:
             response = self.http.get(url, params=_drop_empty(params), headers=self.headers)
@@ -67,25 +75,26 @@ class ApiReports:
             error = body.get("error") if isinstance(body, dict) else None
             message = error.get("message") if isinstance(error, dict) else None  # the OpenAI envelope
             raise UsageApiError(f"usage API: {message or f'HTTP {response.status_code}'}")
-        return body["rows"]
+        rows: list[dict[str, Any]] = body["rows"]  # the usage API's answer (reports/usage_api.py)
+        return rows
 
 
-def _drop_empty(params: dict[str, str | None]) -> dict[str, str]:
+def _drop_empty(params: RawParams) -> dict[str, str]:
     return {k: v for k, v in params.items() if v is not None and v != ""}
 
 
-def usage_api_url(settings) -> str:
+def usage_api_url(settings: Settings) -> str:
     return f"http://{settings.usage_api_host}:{settings.usage_api_port}"
 
 
 class _EmbeddedReports:
     """Embedded mode: the usage API if a sink serves it, else the (then free) store itself."""
 
-    def __init__(self, settings):
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._direct: DirectReports | None = None
 
-    def fetch(self, report: str, params: dict[str, str]) -> list[dict[str, Any]]:
+    def fetch(self, report: str, params: RawParams) -> list[dict[str, Any]]:
         if self._direct is None:
             key = read_api_key(self.settings)
             try:
@@ -115,7 +124,7 @@ class _EmbeddedReports:
             raise UsageApiError(f"{hint}; and the store cannot be opened directly: {exc}") from None
 
 
-def open_reports(settings) -> Reports:
+def open_reports(settings: Settings) -> Reports:
     """The right report source for these settings (see the module docstring)."""
     if settings.embedded_clickhouse:
         return _EmbeddedReports(settings)

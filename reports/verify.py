@@ -32,9 +32,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tokenaudit.errors import VerifyError
+
+if TYPE_CHECKING:
+    from tokenaudit.infra.store import Store
+    from tokenaudit.settings import Settings
 
 HOUR_MS = 3_600_000
 FIELDS = ("requests", "input_tokens", "output_tokens", "total_tokens")
@@ -58,7 +62,9 @@ class TopicScan:
     retained_from_ms: int | None = None  # set when retention cut into the range
 
 
-def scan_topic(settings, since_ms: int, until_ms: int, arrived_before_ms: int, timeout: float = 30.0) -> TopicScan:
+def scan_topic(
+    settings: Settings, since_ms: int, until_ms: int, arrived_before_ms: int, timeout: float = 30.0
+) -> TopicScan:
     """Distinct events with a window start in [since_ms, until_ms) on the usage topic, per bucket."""
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
@@ -89,7 +95,7 @@ def scan_topic(settings, since_ms: int, until_ms: int, arrived_before_ms: int, t
         wanted = [TopicPartition(topic, p, since_ms - SKEW_MS) for p in sorted(meta.partitions)]
         ends: dict[int, int] = {}
         cut: set[int] = set()
-        assignment = []
+        assignment: list[TopicPartition] = []
         for tp in consumer.offsets_for_times(wanted, timeout=timeout):
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=timeout)
             start = tp.offset if tp.offset >= 0 else high
@@ -109,13 +115,16 @@ def scan_topic(settings, since_ms: int, until_ms: int, arrived_before_ms: int, t
                 p = msg.partition()
                 err = msg.error()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
+                    if err.code() == KafkaError._PARTITION_EOF and p is not None:
                         ends.pop(p, None)
                         continue
                     raise VerifyError(f"reading {topic!r}: {err.str()}")
-                if p not in ends or msg.offset() >= ends[p]:
+                offset = msg.offset()
+                if p is None or offset is None:  # a record read from a partition carries both
+                    continue
+                if p not in ends or offset >= ends[p]:
                     continue  # arrived after the scan began: the next verify sees it
-                if msg.offset() + 1 >= ends[p]:
+                if offset + 1 >= ends[p]:
                     ends.pop(p)
                 arrived = msg.timestamp()[1]
                 if p in cut:
@@ -138,7 +147,7 @@ class _EventCounter:
         until_ms: int,
         arrived_before_ms: int,
         max_tokens: int = 10_000_000,
-    ):
+    ) -> None:
         from tokenaudit.schemas import EVENT, AvroDecodeError
         from tokenaudit.schemas.compiled import compile_decoder
         from tokenaudit.schemas.event_ids import event_id_of, id_hash64
@@ -146,11 +155,13 @@ class _EventCounter:
 
         self.scan, self.window_ms = scan, window_ms
         self.since_ms, self.until_ms, self.arrived_before_ms = since_ms, until_ms, arrived_before_ms
-        self.decode = compile_decoder(EVENT)
-        if self.decode is None:
+        decode = compile_decoder(EVENT)
+        if decode is None:
             raise AssertionError("token_usage_event is a flat record by contract")
+        self.decode: Callable[[bytes], dict[str, Any]] = decode
         self.decode_error = AvroDecodeError
-        self.validate = lambda ev: event_problem(ev, max_tokens)  # the worker's own rule and limit
+        self.max_tokens = max_tokens
+        self.event_problem = event_problem  # the worker's own rule, with its limit below
         self.event_id_of, self.id_hash64 = event_id_of, id_hash64
         self.seen: set[int] = set()
 
@@ -165,7 +176,7 @@ class _EventCounter:
         except self.decode_error:
             scan.undecodable += 1
             return
-        if self.validate(ev) is not None:  # the worker dead-letters it: it is not usage
+        if self.event_problem(ev, self.max_tokens) is not None:  # the worker dead-letters it: it is not usage
             scan.invalid += 1
             return
         ts = ev["ts"]
@@ -190,7 +201,7 @@ class _EventCounter:
 
 
 # --- the store side ----------------------------------------------------------------------------
-def store_totals(store, since_ms: int, until_ms: int, window_ms: int) -> list[dict[str, Any]]:
+def store_totals(store: Store, since_ms: int, until_ms: int, window_ms: int) -> list[dict[str, Any]]:
     """Rollup sums (and ledger event counts, where the ledger exists) per (client, model,
     hour of window start) for window starts in [since_ms, until_ms)."""
     bound = {"since_ms": since_ms, "until_ms": until_ms}
@@ -227,7 +238,7 @@ def store_totals(store, since_ms: int, until_ms: int, window_ms: int) -> list[di
     return sorted(out.values(), key=lambda r: (r["hour_ms"], r["client_id"], r["model"]))
 
 
-def _has_ledger(store) -> bool:
+def _has_ledger(store: Store) -> bool:
     found = store.query(
         "SELECT count() AS n FROM system.tables WHERE database = {d:String} AND name = 'usage_requests'",
         {"d": store.database},
@@ -238,7 +249,7 @@ def _has_ledger(store) -> bool:
 class DirectTotals:
     """The store side from a Store this process opened."""
 
-    def __init__(self, store, window_ms: int):
+    def __init__(self, store: Store, window_ms: int) -> None:
         self.store, self.window_ms = store, window_ms
 
     def fetch(self, since_ms: int, until_ms: int) -> list[dict[str, Any]]:
@@ -248,12 +259,13 @@ class DirectTotals:
 class EmbeddedTotals:
     """Embedded mode: the sink's admin route if a sink serves the store, else the (then free) store."""
 
-    def __init__(self, settings):
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     def fetch(self, since_ms: int, until_ms: int) -> list[dict[str, Any]]:
+        from tokenaudit.errors import UsageApiError, UsageApiUnreachable
         from tokenaudit.infra.keys import read_api_key
-        from tokenaudit.reports.usage_client import ApiReports, UsageApiError, UsageApiUnreachable, usage_api_url
+        from tokenaudit.reports.usage_client import ApiReports, usage_api_url
 
         key = read_api_key(self.settings)
         if key is not None:
@@ -278,7 +290,13 @@ class EmbeddedTotals:
             store.close()
 
 
-def open_totals(settings):
+class Totals(Protocol):
+    """The store side of a verify: rollup and ledger sums per bucket (see store_totals)."""
+
+    def fetch(self, since_ms: int, until_ms: int) -> list[dict[str, Any]]: ...
+
+
+def open_totals(settings: Settings) -> Totals:
     if settings.embedded_clickhouse:
         return EmbeddedTotals(settings)
     from tokenaudit.infra.store import Store
@@ -333,7 +351,9 @@ class VerifyReport:
         }
 
 
-def reconcile(scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int) -> tuple[int, list, list, bool]:
+def reconcile(
+    scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int
+) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]], bool]:
     """(buckets compared, drift rows, pending buckets, ledger present) for the buckets of the
     hours from the one holding ``since_ms`` on (both sides were already cut at the window
     start; a partial first hour is compared like any other)."""
@@ -346,7 +366,8 @@ def reconcile(scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int) 
     stored = {(r["client_id"], r["model"], r["hour_ms"]): r for r in store_rows if r["hour_ms"] >= since_ms}
     ledger = any(r.get("events") is not None for r in store_rows)
     keys = sorted({k for k in scan.totals if k[2] >= since_ms} | set(stored), key=lambda k: (k[2], k[0], k[1]))
-    drift, pending = [], []
+    drift: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
     compared = 0
     for key in keys:
         if key in scan.pending:
@@ -381,7 +402,12 @@ def reconcile(scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int) 
 
 
 def run_verify(
-    settings, since: str, until: str | None, now: datetime | None = None, totals=None, timeout: float = 30.0
+    settings: Settings,
+    since: str,
+    until: str | None,
+    now: datetime | None = None,
+    totals: Totals | None = None,
+    timeout: float = 30.0,
 ) -> VerifyReport:
     """Reconcile [since, until) (report time forms: 24h, 7d, ISO) up to the settled instant."""
     from tokenaudit.reports.params import parse_time
@@ -432,41 +458,3 @@ def run_verify(
 
 def _ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
-
-
-# --- the admin route (served by the process that owns the store) -------------------------------
-def admin_verify_endpoint(store, settings, authenticate: Callable[[Any], Any], error: Callable[..., Any]):
-    """``GET /v1/admin/verify?since_ms=&until_ms=``: the store side of a verify, admin keys only.
-
-    ``authenticate(request)`` returns the caller's key or the error response to send, and
-    ``error(status, code, message[, param])`` makes the API's error response (the envelope);
-    both come from the usage API, so this route
-    authenticates and answers exactly like the others."""
-    from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-
-    async def handle(request: Request):
-        key = authenticate(request)
-        if isinstance(key, Response):
-            return key
-        if not key.is_admin:
-            return error(403, "admin_key_required", "verify needs an admin key")
-        items = request.query_params.multi_items()
-        params = dict(items)
-        if len(items) != 2 or set(params) != {"since_ms", "until_ms"}:
-            return error(
-                400, "invalid_parameter", "verify: expected exactly since_ms and until_ms (epoch milliseconds)"
-            )
-        bounds = []
-        for name in ("since_ms", "until_ms"):
-            text = params[name]
-            if not (text.isascii() and text.isdigit() and len(text) <= 15):  # "²".isdigit() is True
-                return error(400, "invalid_parameter", f"{name}: expected epoch milliseconds, got {text[:32]!r}", name)
-            bounds.append(int(text))
-        if bounds[1] <= bounds[0]:
-            return error(400, "invalid_parameter", "until_ms: must be after since_ms", "until_ms")
-        rows = await run_in_threadpool(store_totals, store, bounds[0], bounds[1], settings.window_seconds * 1000)
-        return JSONResponse({"report": "verify", "scope": "*", "rows": rows})
-
-    return handle

@@ -17,7 +17,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential_jitter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_never,
+    wait_exponential_jitter,
+)
 
 from tokenaudit.errors import WebhookError, WebhookRejected
 from tokenaudit.reports.queries import _jsonable
@@ -49,7 +56,7 @@ class WebhookForwarder:
         backoff_max: float = 30.0,
         give_up_after: float | None = None,
         on_retry: Callable[[int, str], None] | None = None,
-    ):
+    ) -> None:
         self.url = validate_url(url)
         self.http = httpx.Client(timeout=timeout)
         self.backoff_max = backoff_max
@@ -73,7 +80,8 @@ class WebhookForwarder:
                     self._post(body, headers)
         except _Retryable as exc:
             raise WebhookError(f"webhook {self.url}: gave up after {self.give_up_after}s: {exc}") from None
-        return retrying.statistics["attempt_number"]
+        attempts: int = retrying.statistics["attempt_number"]  # tenacity's statistics are an untyped dict
+        return attempts
 
     def _post(self, body: bytes, headers: dict[str, str]) -> None:
         try:
@@ -87,8 +95,8 @@ class WebhookForwarder:
             raise _Retryable(f"HTTP {status}")
         raise WebhookRejected(f"webhook {self.url} rejected the anomaly: HTTP {status} {response.text[:200]!r}")
 
-    def _before_sleep(self, state) -> None:
-        reason = str(state.outcome.exception())
+    def _before_sleep(self, state: RetryCallState) -> None:
+        reason = str(state.outcome.exception()) if state.outcome is not None else "no outcome"
         log.warning("webhook %s: attempt %d failed (%s); retrying", self.url, state.attempt_number, reason)
         if self.on_retry:
             self.on_retry(state.attempt_number, reason)

@@ -6,12 +6,12 @@ builders (``records``), ClickHouse column lists (``columns``), the event rule
 (``validation``), identifiers, event ids, and the HTTP error envelope (``http_errors``).
 """
 
+from tokenaudit.errors import AvroDecodeError
 from tokenaudit.schemas.codec import (
     ANOMALY,
     EVENT,
     ROLLUP,
     SAMPLED,
-    AvroDecodeError,
     SchemaCatalog,
     catalog,
     decode,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -33,7 +34,7 @@ SAMPLED = "sampled_record"
 class SchemaVersion:
     name: str
     version: int
-    raw: dict
+    raw: dict[str, Any]
     parsed: Any
     fingerprint: bytes
 
@@ -42,7 +43,7 @@ class SchemaVersion:
         return MAGIC + self.fingerprint
 
 
-def _parse(raw: dict) -> Any:
+def _parse(raw: dict[str, Any]) -> Any:
     # A fresh named-types dict per schema: two versions of the same record must not collide.
     return parse_schema(_uuids_as_text(raw), named_schemas={})
 
@@ -64,7 +65,7 @@ def _uuids_as_text(schema: Any) -> Any:
     return schema
 
 
-def schema_fingerprint(raw: dict) -> bytes:
+def schema_fingerprint(raw: dict[str, Any]) -> bytes:
     """CRC-64-AVRO of the canonical form, as the 8 little-endian bytes the wire format carries."""
     return bytes.fromhex(fingerprint(to_parsing_canonical_form(raw), "CRC-64-AVRO"))
 
@@ -82,7 +83,7 @@ class SchemaCatalog:
     by_name: dict[str, list[SchemaVersion]] = field(default_factory=dict)
     _resolved: dict[tuple[bytes, str], Any] = field(default_factory=dict)
 
-    def add(self, name: str, version: int, raw: dict) -> SchemaVersion:
+    def add(self, name: str, version: int, raw: dict[str, Any]) -> SchemaVersion:
         sv = SchemaVersion(name, version, raw, _parse(raw), schema_fingerprint(raw))
         self.by_fingerprint[sv.fingerprint] = sv
         versions = self.by_name.setdefault(name, [])
@@ -113,7 +114,7 @@ class SchemaCatalog:
         return found
 
     # --- encoding --------------------------------------------------------------------------
-    def encode(self, name: str, record: dict, version: int | None = None) -> bytes:
+    def encode(self, name: str, record: Mapping[str, Any], version: int | None = None) -> bytes:
         sv = self.current(name) if version is None else self.version(name, version)
         buf = io.BytesIO()
         buf.write(sv.header)
@@ -133,7 +134,7 @@ class SchemaCatalog:
             raise AvroDecodeError(f"unknown writer schema fingerprint {fp.hex()}")
         return sv
 
-    def decode(self, data: bytes, name: str | None = None) -> dict:
+    def decode(self, data: bytes, name: str | None = None) -> dict[str, Any]:
         """Decode against the current reader schema of ``name`` (default: the writer's name)."""
         writer = self.writer_of(data)
         reader_name = name or writer.name
@@ -150,6 +151,8 @@ class SchemaCatalog:
             raise AvroDecodeError(f"corrupt or truncated {writer.name} v{writer.version} body: {exc!r}") from None
         except Exception as exc:  # fastavro raises assorted types on garbage; normalise them all
             raise AvroDecodeError(f"undecodable {writer.name} v{writer.version} body: {exc!r}") from None
+        if not isinstance(record, dict):  # every schema in avsc/ is a record: fastavro reads a dict
+            raise AvroDecodeError(f"{writer.name} v{writer.version} is not a record schema")
         if body.tell() != len(data) - HEADER_LEN:
             raise AvroDecodeError(
                 f"{len(data) - HEADER_LEN - body.tell()} trailing bytes after the {writer.name} record"
@@ -160,9 +163,9 @@ class SchemaCatalog:
 catalog = SchemaCatalog.load_builtin()
 
 
-def encode(name: str, record: dict, version: int | None = None) -> bytes:
+def encode(name: str, record: Mapping[str, Any], version: int | None = None) -> bytes:
     return catalog.encode(name, record, version)
 
 
-def decode(data: bytes, name: str | None = None) -> dict:
+def decode(data: bytes, name: str | None = None) -> dict[str, Any]:
     return catalog.decode(data, name)

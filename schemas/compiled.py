@@ -22,24 +22,35 @@ resolved by fastavro), and raise the same :class:`AvroDecodeError` type on bad b
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tokenaudit.schemas.codec import HEADER_LEN, AvroDecodeError, catalog
+from tokenaudit.errors import AvroDecodeError
+from tokenaudit.schemas.codec import HEADER_LEN, SchemaVersion, catalog
 from tokenaudit.schemas.codec import decode as generic_decode
 from tokenaudit.schemas.codec import encode as generic_encode
+
+if TYPE_CHECKING:
+    from tokenaudit.schemas._native import FlatCodec
 
 # The same codecs in C (schemas/_native.pyx, built by setup.py with Cython): ~5x faster
 # again. Optional: without a C compiler the generated Python below is used.
 _NATIVE_ABI = 2
+_flat_codec: type[FlatCodec] | None = None
 try:
     from tokenaudit.schemas import _native
+
+    if getattr(_native, "ABI_VERSION", None) == _NATIVE_ABI:  # a stale build from another .pyx is not trusted
+        _flat_codec = _native.FlatCodec
 except ImportError:  # not built
-    _native = None
-if _native is not None and getattr(_native, "ABI_VERSION", None) != _NATIVE_ABI:
-    _native = None  # a stale build from another version of the .pyx: do not trust it
-NATIVE = _native is not None
+    pass
+NATIVE = _flat_codec is not None
+
+#: what compile_encoder returns: any mapping with the schema's fields (a typed record included)
+Encoder = Callable[[Mapping[str, Any]], bytes]
+#: what compile_decoder returns
+Decoder = Callable[[bytes], dict[str, Any]]
 
 _VARINT_CACHE = 1 << 14
 _double = struct.Struct("<d").pack
@@ -71,6 +82,12 @@ def _varint_memo(n: int) -> bytes:
     return b
 
 
+def _native_codec() -> type[FlatCodec]:
+    if _flat_codec is None:
+        raise RuntimeError("the native codec (schemas/_native.pyx) is not built, or is a stale build")
+    return _flat_codec
+
+
 class _Unsupported(Exception):
     pass
 
@@ -89,7 +106,7 @@ def _is_timestamp(ftype: Any) -> bool:
     return isinstance(ftype, dict) and ftype.get("logicalType") == "timestamp-millis"
 
 
-def _timestamp_fields(raw: dict) -> list[str]:
+def _timestamp_fields(raw: dict[str, Any]) -> list[str]:
     return [f["name"] for f in raw["fields"] if _is_timestamp(f["type"])]
 
 
@@ -121,9 +138,9 @@ def _encode_snippet(ftype: Any, var: str) -> str:
     raise _Unsupported
 
 
-def _field_program(raw: dict) -> list[tuple[str, str, bool]] | None:
+def _field_program(raw: dict[str, Any]) -> list[tuple[str, str, bool]] | None:
     """(name, type, nullable) per field, for the native codec; None if not flat."""
-    program = []
+    program: list[tuple[str, str, bool]] = []
     for f in raw["fields"]:
         ftype, nullable = f["type"], False
         if isinstance(ftype, list) and len(ftype) == 2 and ftype[0] == "null":
@@ -135,7 +152,7 @@ def _field_program(raw: dict) -> list[tuple[str, str, bool]] | None:
     return program
 
 
-def compile_encoder(name: str, memo_large: bool = False, native: bool | None = None) -> Callable[[dict], bytes] | None:
+def compile_encoder(name: str, memo_large: bool = False, native: bool | None = None) -> Encoder | None:
     """A fast encoder for the current ``name`` schema, or None when the schema is not flat.
 
     Byte-identical to :func:`tokenaudit.schemas.encode`; a value it does not handle (a
@@ -149,7 +166,7 @@ def compile_encoder(name: str, memo_large: bool = False, native: bool | None = N
         program = _field_program(sv.raw)
         if program is None:
             return None
-        return _native.FlatCodec(program, sv.header, _BadValue, lambda r: generic_encode(name, r)).encode
+        return _native_codec()(program, sv.header, _BadValue, lambda r: generic_encode(name, r)).encode
     lines = ["def encode(r):", "    o = [H]", "    a = o.append", "    try:"]
     try:
         for i, f in enumerate(sv.raw["fields"]):
@@ -160,7 +177,7 @@ def compile_encoder(name: str, memo_large: bool = False, native: bool | None = N
     except _Unsupported:
         return None
     lines += ["    except (U, KeyError, UnicodeEncodeError):", "        return G(NAME, r)", "    return b''.join(o)"]
-    namespace = {
+    namespace: dict[str, Any] = {
         "H": sv.header,
         "S": _SMALL,
         "C": _VARINT_CACHE,
@@ -171,7 +188,8 @@ def compile_encoder(name: str, memo_large: bool = False, native: bool | None = N
         "NAME": name,
     }
     exec(compile("\n".join(lines), f"<avro encoder {name} v{sv.version}>", "exec"), namespace)
-    return namespace["encode"]
+    encoder: Encoder = namespace["encode"]  # generated above: exec's namespace is untyped
+    return encoder
 
 
 # --- decoding ----------------------------------------------------------------------------------
@@ -242,7 +260,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 
 
-def _as_epoch_ms(record: dict, fields: list[str]) -> dict:
+def _as_epoch_ms(record: dict[str, Any], fields: list[str]) -> dict[str, Any]:
     for name in fields:
         value = record.get(name)
         if isinstance(value, datetime):
@@ -250,7 +268,7 @@ def _as_epoch_ms(record: dict, fields: list[str]) -> dict:
     return record
 
 
-def compile_decoder(name: str, native: bool | None = None) -> Callable[[bytes], dict] | None:
+def compile_decoder(name: str, native: bool | None = None) -> Decoder | None:
     """A fast decoder of single-object messages holding a ``name`` record, or None when the
     schema is not flat. Timestamp-millis fields come back as int epoch ms, whichever path
     read them; bad bytes raise :class:`AvroDecodeError`. ``native``: the C codec (default:
@@ -262,7 +280,7 @@ def compile_decoder(name: str, native: bool | None = None) -> Callable[[bytes], 
         program = _field_program(sv.raw)
         if program is None:
             return None
-        return _wrap_decoder(name, sv, _native.FlatCodec(program, sv.header, _BadValue, None).decode_body)
+        return _wrap_decoder(name, sv, _native_codec()(program, sv.header, _BadValue, None).decode_body)
     fields = sv.raw["fields"]
     lines = ["def body(d):", f"    i = {HEADER_LEN}", "    L = len(d)"]
     try:
@@ -272,18 +290,19 @@ def compile_decoder(name: str, native: bool | None = None) -> Callable[[bytes], 
         return None
     lines.append("    if i != L: raise B('%d trailing bytes after the record' % (L - i))")
     lines.append("    return {" + ", ".join(f"{f['name']!r}: v{k}" for k, f in enumerate(fields)) + "}")
-    namespace = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue}
+    namespace: dict[str, Any] = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue}
     exec(compile("\n".join(lines), f"<avro decoder {name} v{sv.version}>", "exec"), namespace)
-    return _wrap_decoder(name, sv, namespace["body"])
+    body: Decoder = namespace["body"]  # generated above: exec's namespace is untyped
+    return _wrap_decoder(name, sv, body)
 
 
-def _wrap_decoder(name: str, sv: Any, body: Callable[[bytes], dict]) -> Callable[[bytes], dict]:
+def _wrap_decoder(name: str, sv: SchemaVersion, body: Decoder) -> Decoder:
     """Header check, other writer versions, and one error type around a body decoder."""
     stamps = _timestamp_fields(sv.raw)
     header = sv.header
     label = f"{name} v{sv.version}"
 
-    def decode(data: bytes) -> dict:
+    def decode(data: bytes) -> dict[str, Any]:
         if data.__class__ is not bytes or data[:HEADER_LEN] != header:
             # another writer version (resolved by fastavro), or the codec's error for bad bytes
             record = generic_decode(data, name)

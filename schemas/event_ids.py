@@ -16,6 +16,7 @@ import binascii
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +34,7 @@ def _canonical(value: Any) -> Any:
     return (value - _EPOCH) // timedelta(milliseconds=1) if isinstance(value, datetime) else value
 
 
-def derived_event_id(event: dict[str, Any]) -> str:
+def derived_event_id(event: Mapping[str, Any]) -> str:
     """A stable UUIDv8 text for an event without ``event_id``, from its decoded fields."""
     fields = {k: _canonical(v) for k, v in event.items() if k not in _NOT_HASHED and v is not None}
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=True)
@@ -44,7 +45,7 @@ def derived_event_id(event: dict[str, Any]) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def event_id_of(event: dict[str, Any]) -> str:
+def event_id_of(event: Mapping[str, Any]) -> str:
     """The event's identity: its ``event_id``, or the derived one when it has none."""
     event_id = event.get("event_id")
     return event_id if event_id else derived_event_id(event)
@@ -69,6 +70,11 @@ def id_bytes(event_id: str) -> bytes | None:
     except ValueError:
         return None
     return raw if len(raw) == ID_BYTES else None  # fromhex skips whitespace: fewer bytes
+
+
+def derived_id_bytes(event: Mapping[str, Any]) -> bytes:
+    """The 16 bytes of :func:`derived_event_id` (UUIDv8 text, so always 16 bytes)."""
+    return bytes.fromhex(derived_event_id(event).replace("-", ""))
 
 
 # Packed id sets: the 16-byte ids of a set of events back to back, as base64 text (the

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.responses import Response
 
 #: status -> OpenAI error type (anything else: invalid_request_error below 500, server_error from 500)
 ERROR_TYPES = {
@@ -47,7 +50,7 @@ def error_body(status: int, code: str, message: str, param: str | None = None) -
 
 def error_response(
     status: int, code: str, message: str, param: str | None = None, headers: Mapping[str, str] | None = None
-):
+) -> Response:
     """A Starlette response carrying the envelope (routes and exception handlers)."""
     from starlette.responses import Response
 
@@ -60,7 +63,7 @@ def error_response(
 
 
 async def send_error(
-    send: Callable[[dict], Awaitable[None]],
+    send: Callable[[dict[str, Any]], Awaitable[None]],
     status: int,
     code: str,
     message: str,

@@ -15,6 +15,8 @@ no call) and calls :func:`event_problem` only for the reason of a rejection.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from tokenaudit.schemas.event_ids import is_uuid_text
 from tokenaudit.schemas.identifiers import identifier_problem
@@ -26,7 +28,7 @@ EVENT_IDENTIFIERS = (("client_id", True), ("model", True), ("department", False)
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "total_tokens")
 
 
-def event_problem(ev: dict, max_tokens: int = DEFAULT_MAX_TOKENS) -> str | None:
+def event_problem(ev: Mapping[str, Any], max_tokens: int = DEFAULT_MAX_TOKENS) -> str | None:
     """Why an event is unusable (``"invalid: ..."``), or None."""
     for name, required in EVENT_IDENTIFIERS:
         value = ev.get(name)

@@ -19,7 +19,7 @@ from tokenaudit.sinks.sink import Sink
 class SinkCollector:
     """Reads the sink's counters at scrape time (no second set of counters to keep in step)."""
 
-    def __init__(self, sink: Sink):
+    def __init__(self, sink: Sink) -> None:
         self.sink = sink
 
     def collect(self) -> Iterator[Metric]:
@@ -67,7 +67,7 @@ def _counter(name: str, doc: str, value: int) -> CounterMetricFamily:
 
 def metrics_route(sink: Sink) -> Route:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SinkCollector(sink))  # type: ignore[arg-type]
+    registry.register(SinkCollector(sink))
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from typing import Any
 
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError, OperationalError
 
@@ -56,7 +57,7 @@ def is_data_error(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, TypeError, OverflowError, struct.error))
 
 
-def rejected_row(table: str, record: dict, exc: BaseException) -> list[str]:
+def rejected_row(table: str, record: dict[str, Any], exc: BaseException) -> list[str]:
     """The ``rejected_rows`` row of a refused record: its table, why (naming the column and the
     value when the client could not encode it), and the record as JSON."""
     reason = " ".join(str(exc).split())[:1000] or type(exc).__name__

@@ -5,6 +5,7 @@ list in :mod:`tokenaudit.schemas.columns`), batch dedup keys, and the late-delta
 from __future__ import annotations
 
 from operator import itemgetter
+from typing import Any
 
 from tokenaudit.schemas import columns
 from tokenaudit.schemas.event_ids import ids_contain, pack_ids, unpack_ids
@@ -23,6 +24,9 @@ rollup_key = itemgetter(*columns.ROLLUP_KEY)
 sampled_key = itemgetter(*columns.SAMPLED_KEY)
 anomaly_key = itemgetter(*columns.ANOMALY_KEY)
 
+#: a record as the sink decodes it from its topic (the output schemas' fields, timestamps as epoch ms)
+Record = dict[str, Any]
+
 
 # itemgetter: one C call per row (the sink builds tens of thousands of rows a second)
 rollup_row = itemgetter(*ROLLUP_COLUMNS)
@@ -31,7 +35,7 @@ rollup_row = itemgetter(*ROLLUP_COLUMNS)
 _SAMPLED_TRUNCATED = SAMPLED_COLUMNS.index("truncated")
 
 
-def sampled_row(r: dict) -> list:
+def sampled_row(r: Record) -> list[Any]:
     row = [r[c] for c in SAMPLED_COLUMNS]
     row[_SAMPLED_TRUNCATED] = int(bool(r["truncated"]))
     return row
@@ -40,7 +44,7 @@ def sampled_row(r: dict) -> list:
 anomaly_row = itemgetter(*ANOMALY_COLUMNS)
 
 
-def merge_delta(current: dict | None, delta: dict) -> dict:
+def merge_delta(current: Record | None, delta: Record) -> Record:
     """A stored rollup row plus a one-event late delta (its id joins the row's event_ids)."""
     if current is None:
         merged = {c: delta[c] for c in ROLLUP_COLUMNS}
@@ -63,7 +67,7 @@ def merge_delta(current: dict | None, delta: dict) -> dict:
     return merged
 
 
-def delta_skip(current: dict | None, delta: dict) -> str | None:
+def delta_skip(current: Record | None, delta: Record) -> str | None:
     """Why the stored row already counts the delta's event, or None (merge it).
 
     ``"replayed"``: this very delta was merged (its id is in late_ids), or its source offset is
@@ -82,10 +86,10 @@ def delta_skip(current: dict | None, delta: dict) -> str | None:
     return None
 
 
-def delta_included(current: dict | None, delta: dict) -> bool:
+def delta_included(current: Record | None, delta: Record) -> bool:
     return delta_skip(current, delta) is not None
 
 
-def merged_rollup_row(r: dict) -> list:
+def merged_rollup_row(r: Record) -> list[Any]:
     """A rollup row with the ids of the late deltas it merged."""
     return [r[c] for c in MERGED_ROLLUP_COLUMNS]

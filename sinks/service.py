@@ -19,6 +19,8 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,6 +29,9 @@ from starlette.routing import Route
 
 from tokenaudit.infra.store import Store
 
+if TYPE_CHECKING:
+    from tokenaudit.settings import Settings
+
 log = logging.getLogger("tokenaudit.sink")
 
 
@@ -34,7 +39,7 @@ async def _healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-def run_sink(settings, api: Callable[[Store], Starlette] | None = None) -> int:
+def run_sink(settings: Settings, api: Callable[[Store], Starlette] | None = None) -> int:
     """Run until SIGTERM/SIGINT; the exit code (1 if the sink loop failed)."""
     import uvicorn
 
@@ -65,7 +70,7 @@ def run_sink(settings, api: Callable[[Store], Starlette] | None = None) -> int:
         finally:
             server.should_exit = True
 
-    def on_signal(signum, frame) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
         server.should_exit = True
 

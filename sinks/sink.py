@@ -26,12 +26,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 from tenacity import (
+    RetryCallState,
     Retrying,
     retry_if_exception,
+    sleep_using_event,
     stop_after_delay,
     stop_any,
     stop_when_event_set,
@@ -41,9 +43,17 @@ from tenacity import (
 from tokenaudit.infra.kafka_clients import kafka_config, producer_config
 from tokenaudit.infra.store import Store
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, AvroDecodeError
-from tokenaudit.schemas.compiled import compile_decoder
+from tokenaudit.schemas.compiled import Decoder, compile_decoder
 from tokenaudit.sinks import rows as R
 from tokenaudit.sinks.rejected import is_data_error, rejected_row
+
+if TYPE_CHECKING:
+    from tenacity.stop import stop_base
+
+    from tokenaudit.settings import Settings
+
+#: a table's natural key, as the column getters of sinks/rows.py return it
+RowKey = tuple[Any, ...]
 
 log = logging.getLogger("tokenaudit.sink")
 
@@ -73,10 +83,10 @@ class SinkCounters:
 
 @dataclass
 class Batch:
-    rollups: dict = field(default_factory=dict)
-    sampled: dict = field(default_factory=dict)
-    anomalies: dict = field(default_factory=dict)
-    deltas: list = field(default_factory=list)
+    rollups: dict[RowKey, R.Record] = field(default_factory=dict)
+    sampled: dict[RowKey, R.Record] = field(default_factory=dict)
+    anomalies: dict[RowKey, R.Record] = field(default_factory=dict)
+    deltas: list[R.Record] = field(default_factory=list)
     messages: int = 0
     started: float = 0.0
 
@@ -90,13 +100,13 @@ class Sink:
 
     def __init__(
         self,
-        settings,
+        settings: Settings,
         store: Store,
         group_id: str | None = None,
         *,
         consumer: Consumer | None = None,
         dlq_producer: Producer | None = None,
-    ):
+    ) -> None:
         self.s = settings
         self.store = store
         self.counters = SinkCounters()
@@ -109,9 +119,12 @@ class Sink:
         # to DateTime64(3) columns as they are (no datetime objects made and taken apart per
         # row): ~5x less CPU per record than fastavro with datetimes, which matters when the
         # sink shares the worker's host.
-        self._decoders = {name: compile_decoder(name) for name in (ROLLUP, SAMPLED, ANOMALY)}
-        if not all(self._decoders.values()):
-            raise AssertionError("the output schemas are flat by contract")
+        self._decoders: dict[str, Decoder] = {}
+        for name in (ROLLUP, SAMPLED, ANOMALY):
+            decoder = compile_decoder(name)
+            if decoder is None:
+                raise AssertionError("the output schemas are flat by contract")
+            self._decoders[name] = decoder
         self.consumer = (
             consumer
             if consumer is not None
@@ -159,9 +172,10 @@ class Sink:
     def poll(self, timeout: float = 0.2, stop: threading.Event | None = None) -> None:
         msgs = self.consumer.consume(num_messages=min(self.s.sink_batch_rows, 10_000), timeout=timeout)
         for msg in msgs:
-            if msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", msg.error())
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
                 continue
             self._add(msg)
         b = self.batch
@@ -171,16 +185,19 @@ class Sink:
             self.flush(stop)
 
     # --- the flush protocol: 1. batch, 2. deduplicate, 3. insert, 4. commit --------------------
-    def _add(self, msg) -> None:
+    def _add(self, msg: Message) -> None:
         """1. Batch a consumed record; 2. deduplicate by key (the highest rollup version wins)."""
         b = self.batch
         if not b.messages:
             b.started = time.monotonic()
         b.messages += 1
         self.counters.messages += 1
-        name = self.topics[msg.topic()]
+        name = self.topics[msg.topic() or ""]  # a consumed record names its topic
+        value = msg.value()
         try:
-            r = self._decoders[name](msg.value())
+            if value is None:
+                raise AvroDecodeError("a record without a value (a tombstone)")
+            r = self._decoders[name](value)
         except AvroDecodeError as exc:
             self._dead(msg, f"sink undecodable: {exc}")
             return
@@ -195,12 +212,13 @@ class Sink:
             if cur is None or cur["version"] <= r["version"]:
                 b.rollups[key] = r
         else:
+            keyed: dict[RowKey, R.Record]
             keyed, key = (b.sampled, R.sampled_key(r)) if name == SAMPLED else (b.anomalies, R.anomaly_key(r))
             if key in keyed:
                 self.counters.batch_duplicates += 1
             keyed[key] = r
 
-    def _dead(self, msg, reason: str) -> None:
+    def _dead(self, msg: Message, reason: str) -> None:
         self.counters.undecodable += 1
         log.warning("%s (%s[%d]@%d)", reason, msg.topic(), msg.partition(), msg.offset())
         if self._dlq is None:
@@ -211,14 +229,14 @@ class Sink:
             value=msg.value(),
             headers=[
                 ("reason", reason[:500].encode()),
-                ("source_topic", msg.topic().encode()),
+                ("source_topic", (msg.topic() or "").encode()),
                 ("source_partition", str(msg.partition()).encode()),
                 ("source_offset", str(msg.offset()).encode()),
             ],
         )
         self._dlq.poll(0)
 
-    def _on_revoke(self, consumer, partitions) -> None:
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not self.flush(stop=self._stop, within=self.s.sink_shutdown_seconds):
             # Not stored, so not committed: whoever owns the partitions next reads them again
             # (a re-assigned partition restarts at its committed offset).
@@ -233,14 +251,14 @@ class Sink:
         b = self.batch
         if not b.messages:
             return True
-        ends = [stop_when_event_set(stop)] if stop is not None else []
+        ends: list[stop_base] = [stop_when_event_set(stop)] if stop is not None else []
         if within is not None:
             ends.append(stop_after_delay(within))
         retrying = Retrying(
             retry=retry_if_exception(lambda exc: True),
             wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             stop=stop_any(*ends) if ends else (lambda state: False),
-            sleep=stop.wait if stop is not None else time.sleep,
+            sleep=sleep_using_event(stop) if stop is not None else time.sleep,
             before_sleep=self._insert_failed,
             reraise=True,
         )
@@ -263,9 +281,9 @@ class Sink:
             log.info("commit skipped: %s", exc)
         self.counters.batches += 1
 
-    def _insert_failed(self, retry_state) -> None:
+    def _insert_failed(self, retry_state: RetryCallState) -> None:
         self.counters.insert_errors += 1
-        exc = retry_state.outcome.exception()
+        exc = retry_state.outcome.exception() if retry_state.outcome is not None else None
         text = str(exc).splitlines()[0][:300] if str(exc) else repr(exc)
         log.error("insert failed (store unavailable?), retrying in %.1f s: %s", retry_state.upcoming_sleep, text)
 
@@ -291,7 +309,9 @@ class Sink:
             self._merge_deltas(b.deltas)
             b.deltas = []
 
-    def _store(self, table: str, records: list[dict], columns: Sequence[str], to_row: Callable[[dict], Any]) -> int:
+    def _store(
+        self, table: str, records: list[R.Record], columns: Sequence[str], to_row: Callable[[R.Record], Any]
+    ) -> int:
         """Insert ``records``; when ClickHouse refuses them as data, split until the refused
         rows are isolated (into rejected_rows) and store the rest. Returns the rows stored.
         Other errors (the store is down) propagate: the caller retries the batch whole."""
@@ -307,13 +327,13 @@ class Sink:
         mid = len(records) // 2
         return self._store(table, records[:mid], columns, to_row) + self._store(table, records[mid:], columns, to_row)
 
-    def _reject(self, table: str, record: dict, exc: BaseException) -> None:
+    def _reject(self, table: str, record: R.Record, exc: BaseException) -> None:
         row = rejected_row(table, record, exc)
         self.store.insert("rejected_rows", [row], R.REJECTED_COLUMNS)
         self.counters.rejected_rows += 1
         log.error("%s refused a row, kept in rejected_rows: %s", table, row[1][:300])
 
-    def _merge_deltas(self, deltas: list[dict]) -> None:
+    def _merge_deltas(self, deltas: list[R.Record]) -> None:
         """Late deltas merged into their stored rows: one query for every row they touch, the
         merge in memory (deltas of one window in order), one insert of the merged rows."""
         keys = list({R.rollup_key(d) for d in deltas})
@@ -330,13 +350,13 @@ class Sink:
             "IN {keys:Array(Tuple(String, String, String, String, Int64))}",
             {"lo": min(starts), "hi": max(starts), "clients": sorted({k[0] for k in keys}), "keys": keys},
         )
-        rows: dict[tuple, dict | None] = {}
+        rows: dict[RowKey, R.Record | None] = {}
         for r in found:  # what FINAL keeps: the highest version, the last written among equals
             key = (r["client_id"], r["department"], r["api_key_id"], r["model"], r["ws_ms"])
             cur = rows.get(key)
             if cur is None or (r["version"], r["emitted_at"]) > (cur["version"], cur["emitted_at"]):
                 rows[key] = r
-        changed: dict[tuple, dict] = {}
+        changed: dict[RowKey, R.Record] = {}
         for d in deltas:
             key = R.rollup_key(d)
             current = rows.get(key)

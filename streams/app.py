@@ -22,18 +22,28 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import faust
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+from faust.types import TP
+from faust.web import Request, Response, View
 
+from tokenaudit.errors import IncompatibleDependency
 from tokenaudit.infra import kafka_clients, topics
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
-from tokenaudit.schemas.compiled import compile_encoder
+from tokenaudit.schemas.compiled import Encoder, compile_encoder
 from tokenaudit.streams import faust_compat
 from tokenaudit.streams.batch_producer import PartitionedRecords, send_records
 from tokenaudit.streams.changelog import TableState
 from tokenaudit.streams.outputs import Outputs
 from tokenaudit.streams.processor import Processor
 from tokenaudit.streams.state_keys import rollup_record_key
+
+if TYPE_CHECKING:
+    from tokenaudit.settings import Settings
 
 log = logging.getLogger("tokenaudit.worker")
 
@@ -45,7 +55,7 @@ def broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(","))
 
 
-def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0, config: dict | None = None) -> int:
+def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0, config: dict[str, Any] | None = None) -> int:
     from confluent_kafka.admin import AdminClient
 
     md = AdminClient(config or {"bootstrap.servers": bootstrap}).list_topics(topic=topic, timeout=timeout)
@@ -55,13 +65,13 @@ def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0, config: 
     return len(meta.partitions)
 
 
-def ensure_worker_topics(settings) -> int:
+def ensure_worker_topics(settings: Settings) -> int:
     """Create the topics the worker reads and writes; returns the source partition count."""
     # every topic as declared in infra/topics.py (rollups compacted); the source's actual partitions
     return topics.ensure_declared(settings).partitions[settings.topic_usage]
 
 
-def _fatal_if_failed(fut) -> None:
+def _fatal_if_failed(fut: asyncio.Future[Any]) -> None:
     # A record the producer gave up on must not be followed by an offset commit: stop hard,
     # without committing; the restart replays from the last commit.
     if not fut.cancelled() and fut.exception() is not None:
@@ -73,7 +83,7 @@ class WorkerRuntime:
     """One worker process: the faust app, the state table, the processor and the callbacks
     faust drives, made in :meth:`build` in their start order."""
 
-    def __init__(self, settings, partitions: int):
+    def __init__(self, settings: Settings, partitions: int) -> None:
         self.s = settings
         self.partitions = partitions
         self.output_topics = (
@@ -96,13 +106,13 @@ class WorkerRuntime:
         self.app.tokenaudit_processor = self.processor  # for tests and the metrics page
         self.changelog = self.table.changelog_topic.get_topic_name()
         self.outgoing = PartitionedRecords(self._partitions_of)  # 5. outputs, one record batch per partition
-        self.encoders = {
+        self.encoders: dict[str, Encoder] = {
             name: compile_encoder(name, memo_large=True) or functools.partial(encode, name)
             for name in (ROLLUP, SAMPLED, ANOMALY)
         }
         self._wire()  # 6. batch handler, idle sweep, rebalance hook, pages
 
-    def _make_app(self) -> faust.App:
+    def _make_app(self) -> faust_compat.WorkerApp:
         s = self.s
         datadir = s.data_dir / "worker" / s.worker_id
         datadir.mkdir(parents=True, exist_ok=True)
@@ -136,18 +146,24 @@ class WorkerRuntime:
         return app
 
     def _declare_topics(self) -> None:
-        raw = dict(key_serializer="raw", value_serializer="raw")
-        self.source = self.app.topic(self.s.topic_usage, partitions=self.partitions, **raw)
+        self.source = self.app.topic(
+            self.s.topic_usage, partitions=self.partitions, key_serializer="raw", value_serializer="raw"
+        )
         for name in self.output_topics:
-            self.app.topic(name, **raw)  # declared (created if missing); written through the producer below
+            self.app.topic(
+                name, key_serializer="raw", value_serializer="raw"
+            )  # declared (created if missing); written through the producer below
 
-    def _make_table(self) -> faust.Table:
-        return self.app.Table(
+    def _make_table(self) -> faust.Table[str, Any]:
+        table = self.app.Table(
             STATE_TABLE,
             default=None,
             partitions=self.partitions,  # keys and values: JSON
             extra_topic_configs=self.replication.topic_configs(),
         )
+        if not isinstance(table, faust.Table):  # app.Table is typed as the TableT interface
+            raise IncompatibleDependency(f"faust made a {type(table).__name__} for the state, not a faust.Table")
+        return table
 
     def _wire(self) -> None:
         app, s = self.app, self.s
@@ -155,20 +171,23 @@ class WorkerRuntime:
         # The source topic is subscribed through the conductor like an agent's would be, but
         # its records reach handle_batch in whole fetched batches (faust_compat.BatchConsumer).
         app.topics.add(self.source)
-        app.consumer.batch_topic = s.topic_usage
-        app.consumer.batch_handler = self.handle_batch
-        app.consumer.fetch_timeout = s.worker_batch_seconds
+        consumer = faust_compat.batch_consumer(app)
+        consumer.batch_topic = s.topic_usage
+        consumer.batch_handler = self.handle_batch
+        consumer.fetch_timeout = s.worker_batch_seconds
         app.timer(max(0.2, min(1.0, s.idle_timeout_seconds / 2)))(self.idle_sweep)
-        app.on_partitions_revoked.connect(self.on_revoked)
+        # faust types a receiver as (sender, *args, signal=...); this signal sends (app, revoked)
+        app.on_partitions_revoked.connect(self.on_revoked)  # type: ignore[arg-type]
         runtime = self
 
-        async def metrics_page(web, request):  # faust binds a page handler to its view: a function, not a method
+        # faust binds a page handler to its view: a function, not a method
+        async def metrics_page(web: View, request: Request) -> Response:
             return await runtime.metrics(web, request)
 
         app.page("/metrics")(metrics_page)
 
     # --- what faust calls --------------------------------------------------------------------------
-    async def handle_batch(self, batch) -> None:
+    async def handle_batch(self, batch: list[tuple[TP, list[ConsumerRecord[bytes, bytes]]]]) -> None:
         """One fetched batch of source records (all partitions): process, close windows, hand
         changelog and outputs to the producer. Acked by the consumer afterwards."""
         out = Outputs()
@@ -179,7 +198,8 @@ class WorkerRuntime:
 
     async def idle_sweep(self) -> None:
         app = self.app
-        if app.rebalancing or not app.tables.recovery.completed.is_set():
+        # recovery is public on faust's TableManager, not declared on the TableManagerT it is typed as
+        if app.rebalancing or not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
             return  # windows restored half-way must not be indexed (or emitted) yet
         out = Outputs()
         owned = {tp.partition for tp in self.owned_source_partitions()}
@@ -187,7 +207,7 @@ class WorkerRuntime:
         if out.rollups or out.anomalies or self.state.pending:
             await self.send_all(out)
 
-    async def on_revoked(self, app_, revoked, **kwargs) -> None:
+    async def on_revoked(self, app_: faust.App, revoked: Iterable[TP], **kwargs: Any) -> None:
         parts = {tp.partition for tp in revoked if tp.topic == self.s.topic_usage}
         if parts:
             # Only the derived indexes: faust itself drops the store's keys of partitions
@@ -200,7 +220,7 @@ class WorkerRuntime:
         for name in ("aiokafka", "aiokafka.producer", "aiokafka.consumer"):
             logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
 
-    async def metrics(self, web, request):
+    async def metrics(self, web: View, request: Request) -> Response:
         c = self.processor.counters
         lines = [f"tokenaudit_worker_{name}_total {value}" for name, value in vars(c).items()]
         tps = self.owned_source_partitions()
@@ -217,17 +237,19 @@ class WorkerRuntime:
         """The group's committed offset (next to read) of a source partition; windows are
         retired only once their last change and emission are below it."""
         try:
-            return faust_compat.committed_offset(self.app.consumer, faust.types.TP(self.s.topic_usage, partition))
+            return faust_compat.committed_offset(
+                faust_compat.batch_consumer(self.app), TP(self.s.topic_usage, partition)
+            )
         except Exception:
             return None
 
-    def owned_source_partitions(self) -> list:
+    def owned_source_partitions(self) -> list[TP]:
         return [tp for tp in self.app.consumer.assignment() if tp.topic == self.s.topic_usage]
 
-    def consumer_lag(self, tps) -> int:
+    def consumer_lag(self, tps: Iterable[TP]) -> int:
         """Records behind the high watermark, summed over the owned source partitions."""
         lag = 0
-        consumer = self.app.consumer
+        consumer = faust_compat.batch_consumer(self.app)
         for tp in tps:
             try:
                 high = consumer.highwater(tp)
@@ -243,7 +265,7 @@ class WorkerRuntime:
     def _partitions_of(self, topic: str) -> int:
         return self._partition_counts[topic][0]
 
-    async def _refresh_partition_counts(self, producer) -> None:
+    async def _refresh_partition_counts(self, producer: AIOKafkaProducer) -> None:
         now = time.monotonic()
         for topic in self.output_topics:
             known = self._partition_counts.get(topic)
@@ -271,11 +293,13 @@ class WorkerRuntime:
         # as compaction and per-key order need, without hashing each key (murmur2 in pure
         # Python cost ~4 us a record). Unknown client (a delta before any state): murmur2.
         client_partition = self.processor.client_partition
-        for topic, records, encoder in (
+        # the three record types alike, as mappings (the rollups' key reads their window fields)
+        sends: tuple[tuple[str, Sequence[Mapping[str, Any]], Encoder], ...] = (
             (s.topic_rollups, out.rollups, self.encoders[ROLLUP]),
             (s.topic_sampled, out.sampled, self.encoders[SAMPLED]),
             (s.topic_anomalies, out.anomalies, self.encoders[ANOMALY]),
-        ):
+        )
+        for topic, records, encoder in sends:
             if not records:
                 continue
             n = self._partitions_of(topic)
@@ -293,29 +317,29 @@ class WorkerRuntime:
                     add_keyed(topic, key, value, cache=not rollups)
                 else:
                     add(topic, p % n, key, value)
-        for key, value, reason, p, offset in out.dlq:
+        for dead_key, dead_value, reason, p, offset in out.dlq:
             headers = [
                 ("reason", reason.encode()),
                 ("source_topic", s.topic_usage.encode()),
                 ("source_partition", str(p).encode()),
                 ("source_offset", str(offset).encode()),
             ]
-            if key is None:
-                add(s.topic_dlq, p % self._partitions_of(s.topic_dlq), key, value, headers)
+            if dead_key is None:
+                add(s.topic_dlq, p % self._partitions_of(s.topic_dlq), dead_key, dead_value, headers)
             else:
-                add_keyed(s.topic_dlq, key, value, headers)
+                add_keyed(s.topic_dlq, dead_key, dead_value, headers)
         by_tp = outgoing.by_tp
         outgoing.clear()
         if by_tp:
             await send_records(producer, by_tp, lambda fut: fut.add_done_callback(_fatal_if_failed))
 
 
-def create_app(settings, partitions: int) -> faust.App:
+def create_app(settings: Settings, partitions: int) -> faust.App:
     """The worker's faust app (its runtime built around it)."""
     return WorkerRuntime(settings, partitions).app
 
 
-def run_worker(settings, loglevel: str = "warning") -> None:
+def run_worker(settings: Settings, loglevel: str = "warning") -> None:
     """Run the worker in the foreground until SIGTERM/SIGINT (graceful: flush, commit, leave)."""
     from faust.worker import Worker
 

@@ -16,21 +16,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 
+from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
+from aiokafka.structs import RecordMetadata
 
-Record = tuple[bytes | None, bytes | None, list | None]  # key, value, headers
+#: Kafka record headers, as aiokafka takes them
+Headers = list[tuple[str, bytes]]
+Record = tuple[bytes | None, bytes | None, Headers | None]  # key, value, headers
 
 
 class PartitionedRecords:
     """Records grouped by (topic, partition), in the order added."""
 
-    def __init__(self, partitions_of: Callable[[str], int]):
+    def __init__(self, partitions_of: Callable[[str], int]) -> None:
         self.by_tp: dict[tuple[str, int], list[Record]] = {}
         self._partitions_of = partitions_of
         self._key_cache: dict[tuple[str, bytes], int] = {}
 
     def add(
-        self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: list | None = None
+        self, topic: str, partition: int, key: bytes | None, value: bytes | None, headers: Headers | None = None
     ) -> None:
         tp = (topic, partition)
         records = self.by_tp.get(tp)
@@ -38,7 +42,9 @@ class PartitionedRecords:
             records = self.by_tp[tp] = []
         records.append((key, value, headers))
 
-    def add_keyed(self, topic: str, key: bytes, value: bytes, headers: list | None = None, cache: bool = False) -> None:
+    def add_keyed(
+        self, topic: str, key: bytes, value: bytes | None, headers: Headers | None = None, cache: bool = False
+    ) -> None:
         """``cache``: the key repeats (client ids), remember its partition."""
         partition = self._key_cache.get((topic, key)) if cache else None
         if partition is None:
@@ -57,7 +63,9 @@ class PartitionedRecords:
 
 
 async def send_records(
-    producer, by_tp: dict[tuple[str, int], list[Record]], on_future: Callable[[asyncio.Future], None]
+    producer: AIOKafkaProducer,
+    by_tp: dict[tuple[str, int], list[Record]],
+    on_future: Callable[[asyncio.Future[RecordMetadata]], None],
 ) -> None:
     """Hand every record to ``producer`` (an aiokafka AIOKafkaProducer); returns once all
     are in its accumulator (not yet delivered: a flush waits for that)."""

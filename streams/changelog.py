@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tokenaudit.streams import faust_compat
 from tokenaudit.streams.state import State
 from tokenaudit.streams.window_state import state_value_for_changelog
+
+if TYPE_CHECKING:
+    import faust
 
 # Keys exactly as json.dumps writes them (ASCII-escaped): compaction compares key bytes, so
 # they must not change between versions. Values: the json module's C encoder, set up once.
@@ -31,7 +35,7 @@ _json_key = json.encoder.encode_basestring_ascii  # == json.dumps(str)
 # The C encoder JSONEncoder(separators=(",", ":")).encode builds on every call, made once
 # (~1 us less per changelog record; same output, tested). No circular-reference check:
 # state values are flat lists of scalars.
-_json_chunks = json.encoder.c_make_encoder(
+_json_chunks = json.encoder.c_make_encoder(  # type: ignore[attr-defined]  # CPython's C encoder, not in typeshed
     None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
 )
 
@@ -45,14 +49,14 @@ def _json_bytes_python(value: Any) -> bytes:
 
 
 # The same bytes from C (streams/_fastjson.pyx, ~4x faster on state lists) when it is built.
+_json_bytes: Callable[[Any], bytes] = _json_bytes_python
 try:
     from tokenaudit.streams import _fastjson
+
+    if getattr(_fastjson, "ABI_VERSION", None) == 1:  # a stale build is not used
+        _json_bytes = functools.partial(_fastjson.dumps_compact, fallback=_json_bytes_python)
 except ImportError:  # not built (no C compiler): the stdlib encoder above
-    _fastjson = None
-if _fastjson is not None and getattr(_fastjson, "ABI_VERSION", None) == 1:  # a stale build is not used
-    _json_bytes = functools.partial(_fastjson.dumps_compact, fallback=_json_bytes_python)
-else:
-    _json_bytes = _json_bytes_python
+    pass
 
 
 def changelog_record(partition: int, key: str, value: Any) -> tuple[int, bytes, bytes | None]:
@@ -68,14 +72,14 @@ class TableState(State):
     producer (faust's ``send_soon`` buffer sends one message per await, a few thousand per
     second: too slow for a changelog record per changed key per batch)."""
 
-    def __init__(self, table) -> None:
+    def __init__(self, table: faust.Table[str, Any]) -> None:
         super().__init__()
         self.table = table
-        self._data: dict | None = None
+        self._data: dict[str, Any] | None = None
         self.pending: list[tuple[int, bytes, bytes | None]] = []
 
-    @property  # type: ignore[override]
-    def data(self) -> dict:
+    @property
+    def data(self) -> dict[str, Any]:
         # The memory store keeps one dict for its lifetime: hold it instead of two property
         # lookups per state access.
         d = self._data
@@ -84,15 +88,15 @@ class TableState(State):
         return d
 
     @data.setter
-    def data(self, value) -> None:  # State.__init__ assigns; the store owns the dict
+    def data(self, value: dict[str, Any]) -> None:  # State.__init__ assigns; the store owns the dict
         pass
 
-    @property  # type: ignore[override]
-    def key_partition(self) -> dict:
+    @property
+    def key_partition(self) -> dict[str, int]:
         return faust_compat.key_partitions(self.table)
 
     @key_partition.setter
-    def key_partition(self, value) -> None:
+    def key_partition(self, value: dict[str, int]) -> None:
         pass
 
     def _write(self, partition: int, key: str, value: Any) -> None:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import binascii
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from tokenaudit.schemas.event_ids import ID_BYTES, pack_ids, unpack_ids
 from tokenaudit.streams.state import State
@@ -45,11 +46,13 @@ class EventIds:
         self.window_ids: dict[str, bytearray] = {}
         self.batch_ids: dict[int, dict[str, int]] = {}  # p -> {wkey: where this batch's new ids start}
         self.batch_chunk: dict[int, list[int]] = {}  # p -> [first offset with a new id, max window end]
-        self.chunks: dict[int, dict[str, list]] = {}  # p -> {chunk key: [max window end, closed at offset or None]}
+        self.chunks: dict[
+            int, dict[str, list[Any]]
+        ] = {}  # p -> {chunk key: [max window end, closed at offset or None]}
         # p -> (closing offset, wkey) of closed windows holding ids, in closing order (windows
         # close in offset order; ids restored after a crash are queued first, or behind, which
         # only delays their release)
-        self.id_holders: dict[int, deque] = {}
+        self.id_holders: dict[int, deque[tuple[int, str]]] = {}
         self._warned_big_window = False
 
     def restore(self, p: int, chunk_keys: list[str], by_first: dict[int, str], resumed: int | None, last: int) -> None:
@@ -58,7 +61,7 @@ class EventIds:
         discarded: that batch is processed again and makes the same chunk."""
         data, window_ids = self.state.data, self.window_ids
         chunks = self.chunks.setdefault(p, {})
-        holding = []
+        holding: list[tuple[int, str]] = []
         for ckey in sorted(chunk_keys, key=lambda k: self.state.get(k)[0]):
             first, max_end, packed, index = self.state.get(ckey)
             if first > last or not self.enabled:
@@ -100,7 +103,8 @@ class EventIds:
             first, max_end = self.batch_chunk[p]
             last = last_offset(p)
             pieces: list[tuple[bytearray, list[int]]] = []
-            blob, index = bytearray(), []
+            blob = bytearray()
+            index: list[int] = []
             for wkey, pos in new.items():
                 w, ids = data.get(wkey), window_ids.get(wkey)
                 if w is None or ids is None:
@@ -165,7 +169,7 @@ class EventIds:
             ids = ids[: ID_BYTES * ROLLUP_MAX_IDS]
         return _b2a(ids, newline=False).decode("ascii")  # = pack_ids, one call less
 
-    def drop(self, p: int, wkeys) -> None:
+    def drop(self, p: int, wkeys: Iterable[str]) -> None:
         """Forget a partition this worker no longer owns (its windows ``wkeys``)."""
         for wkey in wkeys:
             self.window_ids.pop(wkey, None)

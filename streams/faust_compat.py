@@ -32,17 +32,23 @@ records are delivered and acked:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from time import monotonic
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
+from mode import ServiceT
 from mode.utils.futures import notify
 
 from tokenaudit.errors import IncompatibleDependency
+
+if TYPE_CHECKING:
+    from tokenaudit.streams.processor import Processor
 
 #: (what, attribute, why): every private faust/aiokafka name this module uses. ``what`` is where
 #: :func:`check_private_api` looks it up: ``consumer`` (an instance of faust's aiokafka
@@ -71,33 +77,40 @@ PRIVATE_API: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def committed_offset(consumer, tp: TP) -> int | None:
+def committed_offset(consumer: faust_aiokafka.Consumer, tp: TP) -> int | None:
     """faust's record of what it committed (the next offset to read) for ``tp``."""
     return consumer._committed_offset.get(tp)
 
 
-def read_offset(consumer, tp: TP) -> int | None:
+def read_offset(consumer: faust_aiokafka.Consumer, tp: TP) -> int | None:
     """The last offset faust (or the batch consumer) handed out for ``tp``."""
     return consumer._read_offset.get(tp)
 
 
-def key_partitions(table: faust.Table) -> dict:
+def key_partitions(table: faust.Table[str, Any]) -> dict[str, int]:
     """The Table's store's key -> source partition map (faust keeps it for changelog records)."""
-    return table.data._key_partition
+    # faust types Table.data as its StoreT interface, which does not declare the private map
+    key_partition: dict[str, int] = table.data._key_partition  # type: ignore[attr-defined]
+    return key_partition
 
 
-def store_dict(table: faust.Table) -> dict:
+def store_dict(table: faust.Table[str, Any]) -> dict[str, Any]:
     """The Table's memory store's dict: one object for the store's lifetime (cleared and
     updated in place, never replaced). Public attribute, kept here beside its twin above."""
-    return table.data.data
+    data = table.data.data
+    if not isinstance(data, dict):  # typed as a MutableMapping; the memory store's is a dict
+        raise IncompatibleDependency(f"faust's memory store holds a {type(data).__name__}, not a dict")
+    return data
 
 
-def aiokafka_producer(app: faust.App):
+def aiokafka_producer(app: faust.App) -> AIOKafkaProducer:
     """The aiokafka producer under faust's producer (started with the app)."""
-    return app.producer._ensure_producer()
+    # faust types app.producer as its ProducerT interface, which does not declare the private method
+    producer: AIOKafkaProducer = app.producer._ensure_producer()  # type: ignore[attr-defined]
+    return producer
 
 
-async def partitions_for(producer, topic: str) -> int:
+async def partitions_for(producer: AIOKafkaProducer, topic: str) -> int:
     """The partition count of ``topic``, from the producer's metadata (refreshed for it)."""
     await producer.client._wait_on_metadata(topic)
     return len(producer.client.cluster.partitions_for_topic(topic))
@@ -142,11 +155,14 @@ def _version(dist: str) -> str:
 class WorkerApp(faust.App):
     """faust.App whose consumer delivers the source topic in whole batches (BatchConsumer)."""
 
-    def _new_transport(self):
+    #: the worker's processor (tests and the metrics page read it)
+    tokenaudit_processor: Processor | None = None
+
+    def _new_transport(self) -> BatchTransport:
         return BatchTransport(self.conf.broker_consumer, self)
 
 
-BatchHandler = Callable[[list[tuple[TP, list[Any]]]], Awaitable[None]]
+BatchHandler = Callable[[list[tuple[TP, list[ConsumerRecord[bytes, bytes]]]]], Awaitable[None]]
 
 
 class _InFlight:
@@ -164,12 +180,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
     batch_handler: BatchHandler | None = None
     fetch_timeout: float = 1.0  # longest wait of one fetch when no records are buffered
 
-    async def _drain_messages(self, fetcher) -> None:  # pragma: no cover - exercised end to end
+    async def _drain_messages(self, fetcher: ServiceT) -> None:  # pragma: no cover - exercised end to end
         if self.batch_topic is None or self.batch_handler is None:
             return await super()._drain_messages(fetcher)
         consumer_should_stop = self._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set
-        prefetch: asyncio.Task | None = None
+        # faust passes its Fetcher, typed as the ServiceT interface, which does not declare _stopped
+        fetcher_should_stop = fetcher._stopped.is_set  # type: ignore[attr-defined]
+        prefetch: asyncio.Future[tuple[Any, Any, int]] | None = None
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 self.diag.set_flag(CONSUMER_FETCHING)
@@ -217,14 +234,16 @@ class BatchConsumer(faust_aiokafka.Consumer):
         records, active = await self._wait_next_records(self.fetch_timeout)
         return records, active, self.app.consumer_generation_id
 
-    async def _deliver(self, records, active, generation: int) -> None:
+    async def _deliver(
+        self, records: Mapping[TP, list[ConsumerRecord[bytes, bytes]]], active: set[TP] | None, generation: int
+    ) -> None:
         app = self.app
         if app.consumer_generation_id != generation:
             return  # fetched before a rebalance that has happened since: read again after its seek
         topic = self.batch_topic
         read_offset = self._read_offset
         acks_for = app.topics.acks_enabled_for
-        batch: list[tuple[TP, list[Any]]] = []
+        batch: list[tuple[TP, list[ConsumerRecord[bytes, bytes]]]] = []
         for tp, recs in records.items():
             if not (active is None or tp in active or tp in self._buffered_partitions):
                 continue
@@ -242,10 +261,14 @@ class BatchConsumer(faust_aiokafka.Consumer):
             batch.append((tp, recs))
         if not batch:
             return
-        marker = _InFlight()
+        handler = self.batch_handler
+        if handler is None:  # _drain_messages delivers batches only with a handler set
+            raise RuntimeError("a batch to deliver and no batch handler")
+        # A stand-in for the batch among faust's unacked Messages: wait_empty only reads .acked
+        marker: Any = _InFlight()
         self._unacked_messages.add(marker)
         try:
-            await self.batch_handler(batch)
+            await handler(batch)
         finally:
             marker.acked = True
             self._unacked_messages.discard(marker)
@@ -262,7 +285,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         # while a commit awaited here (producer flush + offset commit) stalled fetching and
         # processing for ~6% of the time (bench_stream_throughput).
 
-    async def _add_gaps(self, tp: TP, r_offset: int | None, recs: list) -> None:
+    async def _add_gaps(self, tp: TP, r_offset: int | None, recs: list[ConsumerRecord[bytes, bytes]]) -> None:
         """Offsets missing from the fetched run (transaction markers, compaction) are gaps
         the commit may pass over, as faust's per-message loop records them."""
         prev = r_offset
@@ -273,7 +296,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 await self._add_gap(tp, prev + 1, r.offset)
             prev = r.offset
 
-    def _ack_all(self, tp: TP, recs: list) -> None:
+    def _ack_all(self, tp: TP, recs: list[ConsumerRecord[bytes, bytes]]) -> None:
         """What ``Consumer.ack`` records for each message, for a whole run at once."""
         committed = self._committed_offset[tp]
         offsets = [r.offset for r in recs]
@@ -288,7 +311,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._acked[tp].extend(offsets)
         notify(self._waiting_for_ack)
 
-    async def _deliver_one_by_one(self, tp: TP, recs: list, generation: int) -> None:
+    async def _deliver_one_by_one(self, tp: TP, recs: list[ConsumerRecord[bytes, bytes]], generation: int) -> None:
         """faust's own path (Table changelogs during recovery, any other topic)."""
         callback = self.callback
         to_message = self._to_message
@@ -307,6 +330,14 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 await self.commit()
             await self.wait_first(callback(to_message(tp, record)), self.suspend_flow.wait())
             self._read_offset[tp] = record.offset
+
+
+def batch_consumer(app: faust.App) -> BatchConsumer:
+    """The app's consumer, which a WorkerApp makes a BatchConsumer (faust types it as ConsumerT)."""
+    consumer = app.consumer
+    if not isinstance(consumer, BatchConsumer):
+        raise IncompatibleDependency(f"the worker's consumer is a {type(consumer).__name__}, not a BatchConsumer")
+    return consumer
 
 
 class BatchTransport(faust_aiokafka.Transport):

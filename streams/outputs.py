@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenaudit.schemas.records import Anomaly, SampledRecord, UsageRollup
+
 
 @dataclass
 class Outputs:
     """One batch's records for the output topics (rollups, sampled records, anomalies) and its
     dead letters: ``(key, value, reason, source partition, source offset)``."""
 
-    rollups: list[dict] = field(default_factory=list)
-    sampled: list[dict] = field(default_factory=list)
-    anomalies: list[dict] = field(default_factory=list)
-    dlq: list[tuple[bytes | None, bytes, str, int, int]] = field(default_factory=list)
+    rollups: list[UsageRollup] = field(default_factory=list)
+    sampled: list[SampledRecord] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
+    dlq: list[tuple[bytes | None, bytes | None, str, int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rollups) + len(self.sampled) + len(self.anomalies) + len(self.dlq)

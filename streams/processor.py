@@ -37,9 +37,10 @@ Why it is built this way (see docs/exactness.md and docs/architecture.md):
   state; above it, chunks written by a batch whose meta record was lost are discarded at
   restore, so the ids held are exactly those of the events before the offset being decided.
 
-The steps, each in its own module: decode + validate (the contract's codec and rule, inlined
-for the valid case), deduplicate (:mod:`.dedup`), windows (:mod:`.windows`, closing and
-emission here), rules (:mod:`.rules`), sampling (:mod:`.sampler`), outputs (:mod:`.outputs`).
+The steps, each in its own module: decode + validate (:mod:`.source`; the contract's codec
+and rule, inlined for the valid case), deduplicate (:mod:`.dedup`), windows (:mod:`.windows`,
+closing and emission here), rules (:mod:`.rules`), sampling (:mod:`.sampler`), outputs
+(:mod:`.outputs`).
 :meth:`Processor.process_records` runs them per event in one loop, in that order: the per-event
 path of tens of thousands of events a second, where a call per step measured as much as the
 step itself, so the loop keeps the steps' fast paths inline and calls out for the rest.
@@ -50,17 +51,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from tokenaudit.schemas import EVENT, AvroDecodeError, records
-from tokenaudit.schemas.compiled import compile_decoder
-from tokenaudit.schemas.event_ids import ID_BYTES, derived_event_id, id_bytes
+from tokenaudit.schemas import AvroDecodeError, records
+from tokenaudit.schemas.event_ids import ID_BYTES, derived_id_bytes
 from tokenaudit.schemas.validation import event_problem
 from tokenaudit.streams import state_keys as keys
 from tokenaudit.streams.dedup import EventIds
 from tokenaudit.streams.outputs import Counters, Outputs
 from tokenaudit.streams.rules import Rules
 from tokenaudit.streams.sampler import Sampling
+from tokenaudit.streams.source import SourceRecord, SourceTuple, decode_event
 from tokenaudit.streams.state import State
 from tokenaudit.streams.window_state import (
     M_DUPS,
@@ -75,24 +77,27 @@ from tokenaudit.streams.window_state import (
 )
 from tokenaudit.streams.windows import Windows
 
+if TYPE_CHECKING:
+    from tokenaudit.settings import Settings
+
 log = logging.getLogger("tokenaudit.worker")
 
 _fromhex = bytes.fromhex
 INF = math.inf
 
-# Events as dicts with ``ts`` in int epoch ms: the native codec reads the current writer
-# version in ~1.5 us (generated Python without a compiler: ~7 us; fastavro's generic reader:
-# 12-18 us); older writers go through fastavro.
-decode_event = compile_decoder(EVENT)
-if decode_event is None:
-    raise AssertionError("the token-usage event schema is flat by contract")
-
 
 class Processor:
-    def __init__(self, settings, state: State, clock=time.monotonic, committed=None, wall_clock=time.time):
+    def __init__(
+        self,
+        settings: Settings,
+        state: State,
+        clock: Callable[[], float] = time.monotonic,
+        committed: Callable[[int], int | None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.s = settings
         # committed(partition) -> the group's committed offset (next to read) or None.
-        self.committed = committed or (lambda p: None)
+        self.committed: Callable[[int], int | None] = committed or (lambda p: None)
         self.state = state
         self.clock = clock  # idle timeouts (monotonic)
         self.wall_clock = wall_clock  # the clock-skew check (epoch seconds)
@@ -121,7 +126,7 @@ class Processor:
         self._meta_keys: dict[int, str] = {}
 
     # --- partitions --------------------------------------------------------------------------
-    def drop_partitions(self, partitions, drop_state: bool = True) -> None:
+    def drop_partitions(self, partitions: Iterable[int], drop_state: bool = True) -> None:
         """Forget derived state of partitions this worker no longer owns."""
         for p in partitions:
             self.ids.drop(p, self.windows.drop(p))
@@ -129,9 +134,9 @@ class Processor:
         if drop_state:
             self.state.drop_partitions(partitions)
 
-    def _meta(self, p: int) -> list:
+    def _meta(self, p: int) -> list[Any]:
         key = keys.meta_key(p)
-        meta = self.state.get(key)
+        meta: list[Any] | None = self.state.get(key)
         if meta is None:
             meta = [0, -1, 0, []]  # watermark ms, last offset, copies dropped, skew-rejected offsets
             self.state.put(p, key, meta)
@@ -139,7 +144,7 @@ class Processor:
             meta.extend([0, []][len(meta) - 2 :])
         return meta
 
-    def duplicates(self, partitions=None) -> int:
+    def duplicates(self, partitions: Iterable[int] | None = None) -> int:
         """Copies dropped on the given partitions (default: all in state), ever: kept in the
         partitions' meta records, so the count survives restarts and moves with a partition."""
         total = 0
@@ -150,11 +155,11 @@ class Processor:
         return total
 
     # --- events ------------------------------------------------------------------------------
-    def process(self, p: int, offset: int, key: bytes | None, value: bytes, out: Outputs) -> None:
+    def process(self, p: int, offset: int, key: bytes | None, value: bytes | None, out: Outputs) -> None:
         """One source record (tests, replays); the worker hands whole fetches to process_records."""
         self.process_records(p, ((offset, key, value),), out)
 
-    def process_records(self, p: int, records: Iterable, out: Outputs) -> None:
+    def process_records(self, p: int, records: Iterable[SourceTuple | SourceRecord], out: Outputs) -> None:
         """Source records of partition ``p`` in offset order: ``(offset, key, value)`` tuples
         or objects with those attributes (aiokafka ConsumerRecords).
 
@@ -180,13 +185,13 @@ class Processor:
         window_ids = self.ids.window_ids
         win = self.windows
         corrections, deferred, indexed = win.corrections, win.deferred, win.indexed
-        norms: dict[str, tuple[str, list]] = {}  # model -> (key, value) for this run
-        meta: list = []
+        norms: dict[str, tuple[str, list[Any]]] = {}  # model -> (key, value) for this run
+        meta: list[Any] = []
         batch_ids: dict[str, int] = {}
         chunk: list[int] = []
         consumed = events = counted = replayed = late = 0
         for record in records:
-            if record.__class__ is tuple:
+            if isinstance(record, tuple):
                 offset, key, value = record
             else:
                 offset, key, value = record.offset, record.key, record.value
@@ -195,13 +200,14 @@ class Processor:
                 if p not in indexed:
                     win.ensure_indexed(p, offset)
                 self.batch_partitions.add(p)
-                meta = data.get(mkey)
-                if meta is None or len(meta) < 4:
-                    meta = self._meta(p)
+                stored = data.get(mkey)
+                meta = stored if stored is not None and len(stored) >= 4 else self._meta(p)
                 batch_ids = self.ids.batch_ids.setdefault(p, {})
                 chunk = self.ids.batch_chunk.setdefault(p, [-1, 0])
             # --- 1. decode + validate -------------------------------------------------------------
             try:
+                if value is None:
+                    raise AvroDecodeError("a record without a value (a tombstone)")
                 ev = decode(value)
             except AvroDecodeError as exc:
                 self._dead(out, key, value, f"undecodable: {exc}", p, offset)
@@ -255,7 +261,7 @@ class Processor:
                     self._dead(out, key, value, event_problem(ev, max_tokens) or "invalid: event_id", p, offset)
                     continue
             elif dedup:
-                h = id_bytes(derived_event_id(ev))  # a record without one (v1/v2, other producers)
+                h = derived_id_bytes(ev)  # a record without one (v1/v2, other producers)
             # --- 2. event time ---------------------------------------------------------------------
             fresh = offset > meta[M_LAST]
             if fresh:
@@ -413,7 +419,7 @@ class Processor:
         self.sampling.flush()
         self.state.flush()
 
-    def idle_sweep(self, out: Outputs, partitions=None) -> None:
+    def idle_sweep(self, out: Outputs, partitions: Iterable[int] | None = None) -> None:
         """Emit open windows that have been quiet (wall clock) for idle_timeout_seconds.
 
         ``partitions``: the owned partitions whose state is fully restored (default: all in
@@ -428,10 +434,10 @@ class Processor:
             f"invalid: event time {ts} is {ahead:.0f} s ahead of the worker's clock (limit {self.skew_ms / 1000:.0f} s)"
         )
 
-    def _norm(self, p: int, model: str, cache: dict) -> tuple[str, list]:
+    def _norm(self, p: int, model: str, cache: dict[str, tuple[str, list[Any]]]) -> tuple[str, list[Any]]:
         """The partition's latency norm of ``model`` (``N_*`` slots)."""
         nkey = keys.norm_key(p, model)
-        norm = self.state.get(nkey)
+        norm: list[Any] | None = self.state.get(nkey)
         if norm is None:
             norm = [0.0, 0, 0, -1]
             self.state.put(p, nkey, norm)
@@ -447,7 +453,15 @@ class Processor:
         return key
 
     def _per_request(
-        self, ev: dict, w: Window | None, wkey: str, ws: int, p: int, offset: int, out: Outputs, fold: bool
+        self,
+        ev: records.TokenUsageEvent,
+        w: Window | None,
+        wkey: str,
+        ws: int,
+        p: int,
+        offset: int,
+        out: Outputs,
+        fold: bool,
     ) -> None:
         """Per-request anomaly rule and the top-fraction sampler. ``fold``: the event is new
         (above the meta record's last offset), so it goes into the sketch; in the replay zone
@@ -467,10 +481,10 @@ class Processor:
             top.update(total, offset)
             sampling.dirty.add((p, model))
 
-    def _sampled(self, ev: dict, reason: str, thr: float) -> dict:
+    def _sampled(self, ev: records.TokenUsageEvent, reason: str, thr: float) -> records.SampledRecord:
         self.counters.sampled += 1
         return records.sampled_record(ev, reason, thr)
 
-    def _dead(self, out: Outputs, key, value, reason: str, p: int, offset: int) -> None:
+    def _dead(self, out: Outputs, key: bytes | None, value: bytes | None, reason: str, p: int, offset: int) -> None:
         self.counters.dead_lettered += 1
         out.dlq.append((key, value, reason[:500], p, offset))

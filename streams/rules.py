@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tokenaudit.schemas import records
 from tokenaudit.streams.outputs import Counters
@@ -19,11 +20,14 @@ from tokenaudit.streams.state import State
 from tokenaudit.streams.state_keys import client_key
 from tokenaudit.streams.window_state import C_FIRST, C_LAST, C_MEAN, C_N, C_VAR, Window
 
+if TYPE_CHECKING:
+    from tokenaudit.settings import Settings
+
 EWMA_ALPHA = 0.1  # after warm-up; before it, 1/(n+1) (the running mean and variance)
 
 
 class Rules:
-    def __init__(self, settings, state: State, window_ms: int, counters: Counters):
+    def __init__(self, settings: Settings, state: State, window_ms: int, counters: Counters) -> None:
         self.state = state
         self.window_ms = window_ms
         self.counters = counters
@@ -51,7 +55,7 @@ class Rules:
         request_id: str | None = None,
         ts: int | None = None,
         api_key_id: str = "",
-    ) -> dict:
+    ) -> records.Anomaly:
         self.counters.anomalies += 1
         return records.anomaly(
             rule,
@@ -68,7 +72,15 @@ class Rules:
         )
 
     def window(
-        self, client: str, dept: str, akey: str, model: str, ws: int, w: Window, closing: bool, anomalies: list
+        self,
+        client: str,
+        dept: str,
+        akey: str,
+        model: str,
+        ws: int,
+        w: Window,
+        closing: bool,
+        anomalies: list[records.Anomaly],
     ) -> None:
         """The window rules on ``w`` (appended to ``anomalies``); ``closing``: the window closes
         now, so it also moves its client's baseline (once per window)."""
@@ -109,6 +121,8 @@ class Rules:
             )
         if (
             w.norm_count is not None
+            and w.norm_input is not None
+            and w.norm_latency is not None  # the three are None together (a window from before norms)
             and w.norm_count >= self.latency_min_requests
             and w.norm_input > 0
             and w.input_tokens > 0
@@ -157,7 +171,13 @@ class Rules:
             self.state.touch(ckey)
 
     def request(
-        self, ev: dict, w: Window | None, ws: int, offset: int, touch: Callable[[], None], anomalies: list
+        self,
+        ev: records.TokenUsageEvent,
+        w: Window | None,
+        ws: int,
+        offset: int,
+        touch: Callable[[], None],
+        anomalies: list[records.Anomaly],
     ) -> bool:
         """The input-token rule on one request: fires once per window (at the first offset
         over the threshold, so a replay fires it again for that event only). True if it fired."""

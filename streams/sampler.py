@@ -15,6 +15,7 @@ import hashlib
 
 from datasketches import kll_floats_sketch
 
+from tokenaudit.streams.state import State
 from tokenaudit.streams.state_keys import sketch_key
 
 SKETCH_K = 400
@@ -43,10 +44,10 @@ def keep(sketch: kll_floats_sketch, value: float, fraction: float, request_id: s
     if sketch.n < max(warmup, 1):
         return False
     cut = 1.0 - fraction
-    below_or_equal = sketch.get_rank(value, True)
+    below_or_equal: float = sketch.get_rank(value, True)  # datasketches ships no type hints
     if below_or_equal <= cut:
         return False
-    below = sketch.get_rank(value, False)
+    below: float = sketch.get_rank(value, False)
     if below >= cut:
         return True
     # The cut falls inside a run of values equal to ``value``: keep its share of the run.
@@ -107,7 +108,7 @@ class Sampling:
     so a restarted worker samples as it would have: written once per batch, for the models
     whose sketch took new values."""
 
-    def __init__(self, state, fraction: float, warmup: int):
+    def __init__(self, state: State, fraction: float, warmup: int) -> None:
         self.state = state
         self.fraction = fraction
         self.warmup = warmup

@@ -11,7 +11,10 @@ shorter lists of older releases (13 slots before the latency norm, 16 before ``f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenaudit.schemas.records import TokenUsageEvent
 
 
 class Window:
@@ -57,7 +60,7 @@ class Window:
         self.first_offset = first_offset
 
     @classmethod
-    def one_event(cls, department: str, ev: dict, offset: int) -> Window:
+    def one_event(cls, department: str, ev: TokenUsageEvent, offset: int) -> Window:
         """The totals of one event alone (a late event's delta)."""
         w = cls(department, None)
         w.requests, w.errors = 1, int(ev["status_code"] >= 400)

@@ -13,7 +13,8 @@ in a fresh group's replay.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from tokenaudit.schemas import records
 from tokenaudit.schemas.event_ids import derived_event_id, id_bytes, pack_ids
@@ -24,18 +25,21 @@ from tokenaudit.streams.rules import Rules
 from tokenaudit.streams.state import State
 from tokenaudit.streams.window_state import M_LAST, M_WM, Window
 
+if TYPE_CHECKING:
+    from tokenaudit.settings import Settings
+
 
 class Windows:
     def __init__(
         self,
-        settings,
+        settings: Settings,
         state: State,
         ids: EventIds,
         rules: Rules,
         counters: Counters,
         committed: Callable[[int], int | None],
         clock: Callable[[], float],
-    ):
+    ) -> None:
         self.s = settings
         self.state = state
         self.ids = ids
@@ -84,7 +88,7 @@ class Windows:
         now = self.clock()
         data = self.state.data
         by_first: dict[int, str] = {}
-        chunk_keys = []
+        chunk_keys: list[str] = []
         for key in self.state.keys_of(p):
             kind = key[0]
             if kind == keys.CHUNK:
@@ -124,7 +128,7 @@ class Windows:
         return windows
 
     # --- closing and retiring ------------------------------------------------------------------
-    def close_due(self, p: int, out: Outputs, meta: list) -> None:
+    def close_due(self, p: int, out: Outputs, meta: list[Any]) -> None:
         """Close the windows the partition's watermark has passed, at the event that moved it."""
         opened = self.open_by_end[p]
         if not opened:
@@ -185,7 +189,7 @@ class Windows:
             if keep:
                 closed[end] = keep
 
-    def idle_sweep(self, out: Outputs, partitions) -> None:
+    def idle_sweep(self, out: Outputs, partitions: Iterable[int]) -> None:
         """Emit open windows that have been quiet (wall clock) for idle_timeout_seconds;
         ``partitions`` are indexed first, so windows restored after a restart are emitted
         even if no event follows."""
@@ -235,7 +239,16 @@ class Windows:
         return (w.requests, len(ids) if ids is not None else 0)
 
     def delta(
-        self, ev: dict, client: str, dept: str, akey: str, model: str, ws: int, p: int, offset: int, out: Outputs
+        self,
+        ev: records.TokenUsageEvent,
+        client: str,
+        dept: str,
+        akey: str,
+        model: str,
+        ws: int,
+        p: int,
+        offset: int,
+        out: Outputs,
     ) -> None:
         """An event for a closed window: a one-event rollup the sink merges into the stored row
         once (by delta id, and by event id when the row lists its events)."""

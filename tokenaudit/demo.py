@@ -187,7 +187,8 @@ async def send_traffic(
 
 def wait_accounted(settings, since: str, sent: Counter, timeout: float, echo) -> dict[str, int]:
     """Poll the usage reports until every sent request is in usage_rollup (exactly)."""
-    from tokenaudit.reports.usage_client import UsageApiError, open_reports
+    from tokenaudit.errors import UsageApiError
+    from tokenaudit.reports.usage_client import open_reports
 
     deadline = time.monotonic() + timeout
     seen: dict[str, int] = {}
