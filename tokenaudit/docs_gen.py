@@ -23,9 +23,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
+
+if TYPE_CHECKING:
+    from tokenaudit.infra.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 #: the hand-written pages that may hold generated blocks (docs/models.md is generated whole)
@@ -162,7 +165,7 @@ def routes_block() -> str:
     with tempfile.TemporaryDirectory() as tmp:  # the app reads its key registry and secret from data_dir
         s = _defaults().model_copy(update={"data_dir": Path(tmp), "prompt_digest_secret": "docs"})
         inference = _starlette_routes(inference_app(s))
-        usage = _starlette_routes(usage_app(None, s))
+        usage = _starlette_routes(usage_app(cast("Store", None), s))  # routes only: nothing is queried
     rows = [
         f"Inference app (`tokenaudit serve`, port `{_setting_named(s.http_port, 'http_port')}` ({s.http_port})):",
         "",
