@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from tokenaudit.errors import SpoolLocked
-from tokenaudit.inference import routes
+from tokenaudit.inference import embeddings_route, routes
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
@@ -188,7 +188,7 @@ def create_app(
             Route("/v1/generate", routes.generate, methods=["POST"]),
             Route("/v1/completions", routes.completions, methods=["POST"]),
             Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
-            Route("/v1/embeddings", routes.embeddings, methods=["POST"]),
+            Route("/v1/embeddings", embeddings_route.embeddings, methods=["POST"]),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/healthz", routes.healthz, methods=["GET"]),
             Route("/readyz", routes.readyz, methods=["GET"]),

@@ -37,6 +37,7 @@ from pathlib import Path
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from tokenaudit.inference.identity import UNAUTHENTICATED
+from tokenaudit.inference.quiet_logs import RateLimitedLog, librdkafka_logger
 from tokenaudit.inference.spool import Appended, Spool
 from tokenaudit.inference.spool_format import Headers
 from tokenaudit.schemas import EVENT, encode
@@ -46,35 +47,6 @@ from tokenaudit.schemas.records import TokenUsageEvent
 log = logging.getLogger(__name__)
 
 STALL_SECONDS = 60.0  # the background thread's loop runs every 0.1 s; this long without it is a hang
-LOG_EVERY_SECONDS = 10.0
-
-
-class _Quieter(logging.Filter):
-    """librdkafka repeats "connection refused" several times a second while the broker is down;
-    let each distinct message through once per ``every`` seconds."""
-
-    def __init__(self, every: float = 30.0):
-        super().__init__()
-        self.every = every
-        self._last: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        key = text.split("]: ", 1)[-1]
-        now = time.monotonic()
-        if now - self._last.get(key, -self.every) < self.every:
-            return False
-        if len(self._last) > 1000:
-            self._last.clear()
-        self._last[key] = now
-        return True
-
-
-def _librdkafka_logger() -> logging.Logger:
-    logger = logging.getLogger("tokenaudit.inference.librdkafka")
-    if not any(isinstance(f, _Quieter) for f in logger.filters):
-        logger.addFilter(_Quieter())
-    return logger
 
 
 @dataclass
@@ -116,20 +88,6 @@ class _ReplayBatch:
             self.failures.append(err)
 
 
-class _RateLimitedLog:
-    """One line per reason per ``LOG_EVERY_SECONDS``: a disk-full or queue-full storm must not
-    flood the log (or the disk)."""
-
-    def __init__(self):
-        self._last: dict[str, float] = {}
-
-    def __call__(self, reason: str, level: int, msg: str, *args, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._last.get(reason, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
-            self._last[reason] = now
-            log.log(level, msg, *args, exc_info=exc_info)
-
-
 class EventPublisher:
     def __init__(
         self,
@@ -157,7 +115,7 @@ class EventPublisher:
         self.message_timeout_s = message_timeout_ms / 1000
         self.stats = PublisherStats()
         self._stats_lock = threading.Lock()
-        self._log = _RateLimitedLog()
+        self._log = RateLimitedLog(log)
         # byte-identical to schemas.encode (tested); ~5x faster on the hot path
         self._encode = compile_encoder(EVENT) or (lambda record: encode(EVENT, record))
         # first, so a spool directory held by another process stops us before any connection
@@ -179,7 +137,7 @@ class EventPublisher:
             "queue.buffering.max.messages": queue_max,
             "message.timeout.ms": message_timeout_ms,
             "error_cb": self._on_error,
-            "logger": _librdkafka_logger(),
+            "logger": librdkafka_logger(),
         }
         try:
             self._new_producer = producer_factory

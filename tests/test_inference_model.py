@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.support.apps import cached_model
-from tokenaudit.inference.runner import ModelRunner, as_token_ids, count_generated
+from tokenaudit.inference.runner import ModelRunner
+from tokenaudit.inference.shapes import as_token_ids, count_generated
 from tokenaudit.settings import load_settings
 
 pytestmark = [pytest.mark.model]

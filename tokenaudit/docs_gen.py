@@ -169,12 +169,13 @@ def routes_block() -> str:
     rows = [
         f"Inference app (`tokenaudit serve`, port `{_setting_named(s.http_port, 'http_port')}` ({s.http_port})):",
         "",
-        "| method | path | key | handler (`inference/routes.py`) |",
+        "| method | path | key | handler (in `inference/`) |",
         "| --- | --- | --- | --- |",
     ]
     for r in inference:
         key = "no" if r.path in OPEN_PATHS else "yes"
-        rows.append(f"| {_methods(r)} | `{r.path}` | {key} | `{r.endpoint.__name__}` |")
+        handler = f"{r.endpoint.__module__.rsplit('.', 1)[-1]}.{r.endpoint.__name__}"
+        rows.append(f"| {_methods(r)} | `{r.path}` | {key} | `{handler}` |")
     rows += [
         "",
         (
