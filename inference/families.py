@@ -66,7 +66,9 @@ def models_markdown() -> str:
         "|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| `{r['model_type']}` | `{r['tf_class']}` | {r['serves']} | {'yes' if r['tested'] else ''} |")
+        classes = [r["tf_class"]] if isinstance(r["tf_class"], str) else list(r["tf_class"])
+        tf_class = ", ".join(f"`{c}`" for c in classes)
+        lines.append(f"| `{r['model_type']}` | {tf_class} | {r['serves']} | {'yes' if r['tested'] else ''} |")
     return "\n".join(lines) + "\n"
 
 
