@@ -36,6 +36,7 @@ from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from tokenaudit.inference.cloudevents import CloudEventHeaders
 from tokenaudit.inference.identity import UNAUTHENTICATED
 from tokenaudit.inference.spool import Appended, Spool
 from tokenaudit.inference.spool_format import Headers
@@ -146,9 +147,13 @@ class EventPublisher:
         unauthenticated_share: float = 0.1,
         client_config: dict | None = None,
         producer_factory: Callable[[dict], Producer] = Producer,
+        confluent: bool = False,
+        cloudevents_source: str | None = None,
     ):
         """``producer_factory(config)`` makes the confluent-kafka producers (the direct one and,
-        while a spool is replayed, the replay one); tests hand an in-memory one."""
+        while a spool is replayed, the replay one); tests hand an in-memory one. ``confluent``:
+        frame events in the Confluent wire format (registry ids bound first), else single-object
+        encoding. ``cloudevents_source``: add CloudEvents headers (``ce_source``) to each event."""
         self.topic = topic
         self.bootstrap = bootstrap
         self.partitions = partitions
@@ -158,7 +163,10 @@ class EventPublisher:
         self._stats_lock = threading.Lock()
         self._log = _RateLimitedLog()
         # byte-identical to schemas.encode (tested); ~5x faster on the hot path
-        self._encode = compile_encoder(EVENT) or (lambda record: encode(EVENT, record))
+        self._encode = compile_encoder(EVENT, confluent=confluent) or (
+            lambda record: encode(EVENT, record, None, confluent)
+        )
+        self._cloudevents = CloudEventHeaders(cloudevents_source) if cloudevents_source else None
         # first, so a spool directory held by another process stops us before any connection
         self.spool = Spool(
             spool_dir,
@@ -261,11 +269,12 @@ class EventPublisher:
         try:
             value = self._encode(event)
             key = event["client_id"].encode()
+            headers = self._cloudevents(event) if self._cloudevents is not None else None
         except Exception:  # a bug in event building must not fail the request; say so loudly
             log.exception("event %s could not be encoded and is lost", event.get("request_id"))
             self._count(dropped=1)
             return
-        self.publish_encoded(key, value)
+        self.publish_encoded(key, value, headers)
 
     def publish_encoded(self, key: bytes, value: bytes, headers: Headers | None = None) -> None:
         """Enqueue one encoded record (spool it while spooling); never raises."""

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tokenaudit.schemas.codec import HEADER_LEN, AvroDecodeError, catalog
+from tokenaudit.schemas.codec import CONFLUENT_HEADER_LEN, HEADER_LEN, AvroDecodeError, catalog
 from tokenaudit.schemas.codec import decode as generic_decode
 from tokenaudit.schemas.codec import encode as generic_encode
 
@@ -135,21 +135,26 @@ def _field_program(raw: dict) -> list[tuple[str, str, bool]] | None:
     return program
 
 
-def compile_encoder(name: str, memo_large: bool = False, native: bool | None = None) -> Callable[[dict], bytes] | None:
+def compile_encoder(
+    name: str, memo_large: bool = False, native: bool | None = None, confluent: bool = False
+) -> Callable[[dict], bytes] | None:
     """A fast encoder for the current ``name`` schema, or None when the schema is not flat.
 
     Byte-identical to :func:`tokenaudit.schemas.encode`; a value it does not handle (a
     datetime for a timestamp, a missing field) goes through that function instead.
     ``memo_large``: memoise varints of large values (for records whose large values repeat;
-    generated Python only). ``native``: the C codec (default: when built)."""
+    generated Python only). ``native``: the C codec (default: when built). ``confluent``: the
+    Confluent wire format (the registry id is bound first), else single-object encoding; only
+    the constant header differs, so both cost the same."""
     sv = catalog.current(name)
     if sv.raw.get("type") != "record":
         return None
+    header = catalog.header(sv, confluent)
     if NATIVE if native is None else native:
         program = _field_program(sv.raw)
         if program is None:
             return None
-        return _native.FlatCodec(program, sv.header, _BadValue, lambda r: generic_encode(name, r)).encode
+        return _native.FlatCodec(program, header, _BadValue, lambda r: generic_encode(name, r, None, confluent)).encode
     lines = ["def encode(r):", "    o = [H]", "    a = o.append", "    try:"]
     try:
         for i, f in enumerate(sv.raw["fields"]):
@@ -159,9 +164,14 @@ def compile_encoder(name: str, memo_large: bool = False, native: bool | None = N
             lines.extend("        " + line for line in _encode_snippet(f["type"], f"v{i}").split("\n"))
     except _Unsupported:
         return None
-    lines += ["    except (U, KeyError, UnicodeEncodeError):", "        return G(NAME, r)", "    return b''.join(o)"]
+    lines += [
+        "    except (U, KeyError, UnicodeEncodeError):",
+        "        return G(NAME, r, None, CONFLUENT)",
+        "    return b''.join(o)",
+    ]
     namespace = {
-        "H": sv.header,
+        "H": header,
+        "CONFLUENT": confluent,
         "S": _SMALL,
         "C": _VARINT_CACHE,
         "D": _double,
@@ -262,9 +272,12 @@ def compile_decoder(name: str, native: bool | None = None) -> Callable[[bytes], 
         program = _field_program(sv.raw)
         if program is None:
             return None
-        return _wrap_decoder(name, sv, _native.FlatCodec(program, sv.header, _BadValue, None).decode_body)
+        single = _native.FlatCodec(program, sv.header, _BadValue, None).decode_body
+        # decode_body starts after the header's length, whatever its bytes: any 5 bytes stand for the id
+        confluent = _native.FlatCodec(program, bytes(CONFLUENT_HEADER_LEN), _BadValue, None).decode_body
+        return _wrap_decoder(name, sv, single, confluent)
     fields = sv.raw["fields"]
-    lines = ["def body(d):", f"    i = {HEADER_LEN}", "    L = len(d)"]
+    lines = [f"def body(d, i={HEADER_LEN}):", "    L = len(d)"]
     try:
         for k, f in enumerate(fields):
             lines.extend("    " + line for line in _decode_snippet(f["type"], f"v{k}"))
@@ -274,22 +287,36 @@ def compile_decoder(name: str, native: bool | None = None) -> Callable[[bytes], 
     lines.append("    return {" + ", ".join(f"{f['name']!r}: v{k}" for k, f in enumerate(fields)) + "}")
     namespace = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue}
     exec(compile("\n".join(lines), f"<avro decoder {name} v{sv.version}>", "exec"), namespace)
-    return _wrap_decoder(name, sv, namespace["body"])
+    body = namespace["body"]
+    return _wrap_decoder(name, sv, body, lambda d: body(d, CONFLUENT_HEADER_LEN))
 
 
-def _wrap_decoder(name: str, sv: Any, body: Callable[[bytes], dict]) -> Callable[[bytes], dict]:
-    """Header check, other writer versions, and one error type around a body decoder."""
+def _wrap_decoder(
+    name: str, sv: Any, body: Callable[[bytes], dict], confluent_body: Callable[[bytes], dict]
+) -> Callable[[bytes], dict]:
+    """Framing dispatch, other writer versions, and one error type around the body decoders.
+
+    Single-object records of the current version are checked first, exactly as before the
+    Confluent format existed, so that path costs what it did; a Confluent record whose id is
+    the current version's (bound at start-up, read from ``catalog.current_ids`` at each call
+    so a decoder made before the binding sees it) takes the same body decoder from byte 5."""
     stamps = _timestamp_fields(sv.raw)
     header = sv.header
     label = f"{name} v{sv.version}"
+    current_ids = catalog.current_ids
 
     def decode(data: bytes) -> dict:
         if data.__class__ is not bytes or data[:HEADER_LEN] != header:
-            # another writer version (resolved by fastavro), or the codec's error for bad bytes
-            record = generic_decode(data, name)
-            return _as_epoch_ms(record, stamps)
+            if data.__class__ is bytes and data[:CONFLUENT_HEADER_LEN] == current_ids.get(name):
+                body_at = confluent_body
+            else:
+                # another writer version (resolved by fastavro), or the codec's error for bad bytes
+                record = generic_decode(data, name)
+                return _as_epoch_ms(record, stamps)
+        else:
+            body_at = body
         try:
-            return body(data)
+            return body_at(data)
         except _BadValue as exc:
             raise AvroDecodeError(f"corrupt {label} body: {exc}") from None
         except (IndexError, struct.error):

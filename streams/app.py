@@ -25,7 +25,7 @@ import time
 
 import faust
 
-from tokenaudit.infra import kafka_clients, topics
+from tokenaudit.infra import kafka_clients, schema_registry, topics
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
 from tokenaudit.schemas.compiled import compile_encoder
 from tokenaudit.streams import faust_compat
@@ -96,8 +96,11 @@ class WorkerRuntime:
         self.app.tokenaudit_processor = self.processor  # for tests and the metrics page
         self.changelog = self.table.changelog_topic.get_topic_name()
         self.outgoing = PartitionedRecords(self._partitions_of)  # 5. outputs, one record batch per partition
+        # registry ids bound (and the wire format chosen) before any record is encoded or decoded
+        confluent = schema_registry.prepare(self.s)
         self.encoders = {
-            name: compile_encoder(name, memo_large=True) or functools.partial(encode, name)
+            name: compile_encoder(name, memo_large=True, confluent=confluent)
+            or functools.partial(encode, name, confluent=confluent)
             for name in (ROLLUP, SAMPLED, ANOMALY)
         }
         self._wire()  # 6. batch handler, idle sweep, rebalance hook, pages

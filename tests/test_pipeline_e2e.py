@@ -34,10 +34,12 @@ def model_path():
 
 
 @pytest.fixture
-def pipeline_env(tmp_path, kafka_bootstrap, model_path, monkeypatch):
+def pipeline_env(tmp_path, kafka_bootstrap, schema_registry_url, model_path, monkeypatch):
     env = {
         "TOKENAUDIT_DATA_DIR": str(tmp_path / "data"),
         "TOKENAUDIT_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        # the session's registry: every topic in the Confluent wire format, end to end
+        "TOKENAUDIT_SCHEMA_REGISTRY_URL": schema_registry_url,
         "TOKENAUDIT_MODEL": str(model_path),
         "TOKENAUDIT_XLA": "false",
         "TOKENAUDIT_HTTP_PORT": str(free_port()),
