@@ -14,39 +14,50 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tokenaudit.schemas import EVENT
+from tokenaudit.schemas import EVENT, AvroDecodeError
 from tokenaudit.schemas.codec import full_name
+from tokenaudit.schemas.compiled import compile_decoder
 
 SPEC_VERSION = "1.0"
 CONTENT_TYPE = "application/avro"
 
 
 class CloudEventHeaders:
-    """The headers of one event, as the list confluent-kafka's ``produce(headers=)`` takes."""
+    """The headers of one event, as the list confluent-kafka's ``produce(headers=)`` takes;
+    values as bytes (measured: str values cost librdkafka's binding ~1 us more per event)."""
 
     def __init__(self, source: str):
-        self._constant_head = [("ce_specversion", SPEC_VERSION)]
-        self._source = ("ce_source", source)
-        self._type = ("ce_type", full_name(EVENT))
-        self._content_type = ("content-type", CONTENT_TYPE)
-        self._second: tuple[int, str] = (-1, "")  # one tuple: threads see a consistent pair
+        self._spec = ("ce_specversion", SPEC_VERSION.encode())
+        self._source = ("ce_source", source.encode())
+        self._type = ("ce_type", full_name(EVENT).encode())
+        self._content_type = ("content-type", CONTENT_TYPE.encode())
+        self._second: tuple[int, bytes] = (-1, b"")  # one tuple: threads see a consistent pair
+        self._decode = compile_decoder(EVENT)  # timestamps as epoch ms, as events hold them
 
-    def __call__(self, event: dict[str, Any]) -> list[tuple[str, str]]:
+    def __call__(self, event: dict[str, Any]) -> list[tuple[str, bytes]]:
         return [
-            *self._constant_head,
-            ("ce_id", event["event_id"]),
+            self._spec,
+            ("ce_id", event["event_id"].encode()),
             self._source,
             self._type,
             ("ce_time", self.rfc3339(event["ts"])),
             self._content_type,
         ]
 
-    def rfc3339(self, ts_ms: int) -> str:
+    def of_value(self, value: bytes) -> list[tuple[str, bytes]] | None:
+        """The headers of an encoded event (a failed delivery's report has none); None if the
+        value is not an event (then the record is spooled without them, as it was sent)."""
+        try:
+            return self(self._decode(value)) if self._decode is not None else None
+        except AvroDecodeError:
+            return None
+
+    def rfc3339(self, ts_ms: int) -> bytes:
         """``2026-01-02T03:04:05.678Z``; the seconds part is kept from the previous call
         (events of one second share it), so most calls format three digits only."""
         second, ms = divmod(ts_ms, 1000)
         cached, text = self._second
         if cached != second:
-            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
             self._second = (second, text)
-        return f"{text}.{ms:03d}Z"
+        return b"%s.%03dZ" % (text, ms)

@@ -291,13 +291,21 @@ def compile_decoder(name: str, native: bool | None = None) -> Callable[[bytes], 
     return _wrap_decoder(name, sv, body, lambda d: body(d, CONFLUENT_HEADER_LEN))
 
 
+def _body_error(label: str, exc: Exception) -> AvroDecodeError:
+    if isinstance(exc, _BadValue):
+        return AvroDecodeError(f"corrupt {label} body: {exc}")
+    if isinstance(exc, UnicodeDecodeError):
+        return AvroDecodeError(f"corrupt {label} body: {exc!r}")
+    return AvroDecodeError(f"truncated {label} body")
+
+
 def _wrap_decoder(
     name: str, sv: Any, body: Callable[[bytes], dict], confluent_body: Callable[[bytes], dict]
 ) -> Callable[[bytes], dict]:
     """Framing dispatch, other writer versions, and one error type around the body decoders.
 
-    Single-object records of the current version are checked first, exactly as before the
-    Confluent format existed, so that path costs what it did; a Confluent record whose id is
+    Single-object records of the current version take the path they took before the Confluent
+    format existed (one header compare, then the body), so it costs what it did; a Confluent record whose id is
     the current version's (bound at start-up, read from ``catalog.current_ids`` at each call
     so a decoder made before the binding sees it) takes the same body decoder from byte 5."""
     stamps = _timestamp_fields(sv.raw)
@@ -307,21 +315,20 @@ def _wrap_decoder(
 
     def decode(data: bytes) -> dict:
         if data.__class__ is not bytes or data[:HEADER_LEN] != header:
-            if data.__class__ is bytes and data[:CONFLUENT_HEADER_LEN] == current_ids.get(name):
-                body_at = confluent_body
-            else:
-                # another writer version (resolved by fastavro), or the codec's error for bad bytes
-                record = generic_decode(data, name)
-                return _as_epoch_ms(record, stamps)
-        else:
-            body_at = body
+            return other(data)
         try:
-            return body_at(data)
-        except _BadValue as exc:
-            raise AvroDecodeError(f"corrupt {label} body: {exc}") from None
-        except (IndexError, struct.error):
-            raise AvroDecodeError(f"truncated {label} body") from None
-        except UnicodeDecodeError as exc:
-            raise AvroDecodeError(f"corrupt {label} body: {exc!r}") from None
+            return body(data)
+        except (_BadValue, IndexError, struct.error, UnicodeDecodeError) as exc:
+            raise _body_error(label, exc) from None
+
+    def other(data: bytes) -> dict:
+        if data.__class__ is bytes and data[:CONFLUENT_HEADER_LEN] == current_ids.get(name):
+            try:
+                return confluent_body(data)
+            except (_BadValue, IndexError, struct.error, UnicodeDecodeError) as exc:
+                raise _body_error(label, exc) from None
+        # another writer version (resolved by fastavro), or the codec's error for bad bytes
+        record = generic_decode(data, name)
+        return _as_epoch_ms(record, stamps)
 
     return decode
