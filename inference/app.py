@@ -152,7 +152,7 @@ def publisher_from_settings(s: Settings) -> EventPublisher:
         unauthenticated_share=s.spool_unauthenticated_share,
         client_config=kafka_config(s),
         confluent=confluent,
-        cloudevents_source=f"tokenaudit/{s.effective_instance}",
+        cloudevents_source=f"tokenaudit/{s.effective_instance}" if s.cloudevents_headers else None,
     )
 
 

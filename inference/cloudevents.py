@@ -35,12 +35,16 @@ class CloudEventHeaders:
         self._decode = compile_decoder(EVENT)  # timestamps as epoch ms, as events hold them
 
     def __call__(self, event: dict[str, Any]) -> list[tuple[str, bytes]]:
+        second, ms = divmod(event["ts"], 1000)  # rfc3339() inlined: this runs once per request
+        cached, text = self._second
+        if cached != second:
+            text = self._seconds(second)
         return [
             self._spec,
             ("ce_id", event["event_id"].encode()),
             self._source,
             self._type,
-            ("ce_time", self.rfc3339(event["ts"])),
+            ("ce_time", b"%s.%03dZ" % (text, ms)),
             self._content_type,
         ]
 
@@ -58,6 +62,10 @@ class CloudEventHeaders:
         second, ms = divmod(ts_ms, 1000)
         cached, text = self._second
         if cached != second:
-            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
-            self._second = (second, text)
+            text = self._seconds(second)
         return b"%s.%03dZ" % (text, ms)
+
+    def _seconds(self, second: int) -> bytes:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+        self._second = (second, text)
+        return text
