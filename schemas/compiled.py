@@ -305,28 +305,24 @@ def _wrap_decoder(
     """Framing dispatch, other writer versions, and one error type around the body decoders.
 
     Single-object records of the current version take the path they took before the Confluent
-    format existed (one header compare, then the body), so it costs what it did; a Confluent record whose id is
-    the current version's (bound at start-up, read from ``catalog.current_ids`` at each call
-    so a decoder made before the binding sees it) takes the same body decoder from byte 5."""
+    format existed (one header compare, then the body), so it costs what it did; a Confluent
+    record whose id is the current version's (bound at start-up, read from
+    ``catalog.current_ids`` at each call so a decoder made before the binding sees it) costs
+    one more compare and takes the same body decoder from byte 5."""
     stamps = _timestamp_fields(sv.raw)
     header = sv.header
     label = f"{name} v{sv.version}"
     current_ids = catalog.current_ids
 
     def decode(data: bytes) -> dict:
-        if data.__class__ is not bytes or data[:HEADER_LEN] != header:
-            return other(data)
         try:
-            return body(data)
+            if data.__class__ is bytes:
+                if data[:HEADER_LEN] == header:
+                    return body(data)
+                if data[:CONFLUENT_HEADER_LEN] == current_ids.get(name):
+                    return confluent_body(data)
         except (_BadValue, IndexError, struct.error, UnicodeDecodeError) as exc:
             raise _body_error(label, exc) from None
-
-    def other(data: bytes) -> dict:
-        if data.__class__ is bytes and data[:CONFLUENT_HEADER_LEN] == current_ids.get(name):
-            try:
-                return confluent_body(data)
-            except (_BadValue, IndexError, struct.error, UnicodeDecodeError) as exc:
-                raise _body_error(label, exc) from None
         # another writer version (resolved by fastavro), or the codec's error for bad bytes
         record = generic_decode(data, name)
         return _as_epoch_ms(record, stamps)
