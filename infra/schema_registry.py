@@ -133,19 +133,32 @@ def bind(settings: Any, into: SchemaCatalog = catalog) -> Binding:
 
 
 class _Resolver:
-    """Fetches the schema of an unbound id (once: the catalog caches the answer)."""
+    """Fetches the schema of an unbound id (once: the catalog caches the answer). An
+    unreachable registry is retried for ``patience`` seconds, then RegistryError: a reader
+    must stop and retry the record later, never dead-letter a record it could read."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, patience: float = 30.0):
         self.url = url
+        self.patience = patience
         self._lock = threading.Lock()
 
     def __call__(self, schema_id: int) -> dict[str, Any] | None:
+        from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
         with self._lock:
-            client = RegistryClient(self.url)
-            try:
-                return client.schema(schema_id)
-            finally:
-                client.close()
+            for attempt in Retrying(
+                retry=retry_if_exception_type(RegistryError),
+                stop=stop_after_delay(self.patience),
+                wait=wait_exponential(multiplier=0.2, max=5),
+                reraise=True,
+            ):
+                with attempt:
+                    client = RegistryClient(self.url)
+                    try:
+                        return client.schema(schema_id)
+                    finally:
+                        client.close()
+        return None  # not reached: the last attempt returns or raises
 
 
 def check(settings: Any, source: SchemaCatalog = catalog) -> list[str]:

@@ -25,6 +25,7 @@ import time
 
 import faust
 
+from tokenaudit.errors import RegistryError
 from tokenaudit.infra import kafka_clients, schema_registry, topics
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
 from tokenaudit.schemas.compiled import compile_encoder
@@ -175,8 +176,15 @@ class WorkerRuntime:
         """One fetched batch of source records (all partitions): process, close windows, hand
         changelog and outputs to the producer. Acked by the consumer afterwards."""
         out = Outputs()
-        for tp, records in batch:
-            self.processor.process_records(tp.partition, records, out)
+        try:
+            for tp, records in batch:
+                self.processor.process_records(tp.partition, records, out)
+        except RegistryError as exc:
+            # A writer schema could not be fetched (the resolver retried): the state holds half a
+            # batch, so stop hard without committing, as for a failed produce; the restart
+            # restores the state and replays the batch.
+            log.critical("schema registry unreachable, exiting without commit: %s", exc)
+            os._exit(70)
         self.processor.end_batch(out)
         await self.send_all(out)
 

@@ -52,6 +52,7 @@ import math
 import time
 from collections.abc import Iterable
 
+from tokenaudit.errors import RegistryError
 from tokenaudit.schemas import EVENT, AvroDecodeError, records
 from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.schemas.event_ids import ID_BYTES, derived_event_id, id_bytes
@@ -206,6 +207,8 @@ class Processor:
             except AvroDecodeError as exc:
                 self._dead(out, key, value, f"undecodable: {exc}", p, offset)
                 continue
+            except RegistryError:  # the record is fine, the registry is unreachable: retry, never dead-letter
+                raise
             except Exception as exc:  # never let one message stop the worker
                 self._dead(out, key, value, f"undecodable: {exc!r}", p, offset)
                 continue

@@ -173,3 +173,26 @@ def test_the_worker_counts_exactly_over_a_topic_holding_both_formats(ids):
     drain_idle(proc, table)
     assert proc.counters.dead_lettered == 0
     assert table.totals() == synth.ground_truth(events, 2000)
+
+
+def test_an_unreachable_registry_stops_the_worker_rather_than_dead_letter(ids):
+    """A record whose writer id cannot be fetched now is good data: the processor raises (the
+    worker exits without committing and replays it), it does not dead-letter it."""
+    from test_streams_logic import settings
+
+    from tokenaudit.errors import RegistryError
+    from tokenaudit.infra.procutil import free_port
+    from tokenaudit.infra.schema_registry import _Resolver
+    from tokenaudit.streams.processor import Outputs, Processor
+    from tokenaudit.streams.state import MemoryState
+
+    resolver = _Resolver(f"http://127.0.0.1:{free_port()}", patience=0.5)  # nothing listens there
+    with pytest.raises(RegistryError, match="unreachable"):
+        resolver(1)
+    catalog.resolver = resolver
+    data = encode(EVENT, synth.event("r5", T0, "c5"), confluent=True)
+    unseen = b"\x00" + (777_777).to_bytes(4, "big") + data[5:]
+    proc, out = Processor(settings(), MemoryState()), Outputs()
+    with pytest.raises(RegistryError):
+        proc.process(0, 0, b"c5", unseen, out)
+    assert proc.counters.dead_lettered == 0
