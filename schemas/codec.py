@@ -102,7 +102,7 @@ class SchemaCatalog:
     id_of: dict[bytes, int] = field(default_factory=dict)  # fingerprint -> registry id
     current_ids: dict[str, bytes] = field(default_factory=dict)  # name -> Confluent header of its current version
     # registry id -> the writer schema's JSON (or None when the registry has no such id)
-    resolver: Callable[[int], dict | None] | None = None
+    resolver: Callable[[int], dict[str, Any] | None] | None = None
 
     def add(self, name: str, version: int, raw: dict) -> SchemaVersion:
         sv = SchemaVersion(name, version, raw, _parse(raw), schema_fingerprint(raw))
@@ -153,7 +153,7 @@ class SchemaCatalog:
         self.bind_id(schema_id, sv)
         return sv
 
-    def _foreign(self, raw: dict) -> SchemaVersion:
+    def _foreign(self, raw: dict[str, Any]) -> SchemaVersion:
         """A writer version this package does not ship (a newer release's), matched to ours by
         the record's full name; kept out of ``by_name`` so it never becomes what we write."""
         full = _full_name(raw)
@@ -229,7 +229,7 @@ class SchemaCatalog:
         return record
 
 
-def _full_name(raw: dict) -> str:
+def _full_name(raw: dict[str, Any]) -> str:
     name = str(raw.get("name", ""))
     namespace = raw.get("namespace")
     return name if "." in name or not namespace else f"{namespace}.{name}"

@@ -287,7 +287,7 @@ def compile_decoder(name: str, native: bool | None = None) -> Callable[[bytes], 
     lines.append("    return {" + ", ".join(f"{f['name']!r}: v{k}" for k, f in enumerate(fields)) + "}")
     namespace = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue}
     exec(compile("\n".join(lines), f"<avro decoder {name} v{sv.version}>", "exec"), namespace)
-    body = namespace["body"]
+    body: Callable[..., dict[str, Any]] = namespace["body"]  # type: ignore[assignment]  # exec's result
     return _wrap_decoder(name, sv, body, lambda d: body(d, CONFLUENT_HEADER_LEN))
 
 
@@ -300,7 +300,7 @@ def _body_error(label: str, exc: Exception) -> AvroDecodeError:
 
 
 def _wrap_decoder(
-    name: str, sv: Any, body: Callable[[bytes], dict], confluent_body: Callable[[bytes], dict]
+    name: str, sv: Any, body: Callable[[bytes], dict], confluent_body: Callable[[bytes], dict[str, Any]]
 ) -> Callable[[bytes], dict]:
     """Framing dispatch, other writer versions, and one error type around the body decoders.
 
