@@ -1,6 +1,7 @@
 # The two commands: `make demo` and `make test`. Both build or update the virtualenv, install
 # the project, fetch the Kafka jars from Maven Central (once, cached), and run. Re-running
-# is fast: the install step is skipped while pyproject.toml is unchanged.
+# is fast: the install step is skipped while pyproject.toml is unchanged. The Apicurio schema
+# registry is fetched the same way; the tests start one and run `tokenaudit schemas check` on it.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
@@ -23,6 +24,7 @@ $(STAMP): pyproject.toml setup.py schemas/_native.pyx streams/_fastjson.pyx
 
 setup: $(STAMP)
 	@$(VENV)/bin/tokenaudit kafka install
+	@$(VENV)/bin/tokenaudit registry install
 	@# promtool checks infra/alerts/ in the tests; Debian's prometheus package ships it
 	@command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

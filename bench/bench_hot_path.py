@@ -4,6 +4,9 @@ plus the per-request metrics update; the whole of it side by side, in one run, w
 previous metrics (prometheus_client Counters labelled by client_id) and with the same
 histograms done by prometheus_client's Histogram (the library alternative to ours).
 
+Also side by side (issue 19): the same whole path writing the Confluent wire format with the
+CloudEvents headers (registry ids bound in-process; the registry is never on this path).
+
 Prints RESULT lines; the target is <= 10 us per event for build + encode + enqueue + metrics.
 """
 
@@ -97,7 +100,7 @@ def main() -> None:
     from tokenaudit.infra.kafka_admin import ensure_topics
     from tokenaudit.infra.kafka_broker import BrokerConfig, KafkaBroker
     from tokenaudit.infra.procutil import free_port
-    from tokenaudit.schemas import EVENT, encode
+    from tokenaudit.schemas import EVENT, catalog, encode
     from tokenaudit.settings import load_settings
 
     s = load_settings()
@@ -116,6 +119,15 @@ def main() -> None:
         try:
             ensure_topics(broker.bootstrap, {"bench-hot-path": 4})
             pub = EventPublisher(broker.bootstrap, "bench-hot-path", Path(tmp) / "spool").start()
+            for n, sv in enumerate(catalog.by_name[EVENT]):  # the ids a registry would give
+                catalog.bind_id(100 + n, sv)
+            wire = EventPublisher(
+                broker.bootstrap,
+                "bench-hot-path",
+                Path(tmp) / "spool-wire",
+                confluent=True,
+                cloudevents_source="tokenaudit/inference-1:8000",
+            ).start()
             metrics = AppMetrics(lambda: pub, dict)
             previous, library = PreviousMetrics(), LibraryHistograms()
 
@@ -134,9 +146,10 @@ def main() -> None:
                 return ctx.to_event("POST", "/v1/generate", 200, "inference-1:8000")
 
             # warm up every path once
-            for i in range(2000):
-                pub.publish(build(i))
-            pub._producer.flush(30)
+            for publisher in (pub, wire):
+                for i in range(2000):
+                    publisher.publish(build(i))
+                publisher._producer.flush(30)
 
             def timed(fn) -> float:
                 t0 = time.perf_counter()
@@ -152,25 +165,28 @@ def main() -> None:
             enqueue_us = timed(lambda i: pub.publish_encoded(b"acme", payloads[i]))
             pub._producer.flush(30)
 
-            def whole(observe):
+            def whole(observe, publisher=pub):
                 def one(i: int) -> None:
                     event = build(i)
-                    pub.publish(event)
+                    publisher.publish(event)
                     observe(event)
 
                 return one
 
             # side by side, interleaved, best of five: this box is shared and noisy
-            rounds: dict[str, list[float]] = {"new": [], "previous": [], "library": []}
+            rounds: dict[str, list[float]] = {"new": [], "previous": [], "library": [], "wire": []}
             for _ in range(5):
-                for name, observe in (
-                    ("new", metrics.observe),
-                    ("previous", previous.observe),
-                    ("library", library.observe),
+                for name, observe, publisher in (
+                    ("new", metrics.observe, pub),
+                    ("previous", previous.observe, pub),
+                    ("library", library.observe, pub),
+                    ("wire", metrics.observe, wire),
                 ):
-                    rounds[name].append(timed(whole(observe)))
-                    pub._producer.flush(30)
-            total_us, previous_us, library_us = (min(rounds[k]) for k in ("new", "previous", "library"))
+                    rounds[name].append(timed(whole(observe, publisher)))
+                    publisher._producer.flush(30)
+            total_us, previous_us, library_us, wire_us = (
+                min(rounds[k]) for k in ("new", "previous", "library", "wire")
+            )
             observe_rounds: dict[str, list[float]] = {"new": [], "previous": [], "library": []}
             for _ in range(5):
                 for name, fn in (
@@ -215,11 +231,15 @@ def main() -> None:
             print(f"RESULT hot_path_previous_metrics_observe_us={previous_metrics_us:.2f}")
             print(f"RESULT hot_path_library_histograms_observe_us={library_metrics_us:.2f}")
             print(f"RESULT hot_path_vs_target_ratio={total_us / TARGET_US:.3f}")
+            print(f"RESULT hot_path_confluent_cloudevents_us_per_event={wire_us:.2f}  # same, issue 19's wire format")
+            print(f"RESULT hot_path_confluent_cloudevents_vs_single_object_ratio={wire_us / total_us:.3f}")
+            print(f"RESULT hot_path_confluent_cloudevents_vs_target_ratio={wire_us / TARGET_US:.3f}")
             print(f"RESULT hot_path_library_floor_us={floor_us:.2f}")
             print(f"RESULT hot_path_vs_library_floor_ratio={total_us / floor_us:.3f}")
             print(f"RESULT machine_empty_loop_ns_per_iter={loop_ns:.1f}  # ~20 on an idle modern core")
             pub.close(30)
-            print(f"RESULT hot_path_events_produced={pub.produced}")
+            wire.close(30)
+            print(f"RESULT hot_path_events_produced={pub.produced + wire.produced}")
         finally:
             broker.stop()
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from tokenaudit.errors import SpoolLocked
+from tokenaudit.errors import RegistryError, SpoolLocked
 from tokenaudit.inference import embeddings_route, routes
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull
@@ -28,6 +28,7 @@ from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics, start_metrics_listener
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.inference.runner import Encoded, ModelRunner
+from tokenaudit.infra import schema_registry
 from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.infra.keys import KeyRegistry
 from tokenaudit.schemas.records import TokenUsageEvent
@@ -134,6 +135,9 @@ def runner_from_settings(s: Settings) -> ModelRunner:
 
 
 def publisher_from_settings(s: Settings) -> EventPublisher:
+    # registry ids bound here, before the model loads: /readyz is not ready before, and the
+    # request path never calls the registry
+    confluent = schema_registry.prepare(s)
     return EventPublisher(
         s.kafka_bootstrap,
         s.topic_usage,
@@ -147,6 +151,8 @@ def publisher_from_settings(s: Settings) -> EventPublisher:
         partitions=s.kafka_partitions,
         unauthenticated_share=s.spool_unauthenticated_share,
         client_config=kafka_config(s),
+        confluent=confluent,
+        cloudevents_source=f"tokenaudit/{s.effective_instance}" if s.cloudevents_headers else None,
     )
 
 
@@ -163,7 +169,7 @@ def create_app(
     async def lifespan(app):
         try:
             state.publisher = publisher_from_settings(settings).start()
-        except SpoolLocked as exc:
+        except (SpoolLocked, RegistryError) as exc:
             log.error("cannot start: %s", exc)
             raise
         listener = start_metrics_listener(state.metrics, settings.metrics_port) if settings.metrics_port else None

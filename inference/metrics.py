@@ -91,7 +91,7 @@ QUEUE_TIME = HistogramSpec(
 )
 
 #: publisher stats field -> help text; a field missing here is still exported (generic help)
-#: PublisherStats field -> (metric name without ``tokenaudit_`` and ``_total``, help text)
+#: publisher_stats.PublisherStats field -> (metric name without ``tokenaudit_`` and ``_total``, help text)
 PUBLISHER_COUNTERS = {
     "enqueued": ("events_enqueued", "Events handed to the Kafka producer."),
     "failed": ("events_failed", "Deliveries that failed (the event was then spooled)."),

@@ -21,6 +21,7 @@ import httpx
 from tokenaudit.errors import ServiceError
 from tokenaudit.infra import procutil
 from tokenaudit.infra.kafka_cluster import ClusterConfig, KafkaCluster
+from tokenaudit.infra.registry_server import LocalRegistry, RegistryConfig
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Supervisor:
         self.run_dir: Path = settings.run_dir
         self.log_dir: Path = settings.log_dir
         self.kafka = KafkaCluster(ClusterConfig.from_settings(settings, brokers=brokers))
+        self.registry = LocalRegistry(RegistryConfig.from_settings(settings))
 
     # --- the pipeline's parts ------------------------------------------------------------------
     def services(self) -> list[Service]:
@@ -103,9 +105,14 @@ class Supervisor:
             "kafka": self.kafka.bootstrap if self._local_kafka() else s.kafka_bootstrap,
             "inference": f"http://{s.http_host}:{s.http_port}",
             "usage_api": f"http://{s.usage_api_host}:{s.usage_api_port}",
+            "schema_registry": s.schema_registry_url or self.registry.url,
             "clickhouse": s.effective_clickhouse_dsn,
             "logs": str(self.log_dir),
         }
+
+    def _local_registry(self) -> bool:
+        """True unless TOKENAUDIT_SCHEMA_REGISTRY_URL names an external registry (left alone)."""
+        return not self.settings.schema_registry_url
 
     def _local_kafka(self) -> bool:
         """True when the settings' bootstrap names nodes of the local cluster (then `up`
@@ -135,6 +142,13 @@ class Supervisor:
                     self.echo(f"kafka      started{which} ({time.monotonic() - t0:.1f}s) {where}")
                 else:
                     self.echo(f"kafka      already running {where}")
+            if self._local_registry():
+                t0 = time.monotonic()
+                if self.registry.start():
+                    started.append("registry")
+                    self.echo(f"registry   started ({time.monotonic() - t0:.1f}s) at {self.registry.url}")
+                else:
+                    self.echo(f"registry   already running at {self.registry.url}")
             self._prepare()
             for svc in self.services():
                 if self.pid(svc.name) is not None:
@@ -185,6 +199,8 @@ class Supervisor:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("TOKENAUDIT_DATA_DIR", str(self.settings.data_dir))
+        if self._local_registry():  # the services write the Confluent wire format through it
+            env["TOKENAUDIT_SCHEMA_REGISTRY_URL"] = self.registry.url
         env.update(extra or {})
         return env
 
@@ -231,6 +247,8 @@ class Supervisor:
         for svc in reversed(self.services()):
             if self._stop_one(svc.name):
                 stopped.append(svc.name)
+        if self._local_registry() and self.registry.stop():
+            stopped.append("registry")
         if self._local_kafka() and self.kafka.stop():
             stopped.append("kafka")
         return stopped
@@ -238,6 +256,8 @@ class Supervisor:
     def _stop_one(self, name: str) -> bool:
         if name == "kafka":
             return self.kafka.stop() > 0
+        if name == "registry":
+            return self.registry.stop()
         pid = self.pid(name)
         if pid is None:
             self.pid_file(name).unlink(missing_ok=True)
@@ -254,6 +274,9 @@ class Supervisor:
         for node in self.kafka.status() if self._local_kafka() else []:
             name = "kafka" if self.kafka.size == 1 else f"kafka-{node.node_id}"
             out[name] = node.state if node.pid is None else f"{node.state} pid={node.pid} at {node.address}"
+        out["registry"] = (
+            self.registry.status() if self._local_registry() else f"external {self.settings.schema_registry_url}"
+        )
         for svc in self.services():
             pid = self.pid(svc.name)
             out[svc.name] = "down" if pid is None else (f"ready pid={pid}" if svc.ready() else f"starting pid={pid}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenaudit.infra import kafka_clients
+from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class TopicSpec:
     cleanup_policy: str  # delete | compact
     key: str  # what the record key holds
     value: str  # what the record value holds
+    record: str = ""  # the Avro record on the topic (schemas.codec name; registry subject "<topic>-value"), if any
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,12 @@ class Replication:
         return {"min.insync.replicas": str(self.min_insync)}
 
 
+AVRO = "Avro: Confluent wire format (registry subject <topic>-value) or single-object encoding"
+
+
 def usage_topic(name: str, partitions: int) -> TopicSpec:
     return TopicSpec(
-        name, "usage", partitions, DELETE, "client_id (UTF-8)", "token_usage_event, Avro single-object encoding"
+        name, "usage", partitions, DELETE, "client_id (UTF-8)", f"token_usage_event, {AVRO}; CloudEvents headers", EVENT
     )
 
 
@@ -68,9 +73,7 @@ def declared_topics(settings) -> list[TopicSpec]:
     n = settings.kafka_partitions
     return [
         usage_topic(settings.topic_usage, n),
-        TopicSpec(
-            settings.topic_anomalies, "anomalies", n, DELETE, "client_id", "anomaly, Avro single-object encoding"
-        ),
+        TopicSpec(settings.topic_anomalies, "anomalies", n, DELETE, "client_id", f"anomaly, {AVRO}", ANOMALY),
         TopicSpec(
             settings.topic_dlq,
             "dlq",
@@ -87,11 +90,10 @@ def declared_topics(settings) -> list[TopicSpec]:
             n,
             COMPACT,
             "client_id \\x1f model \\x1f window_start (epoch ms)",
-            "usage_rollup, Avro single-object encoding",
+            f"usage_rollup, {AVRO}",
+            ROLLUP,
         ),
-        TopicSpec(
-            settings.topic_sampled, "sampled", n, DELETE, "client_id", "sampled_record, Avro single-object encoding"
-        ),
+        TopicSpec(settings.topic_sampled, "sampled", n, DELETE, "client_id", f"sampled_record, {AVRO}", SAMPLED),
     ]
 
 

@@ -419,6 +419,9 @@ def run_verify(
     if end <= start:
         raise VerifyError("until: must be after since")
     settled = settled_until(settings, now)
+    from tokenaudit.infra.schema_registry import prepare
+
+    prepare(settings)  # registry ids, so Confluent-framed events resolve
     report = VerifyReport(
         since=start,
         until=end,

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from tokenaudit.errors import AvroDecodeError
-from tokenaudit.schemas.codec import HEADER_LEN, SchemaVersion, catalog
+from tokenaudit.schemas.codec import CONFLUENT_HEADER_LEN, HEADER_LEN, SchemaVersion, catalog
 from tokenaudit.schemas.codec import decode as generic_decode
 from tokenaudit.schemas.codec import encode as generic_encode
 
@@ -152,21 +152,26 @@ def _field_program(raw: dict[str, Any]) -> list[tuple[str, str, bool]] | None:
     return program
 
 
-def compile_encoder(name: str, memo_large: bool = False, native: bool | None = None) -> Encoder | None:
+def compile_encoder(
+    name: str, memo_large: bool = False, native: bool | None = None, confluent: bool = False
+) -> Encoder | None:
     """A fast encoder for the current ``name`` schema, or None when the schema is not flat.
 
     Byte-identical to :func:`tokenaudit.schemas.encode`; a value it does not handle (a
     datetime for a timestamp, a missing field) goes through that function instead.
     ``memo_large``: memoise varints of large values (for records whose large values repeat;
-    generated Python only). ``native``: the C codec (default: when built)."""
+    generated Python only). ``native``: the C codec (default: when built). ``confluent``: the
+    Confluent wire format (the registry id is bound first), else single-object encoding; only
+    the constant header differs, so both cost the same."""
     sv = catalog.current(name)
     if sv.raw.get("type") != "record":
         return None
+    header = catalog.header(sv, confluent)
     if NATIVE if native is None else native:
         program = _field_program(sv.raw)
         if program is None:
             return None
-        return _native_codec()(program, sv.header, _BadValue, lambda r: generic_encode(name, r)).encode
+        return _native_codec()(program, header, _BadValue, lambda r: generic_encode(name, r, None, confluent)).encode
     lines = ["def encode(r):", "    o = [H]", "    a = o.append", "    try:"]
     try:
         for i, f in enumerate(sv.raw["fields"]):
@@ -176,9 +181,14 @@ def compile_encoder(name: str, memo_large: bool = False, native: bool | None = N
             lines.extend("        " + line for line in _encode_snippet(f["type"], f"v{i}").split("\n"))
     except _Unsupported:
         return None
-    lines += ["    except (U, KeyError, UnicodeEncodeError):", "        return G(NAME, r)", "    return b''.join(o)"]
+    lines += [
+        "    except (U, KeyError, UnicodeEncodeError):",
+        "        return G(NAME, r, None, CONFLUENT)",
+        "    return b''.join(o)",
+    ]
     namespace: dict[str, Any] = {
-        "H": sv.header,
+        "H": header,
+        "CONFLUENT": confluent,
         "S": _SMALL,
         "C": _VARINT_CACHE,
         "D": _double,
@@ -280,9 +290,13 @@ def compile_decoder(name: str, native: bool | None = None) -> Decoder | None:
         program = _field_program(sv.raw)
         if program is None:
             return None
-        return _wrap_decoder(name, sv, _native_codec()(program, sv.header, _BadValue, None).decode_body)
+        codec = _native_codec()
+        single = codec(program, sv.header, _BadValue, None).decode_body
+        # decode_body starts after the header's length, whatever its bytes: any 5 bytes stand for the id
+        confluent = codec(program, bytes(CONFLUENT_HEADER_LEN), _BadValue, None).decode_body
+        return _wrap_decoder(name, sv, single, confluent)
     fields = sv.raw["fields"]
-    lines = ["def body(d):", f"    i = {HEADER_LEN}", "    L = len(d)"]
+    lines = [f"def body(d, i={HEADER_LEN}):", "    L = len(d)"]
     try:
         for k, f in enumerate(fields):
             lines.extend("    " + line for line in _decode_snippet(f["type"], f"v{k}"))
@@ -292,28 +306,42 @@ def compile_decoder(name: str, native: bool | None = None) -> Decoder | None:
     lines.append("    return {" + ", ".join(f"{f['name']!r}: v{k}" for k, f in enumerate(fields)) + "}")
     namespace: dict[str, Any] = {"VT": _varint_tail, "DD": _unpack_double, "B": _BadValue}
     exec(compile("\n".join(lines), f"<avro decoder {name} v{sv.version}>", "exec"), namespace)
-    body: Decoder = namespace["body"]  # generated above: exec's namespace is untyped
-    return _wrap_decoder(name, sv, body)
+    body: Callable[..., dict[str, Any]] = namespace["body"]  # generated above: exec's namespace is untyped
+    return _wrap_decoder(name, sv, body, lambda d: body(d, CONFLUENT_HEADER_LEN))
 
 
-def _wrap_decoder(name: str, sv: SchemaVersion, body: Decoder) -> Decoder:
-    """Header check, other writer versions, and one error type around a body decoder."""
+def _body_error(label: str, exc: Exception) -> AvroDecodeError:
+    if isinstance(exc, _BadValue):
+        return AvroDecodeError(f"corrupt {label} body: {exc}")
+    if isinstance(exc, UnicodeDecodeError):
+        return AvroDecodeError(f"corrupt {label} body: {exc!r}")
+    return AvroDecodeError(f"truncated {label} body")
+
+
+def _wrap_decoder(name: str, sv: SchemaVersion, body: Decoder, confluent_body: Decoder) -> Decoder:
+    """Framing dispatch, other writer versions, and one error type around the body decoders.
+
+    Single-object records of the current version take the path they took before the Confluent
+    format existed (one header compare, then the body), so it costs what it did; a Confluent
+    record whose id is the current version's (bound at start-up, read from
+    ``catalog.current_ids`` at each call so a decoder made before the binding sees it) costs
+    one more compare and takes the same body decoder from byte 5."""
     stamps = _timestamp_fields(sv.raw)
     header = sv.header
     label = f"{name} v{sv.version}"
+    current_ids = catalog.current_ids
 
     def decode(data: bytes) -> dict[str, Any]:
-        if data.__class__ is not bytes or data[:HEADER_LEN] != header:
-            # another writer version (resolved by fastavro), or the codec's error for bad bytes
-            record = generic_decode(data, name)
-            return _as_epoch_ms(record, stamps)
         try:
-            return body(data)
-        except _BadValue as exc:
-            raise AvroDecodeError(f"corrupt {label} body: {exc}") from None
-        except (IndexError, struct.error):
-            raise AvroDecodeError(f"truncated {label} body") from None
-        except UnicodeDecodeError as exc:
-            raise AvroDecodeError(f"corrupt {label} body: {exc!r}") from None
+            if data.__class__ is bytes:
+                if data[:HEADER_LEN] == header:
+                    return body(data)
+                if data[:CONFLUENT_HEADER_LEN] == current_ids.get(name):
+                    return confluent_body(data)
+        except (_BadValue, IndexError, struct.error, UnicodeDecodeError) as exc:
+            raise _body_error(label, exc) from None
+        # another writer version (resolved by fastavro), or the codec's error for bad bytes
+        record = generic_decode(data, name)
+        return _as_epoch_ms(record, stamps)
 
     return decode

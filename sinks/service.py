@@ -43,11 +43,13 @@ def run_sink(settings: Settings, api: Callable[[Store], Starlette] | None = None
     """Run until SIGTERM/SIGINT; the exit code (1 if the sink loop failed)."""
     import uvicorn
 
+    from tokenaudit.infra.schema_registry import prepare
     from tokenaudit.infra.topics import ensure_declared
     from tokenaudit.sinks.metrics import metrics_route
     from tokenaudit.sinks.sink import Sink
 
     ensure_declared(settings)  # the topics it reads and dead-letters to, as declared, before subscribing
+    prepare(settings)  # registry ids, so Confluent-framed records resolve
     store = Store.from_settings(settings)
     sink = Sink(settings, store)
     stop = threading.Event()

@@ -31,8 +31,8 @@ from aiokafka.structs import ConsumerRecord
 from faust.types import TP
 from faust.web import Request, Response, View
 
-from tokenaudit.errors import IncompatibleDependency
-from tokenaudit.infra import kafka_clients, topics
+from tokenaudit.errors import IncompatibleDependency, RegistryError
+from tokenaudit.infra import kafka_clients, schema_registry, topics
 from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
 from tokenaudit.schemas.compiled import Encoder, compile_encoder
 from tokenaudit.streams import faust_compat
@@ -106,8 +106,11 @@ class WorkerRuntime:
         self.app.tokenaudit_processor = self.processor  # for tests and the metrics page
         self.changelog = self.table.changelog_topic.get_topic_name()
         self.outgoing = PartitionedRecords(self._partitions_of)  # 5. outputs, one record batch per partition
+        # registry ids bound (and the wire format chosen) before any record is encoded or decoded
+        confluent = schema_registry.prepare(self.s)
         self.encoders: dict[str, Encoder] = {
-            name: compile_encoder(name, memo_large=True) or functools.partial(encode, name)
+            name: compile_encoder(name, memo_large=True, confluent=confluent)
+            or functools.partial(encode, name, confluent=confluent)
             for name in (ROLLUP, SAMPLED, ANOMALY)
         }
         self._wire()  # 6. batch handler, idle sweep, rebalance hook, pages
@@ -191,8 +194,15 @@ class WorkerRuntime:
         """One fetched batch of source records (all partitions): process, close windows, hand
         changelog and outputs to the producer. Acked by the consumer afterwards."""
         out = Outputs()
-        for tp, records in batch:
-            self.processor.process_records(tp.partition, records, out)
+        try:
+            for tp, records in batch:
+                self.processor.process_records(tp.partition, records, out)
+        except RegistryError as exc:
+            # A writer schema could not be fetched (the resolver retried): the state holds half a
+            # batch, so stop hard without committing, as for a failed produce; the restart
+            # restores the state and replays the batch.
+            log.critical("schema registry unreachable, exiting without commit: %s", exc)
+            os._exit(70)
         self.processor.end_batch(out)
         await self.send_all(out)
 

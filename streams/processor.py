@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from tokenaudit.errors import RegistryError
 from tokenaudit.schemas import AvroDecodeError, records
 from tokenaudit.schemas.event_ids import ID_BYTES, derived_id_bytes
 from tokenaudit.schemas.validation import event_problem
@@ -212,6 +213,8 @@ class Processor:
             except AvroDecodeError as exc:
                 self._dead(out, key, value, f"undecodable: {exc}", p, offset)
                 continue
+            except RegistryError:  # the record is fine, the registry is unreachable: retry, never dead-letter
+                raise
             except Exception as exc:  # never let one message stop the worker
                 self._dead(out, key, value, f"undecodable: {exc!r}", p, offset)
                 continue

@@ -23,6 +23,8 @@ from tokenaudit.settings import load_settings
 NEEDS = {
     "kafka_broker": "broker",
     "kafka_bootstrap": "broker",
+    "schema_registry": "broker",  # the marker of "needs external services"
+    "schema_registry_url": "broker",
     "chdb_dsn": "store",
     "ch_client": "store",
     "ch_database": "store",
@@ -62,6 +64,35 @@ def kafka_broker(tmp_path_factory) -> KafkaBroker | None:
 @pytest.fixture(scope="session")
 def kafka_bootstrap(kafka_broker) -> str:
     return os.environ.get("TOKENAUDIT_TEST_BOOTSTRAP") or kafka_broker.bootstrap
+
+
+@pytest.fixture(scope="session")
+def schema_registry(tmp_path_factory):
+    """The session's own schema registry (Apicurio, started with the project's launcher and
+    fetched on first use), or None when ``TOKENAUDIT_TEST_SCHEMA_REGISTRY_URL`` names one."""
+    if os.environ.get("TOKENAUDIT_TEST_SCHEMA_REGISTRY_URL"):
+        yield None
+        return
+    from tokenaudit.infra.registry_server import LocalRegistry, RegistryConfig
+
+    settings = load_settings()
+    registry = LocalRegistry(
+        RegistryConfig(
+            home=tmp_path_factory.mktemp("registry"),
+            cache_dir=settings.cache_dir,
+            version=settings.registry_version,
+            port=free_port(),
+            management_port=free_port(),
+        )
+    )
+    registry.start()
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_registry_url(schema_registry) -> str:
+    return os.environ.get("TOKENAUDIT_TEST_SCHEMA_REGISTRY_URL") or schema_registry.url
 
 
 @pytest.fixture

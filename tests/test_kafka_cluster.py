@@ -59,7 +59,7 @@ def model():
 
 
 @pytest.fixture
-def cluster_env(tmp_path, model, monkeypatch):
+def cluster_env(tmp_path, model, schema_registry_url, monkeypatch):
     kafka = _free_range(3)
     controller = _free_range(3, set(range(kafka, kafka + 3)))
     env = {
@@ -67,6 +67,7 @@ def cluster_env(tmp_path, model, monkeypatch):
         "TOKENAUDIT_KAFKA_PORT": str(kafka),
         "TOKENAUDIT_KAFKA_CONTROLLER_PORT": str(controller),
         "TOKENAUDIT_KAFKA_HEAP": "256m",
+        "TOKENAUDIT_SCHEMA_REGISTRY_URL": schema_registry_url,  # the session's: `up` leaves it alone
         "TOKENAUDIT_KAFKA_PARTITIONS": "3",
         "TOKENAUDIT_KAFKA_START_TIMEOUT": "120",
         "TOKENAUDIT_MODEL": str(model),

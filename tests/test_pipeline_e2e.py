@@ -34,10 +34,12 @@ def model_path():
 
 
 @pytest.fixture
-def pipeline_env(tmp_path, kafka_bootstrap, model_path, monkeypatch):
+def pipeline_env(tmp_path, kafka_bootstrap, schema_registry_url, model_path, monkeypatch):
     env = {
         "TOKENAUDIT_DATA_DIR": str(tmp_path / "data"),
         "TOKENAUDIT_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        # the session's registry: every topic in the Confluent wire format, end to end
+        "TOKENAUDIT_SCHEMA_REGISTRY_URL": schema_registry_url,
         "TOKENAUDIT_MODEL": str(model_path),
         "TOKENAUDIT_XLA": "false",
         "TOKENAUDIT_HTTP_PORT": str(free_port()),
@@ -159,16 +161,49 @@ def test_http_to_usage_exact_across_worker_kill(pipeline_env):
         assert row["total_tokens"] == e["input_tokens"] + e["output_tokens"]
 
 
-def test_up_twice_down_twice_and_busy_port(pipeline_env):
+def _an_event_is_confluent_with_cloudevents(s) -> None:
+    """One request (refused without a key: still an event) and its event on the topic: magic
+    byte 0 and the registry id, CloudEvents headers."""
+    from confluent_kafka import Consumer
+
+    httpx.post(f"http://{s.http_host}:{s.http_port}/v1/generate", json={"prompt": "hi", "max_new_tokens": 2})
+    consumer = Consumer(
+        {"bootstrap.servers": s.kafka_bootstrap, "group.id": "e2e-peek", "auto.offset.reset": "earliest"}
+    )
+    consumer.subscribe([s.topic_usage])
+    try:
+        deadline = time.monotonic() + 60
+        msg = None
+        while msg is None or msg.error():
+            assert time.monotonic() < deadline, "the event never reached the topic"
+            msg = consumer.poll(0.5)
+    finally:
+        consumer.close()
+    assert msg.value()[:1] == b"\x00" and len(msg.value()) > 5
+    headers = dict(msg.headers())
+    assert headers["ce_specversion"] == b"1.0" and headers["content-type"] == b"application/avro"
+    assert headers["ce_type"] == b"io.tokenaudit.TokenUsageEvent" and headers["ce_source"].startswith(b"tokenaudit/")
+
+
+def test_up_twice_down_twice_and_busy_port(pipeline_env, monkeypatch):
+    # no registry configured: `up` starts the local one (on free ports) and hands it to the services
+    monkeypatch.delenv("TOKENAUDIT_SCHEMA_REGISTRY_URL")
+    monkeypatch.setenv("TOKENAUDIT_REGISTRY_PORT", str(free_port()))
+    monkeypatch.setenv("TOKENAUDIT_REGISTRY_MANAGEMENT_PORT", str(free_port()))
+    get_settings.cache_clear()
     s = load_settings()
     first = cli("up")
+    assert "registry   started" in first.stdout, first.stdout
+    registry_pid = int((s.data_dir / "registry" / "registry.pid").read_text())
     pids = {name: int((s.run_dir / f"{name}.pid").read_text()) for name in ("sink", "worker", "inference")}
+    _an_event_is_confluent_with_cloudevents(s)
     second = cli("up")
+    assert "registry   already running" in second.stdout
     for name in pids:
         assert f"{name:<10} already running" in second.stdout
         assert int((s.run_dir / f"{name}.pid").read_text()) == pids[name]
     assert "nothing was running" not in cli("down").stdout
-    assert not any(pid_alive(p) for p in pids.values()), "down must stop every process"
+    assert not any(pid_alive(p) for p in [*pids.values(), registry_pid]), "down must stop every process"
     assert "nothing was running" in cli("down").stdout
 
     with socket.socket() as sock:  # someone else holds the inference port

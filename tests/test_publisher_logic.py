@@ -97,3 +97,49 @@ def test_all_brokers_down_spools_everything_until_the_broker_answers(tmp_path):
         assert _on_topic(made) == [f"r{i}" for i in range(5)] and pub.stats.dropped == 0
     finally:
         pub.close(1.0)
+
+
+def test_cloudevents_headers_travel_with_each_event_through_the_spool(tmp_path):
+    """Direct, refused (spooled) and failed-delivery (spooled) events reach the topic with
+    their own CloudEvents headers, after the spool's replay too."""
+    made: list[FakeProducer] = []
+
+    def factory(config: dict) -> FakeProducer:
+        made.append(FakeProducer(config))
+        return made[-1]
+
+    pub = EventPublisher(
+        "fake:9092",
+        "usage",
+        tmp_path / "spool",
+        retry_seconds=0.05,
+        message_timeout_ms=1000,
+        producer_factory=factory,
+        cloudevents_source="tokenaudit/host-a",
+    )
+    direct = made[0]
+    events = _events(3)
+    direct.fail_deliveries = 1
+    pub.publish(events[0])  # its delivery fails: spooled from the delivery report
+    direct.poll()
+    direct.refuse = True
+    pub.publish(events[1])  # refused: spooled
+    direct.refuse = False
+    pub.start()
+    try:
+        _wait(lambda: pub.state == "direct" and pub.spool.empty())
+        pub.publish(events[2])
+        _wait(lambda: sum(len(p.produced) for p in made) == 3)
+        got = {}
+        for producer in made:
+            for _, value, _, headers in producer.produced:
+                as_text = {k: v.decode() if isinstance(v, bytes) else v for k, v in headers}
+                got[decode(value, EVENT)["event_id"]] = as_text
+        for event in events:
+            h = got[event["event_id"]]
+            assert (h["ce_id"], h["ce_source"], h["ce_specversion"]) == (event["event_id"], "tokenaudit/host-a", "1.0")
+            assert h["ce_type"] == "io.tokenaudit.TokenUsageEvent" and h["content-type"] == "application/avro"
+            assert h["ce_time"].endswith("Z")
+        assert (pub.stats.spooled, pub.stats.dropped) == (2, 0)
+    finally:
+        pub.close(1.0)

@@ -107,7 +107,8 @@ def _good() -> bytes:
     ("data", "match"),
     [
         (b"", "shorter than the 10-byte header"),
-        (b"\x00\x01garbage-garbage", "bad magic"),
+        (b"\x01\x01garbage-garbage", "bad magic"),
+        (b"\x00\x01garbage-garbage", "unknown writer schema id"),  # byte 0: the Confluent wire format
         (b"\xc3\x01" + b"\x00" * 8 + b"body", "unknown writer schema fingerprint"),
         (_good()[:-5], "truncated"),
         (_good()[:11], "truncated"),

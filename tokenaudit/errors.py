@@ -135,3 +135,11 @@ class WebhookError(TokenauditError, RuntimeError):
 
 class WebhookRejected(WebhookError):
     """The endpoint answered a non-retryable 4xx."""
+
+
+class RegistryError(TokenauditError, RuntimeError):
+    """The schema registry could not be installed, started, reached, or refused a schema."""
+
+
+class SchemaIncompatible(RegistryError):
+    """A shipped ``.avsc`` version is not compatible with what the registry holds for its subject."""

@@ -94,6 +94,34 @@ class Settings(BaseSettings):
         None, description="Password of an encrypted TOKENAUDIT_KAFKA_SSL_KEY_FILE."
     )
 
+    # --- schema registry ------------------------------------------------------------------
+    schema_registry_url: str = Field(
+        "",
+        pattern=r"^(|https?://\S+)$",
+        description="An external Confluent-compatible schema registry (Confluent, Apicurio /apis/ccompat/v7, Karapace, Redpanda); the project then leaves it alone. Unset: `up` starts the local Apicurio registry and hands its URL to the services.",
+    )
+    registry_version: str = Field(
+        "3.3.3", description="Apicurio Registry version the launcher fetches from Maven Central and runs."
+    )
+    registry_port: int = Field(8081, ge=1, le=65535, description="Local registry's HTTP port (127.0.0.1).")
+    registry_management_port: int = Field(
+        9001,
+        ge=1,
+        le=65535,
+        description="Local registry's management port (health, metrics; 127.0.0.1; Apicurio's own default 0.0.0.0:9000 would clash and be reachable from outside).",
+    )
+    registry_heap: str = Field("256m", pattern=r"^\d+[kmgKMG]$", description="JVM heap (-Xmx) of the local registry.")
+    registry_start_timeout: float = Field(120.0, gt=0, description="Seconds `registry start` waits for it to answer.")
+    cloudevents_headers: bool = Field(
+        True,
+        description="CloudEvents Kafka-binding headers (ce_id, ce_source, ce_type, ce_time, ...) on every event, so routers and tracing tools need not decode; about 3 us of the request's hot path (bench/bench_hot_path.py).",
+    )
+    wire_format: str = Field(
+        "auto",
+        pattern=r"^(auto|confluent|single-object)$",
+        description="What writers put on the Avro topics: `confluent` (magic byte 0, 4-byte registry id; needs a registry), `single-object` (the first release's `C3 01` + fingerprint), or `auto`: confluent when a registry is configured (TOKENAUDIT_SCHEMA_REGISTRY_URL, which `up` sets for the services it starts). Readers accept both, always.",
+    )
+
     # --- ClickHouse -----------------------------------------------------------------------
     clickhouse_dsn: str = Field(
         "", description="chdb:///path (embedded, default <data_dir>/clickhouse) or http(s)://user:pass@host:port."
@@ -308,6 +336,8 @@ class Settings(BaseSettings):
     def _distinct_ports(self) -> Settings:
         if self.kafka_port == self.kafka_controller_port:
             raise ValueError("TOKENAUDIT_KAFKA_PORT and TOKENAUDIT_KAFKA_CONTROLLER_PORT must differ")
+        if self.registry_port == self.registry_management_port:
+            raise ValueError("TOKENAUDIT_REGISTRY_PORT and TOKENAUDIT_REGISTRY_MANAGEMENT_PORT must differ")
         return self
 
     @classmethod
@@ -328,6 +358,13 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     # --- derived --------------------------------------------------------------------------
+    @property
+    def writes_confluent(self) -> bool:
+        """Whether writers frame records in the Confluent wire format (see ``wire_format``)."""
+        if self.wire_format == "auto":
+            return bool(self.schema_registry_url)
+        return self.wire_format == "confluent"
+
     @property
     def effective_clickhouse_dsn(self) -> str:
         return self.clickhouse_dsn or f"chdb://{(self.data_dir / 'clickhouse').resolve()}"

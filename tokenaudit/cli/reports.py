@@ -159,11 +159,13 @@ def anomalies(
 def _follow(since, limit, client, webhook, group, from_beginning, max_messages, fmt) -> None:
     from tokenaudit.errors import FollowError, WebhookError
     from tokenaudit.infra.kafka_clients import kafka_config
+    from tokenaudit.infra.schema_registry import prepare
     from tokenaudit.reports.anomaly_follow import follow
     from tokenaudit.reports.formatting import AnomalyPrinter
     from tokenaudit.reports.webhook import WebhookForwarder
 
     s = settings()
+    prepare(s)  # registry ids, so Confluent-framed anomalies resolve
     printer = AnomalyPrinter(fmt)
     forwarder = None
     if webhook:
