@@ -74,7 +74,8 @@
 
   function widthFor(range) {
     const span = range.until - range.since;
-    return WIDTHS.find((w) => span / w[1] <= w[2]) || WIDTHS[WIDTHS.length - 1];
+    // at most 360 points on a chart (an hour by minute, a week by hour, a month by day)
+    return WIDTHS.find((w) => span / w[1] <= Math.min(w[2], 360)) || WIDTHS[WIDTHS.length - 1];
   }
 
   // --- panels --------------------------------------------------------------------------------
@@ -187,7 +188,7 @@
     if (rest.some((v) => v > 0)) shown.push(["other", rest]);
     $("tokens-stack").textContent = "stacked by " + (state.admin ? "client" : "model") + ", per " + width[0];
     const datasets = shown.map(([name, data], i) => ({
-      label: name, data: data, fill: true, pointRadius: 0, borderWidth: 1,
+      label: name, data: data, fill: i === 0 ? "origin" : "-1", pointRadius: 0, borderWidth: 1,
       borderColor: COLORS[i % COLORS.length], backgroundColor: COLORS[i % COLORS.length] + "66",
     }));
     chart("chart-tokens", {
@@ -446,6 +447,15 @@
     if (state.timer) clearInterval(state.timer);
     Object.values(state.charts).forEach((c) => c.destroy());
     state.charts = {};
+    // nothing of this key's data stays in the page for the next one to see
+    for (const id of ["top-rows", "cost-rows", "anomaly-list", "request-rows"]) $(id).replaceChildren();
+    for (const id of ["total-tokens", "total-requests", "whoami"]) {
+      $(id).textContent = "";
+      delete $(id).dataset.value;
+    }
+    PANELS.forEach((name) => { panel(name).dataset.state = "pending"; });
+    delete document.body.dataset.loaded;
+    delete document.body.dataset.scope;
     $("dashboard").classList.add("hidden");
     $("signin").classList.remove("hidden");
   }
