@@ -20,6 +20,7 @@ the page (median over a few). The goal for the load is < 1 s.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import tempfile
@@ -141,6 +142,7 @@ def feed_delay(app: Any, url: str, key: str, settings: Any, samples: int) -> lis
     try:
         driver.get(url + "/")
         driver.execute_script("window.sessionStorage.setItem('tokenaudit.key', arguments[0])", key)
+        driver.get("about:blank")  # a fresh document: only the #fragment would differ
         driver.get(url + "/#range=1h")
         wait_for(
             lambda: driver.execute_script("return document.getElementById('panel-anomalies').dataset.feed") == "live",
@@ -188,6 +190,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-feed", action="store_true", help="skip the live-feed delay (needs a Kafka broker)")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     now = datetime.now(UTC)
     start_ms = int(now.timestamp() * 1000) - 35 * 86_400_000
     with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp:
@@ -200,7 +203,7 @@ def main() -> None:
             base = load_settings()
             broker = KafkaBroker(
                 BrokerConfig(
-                    home=Path(tmp) / "kafka",
+                    home=Path(tmp) / "broker",  # not <data_dir>/kafka: that would read as a local cluster
                     cache_dir=base.cache_dir,
                     version=base.kafka_version,
                     port=free_port(),

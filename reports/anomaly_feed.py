@@ -141,12 +141,13 @@ class AnomalyFeed:
                 msg = consumer.poll(self.poll_seconds)
                 if msg is None:
                     continue
-                if msg.error():
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("anomaly feed: %s", msg.error().str())
+                error = msg.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        log.warning("anomaly feed: %s", error.str())
                     continue
                 try:
-                    anomaly = jsonable_anomaly(decode(msg.value(), ANOMALY))
+                    anomaly = jsonable_anomaly(decode(msg.value() or b"", ANOMALY))
                 except AvroDecodeError as exc:
                     log.warning("anomaly feed: skipping an undecodable message (%s)", exc)
                     continue

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
@@ -35,6 +36,9 @@ from tokenaudit.reports.params import parse_client
 
 ASSETS = Path(__file__).parent / "dashboard_assets"
 STREAM_PATH = "/v1/anomalies/stream"
+STREAM_PARAMS = frozenset({"client", "department", "model"})
+#: served without a key: the page and its assets (the data behind them all need one)
+OPEN_PATHS = frozenset({"/", "/dashboard"})
 #: no inline script or style, nothing from another origin, no framing, no plug-ins
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -54,7 +58,7 @@ class _SecuredStatic(StaticFiles):
     """The assets, with the page's security headers on every answer."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def send_with_headers(message: dict[str, Any]) -> None:
+        async def send_with_headers(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers += [(k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items()]
@@ -78,7 +82,7 @@ def stream_endpoint(
         if isinstance(key, Response):
             return key
         raw = dict(request.query_params.multi_items())
-        unknown = sorted(set(raw) - {"client", "department", "model"})
+        unknown = sorted(set(raw) - STREAM_PARAMS)
         if unknown:
             return error(400, "invalid_parameter", f"stream: unknown parameter {unknown[0][:40]!r}", unknown[0][:40])
         try:
@@ -94,9 +98,10 @@ def stream_endpoint(
 
         async def events() -> AsyncIterator[bytes]:
             try:
-                loop = asyncio.get_running_loop()
-                ready = await loop.run_in_executor(None, feed.ready.wait, _READY_WAIT_SECONDS)
-                yield _sse("ready", {"scope": client or "*", "live": ready})
+                deadline = time.monotonic() + _READY_WAIT_SECONDS
+                while not feed.ready.is_set() and time.monotonic() < deadline:  # no thread held meanwhile
+                    await asyncio.sleep(0.05)
+                yield _sse("ready", {"scope": client or "*", "live": feed.ready.is_set()})
                 while True:
                     try:
                         anomaly = await asyncio.wait_for(subscriber.queue.get(), _KEEPALIVE_SECONDS)
@@ -122,7 +127,7 @@ async def _index(request: Request) -> Response:
 
 def dashboard_routes(
     feed: AnomalyFeed, authenticate: Callable[[Request], Any], error: Callable[..., Response]
-) -> list[Route | Mount]:
+) -> list[BaseRoute]:
     """The page, its assets and the live stream, for the usage API's route list."""
     return [
         Route("/", _index, methods=["GET"]),

@@ -47,6 +47,8 @@ FILTER_FIELDS = {"models": "model", "api_key_ids": "api_key_id", "project_ids": 
 _SCALARS = frozenset({"start_time", "end_time", "bucket_width", "limit", "page"})
 _ARRAYS = frozenset({"group_by", *FILTER_FIELDS})
 _MAX_VALUES = 100
+#: every parameter the route takes (docs_gen lists them)
+PARAMETERS = _SCALARS | _ARRAYS
 
 
 @dataclass(frozen=True)

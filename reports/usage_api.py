@@ -36,7 +36,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.infra.keys import AuthError, KeyRegistry, marker_path
@@ -128,7 +128,7 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
         log.error("usage API: %s on %s", type(exc).__name__, request.scope["path"][:200], exc_info=exc)
         return _error(500, "internal_error", "internal error; see the sink log")
 
-    routes = [Route("/healthz", healthz)]
+    routes: list[BaseRoute] = [Route("/healthz", healthz)]
     routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS]
     routes.append(
         Route(f"/v1/{API_PATH}", admin_verify_endpoint(store, settings, authenticate, _error), methods=["GET"])

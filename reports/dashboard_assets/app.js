@@ -153,7 +153,7 @@
     return groups;
   }
 
-  async function tokensPanel(range, f) {
+  async function tokensPanel(range, f, topRows) {
     const base = { start_time: range.since, end_time: range.until, user_ids: f.client, project_ids: f.department,
       models: f.model };
     // the total first: the panel's numbers, and the height of the stack
@@ -175,8 +175,7 @@
     // clients cost one small answer) or by model (a client key)
     let stacks;
     if (state.admin) {
-      const top = await api("/v1/top", { since: range.sinceIso, until: range.untilIso, limit: STACKED, ...f });
-      const ids = top.rows.map((r) => r.client_id).filter((id) => ID.test(id));
+      const ids = (await topRows).slice(0, STACKED).map((r) => r.client_id).filter((id) => ID.test(id));
       stacks = ids.length ? series((await usagePages({ ...base, user_ids: ids, group_by: "user_id" }, width)).pages,
         "user_id") : new Map();
     } else {
@@ -199,8 +198,8 @@
     return width;
   }
 
-  async function topPanel(range, f) {
-    const body = await api("/v1/top", { since: range.sinceIso, until: range.untilIso, limit: 10, ...f });
+  async function topPanel(topRows) {
+    const body = { rows: await topRows };
     fillTable("top-rows", body.rows, (r) => [[String(r.rank)], [r.client_id], [r.department],
       [NUM.format(r.total_tokens), true], [r.share_pct.toFixed(2) + " %", true]]);
     chart("chart-top", {
@@ -389,10 +388,13 @@
     PANELS.forEach((name) => { panel(name).dataset.state = "loading"; });
     $("status").textContent = "loading…";
     let width = widthFor(range);
-    const tokens = run("tokens", async () => { width = await tokensPanel(range, f); });
+    // one top-clients query feeds both the top panel and the stacking of the tokens panel
+    const topRows = api("/v1/top", { since: range.sinceIso, until: range.untilIso, limit: 10, ...f }).then((b) => b.rows);
+    topRows.catch(() => null); // its panels report the error
+    const tokens = run("tokens", async () => { width = await tokensPanel(range, f, topRows); });
     await Promise.all([
       tokens,
-      run("top", () => topPanel(range, f)),
+      run("top", () => topPanel(topRows)),
       run("cost", () => costPanel(f)),
       tokens.then(() => run("latency-time", () => latencyTimePanel(range, f, width))),
       run("latency-input", () => latencyInputPanel(range, f)),
