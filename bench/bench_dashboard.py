@@ -14,7 +14,7 @@ admin key already in the tab's session storage and ``#range=30d``:
 and, with a Kafka broker of its own, the live feed's delay: an anomaly produced -> shown in
 the page (median over a few). The goal for the load is < 1 s.
 
-    .venv/bin/python bench/bench_dashboard.py [--rows 10000000] [--runs 5] [--no-feed]
+    .venv/bin/python bench/bench_dashboard.py [--rows 10000000] [--runs 5] [--no-feed] [--screenshot docs/dashboard.png]
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def panel_queries(store: Store, now: datetime, runs: int) -> dict[str, float]:
     return out
 
 
-def browser_loads(url: str, key: str, runs: int) -> list[float]:
-    driver = start_chromium()
+def browser_loads(url: str, key: str, runs: int, screenshot: Path | None) -> list[float]:
+    driver = start_chromium(1280, 1100)
     try:
         driver.get(url + "/#range=30d")
         driver.execute_script("window.sessionStorage.setItem('tokenaudit.key', arguments[0])", key)
@@ -128,6 +128,8 @@ def browser_loads(url: str, key: str, runs: int) -> list[float]:
             states = driver.execute_script("return [...document.querySelectorAll('.panel')].map(p => p.dataset.state)")
             assert all(s in ("drawn", "absent") for s in states), states
             loads.append(perf["allDrawnMs"])
+        if screenshot is not None:  # the README's picture: the last load, as drawn
+            driver.save_screenshot(str(screenshot))
         return loads[1:]
     finally:
         driver.quit()
@@ -189,6 +191,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000_000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-feed", action="store_true", help="skip the live-feed delay (needs a Kafka broker)")
+    ap.add_argument("--screenshot", type=Path, default=None, help="save the loaded dashboard as this PNG")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     now = datetime.now(UTC)
@@ -239,7 +242,7 @@ def main() -> None:
             app = create_app(store, settings)
             with ThreadedServer(app) as server:
                 wait_for(lambda: _up(server.base_url), 60, "usage API")
-                loads = browser_loads(server.base_url, key, args.runs)
+                loads = browser_loads(server.base_url, key, args.runs, args.screenshot)
                 med = statistics.median(loads)
                 print(
                     f"RESULT dashboard_30d_all_panels_drawn_ms={med:.0f} (runs: {', '.join(f'{x:.0f}' for x in loads)})"

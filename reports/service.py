@@ -32,6 +32,7 @@ def run_api(settings) -> int:
                 port=settings.usage_api_port,
                 log_level="warning",
                 lifespan="off",
+                timeout_graceful_shutdown=settings.usage_api_shutdown_seconds,  # dashboards' live streams
             )
         )
 
