@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint bench docs clean
+.PHONY: setup demo test test-fast lint bench docs clean vendor-charts
 
 $(STAMP): pyproject.toml setup.py schemas/_native.pyx streams/_fastjson.pyx
 	@echo ">> creating/updating $(VENV) (first run downloads TensorFlow: a few minutes)"
@@ -33,6 +33,14 @@ setup: $(STAMP)
 	    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
 	    || echo "!! could not install promtool: tests/test_alerts.py will fail until it is on PATH"; \
 	  else echo "!! promtool missing: install it (apt-get install prometheus) for tests/test_alerts.py"; fi; }
+	@# the dashboard's browser tests drive Debian's chromium through its chromedriver
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo ">> installing chromium and chromium-driver (apt-get)"; \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } \
+	    || echo "!! could not install chromium: the browser tests (marker browser) will be skipped"; \
+	  else echo "!! chromium/chromedriver missing: apt-get install chromium chromium-driver for the browser tests"; fi; }
 
 demo: setup
 	@$(VENV)/bin/tokenaudit demo
@@ -66,6 +74,21 @@ bench: setup
 docs: $(STAMP)
 	@# every generated block of README.md, CONTRIBUTING.md and docs/*.md, and docs/models.md
 	@$(PY) -m tokenaudit.docs_gen
+
+# The dashboard's chart library, vendored (no CDN at run time): fetched from the npm registry at
+# the pinned version, checked against the registry's integrity hash, with its licence.
+CHARTJS_VERSION := 4.6.1
+CHARTJS_INTEGRITY := sha512-hJyniucsFmq//EvXYvJ6c6mahPoI3kaxdjVH8awTaJ/fDNWeSqqqArixMJWkWNN6fcYvPU3HneSANFNYtRi61g==
+VENDOR := reports/dashboard_assets/vendor
+vendor-charts:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	curl -sSfL -o "$$tmp/chart.tgz" https://registry.npmjs.org/chart.js/-/chart.js-$(CHARTJS_VERSION).tgz && \
+	test "sha512-$$(openssl dgst -sha512 -binary "$$tmp/chart.tgz" | base64 -w0)" = "$(CHARTJS_INTEGRITY)" && \
+	tar -xzf "$$tmp/chart.tgz" -C "$$tmp" package/dist/chart.umd.min.js package/LICENSE.md && \
+	cp "$$tmp/package/dist/chart.umd.min.js" $(VENDOR)/chart.umd.min.js && \
+	cp "$$tmp/package/LICENSE.md" $(VENDOR)/chart.js.LICENSE.md && \
+	echo "chart.js $(CHARTJS_VERSION) $(CHARTJS_INTEGRITY)" > $(VENDOR)/VERSION && \
+	echo ">> vendored chart.js $(CHARTJS_VERSION) into $(VENDOR)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

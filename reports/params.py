@@ -16,15 +16,20 @@ from typing import Any
 
 from tokenaudit.errors import QueryParamError
 
-GROUPINGS = ("client", "department", "model", "hour", "day")
+GROUPINGS = ("client", "department", "model", "minute", "hour", "day")
+#: latency ``bucket=``: by input-token bucket (the default), or over time
+LATENCY_BUCKETS = ("input", "minute", "hour", "day")
+#: narrowing filters every ranged report takes (the dashboard's department and model pickers)
+_FILTERS = frozenset({"client", "department", "model"})
 
 #: report name -> the parameters it accepts (anything else is an error, not ignored)
 REPORT_PARAMS: dict[str, frozenset[str]] = {
-    "usage": frozenset({"since", "until", "by", "client"}),
-    "top": frozenset({"since", "until", "limit", "client"}),
+    "usage": frozenset({"since", "until", "by"}) | _FILTERS,
+    "top": frozenset({"since", "until", "limit"}) | _FILTERS,
     "report": frozenset({"month", "client"}),
-    "latency": frozenset({"since", "until", "client"}),
-    "anomalies": frozenset({"since", "until", "limit", "client"}),
+    "latency": frozenset({"since", "until", "bucket"}) | _FILTERS,
+    "anomalies": frozenset({"since", "until", "limit"}) | _FILTERS,
+    "samples": frozenset({"since", "until", "limit"}) | _FILTERS,
 }
 DEFAULT_SINCE = "24h"
 MAX_LIMIT = 10_000
@@ -51,6 +56,9 @@ class ReportParams:
     month_start: datetime | None = None
     month_end: datetime | None = None
     client: str | None = None
+    department: str | None = None
+    model: str | None = None
+    bucket: str | None = None
 
 
 def parse_time(value: str, name: str, now: datetime) -> datetime:
@@ -97,9 +105,11 @@ def parse_limit(value: str) -> int:
     return int(text)
 
 
-def parse_client(value: str) -> str:
+def parse_client(value: str, name: str = "client") -> str:
+    """A client id, department or model name: the same safe pattern for all three."""
     if not _CLIENT.fullmatch(value):
-        raise QueryParamError(f"client: expected a client id (letters, digits, _ . : @ + / -), got {value!r}", "client")
+        what = "a client id" if name == "client" else f"a {name} name"
+        raise QueryParamError(f"{name}: expected {what} (letters, digits, _ . : @ + / -), got {value!r}", name)
     return value
 
 
@@ -129,12 +139,18 @@ def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | Non
         if by not in GROUPINGS:
             raise QueryParamError(f"by: expected one of {'|'.join(GROUPINGS)}, got {by!r}", "by")
         values["by"] = by
+    if "bucket" in allowed:
+        bucket = raw.get("bucket") or "input"
+        if bucket not in LATENCY_BUCKETS:
+            raise QueryParamError(f"bucket: expected one of {'|'.join(LATENCY_BUCKETS)}, got {bucket!r}", "bucket")
+        values["bucket"] = bucket
     if "limit" in allowed:
         values["limit"] = parse_limit(raw["limit"]) if raw.get("limit") else (10 if report == "top" else 1000)
     if "month" in allowed:
         if not raw.get("month"):
             raise QueryParamError("month: required (YYYY-MM)", "month")
         values["month_start"], values["month_end"] = parse_month(raw["month"])
-    if raw.get("client"):
-        values["client"] = parse_client(raw["client"])
+    for name in ("client", "department", "model"):
+        if raw.get(name):
+            values[name] = parse_client(raw[name], name)
     return ReportParams(**values)

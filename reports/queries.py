@@ -31,6 +31,7 @@ _GROUP_EXPR = {
     "client": ("client_id", "client_id"),
     "department": ("department", "department"),
     "model": ("model", "model"),
+    "minute": ("minute", "toStartOfMinute(window_start)"),
     "hour": ("hour", "toStartOfHour(window_start)"),
     "day": ("day", "toDate(window_start)"),
 }
@@ -77,7 +78,8 @@ def _given(value: _T | None, name: str) -> _T:
 
 
 def _range(column: str, params: ReportParams, client: str | None) -> tuple[str, dict[str, Any]]:
-    """WHERE clause for [since, until) on ``column`` and an optional client scope."""
+    """WHERE clause for [since, until) on ``column``, an optional client scope and the optional
+    department and model filters (every table read here has the three columns)."""
     where = (
         f"{column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC') "
         f"AND {column} < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')"
@@ -86,9 +88,14 @@ def _range(column: str, params: ReportParams, client: str | None) -> tuple[str, 
         "since_ms": _ms(_given(params.since, "since")),
         "until_ms": _ms(_given(params.until, "until")),
     }
-    if client is not None:
-        where += " AND client_id = {client:String}"
-        bound["client"] = client
+    for name, column_name, value in (
+        ("client", "client_id", client),
+        ("department", "department", params.department),
+        ("model", "model", params.model),
+    ):
+        if value is not None:
+            where += f" AND {column_name} = {{{name}:String}}"
+            bound[name] = value
     return where, bound
 
 
@@ -111,7 +118,7 @@ def usage(store: Store, params: ReportParams, client: str | None = None) -> list
     name, expr = _GROUP_EXPR[_given(params.by, "by")]
     where, bound = _range("window_start", params, client)
     extra = "argMax(department, window_start) AS dept," if params.by == "client" else ""
-    order = f"{name}" if params.by in ("hour", "day") else f"sum(total_tokens) DESC, {name}"
+    order = f"{name}" if params.by in ("minute", "hour", "day") else f"sum(total_tokens) DESC, {name}"
     rows = store.query(
         f"SELECT {expr} AS {name}, {extra} {_SUMS} FROM {{db}}.usage_rollup FINAL "
         f"WHERE {where} GROUP BY {name} ORDER BY {order} {_FINAL_SETTINGS}",
@@ -170,10 +177,34 @@ def month_tokens(store: Store, params: ReportParams, client: str | None = None) 
     )
 
 
+#: latency ``bucket=`` over time -> the SQL that truncates ``ts`` (the only run-time SQL there)
+_TIME_BUCKET = {"minute": "toStartOfMinute(ts)", "hour": "toStartOfHour(ts)", "day": "toStartOfDay(ts)"}
+
+
 def latency(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """Latency p50/p95 of successful sampled requests by input-token bucket (powers of two),
-    to show from which input length latency starts to climb."""
+    to show from which input length latency starts to climb; or, with ``bucket`` minute, hour
+    or day, per time bucket (the dashboard's latency-over-time panel)."""
     where, bound = _range("ts", params, client)
+    if params.bucket in _TIME_BUCKET:
+        series = store.query(
+            f"SELECT {_TIME_BUCKET[params.bucket]} AS time, count() AS requests, "
+            "quantilesExact(0.5, 0.95)(latency_ms) AS q "
+            f"FROM {{db}}.usage_sampled FINAL WHERE {where} AND status_code < 400 "
+            f"GROUP BY time ORDER BY time {_FINAL_SETTINGS}",
+            bound,
+        )
+        return _jsonable(
+            [
+                {
+                    "time": r["time"],
+                    "requests": r["requests"],
+                    "p50_latency_ms": round(r["q"][0], 2),
+                    "p95_latency_ms": round(r["q"][1], 2),
+                }
+                for r in series
+            ]
+        )
     rows = store.query(
         "SELECT if(input_tokens <= 16, 16, toUInt64(exp2(ceil(log2(input_tokens))))) AS upper, "
         "count() AS requests, round(avg(input_tokens), 1) AS avg_input_tokens, "
@@ -209,7 +240,75 @@ def anomalies(store: Store, params: ReportParams, client: str | None = None) -> 
     return _jsonable(rows)
 
 
-REPORTS = {"usage": usage, "top": top, "report": month_tokens, "latency": latency, "anomalies": anomalies}
+#: grouping name of the bucketed usage -> rollup column (the only run-time SQL of usage_buckets)
+BUCKET_GROUPS = {"model": "model", "api_key_id": "api_key_id", "department": "department", "client_id": "client_id"}
+
+
+def usage_buckets(
+    store: Store,
+    origin_s: int,
+    width_s: int,
+    since_s: int,
+    until_s: int,
+    group_by: tuple[str, ...],
+    filters: dict[str, tuple[str, ...]],
+    client: str | None = None,
+) -> list[dict[str, Any]]:
+    """Token sums per fixed-width time bucket numbered from ``origin_s`` (Unix seconds; a window
+    belongs to the bucket its start falls in) over [since_s, until_s), grouped by the named
+    rollup columns, each filter a list of allowed values: the OpenAI-shaped usage endpoint."""
+    cols = [BUCKET_GROUPS[g] for g in group_by]
+    where = (
+        "window_start >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
+        "AND window_start < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC')"
+    )
+    bound: dict[str, Any] = {
+        "since_ms": since_s * 1000,
+        "until_ms": until_s * 1000,
+        "start": origin_s,
+        "width": width_s,
+    }
+    for name, values in filters.items():
+        where += f" AND has({{{name}:Array(String)}}, {BUCKET_GROUPS[name]})"
+        bound[name] = list(values)
+    if client is not None:
+        where += " AND client_id = {client:String}"
+        bound["client"] = client
+    keys = ", ".join(["bucket", *cols])
+    return store.query(
+        "SELECT intDiv(toInt64(toUnixTimestamp(window_start)) - {start:Int64}, {width:UInt32}) AS bucket, "
+        + "".join(f"{c}, " for c in cols)
+        + "sum(requests) AS requests, sum(errors) AS errors, sum(truncated) AS truncated, "
+        "sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
+        "sum(latency_ms_sum) AS latency_ms_sum, max(latency_ms_max) AS latency_ms_max "
+        f"FROM {{db}}.usage_rollup FINAL WHERE {where} GROUP BY {keys} "
+        f"ORDER BY {keys} {_FINAL_SETTINGS}",
+        bound,
+    )
+
+
+def samples(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
+    """The latest ``limit`` sampled requests in [since, until): the latency-against-tokens
+    scatter of the dashboard (sizes and times only; no digest, no text)."""
+    where, bound = _range("ts", params, client)
+    bound["limit"] = params.limit
+    rows = store.query(
+        "SELECT request_id, ts, client_id, department, model, input_tokens, output_tokens, latency_ms, "
+        f"status_code, sample_reason FROM {{db}}.usage_sampled FINAL WHERE {where} "
+        f"ORDER BY ts DESC, request_id LIMIT {{limit:UInt32}} {_FINAL_SETTINGS}",
+        bound,
+    )
+    return _jsonable(rows)
+
+
+REPORTS = {
+    "usage": usage,
+    "top": top,
+    "report": month_tokens,
+    "latency": latency,
+    "anomalies": anomalies,
+    "samples": samples,
+}
 
 
 def run_report(store: Store, report: str, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:

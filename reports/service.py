@@ -37,6 +37,7 @@ def run_api(settings: Settings) -> int:
                 port=settings.usage_api_port,
                 log_level="warning",
                 lifespan="off",
+                timeout_graceful_shutdown=settings.usage_api_shutdown_seconds,  # dashboards' live streams
             )
         )
 

@@ -5,10 +5,17 @@ Only the fixed reports of :mod:`tokenaudit.reports.queries` are exposed, never S
     GET /healthz                                   (no key)
     GET /v1/usage?since=&until=&by=&client=
     GET /v1/top?since=&until=&limit=&client=
-    GET /v1/report?month=YYYY-MM&client=           (tokens per department/client/model;
-                                                    the caller prices them)
-    GET /v1/latency?since=&until=&client=
+    GET /v1/report?month=YYYY-MM&client=           (tokens per department/client/model in
+                                                    ``rows``, and ``cost``: the cost report priced
+                                                    with TOKENAUDIT_PRICE_TABLE, or ``cost_error``)
+    GET /v1/latency?since=&until=&bucket=&client=
     GET /v1/anomalies?since=&until=&limit=&client=
+    GET /v1/samples?since=&until=&limit=&client=   (sampled requests: the scatter)
+    GET /v1/organization/usage/completions         (OpenAI's Usage API shape: reports/openai_usage.py)
+    GET /v1/anomalies/stream                       (server-sent events: reports/anomaly_feed.py)
+    GET /                                          (the dashboard: reports/dashboard.py)
+
+usage, top, latency, anomalies and samples also take ``department=`` and ``model=`` filters.
     GET /v1/admin/verify?since_ms=&until_ms=       (admin keys only: the store side of
                                                     `tokenaudit verify`, see reports/verify.py)
 
@@ -31,11 +38,17 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from tokenaudit.errors import QueryParamError
+from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.infra.keys import ApiKey, AuthError, KeyRegistry, marker_path
+from tokenaudit.reports.anomaly_feed import AnomalyFeed
+from tokenaudit.reports.dashboard import dashboard_routes
+from tokenaudit.reports.openai_usage import PATH as OPENAI_USAGE_PATH
+from tokenaudit.reports.openai_usage import usage_completions_endpoint
 from tokenaudit.reports.params import REPORT_PARAMS, parse_report_params
+from tokenaudit.reports.prices import priced_answer
 from tokenaudit.reports.queries import iso_utc, run_report, settled_until
 from tokenaudit.reports.verify import API_PATH
 from tokenaudit.reports.verify_route import admin_verify_endpoint
@@ -98,14 +111,15 @@ def create_app(store: Store, settings: Settings, keys_path: Path | None = None) 
             except Exception:  # never leak SQL or engine internals to the caller
                 log.exception("usage API: %s report failed", report)
                 return _error(500, "report_failed", f"{report} report failed; see the sink log")
-            return JSONResponse(
-                {
-                    "report": report,
-                    "scope": scope or "*",
-                    "settled_until": iso_utc(settled_until(settings)),
-                    "rows": rows,
-                }
-            )
+            body = {
+                "report": report,
+                "scope": scope or "*",
+                "settled_until": iso_utc(settled_until(settings)),
+                "rows": rows,
+            }
+            if report == "report":  # priced here, with the API's price table (the dashboard's cost panel)
+                body.update(priced_answer(rows, settings.price_table))
+            return JSONResponse(body)
 
         return handle
 
@@ -122,11 +136,22 @@ def create_app(store: Store, settings: Settings, keys_path: Path | None = None) 
         log.error("usage API: %s on %s", type(exc).__name__, request.scope["path"][:200], exc_info=exc)
         return _error(500, "internal_error", "internal error; see the sink log")
 
-    routes = [Route("/healthz", healthz)]
+    routes: list[BaseRoute] = [Route("/healthz", healthz)]
     routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS]
     routes.append(
         Route(f"/v1/{API_PATH}", admin_verify_endpoint(store, settings, authenticate, _error), methods=["GET"])
     )
-    return Starlette(
+    routes.append(
+        Route(
+            OPENAI_USAGE_PATH,
+            usage_completions_endpoint(store, settings.window_seconds, authenticate, _error),
+            methods=["GET"],
+        )
+    )
+    feed = AnomalyFeed(lambda: kafka_config(settings), settings.topic_anomalies)
+    routes += dashboard_routes(feed, authenticate, _error)
+    app = Starlette(
         routes=routes, exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error}
     )
+    app.state.anomaly_feed = feed  # tests and the bench read how far it is
+    return app

@@ -60,7 +60,15 @@ def run_sink(settings: Settings, api: Callable[[Store], Starlette] | None = None
         app, port = Starlette(routes=[Route("/healthz", _healthz)]), settings.sink_port
     app.router.routes.append(metrics_route(sink))
     server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.usage_api_host, port=port, log_level="warning", lifespan="off")
+        uvicorn.Config(
+            app,
+            host=settings.usage_api_host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            # the usage API's open dashboard streams never end by themselves: cancel them
+            timeout_graceful_shutdown=settings.usage_api_shutdown_seconds,
+        )
     )
 
     def loop() -> None:

@@ -89,6 +89,7 @@ def test_client_key_cannot_ask_for_another_client(api):
         ("report", {"month": "2026-01"}),
         ("latency", {}),
         ("anomalies", {}),
+        ("samples", {}),
     ):
         r = _get(client, f"/v1/{report}", keys["acme-web"], client="beta-app", **extra)
         assert r.status_code == 403, report
@@ -121,10 +122,20 @@ def _fingerprint(store):
 def test_injection_attempts_in_every_parameter_are_400(api, report):
     client, keys, store, *_ = api
     before = _fingerprint(store)
-    valid = {"since": "2h", "until": "1m", "by": "model", "limit": "5", "month": "2026-01", "client": "acme-web"}
+    valid = {
+        "since": "2h",
+        "until": "1m",
+        "by": "model",
+        "limit": "5",
+        "month": "2026-01",
+        "client": "acme-web",
+        "department": "sales",
+        "model": "t5-tiny",
+        "bucket": "hour",
+    }
     for name in sorted(REPORT_PARAMS[report]):
         for attempt in INJECTIONS:
-            params = {p: valid[p] for p in REPORT_PARAMS[report] if p != "client"}
+            params = {p: valid[p] for p in REPORT_PARAMS[report] if p not in ("client", "department", "model")}
             params[name] = attempt
             r = _get(client, f"/v1/{report}", keys["admin"], **params)
             assert r.status_code == 400, (report, name, attempt, r.text)

@@ -153,12 +153,16 @@ def _starlette_routes(app: Any) -> list:
 
 
 def _methods(route: Any) -> str:
-    return ", ".join(sorted(m for m in (route.methods or {"GET"}) if m != "HEAD"))
+    return ", ".join(sorted(m for m in (getattr(route, "methods", None) or {"GET"}) if m != "HEAD"))
 
 
 def routes_block() -> str:
     from tokenaudit.inference.app import OPEN_PATHS
     from tokenaudit.inference.app import create_app as inference_app
+    from tokenaudit.reports.dashboard import OPEN_PATHS as DASHBOARD_OPEN
+    from tokenaudit.reports.dashboard import STREAM_PARAMS, STREAM_PATH
+    from tokenaudit.reports.openai_usage import PARAMETERS as OPENAI_USAGE_PARAMS
+    from tokenaudit.reports.openai_usage import PATH as OPENAI_USAGE_PATH
     from tokenaudit.reports.params import REPORT_PARAMS
     from tokenaudit.reports.usage_api import create_app as usage_app
 
@@ -186,12 +190,15 @@ def routes_block() -> str:
         "| method | path | key | query parameters |",
         "| --- | --- | --- | --- |",
     ]
+    route_params = {OPENAI_USAGE_PATH: OPENAI_USAGE_PARAMS, STREAM_PATH: STREAM_PARAMS}
     for r in usage:
         name = r.path.removeprefix("/v1/")
-        params = ", ".join(f"`{p}`" for p in sorted(REPORT_PARAMS.get(name, ())))
+        params = ", ".join(f"`{p}`" for p in sorted(REPORT_PARAMS.get(name, route_params.get(r.path, ()))))
         if name == "admin/verify":
             params = "`since_ms`, `until_ms` (admin keys only)"
-        rows.append(f"| {_methods(r)} | `{r.path}` | {'no' if r.path == '/healthz' else 'yes'} | {params} |")
+        path = f"{r.path}/{{file}}" if r.path in DASHBOARD_OPEN - {"/"} else r.path  # the mounted assets
+        key = "no" if r.path == "/healthz" or r.path in DASHBOARD_OPEN else "yes"
+        rows.append(f"| {_methods(r)} | `{path}` | {key} | {params} |")
     return "\n".join(rows)
 
 

@@ -296,6 +296,11 @@ class Settings(BaseSettings):
     )
     usage_api_host: str = Field("127.0.0.1", description="Read-only usage API bind address.")
     usage_api_port: int = Field(8001, ge=1, le=65535, description="Read-only usage API port.")
+    usage_api_shutdown_seconds: int = Field(
+        5,
+        ge=1,  # whole seconds: uvicorn's graceful-shutdown timeout
+        description="How long a stopping usage API (or the sink serving it) lets requests in flight finish before it cancels them; an open dashboard's live anomaly stream never finishes by itself.",
+    )
     sink_port: int = Field(
         8002,
         ge=1,
