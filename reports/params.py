@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from tokenaudit.errors import QueryParamError
 
-GROUPINGS = ("client", "department", "model", "hour", "day")
+GROUPINGS = ("client", "department", "model", "minute", "hour", "day")
 
 #: report name -> the parameters it accepts (anything else is an error, not ignored)
 REPORT_PARAMS: dict[str, frozenset[str]] = {
@@ -24,6 +24,9 @@ REPORT_PARAMS: dict[str, frozenset[str]] = {
     "report": frozenset({"month", "client"}),
     "latency": frozenset({"since", "until", "client"}),
     "anomalies": frozenset({"since", "until", "limit", "client"}),
+    # the ledger (usage_requests): every request, filtered; one request by its id
+    "requests": frozenset({"since", "until", "limit", "client", "ip", "status", "model"}),
+    "request": frozenset({"id", "client"}),
 }
 DEFAULT_SINCE = "24h"
 MAX_LIMIT = 10_000
@@ -34,6 +37,13 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 # human would type, and nothing with quotes, spaces, semicolons or comment markers
 _CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+/-]{0,127}")
 _MONTH = re.compile(r"(\d{4})-(\d{2})")
+# an IPv4/IPv6 address, a truncated network or a hashed address's hex (what the ledger stores)
+_IP = re.compile(r"[0-9A-Fa-f:.]{1,64}")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+/-]{0,127}")
+# request ids are the client's X-Request-ID (inference/audit.py: printable, bounded) or the
+# event id's hex; event ids are UUID text
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:@+/=-]{1,128}")
+_LONG_VALUES = {"id": 128}
 # times the store can hold (DateTime64 reaches 2299) and arithmetic on them cannot overflow
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
@@ -50,6 +60,10 @@ class ReportParams:
     month_start: datetime | None = None
     month_end: datetime | None = None
     client: str | None = None
+    ip: str | None = None
+    status: int | None = None
+    model: str | None = None
+    request_id: str | None = None
 
 
 def parse_time(value: str, name: str, now: datetime) -> datetime:
@@ -114,7 +128,7 @@ def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | Non
             unknown[0],
         )
     for name, value in raw.items():
-        if not isinstance(value, str) or len(value) > _MAX_VALUE_LEN:
+        if not isinstance(value, str) or len(value) > _LONG_VALUES.get(name, _MAX_VALUE_LEN):
             raise QueryParamError(f"{name}: value too long or not text", name)
     now = now or datetime.now(UTC)
     values: dict = {}
@@ -136,4 +150,23 @@ def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | Non
         values["month_start"], values["month_end"] = parse_month(raw["month"])
     if raw.get("client"):
         values["client"] = parse_client(raw["client"])
+    if "ip" in allowed and raw.get("ip"):
+        values["ip"] = _match(_IP, raw["ip"].strip(), "ip", "an IP address like 10.0.0.5 or 2001:db8::1")
+    if "status" in allowed and raw.get("status"):
+        text = raw["status"].strip()
+        if not (text.isascii() and text.isdigit() and 100 <= int(text) <= 599):
+            raise QueryParamError(f"status: expected an HTTP status from 100 to 599, got {raw['status']!r}", "status")
+        values["status"] = int(text)
+    if "model" in allowed and raw.get("model"):
+        values["model"] = _match(_MODEL, raw["model"], "model", "a model name")
+    if "id" in allowed:
+        if not raw.get("id"):
+            raise QueryParamError("id: required (a request_id or event_id)", "id")
+        values["request_id"] = _match(_REQUEST_ID, raw["id"], "id", "a request_id or event_id")
     return ReportParams(**values)
+
+
+def _match(pattern: re.Pattern[str], value: str, name: str, what: str) -> str:
+    if not pattern.fullmatch(value):
+        raise QueryParamError(f"{name}: expected {what}, got {value!r}", name)
+    return value

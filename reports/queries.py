@@ -14,6 +14,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from tokenaudit.infra.store import Store
+from tokenaudit.reports import ledger
 from tokenaudit.reports.params import ReportParams, parse_report_params
 from tokenaudit.schemas import columns
 
@@ -26,9 +27,13 @@ _GROUP_EXPR = {
     "client": ("client_id", "client_id"),
     "department": ("department", "department"),
     "model": ("model", "model"),
+    "minute": ("minute", "toStartOfMinute(window_start)"),
     "hour": ("hour", "toStartOfHour(window_start)"),
     "day": ("day", "toDate(window_start)"),
 }
+
+#: groupings that are time buckets: ordered by time, not by tokens
+_TIME_GROUPS = ("minute", "hour", "day")
 
 _SUMS = """
     sum(requests) AS requests,
@@ -36,6 +41,7 @@ _SUMS = """
     sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
     sum(total_tokens) AS total_tokens,
+    sum(truncated) AS truncated,
     round(sum(latency_ms_sum) / greatest(sum(requests), 1), 2) AS avg_latency_ms"""
 
 
@@ -64,7 +70,7 @@ def _ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
 
 
-def _range(column: str, params: ReportParams, client: str | None) -> tuple[str, dict[str, Any]]:
+def time_range(column: str, params: ReportParams, client: str | None) -> tuple[str, dict[str, Any]]:
     """WHERE clause for [since, until) on ``column`` and an optional client scope."""
     where = (
         f"{column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC') "
@@ -77,7 +83,7 @@ def _range(column: str, params: ReportParams, client: str | None) -> tuple[str, 
     return where, bound
 
 
-def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for row in rows:
         clean = {}
@@ -92,11 +98,11 @@ def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def usage(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
-    """Token totals in [since, until) grouped by client, department, model, hour or day."""
+    """Token totals in [since, until) grouped by client, department, model, minute, hour or day."""
     name, expr = _GROUP_EXPR[params.by]
-    where, bound = _range("window_start", params, client)
+    where, bound = time_range("window_start", params, client)
     extra = "argMax(department, window_start) AS dept," if params.by == "client" else ""
-    order = f"{name}" if params.by in ("hour", "day") else f"sum(total_tokens) DESC, {name}"
+    order = f"{name}" if params.by in _TIME_GROUPS else f"sum(total_tokens) DESC, {name}"
     rows = store.query(
         f"SELECT {expr} AS {name}, {extra} {_SUMS} FROM {{db}}.usage_rollup FINAL "
         f"WHERE {where} GROUP BY {name} ORDER BY {order} {_FINAL_SETTINGS}",
@@ -104,12 +110,12 @@ def usage(store: Store, params: ReportParams, client: str | None = None) -> list
     )
     if params.by == "client":  # put the department next to the client it belongs to (latest one)
         rows = [{"client_id": r.pop("client_id"), "department": r.pop("dept"), **r} for r in rows]
-    return _jsonable(rows)
+    return jsonable(rows)
 
 
 def top(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """The heaviest clients by total tokens, with their share of all tokens in scope."""
-    where, bound = _range("window_start", params, client)
+    where, bound = time_range("window_start", params, client)
     bound["limit"] = params.limit
     rows = store.query(
         "SELECT client_id, argMax(department, window_start) AS dept, sum(requests) AS requests, "
@@ -135,27 +141,30 @@ def top(store: Store, params: ReportParams, client: str | None = None) -> list[d
 
 
 def month_tokens(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
-    """Tokens per (department, client, model) in one calendar month (UTC): the input of the
-    cost report, which prices them with the caller's price table (see prices.cost_report)."""
+    """Tokens per (department, client, model, UTC day) in one calendar month: the input of the
+    cost report, which prices each day with the entry of the caller's price table in force on
+    it (prices change at the start of a day: see prices.cost_report)."""
     bound: dict[str, Any] = {"since_ms": _ms(params.month_start), "until_ms": _ms(params.month_end)}
     scope = ""
     if client is not None:
         scope, bound["client"] = " AND client_id = {client:String}", client
-    return store.query(
-        "SELECT department, client_id, model, sum(requests) AS requests, sum(input_tokens) AS input_tokens, "
+    rows = store.query(
+        "SELECT department, client_id, model, toDate(window_start) AS day, "
+        "sum(requests) AS requests, sum(input_tokens) AS input_tokens, "
         "sum(output_tokens) AS output_tokens, sum(total_tokens) AS total_tokens "
         "FROM {db}.usage_rollup FINAL "
         "WHERE window_start >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
         f"AND window_start < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC'){scope} "
-        f"GROUP BY department, client_id, model ORDER BY department, client_id, model {_FINAL_SETTINGS}",
+        f"GROUP BY department, client_id, model, day ORDER BY department, client_id, model, day {_FINAL_SETTINGS}",
         bound,
     )
+    return jsonable(rows)
 
 
 def latency(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """Latency p50/p95 of successful sampled requests by input-token bucket (powers of two),
     to show from which input length latency starts to climb."""
-    where, bound = _range("ts", params, client)
+    where, bound = time_range("ts", params, client)
     rows = store.query(
         "SELECT if(input_tokens <= 16, 16, toUInt64(exp2(ceil(log2(input_tokens))))) AS upper, "
         "count() AS requests, round(avg(input_tokens), 1) AS avg_input_tokens, "
@@ -181,17 +190,25 @@ ANOMALY_COLUMNS = columns.ANOMALIES
 
 def anomalies(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """The latest ``limit`` anomalies in [since, until), oldest first."""
-    where, bound = _range("ts", params, client)
+    where, bound = time_range("ts", params, client)
     bound["limit"] = params.limit
     rows = store.query(
         f"SELECT * FROM (SELECT {', '.join(ANOMALY_COLUMNS)} FROM {{db}}.anomalies FINAL WHERE {where} "
         f"ORDER BY ts DESC, anomaly_id DESC LIMIT {{limit:UInt32}}) ORDER BY ts, anomaly_id {_FINAL_SETTINGS}",
         bound,
     )
-    return _jsonable(rows)
+    return jsonable(rows)
 
 
-REPORTS = {"usage": usage, "top": top, "report": month_tokens, "latency": latency, "anomalies": anomalies}
+REPORTS = {
+    "usage": usage,
+    "top": top,
+    "report": month_tokens,
+    "latency": latency,
+    "anomalies": anomalies,
+    "requests": ledger.requests,
+    "request": ledger.request,
+}
 
 
 def run_report(store: Store, report: str, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:

@@ -9,6 +9,10 @@ Only the fixed reports of :mod:`tokenaudit.reports.queries` are exposed, never S
                                                     the caller prices them)
     GET /v1/latency?since=&until=&client=
     GET /v1/anomalies?since=&until=&limit=&client=
+    GET /v1/requests?since=&until=&limit=&client=&ip=&status=&model=   (the ledger)
+    GET /v1/requests/{id}                          (a request_id or event_id; 404 if none in scope)
+    POST /v1/admin/erase?client=                   (admin keys only: a client's ledger rows and
+                                                    sampled records, see reports/erase.py)
     GET /v1/admin/verify?since_ms=&until_ms=       (admin keys only: the store side of
                                                     `tokenaudit verify`, see reports/verify.py)
 
@@ -32,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tokenaudit.infra.keys import AuthError, KeyRegistry, marker_path
+from tokenaudit.reports.erase import ERASE_PATH, erase_endpoint
 from tokenaudit.reports.params import REPORT_PARAMS, QueryParamError, parse_report_params
 from tokenaudit.reports.queries import iso_utc, run_report, settled_until
 from tokenaudit.reports.verify import API_PATH, admin_verify_endpoint
@@ -67,12 +72,14 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
             raise AssertionError("authenticate returned no key with allow_open=False")
         return key
 
-    def endpoint(report: str):
+    def endpoint(report: str, path_param: str | None = None):
         async def handle(request: Request) -> JSONResponse:
             key = authenticate(request)
             if isinstance(key, Response):
                 return key
             items = request.query_params.multi_items()
+            if path_param is not None:  # /v1/requests/{id}: the id is part of the path
+                items.append((path_param, request.path_params[path_param]))
             names = [name for name, _ in items]
             if len(names) != len(set(names)):
                 return _error(400, "invalid_parameter", "a parameter was given more than once")
@@ -90,6 +97,8 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
             except Exception:  # never leak SQL or engine internals to the caller
                 log.exception("usage API: %s report failed", report)
                 return _error(500, "report_failed", f"{report} report failed; see the sink log")
+            if report == "request" and not rows:
+                return _error(404, "not_found", f"no request {params.request_id} (in this key's scope)", "id")
             return JSONResponse(
                 {
                     "report": report,
@@ -115,7 +124,9 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
         return _error(500, "internal_error", "internal error; see the sink log")
 
     routes = [Route("/healthz", healthz)]
-    routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS]
+    routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS if name != "request"]
+    routes.append(Route("/v1/requests/{id}", endpoint("request", "id"), methods=["GET"]))
+    routes.append(Route(f"/v1/{ERASE_PATH}", erase_endpoint(store, authenticate, _error), methods=["POST"]))
     routes.append(
         Route(f"/v1/{API_PATH}", admin_verify_endpoint(store, settings, authenticate, _error), methods=["GET"])
     )

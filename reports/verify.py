@@ -190,7 +190,7 @@ class _EventCounter:
 
 
 # --- the store side ----------------------------------------------------------------------------
-def store_totals(store, since_ms: int, until_ms: int, window_ms: int) -> list[dict[str, Any]]:
+def store_totals(store, since_ms: int, until_ms: int, window_ms: int, ledger: bool = True) -> list[dict[str, Any]]:
     """Rollup sums (and ledger event counts, where the ledger exists) per (client, model,
     hour of window start) for window starts in [since_ms, until_ms)."""
     bound = {"since_ms": since_ms, "until_ms": until_ms}
@@ -207,7 +207,7 @@ def store_totals(store, since_ms: int, until_ms: int, window_ms: int) -> list[di
         (r["client_id"], r["model"], int(r["hour_ms"])): {**r, "hour_ms": int(r["hour_ms"]), "events": None}
         for r in rows
     }
-    if _has_ledger(store):
+    if ledger and _has_ledger(store):  # TOKENAUDIT_LEDGER=off: the table may exist, unfed
         ledger = store.query(
             "SELECT client_id, model, intDiv(ws, 3600000) * 3600000 AS hour_ms, uniqExact(event_id) AS events "
             "FROM (SELECT client_id, model, event_id, toUnixTimestamp64Milli(ts) AS t, t - t % {w:Int64} AS ws "
@@ -238,11 +238,11 @@ def _has_ledger(store) -> bool:
 class DirectTotals:
     """The store side from a Store this process opened."""
 
-    def __init__(self, store, window_ms: int):
-        self.store, self.window_ms = store, window_ms
+    def __init__(self, store, window_ms: int, ledger: bool = True):
+        self.store, self.window_ms, self.ledger = store, window_ms, ledger
 
     def fetch(self, since_ms: int, until_ms: int) -> list[dict[str, Any]]:
-        return store_totals(self.store, since_ms, until_ms, self.window_ms)
+        return store_totals(self.store, since_ms, until_ms, self.window_ms, self.ledger)
 
 
 class EmbeddedTotals:
@@ -273,7 +273,7 @@ class EmbeddedTotals:
         except ClickHouseError as exc:
             raise VerifyError(f"the usage API did not answer and the store cannot be opened directly: {exc}") from None
         try:
-            return store_totals(store, since_ms, until_ms, self.settings.window_seconds * 1000)
+            return store_totals(store, since_ms, until_ms, self.settings.window_seconds * 1000, self.settings.ledger)
         finally:
             store.close()
 
@@ -283,7 +283,9 @@ def open_totals(settings):
         return EmbeddedTotals(settings)
     from tokenaudit.infra.store import Store
 
-    return DirectTotals(Store.from_settings(settings, migrate_schema=False), settings.window_seconds * 1000)
+    return DirectTotals(
+        Store.from_settings(settings, migrate_schema=False), settings.window_seconds * 1000, settings.ledger
+    )
 
 
 # --- reconciliation ----------------------------------------------------------------------------
@@ -466,7 +468,9 @@ def admin_verify_endpoint(store, settings, authenticate: Callable[[Any], Any], e
             bounds.append(int(text))
         if bounds[1] <= bounds[0]:
             return error(400, "invalid_parameter", "until_ms: must be after since_ms", "until_ms")
-        rows = await run_in_threadpool(store_totals, store, bounds[0], bounds[1], settings.window_seconds * 1000)
+        rows = await run_in_threadpool(
+            store_totals, store, bounds[0], bounds[1], settings.window_seconds * 1000, settings.ledger
+        )
         return JSONResponse({"report": "verify", "scope": "*", "rows": rows})
 
     return handle

@@ -20,7 +20,7 @@ import httpx
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_never, wait_exponential_jitter
 
 from tokenaudit.errors import WebhookError, WebhookRejected
-from tokenaudit.reports.queries import _jsonable
+from tokenaudit.reports.queries import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def validate_url(url: str) -> str:
 
 def anomaly_json(anomaly: dict[str, Any]) -> dict[str, Any]:
     """A decoded anomaly with times as ISO 8601 UTC strings (the webhook and --format json body)."""
-    return _jsonable([anomaly])[0]
+    return jsonable([anomaly])[0]
 
 
 class WebhookForwarder:

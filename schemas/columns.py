@@ -82,6 +82,40 @@ ANOMALIES = (
 )
 ANOMALY_KEY = ("client_id", "rule", "anomaly_id")
 
+#: usage_requests (the ledger): one row per event, idempotent by event_id (the sorting key ends
+#: with it); request_id is '' where it is the event id's hex (LEDGER_REQUEST_ID puts it back)
+USAGE_REQUESTS = (
+    "client_id",
+    "ts",
+    "event_id",
+    "request_id",
+    "instance",
+    "department",
+    "api_key_id",
+    "client_ip",
+    "method",
+    "path",
+    "status_code",
+    "error_type",
+    "model",
+    "input_tokens",
+    "untruncated_input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "truncated",
+    "latency_ms",
+    "queue_ms",
+    "inference_ms",
+    "ttft_ms",
+    "batch_id",
+    "batch_size",
+    "position_in_batch",
+    "finish_reason",
+)
+REQUESTS_KEY = ("client_id", "ts", "event_id")
+#: the stored request_id, or the event id's hex where it was stored as '' (SQL)
+LEDGER_REQUEST_ID = "if(request_id = '', replaceAll(toString(event_id), '-', ''), request_id)"
+
 #: rejected_rows: what ClickHouse refused, with the reason and the record as JSON
 REJECTED_ROWS = ("table", "reason", "record")
 
@@ -89,6 +123,7 @@ TABLES = {
     "usage_rollup": USAGE_ROLLUP,
     "usage_sampled": USAGE_SAMPLED,
     "anomalies": ANOMALIES,
+    "usage_requests": USAGE_REQUESTS,
     "rejected_rows": REJECTED_ROWS,
 }
 

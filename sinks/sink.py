@@ -1,4 +1,5 @@
-"""The ClickHouse sink: consume rollups, sampled records and anomalies; batch; insert; commit.
+"""The ClickHouse sink: consume rollups, sampled records, anomalies and (for the ledger) the
+token-usage events themselves; batch; insert; commit.
 
 The flush is a numbered protocol (batch, deduplicate, insert, commit):
 
@@ -40,12 +41,18 @@ from tenacity import (
 
 from tokenaudit.infra.kafka_clients import kafka_config, producer_config
 from tokenaudit.infra.store import Store
-from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, AvroDecodeError
+from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError
 from tokenaudit.schemas.compiled import compile_decoder
+from tokenaudit.schemas.validation import event_problem
 from tokenaudit.sinks import rows as R
+from tokenaudit.sinks.ledger import LEDGER_COLUMNS, LedgerRows, ip_policy, ip_secret
 from tokenaudit.sinks.rejected import is_data_error, rejected_row
 
 log = logging.getLogger("tokenaudit.sink")
+
+
+def _as_row(row: list) -> list:
+    return row  # ledger rows are built when consumed (sinks/ledger.py)
 
 
 @dataclass
@@ -61,6 +68,8 @@ class SinkCounters:
     inserted_rollups: int = 0
     inserted_sampled: int = 0
     inserted_anomalies: int = 0
+    inserted_requests: int = 0  # ledger rows (usage_requests)
+    ledger_invalid: int = 0  # events the worker dead-letters: no ledger row
     rejected_rows: int = 0
     deltas_merged: int = 0
     deltas_replayed: int = 0
@@ -77,11 +86,12 @@ class Batch:
     sampled: dict = field(default_factory=dict)
     anomalies: dict = field(default_factory=dict)
     deltas: list = field(default_factory=list)
+    requests: dict = field(default_factory=dict)  # ledger rows by event_id
     messages: int = 0
     started: float = 0.0
 
     def rows(self) -> int:
-        return len(self.rollups) + len(self.sampled) + len(self.anomalies) + len(self.deltas)
+        return len(self.rollups) + len(self.sampled) + len(self.anomalies) + len(self.deltas) + len(self.requests)
 
 
 class Sink:
@@ -109,9 +119,19 @@ class Sink:
         # to DateTime64(3) columns as they are (no datetime objects made and taken apart per
         # row): ~5x less CPU per record than fastavro with datetimes, which matters when the
         # sink shares the worker's host.
-        self._decoders = {name: compile_decoder(name) for name in (ROLLUP, SAMPLED, ANOMALY)}
+        self._decoders = {name: compile_decoder(name) for name in (ROLLUP, SAMPLED, ANOMALY, EVENT)}
         if not all(self._decoders.values()):
             raise AssertionError("the output schemas are flat by contract")
+        self.ledger: LedgerRows | None = None
+        if settings.ledger:  # the ledger: the token-usage topic too (sinks/ledger.py says why here)
+            self.topics[settings.topic_usage] = EVENT
+            secret = (
+                ip_secret(settings.ledger_client_ip_secret, settings.data_dir)
+                if settings.ledger_client_ip == "hashed"
+                else b""
+            )
+            self.ledger = LedgerRows(ip_policy(settings.ledger_client_ip, secret))
+        self._max_tokens = settings.max_tokens_per_event
         self.consumer = (
             consumer
             if consumer is not None
@@ -182,7 +202,13 @@ class Sink:
         try:
             r = self._decoders[name](msg.value())
         except AvroDecodeError as exc:
+            if name == EVENT:  # the worker dead-letters it: once on the DLQ, not twice
+                self.counters.ledger_invalid += 1
+                return
             self._dead(msg, f"sink undecodable: {exc}")
+            return
+        if name == EVENT:
+            self._add_request(r)
             return
         if name == ROLLUP:
             if r.get("delta_id"):
@@ -199,6 +225,20 @@ class Sink:
             if key in keyed:
                 self.counters.batch_duplicates += 1
             keyed[key] = r
+
+    def _add_request(self, ev: dict) -> None:
+        """A ledger row, once per event_id within the batch (and by the table across batches)."""
+        ledger = self.ledger
+        if ledger is None:
+            return
+        if event_problem(ev, self._max_tokens) is not None:
+            self.counters.ledger_invalid += 1
+            return
+        event_id = ledger.event_id(ev)
+        requests = self.batch.requests
+        if event_id in requests:
+            self.counters.batch_duplicates += 1
+        requests[event_id] = ledger.row(ev, event_id)
 
     def _dead(self, msg, reason: str) -> None:
         self.counters.undecodable += 1
@@ -290,6 +330,11 @@ class Sink:
         if b.deltas:
             self._merge_deltas(b.deltas)
             b.deltas = []
+        if b.requests:
+            self.counters.inserted_requests += self._store(
+                "usage_requests", list(b.requests.values()), LEDGER_COLUMNS, _as_row
+            )
+            b.requests = {}
 
     def _store(self, table: str, records: list[dict], columns: Sequence[str], to_row: Callable[[dict], Any]) -> int:
         """Insert ``records``; when ClickHouse refuses them as data, split until the refused

@@ -452,7 +452,9 @@ class Processor:
         """Per-request anomaly rule and the top-fraction sampler. ``fold``: the event is new
         (above the meta record's last offset), so it goes into the sketch; in the replay zone
         the stored sketch already holds what it should."""
-        kept = ev["input_tokens"] > self.input_threshold and self.rules.request(
+        # the guard reads what the client sent, as the rule does (rules.sent_input_tokens)
+        thr = self.input_threshold
+        kept = (ev["input_tokens"] > thr or ev["untruncated_input_tokens"] > thr) and self.rules.request(
             ev, w, ws, offset, lambda: self.state.touch(wkey), out.anomalies
         )
         if kept:

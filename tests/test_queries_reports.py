@@ -53,6 +53,17 @@ def test_usage_by_hour_and_day_sum_to_the_same_total(seeded):
     assert all(h["hour"].endswith(":00:00Z") for h in hours)
 
 
+def test_usage_by_minute_is_exact_per_minute(seeded):
+    store, rows, _now = seeded
+    got = run_raw(store, "usage", {"since": "2h", "by": "minute"})
+    expected: dict[str, int] = {}
+    for r in rows:  # the seed's windows are one minute each
+        minute = r[3].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:00Z")
+        expected[minute] = expected.get(minute, 0) + r[9]
+    assert {g["minute"]: g["total_tokens"] for g in got} == expected
+    assert [g["minute"] for g in got] == sorted(expected)
+
+
 def test_usage_time_range_filters_windows(seeded):
     store, rows, now = seeded
     cutoff = now - timedelta(minutes=10)

@@ -50,6 +50,7 @@ def event(
     department: str = "eng",
     truncated: bool = False,
     api_key_id: str | None = None,
+    untruncated_input_tokens: int | None = None,
 ) -> dict:
     """A synthetic request's event, made by the one event builder (schemas.records) from what
     the inference app's audit context would hold for it."""
@@ -66,7 +67,11 @@ def event(
         client_ip="127.0.0.1",
         model=model,
         input_tokens=input_tokens,
-        untruncated_input_tokens=input_tokens + (50 if truncated else 0),
+        untruncated_input_tokens=(
+            untruncated_input_tokens
+            if untruncated_input_tokens is not None
+            else input_tokens + (50 if truncated else 0)
+        ),
         truncated=truncated,
         output_tokens=output_tokens,
         queue_ms=1.0,

@@ -1,0 +1,84 @@
+"""The ledger's read side: every request of ``usage_requests``, filtered, and one request by its
+id (request_id or event_id).
+
+Read with ``FINAL``: copies of an event (retries, spool replays) are one row. The stored
+``request_id`` is '' where it was the event id's hex (the app's default), and is put back here
+(:data:`~tokenaudit.schemas.columns.LEDGER_REQUEST_ID`), so callers never see the difference.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from tokenaudit.infra.store import Store
+from tokenaudit.reports.params import ReportParams
+from tokenaudit.schemas import columns
+from tokenaudit.schemas.client_ip import stored_forms
+
+_SELECT = ", ".join(
+    f"{columns.LEDGER_REQUEST_ID} AS request_id" if c == "request_id" else c
+    for c in ("request_id", *(c for c in columns.USAGE_REQUESTS if c != "request_id"))
+)
+
+
+def requests(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
+    """The latest ``limit`` requests in [since, until) matching the filters, oldest first."""
+    from tokenaudit.reports.queries import jsonable, time_range  # queries imports this module
+
+    where, bound = time_range("ts", params, client)
+    if params.ip is not None:
+        where += " AND client_ip IN {ips:Array(String)}"
+        bound["ips"] = stored_forms(params.ip)
+    if params.status is not None:
+        where += " AND status_code = {status:UInt16}"
+        bound["status"] = params.status
+    if params.model is not None:
+        where += " AND model = {model:String}"
+        bound["model"] = params.model
+    bound["limit"] = params.limit
+    rows = store.query(
+        f"SELECT * FROM (SELECT {_SELECT} FROM {{db}}.usage_requests FINAL WHERE {where} "
+        "ORDER BY ts DESC, event_id DESC LIMIT {limit:UInt32}) ORDER BY ts, event_id",
+        bound,
+    )
+    return _clean(jsonable(rows))
+
+
+def request(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
+    """Every request with this request_id or event_id (a request_id is the client's and need
+    not be unique), oldest first; [] when none (in the caller's scope)."""
+    from tokenaudit.reports.queries import jsonable  # queries imports this module
+
+    wanted = params.request_id or ""
+    bound: dict[str, Any] = {"rid": wanted}
+    where = f"{columns.LEDGER_REQUEST_ID} = {{rid:String}}"
+    event_id = _as_uuid(wanted)
+    if event_id is not None:
+        where = f"(event_id = {{eid:UUID}} OR {where})"
+        bound["eid"] = event_id
+    if client is not None:
+        where += " AND client_id = {client:String}"
+        bound["client"] = client
+    rows = store.query(
+        f"SELECT {_SELECT} FROM {{db}}.usage_requests FINAL WHERE {where} ORDER BY ts, event_id LIMIT 1000",
+        bound,
+    )
+    return _clean(jsonable(rows))
+
+
+def _as_uuid(text: str) -> str | None:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        return None
+
+
+def _clean(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for row in rows:
+        row["event_id"] = str(row["event_id"])
+        row["truncated"] = bool(row["truncated"])
+        for key in ("latency_ms", "queue_ms", "inference_ms", "ttft_ms"):
+            if row[key] is not None:
+                row[key] = round(float(row[key]), 3)
+    return rows
