@@ -125,7 +125,7 @@ def create_app(store, settings, keys_path: Path | None = None) -> Starlette:
 
     routes = [Route("/healthz", healthz)]
     routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS if name != "request"]
-    routes.append(Route("/v1/requests/{id}", endpoint("request", "id"), methods=["GET"]))
+    routes.append(Route("/v1/requests/{id:path}", endpoint("request", "id"), methods=["GET"]))
     routes.append(Route(f"/v1/{ERASE_PATH}", erase_endpoint(store, authenticate, _error), methods=["POST"]))
     routes.append(
         Route(f"/v1/{API_PATH}", admin_verify_endpoint(store, settings, authenticate, _error), methods=["GET"])

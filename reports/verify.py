@@ -335,10 +335,13 @@ class VerifyReport:
         }
 
 
-def reconcile(scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int) -> tuple[int, list, list, bool]:
+def reconcile(
+    scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int, ledger_from_ms: int = 0
+) -> tuple[int, list, list, bool]:
     """(buckets compared, drift rows, pending buckets, ledger present) for the buckets of the
     hours from the one holding ``since_ms`` on (both sides were already cut at the window
-    start; a partial first hour is compared like any other)."""
+    start; a partial first hour is compared like any other). Ledger event counts are compared
+    for the hours from ``ledger_from_ms`` on: older ones are past the ledger's retention."""
     since_ms -= since_ms % HOUR_MS
     from tokenaudit.reports.queries import iso_utc
 
@@ -358,7 +361,7 @@ def reconcile(scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int) 
         topic = dict(zip(FIELDS, scan.totals.get(key, (0, 0, 0, 0))))
         row = stored.get(key)
         store = {f: int(row[f]) for f in FIELDS} if row else dict.fromkeys(FIELDS, 0)
-        if ledger:
+        if ledger and key[2] >= ledger_from_ms:
             topic["events"] = topic["requests"]
             store["events"] = int(row["events"] or 0) if row else 0
         if topic == store:
@@ -387,7 +390,7 @@ def run_verify(
 ) -> VerifyReport:
     """Reconcile [since, until) (report time forms: 24h, 7d, ISO) up to the settled instant."""
     from tokenaudit.reports.params import parse_time
-    from tokenaudit.reports.queries import settle_seconds, settled_until
+    from tokenaudit.reports.queries import iso_utc, settle_seconds, settled_until
 
     now = now or datetime.now(UTC)
     start = parse_time(since, "since", now)
@@ -423,13 +426,29 @@ def run_verify(
         if from_ms >= until_ms:
             return report
     rows = (totals or open_totals(settings)).fetch(from_ms, until_ms)
-    report.buckets, report.drift, report.pending, report.ledger = reconcile(scan, rows, from_ms)
+    ledger_from = ledger_retained_from_ms(settings, now)
+    report.buckets, report.drift, report.pending, report.ledger = reconcile(scan, rows, from_ms, ledger_from)
+    if report.ledger and ledger_from > from_ms:
+        report.notes.append(
+            f"ledger events compared from {iso_utc(datetime.fromtimestamp(ledger_from / 1000, UTC))} on "
+            f"(TOKENAUDIT_TTL_REQUESTS_DAYS={settings.ttl_requests_days})"
+        )
     if scan.undecodable or scan.invalid:
         report.notes.append(
             f"{scan.undecodable} undecodable and {scan.invalid} invalid records on the topic "
             "are dead-lettered by the worker and not counted"
         )
     return report
+
+
+def ledger_retained_from_ms(settings, now: datetime) -> int:
+    """The first hour whose ledger rows are surely still kept: a day inside the retention (rows
+    near its edge go at ClickHouse's next merge, not at a set instant)."""
+    days = settings.ttl_requests_days
+    if days <= 0:
+        return 0
+    edge = _ms(now) - (days - 1) * 86_400_000
+    return -(-edge // HOUR_MS) * HOUR_MS
 
 
 def _ms(value: datetime) -> int:

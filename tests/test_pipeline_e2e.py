@@ -198,6 +198,13 @@ def test_http_to_usage_exact_across_worker_kill(pipeline_env):
         ("globex", "long-document-1", 2048.0)
     ], found
     assert fired[0]["observed"] > 4000, fired  # the untruncated length, not the 512 fed
+    # the ledger: every request findable (verify above already counted its events per hour)
+    (ledger_row,) = json.loads(cli("request", "long-document-1", "--format", "json").stdout)
+    assert (ledger_row["client_id"], ledger_row["input_tokens"], ledger_row["truncated"]) == ("globex", 512, True)
+    assert ledger_row["untruncated_input_tokens"] == fired[0]["observed"]
+    for client, e in expected.items():
+        listed = json.loads(cli("requests", "--since", "1h", "--client", client, "--format", "json").stdout)
+        assert len(listed) == e["requests"], client
 
 
 def test_up_twice_down_twice_and_busy_port(pipeline_env):

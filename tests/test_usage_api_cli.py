@@ -108,8 +108,11 @@ def test_report_and_errors_over_http(served, tmp_path):
     code, out = _cli("report", "--month", now.strftime("%Y-%m"))
     assert code == 1 and "no price table" in out
     prices.write_text('[models."t5-tiny"]\ninput_per_1k = 0.1\noutput_per_1k = 0.1\n')
-    code, out = _cli("report", "--month", now.strftime("%Y-%m"), "--prices", str(prices))
-    assert code == 1 and "no price for model(s) ['gpt2-tiny']" in out
+    code, out = _cli("report", "--month", now.strftime("%Y-%m"), "--prices", str(prices), "--format", "json")
+    assert code == 0, out  # a model without a price is listed, not a failed report
+    unpriced = [r for r in json.loads(out) if r["level"] == "unpriced"]
+    assert {r["model"] for r in unpriced} == {"gpt2-tiny"} and all(r["cost"] == "" for r in unpriced)
+    assert "unpriced tokens (gpt2-tiny)" in json.loads(out)[-1]["note"]
     code, out = _cli("usage", "--since", "last tuesday")
     assert code == 1 and "since: expected a duration" in out
     code, out = _cli("anomalies", "--webhook", "http://127.0.0.1:1/x")
