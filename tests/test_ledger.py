@@ -92,6 +92,8 @@ def _events() -> list[dict]:
         ev["client_ip"] = "203.0.113.7" if i % 2 else "198.51.100.9"
         out.append(ev)
     out[0]["request_id"] = out[0]["event_id"].replace("-", "")
+    # a request without a model run (GET /v1/models): no batch, position -1
+    out[5].update(method="GET", path="/v1/models", batch_id=None, batch_size=0, position_in_batch=-1)
     return out
 
 
@@ -165,6 +167,8 @@ def test_every_event_once_and_the_reports_over_it(kafka_bootstrap, store):
     assert row["truncated"] is True and row["instance"] == "synth:0" and row["finish_reason"] == "stop"
     assert row["latency_ms"] == pytest.approx(events[4]["latency_ms"], abs=1e-3)  # Float32
     assert row["ts"].startswith("20") and row["ts"].endswith("Z")
+    unbatched = got[5]
+    assert (unbatched["path"], unbatched["batch_id"], unbatched["position_in_batch"]) == ("/v1/models", "", -1)
 
     def ids(**filters) -> list[str]:
         return [r["request_id"] for r in run_raw(store, "requests", {**since, **filters})]

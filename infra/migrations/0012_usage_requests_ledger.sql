@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS {db}.usage_requests
     ttft_ms                  Nullable(Float32) CODEC(ZSTD(1)),
     batch_id                 String CODEC(ZSTD(1)),
     batch_size               UInt16 CODEC(T64, ZSTD(1)),
-    position_in_batch        UInt16 CODEC(T64, ZSTD(1)),
+    position_in_batch        Int16 CODEC(T64, ZSTD(1)),  -- -1: not batched (a request without a model run)
     finish_reason            LowCardinality(String),
     INDEX event_id_idx event_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX request_id_idx request_id TYPE bloom_filter(0.01) GRANULARITY 4
