@@ -16,9 +16,13 @@ from tokenaudit.reports.params import ReportParams
 from tokenaudit.schemas import columns
 from tokenaudit.schemas.client_ip import stored_forms
 
+_HALVES = ("event_id_hi", "event_id_lo")
 _SELECT = ", ".join(
-    f"{columns.LEDGER_REQUEST_ID} AS request_id" if c == "request_id" else c
-    for c in ("request_id", *(c for c in columns.USAGE_REQUESTS if c != "request_id"))
+    (
+        f"{columns.LEDGER_REQUEST_ID} AS request_id",
+        columns.REQUESTS_EVENT_ID,
+        *(c for c in columns.USAGE_REQUESTS if c != "request_id" and c not in _HALVES),
+    )
 )
 
 
@@ -39,7 +43,7 @@ def requests(store: Store, params: ReportParams, client: str | None = None) -> l
     bound["limit"] = params.limit
     rows = store.query(
         f"SELECT * FROM (SELECT {_SELECT} FROM {{db}}.usage_requests FINAL WHERE {where} "
-        "ORDER BY ts DESC, event_id DESC LIMIT {limit:UInt32}) ORDER BY ts, event_id",
+        "ORDER BY ts DESC, event_id_hi DESC, event_id_lo DESC LIMIT {limit:UInt32}) ORDER BY ts, event_id",
         bound,
     )
     return _clean(jsonable(rows))
@@ -54,22 +58,23 @@ def request(store: Store, params: ReportParams, client: str | None = None) -> li
     bound: dict[str, Any] = {"rid": wanted}
     where = f"{columns.LEDGER_REQUEST_ID} = {{rid:String}}"
     event_id = _as_uuid(wanted)
-    if event_id is not None:
-        where = f"(event_id = {{eid:UUID}} OR {where})"
-        bound["eid"] = event_id
+    if event_id is not None:  # the stored halves (event_id is an ALIAS computed per row)
+        where = f"((event_id_hi = {{hi:UInt64}} AND event_id_lo = {{lo:UInt64}}) OR {where})"
+        bound["hi"], bound["lo"] = event_id >> 64, event_id & ((1 << 64) - 1)
     if client is not None:
         where += " AND client_id = {client:String}"
         bound["client"] = client
     rows = store.query(
-        f"SELECT {_SELECT} FROM {{db}}.usage_requests FINAL WHERE {where} ORDER BY ts, event_id LIMIT 1000",
+        f"SELECT {_SELECT} FROM {{db}}.usage_requests FINAL WHERE {where} "
+        "ORDER BY ts, event_id_hi, event_id_lo LIMIT 1000",
         bound,
     )
     return _clean(jsonable(rows))
 
 
-def _as_uuid(text: str) -> str | None:
+def _as_uuid(text: str) -> int | None:
     try:
-        return str(uuid.UUID(text))
+        return uuid.UUID(text).int
     except ValueError:
         return None
 

@@ -209,8 +209,9 @@ def store_totals(store, since_ms: int, until_ms: int, window_ms: int, ledger: bo
     }
     if ledger and _has_ledger(store):  # TOKENAUDIT_LEDGER=off: the table may exist, unfed
         ledger = store.query(
-            "SELECT client_id, model, intDiv(ws, 3600000) * 3600000 AS hour_ms, uniqExact(event_id) AS events "
-            "FROM (SELECT client_id, model, event_id, toUnixTimestamp64Milli(ts) AS t, t - t % {w:Int64} AS ws "
+            "SELECT client_id, model, intDiv(ws, 3600000) * 3600000 AS hour_ms, uniqExact(hi, lo) AS events "
+            "FROM (SELECT client_id, model, event_id_hi AS hi, event_id_lo AS lo, "
+            "toUnixTimestamp64Milli(ts) AS t, t - t % {w:Int64} AS ws "
             "FROM {db}.usage_requests WHERE ts >= fromUnixTimestamp64Milli({since_ms:Int64} - {w:Int64}, 'UTC') "
             "AND ts < fromUnixTimestamp64Milli({until_ms:Int64} + {w:Int64}, 'UTC')) "
             "WHERE ws >= {since_ms:Int64} AND ws < {until_ms:Int64} GROUP BY client_id, model, hour_ms",

@@ -83,11 +83,13 @@ ANOMALIES = (
 ANOMALY_KEY = ("client_id", "rule", "anomaly_id")
 
 #: usage_requests (the ledger): one row per event, idempotent by event_id (the sorting key ends
-#: with it); request_id is '' where it is the event id's hex (LEDGER_REQUEST_ID puts it back)
+#: with its two halves); request_id is '' where it is the event id's hex (LEDGER_REQUEST_ID puts
+#: it back)
 USAGE_REQUESTS = (
     "client_id",
     "ts",
-    "event_id",
+    "event_id_hi",
+    "event_id_lo",
     "request_id",
     "instance",
     "department",
@@ -112,7 +114,9 @@ USAGE_REQUESTS = (
     "position_in_batch",
     "finish_reason",
 )
-REQUESTS_KEY = ("client_id", "ts", "event_id")
+REQUESTS_KEY = ("client_id", "ts", "event_id_hi", "event_id_lo")
+#: the event id's two 64-bit halves as stored; ``event_id`` (UUID) is an ALIAS column over them
+REQUESTS_EVENT_ID = "event_id"
 #: the stored request_id, or the event id's hex where it was stored as '' (SQL)
 LEDGER_REQUEST_ID = "if(request_id = '', replaceAll(toString(event_id), '-', ''), request_id)"
 

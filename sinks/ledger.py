@@ -29,6 +29,7 @@ from tokenaudit.schemas.client_ip import ip_policy as ip_policy
 from tokenaudit.schemas.event_ids import derived_event_id
 
 LEDGER_COLUMNS = columns.USAGE_REQUESTS
+_LOW_64 = (1 << 64) - 1
 IP_SECRET_FILE = "ledger_ip.key"  # noqa: S105 (a file name, not a secret)
 
 
@@ -70,10 +71,12 @@ class LedgerRows:
         request_id = ev["request_id"]
         if len(request_id) == 32 and request_id == event_id.replace("-", ""):
             request_id = ""  # the app's default (the event id's hex): the queries put it back
+        both = int(event_id.replace("-", ""), 16)
         return [
             ev["client_id"],
             ev["ts"],
-            event_id,
+            both >> 64,
+            both & _LOW_64,
             request_id,
             ev.get("instance") or "",
             ev["department"],

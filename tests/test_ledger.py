@@ -23,7 +23,7 @@ from tokenaudit.reports.usage_api import create_app
 from tokenaudit.schemas import EVENT, encode
 from tokenaudit.schemas.client_ip import hash_ip, ip_policy, stored_forms, truncate_ip
 from tokenaudit.settings import load_settings
-from tokenaudit.sinks.ledger import LedgerRows
+from tokenaudit.sinks.ledger import LEDGER_COLUMNS, LedgerRows
 from tokenaudit.sinks.sink import Sink
 
 pytestmark = pytest.mark.timeout(180)
@@ -49,9 +49,12 @@ def test_client_ip_regimes():
 def test_ledger_row_stores_the_default_request_id_once():
     ev = synth.event("r1", T0, "c1")
     rows = LedgerRows(str)
-    assert rows.row(ev, ev["event_id"])[3] == "r1"
+    at = LEDGER_COLUMNS.index
+    row = rows.row(ev, ev["event_id"])
+    assert row[at("request_id")] == "r1"
+    assert uuid.UUID(int=row[at("event_id_hi")] << 64 | row[at("event_id_lo")]) == uuid.UUID(ev["event_id"])
     ev["request_id"] = ev["event_id"].replace("-", "")  # the app's default: the event id's hex
-    assert rows.row(ev, ev["event_id"])[3] == ""
+    assert rows.row(ev, ev["event_id"])[at("request_id")] == ""
 
 
 @pytest.mark.parametrize(
@@ -152,6 +155,10 @@ def test_every_event_once_and_the_reports_over_it(kafka_bootstrap, store):
     events = _events()
     _feed(kafka_bootstrap, store, events, copies=events[::4] + events[:2])
     stored = store.query("SELECT count() AS n, uniqExact(event_id) AS u FROM {db}.usage_requests FINAL")[0]
+    # the ALIAS puts the stored halves back together into the event's UUID
+    assert {str(r["e"]) for r in store.query("SELECT event_id AS e FROM {db}.usage_requests")} == {
+        e["event_id"] for e in events
+    }
     assert (stored["n"], stored["u"]) == (len(events), len(events))
 
     since = {"since": "1d"}
@@ -165,7 +172,7 @@ def test_every_event_once_and_the_reports_over_it(kafka_bootstrap, store):
     for field in ("input_tokens", "untruncated_input_tokens", "output_tokens", "total_tokens", "batch_size"):
         assert row[field] == events[4][field], field
     assert row["truncated"] is True and row["instance"] == "synth:0" and row["finish_reason"] == "stop"
-    assert row["latency_ms"] == pytest.approx(events[4]["latency_ms"], abs=1e-3)  # Float32
+    assert row["latency_ms"] == pytest.approx(events[4]["latency_ms"], abs=0.005)  # Decimal32(2): 10 us steps
     assert row["ts"].startswith("20") and row["ts"].endswith("Z")
     unbatched = got[5]
     assert (unbatched["path"], unbatched["batch_id"], unbatched["position_in_batch"]) == ("/v1/models", "", -1)
@@ -248,11 +255,12 @@ def test_erase_removes_ledger_rows_and_sampled_records_of_one_client(kafka_boots
     victim = next(iter(sampled))
     store.insert(
         "usage_requests",
-        [[victim, T0, str(uuid.uuid4()), "x", *[""] * 6, 200]],
+        [[victim, T0, 1, uuid.uuid4().int >> 64, "x", "", "", "", "", "", "", 200]],
         [
             "client_id",
             "ts",
-            "event_id",
+            "event_id_hi",
+            "event_id_lo",
             "request_id",
             "instance",
             "department",

@@ -3,17 +3,24 @@
 -- answered for as long as TOKENAUDIT_TTL_REQUESTS_DAYS keeps it (re-applied by every migrate).
 -- The sink writes it straight from the token-usage topic. Copies of an event (producer retries,
 -- spool replays) carry the same bytes, so the same sorting key: the ReplacingMergeTree keeps one
--- (queries read with FINAL or count uniqExact(event_id)). Types and codecs are chosen for size
+-- (queries read with FINAL or count uniqExact(event_id_hi, event_id_lo)). Types and codecs are chosen for size
 -- (bench/bench_ledger.py measures bytes per row): low-cardinality strings as dictionaries, counts
--- as narrow integers with T64, times with DoubleDelta, latencies as Float32 (a 24-bit mantissa is
--- finer than the clock that measured them), everything through ZSTD. request_id is '' when it is
--- the event id's hex (the app's default when the client sent no X-Request-ID): the queries put it
+-- as narrow integers with T64, times with Delta, latencies as Decimal32(2) (10 us steps, up to 2.7
+-- hours: a Float32's low mantissa bits are noise that no codec shrinks), everything through ZSTD. The event id (UUIDv7) is stored as
+-- its two 64-bit halves: the high one is its millisecond time, nearly sorted like ts, which Delta
+-- shrinks to a few bytes, where a UUID column stays ~15 bytes (ZSTD finds nothing to share in it);
+-- `event_id` is the UUID again, as an ALIAS, for anyone's SQL. request_id is '' when it is the
+-- event id's hex (the app's default when the client sent no X-Request-ID): the queries put it
 -- back, and the random half of a UUID is stored once instead of twice.
 CREATE TABLE IF NOT EXISTS {db}.usage_requests
 (
     client_id                LowCardinality(String),
-    ts                       DateTime64(3, 'UTC') CODEC(DoubleDelta, ZSTD(1)),
-    event_id                 UUID CODEC(ZSTD(1)),
+    ts                       DateTime64(3, 'UTC') CODEC(Delta, ZSTD(1)),
+    event_id_hi              UInt64 CODEC(Delta, ZSTD(1)),
+    event_id_lo              UInt64 CODEC(ZSTD(1)),
+    event_id                 UUID ALIAS toUUID(UUIDNumToString(toFixedString(concat(
+                                 reverse(reinterpretAsString(event_id_hi)),
+                                 reverse(reinterpretAsString(event_id_lo))), 16))),
     request_id               String CODEC(ZSTD(1)),
     instance                 LowCardinality(String),
     department               LowCardinality(String),
@@ -29,17 +36,17 @@ CREATE TABLE IF NOT EXISTS {db}.usage_requests
     output_tokens            UInt32 CODEC(T64, ZSTD(1)),
     total_tokens             UInt32 CODEC(T64, ZSTD(1)),
     truncated                Bool CODEC(ZSTD(1)),
-    latency_ms               Float32 CODEC(ZSTD(1)),
-    queue_ms                 Float32 CODEC(ZSTD(1)),
-    inference_ms             Float32 CODEC(ZSTD(1)),
-    ttft_ms                  Nullable(Float32) CODEC(ZSTD(1)),
+    latency_ms               Decimal32(2) CODEC(T64, ZSTD(1)),
+    queue_ms                 Decimal32(2) CODEC(T64, ZSTD(1)),
+    inference_ms             Decimal32(2) CODEC(T64, ZSTD(1)),
+    ttft_ms                  Nullable(Decimal32(2)) CODEC(ZSTD(1)),
     batch_id                 String CODEC(ZSTD(1)),
     batch_size               UInt16 CODEC(T64, ZSTD(1)),
     position_in_batch        Int16 CODEC(T64, ZSTD(1)),  -- -1: not batched (a request without a model run)
     finish_reason            LowCardinality(String),
-    INDEX event_id_idx event_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX event_id_idx event_id_lo TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX request_id_idx request_id TYPE bloom_filter(0.01) GRANULARITY 4
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(ts)
-ORDER BY (client_id, ts, event_id);
+ORDER BY (client_id, ts, event_id_hi, event_id_lo);
