@@ -21,7 +21,12 @@ _SELECT = ", ".join(
     (
         f"{columns.LEDGER_REQUEST_ID} AS request_id",
         columns.REQUESTS_EVENT_ID,
-        *(c for c in columns.USAGE_REQUESTS if c != "request_id" and c not in _HALVES),
+        # the ALIAS columns in ms over the stored hundredths
+        *(
+            c.removesuffix(columns.REQUESTS_X100)
+            for c in columns.USAGE_REQUESTS
+            if c != "request_id" and c not in _HALVES
+        ),
     )
 )
 

@@ -10,13 +10,14 @@ directly or went through the usage API.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from tokenaudit.infra.store import Store
 from tokenaudit.reports import ledger
 from tokenaudit.reports.params import ReportParams, parse_report_params
-from tokenaudit.schemas import columns
+from tokenaudit.schemas import columns, latency_hist
 
 # prefer_column_name_to_alias: `sum(requests) AS requests` must not make a later
 # `sum(requests)` refer to the alias (an aggregate inside an aggregate).
@@ -162,27 +163,53 @@ def month_tokens(store: Store, params: ReportParams, client: str | None = None) 
 
 
 def latency(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
-    """Latency p50/p95 of successful sampled requests by input-token bucket (powers of two),
-    to show from which input length latency starts to climb."""
-    where, bound = time_range("ts", params, client)
+    """End-to-end latency p50/p95/p99 over all requests per client, model and input-token
+    bucket, from the rollups' histograms (:mod:`tokenaudit.schemas.latency_hist`): each value is
+    the upper bound of the histogram bucket holding that percentile (the exact one lies within
+    it: bounds are 19% apart); None past 60 s. Rows whose histogram does not count every request
+    of their window (written before rollup schema v4, or a window restored from an older
+    worker's state) are not guessed: their requests are a ``not covered`` line."""
+    where, bound = time_range("window_start", params, client)
     rows = store.query(
-        "SELECT if(input_tokens <= 16, 16, toUInt64(exp2(ceil(log2(input_tokens))))) AS upper, "
-        "count() AS requests, round(avg(input_tokens), 1) AS avg_input_tokens, "
-        "quantilesExact(0.5, 0.95)(latency_ms) AS q "
-        f"FROM {{db}}.usage_sampled FINAL WHERE {where} AND status_code < 400 "
-        f"GROUP BY upper ORDER BY upper {_FINAL_SETTINGS}",
+        "SELECT client_id, model, sumMapIf(latency_hist, covered) AS hist, sumIf(requests, NOT covered) AS uncovered "
+        "FROM (SELECT client_id, model, requests, latency_hist, "
+        "arraySum(mapValues(latency_hist)) = requests AS covered "
+        f"FROM {{db}}.usage_rollup FINAL WHERE {where}) "
+        f"GROUP BY client_id, model ORDER BY client_id, model {_FINAL_SETTINGS}",
         bound,
     )
-    return [
-        {
-            "input_tokens": f"{1 if r['upper'] == 16 else r['upper'] // 2 + 1}-{r['upper']}",
-            "requests": r["requests"],
-            "avg_input_tokens": r["avg_input_tokens"],
-            "p50_latency_ms": round(r["q"][0], 2),
-            "p95_latency_ms": round(r["q"][1], 2),
-        }
-        for r in rows
-    ]
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        by_input: dict[int, dict[int, int]] = {}
+        for cell, n in (r["hist"] or {}).items():
+            if n:
+                ib, lb = divmod(int(cell), latency_hist.CELLS_PER_INPUT)
+                by_input.setdefault(ib, {})[lb] = int(n)
+        for ib in sorted(by_input):
+            counts = by_input[ib]
+            line: dict[str, Any] = {
+                "client_id": r["client_id"],
+                "model": r["model"],
+                "input_tokens": latency_hist.input_range(ib),
+                "requests": sum(counts.values()),
+            }
+            for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+                upper = latency_hist.latency_range(latency_hist.quantile_bucket(counts, q))[1]
+                line[f"{name}_latency_ms"] = None if upper == math.inf else upper
+            out.append(line)
+        if r["uncovered"]:
+            out.append(
+                {
+                    "client_id": r["client_id"],
+                    "model": r["model"],
+                    "input_tokens": "not covered",
+                    "requests": int(r["uncovered"]),
+                    "p50_latency_ms": None,
+                    "p95_latency_ms": None,
+                    "p99_latency_ms": None,
+                }
+            )
+    return out
 
 
 ANOMALY_COLUMNS = columns.ANOMALIES

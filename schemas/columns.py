@@ -30,6 +30,7 @@ USAGE_ROLLUP = (
     "version",
     "applied_offset",
     "event_ids",
+    "latency_hist",
 )
 #: the window's identity: one row per key (the table's sorting key ends with these)
 ROLLUP_KEY = ("client_id", "department", "api_key_id", "model", "window_start")
@@ -105,10 +106,10 @@ USAGE_REQUESTS = (
     "output_tokens",
     "total_tokens",
     "truncated",
-    "latency_ms",
-    "queue_ms",
-    "inference_ms",
-    "ttft_ms",
+    "latency_ms_x100",
+    "queue_ms_x100",
+    "inference_ms_x100",
+    "ttft_ms_x100",
     "batch_id",
     "batch_size",
     "position_in_batch",
@@ -117,6 +118,8 @@ USAGE_REQUESTS = (
 REQUESTS_KEY = ("client_id", "ts", "event_id_hi", "event_id_lo")
 #: the event id's two 64-bit halves as stored; ``event_id`` (UUID) is an ALIAS column over them
 REQUESTS_EVENT_ID = "event_id"
+#: latencies are stored as whole hundredths of a ms (``<name>_x100``); ``<name>`` is an ALIAS in ms
+REQUESTS_X100 = "_x100"
 #: the stored request_id, or the event id's hex where it was stored as '' (SQL)
 LEDGER_REQUEST_ID = "if(request_id = '', replaceAll(toString(event_id), '-', ''), request_id)"
 

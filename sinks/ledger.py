@@ -72,6 +72,7 @@ class LedgerRows:
         if len(request_id) == 32 and request_id == event_id.replace("-", ""):
             request_id = ""  # the app's default (the event id's hex): the queries put it back
         both = int(event_id.replace("-", ""), 16)
+        ttft = ev.get("ttft_ms")
         return [
             ev["client_id"],
             ev["ts"],
@@ -92,10 +93,10 @@ class LedgerRows:
             ev["output_tokens"],
             ev["total_tokens"],
             bool(ev["truncated"]),
-            ev["latency_ms"],
-            ev["queue_ms"],
-            ev["inference_ms"],
-            ev.get("ttft_ms"),
+            round(ev["latency_ms"] * 100),  # whole hundredths of a ms (migration 0012 says why)
+            round(ev["queue_ms"] * 100),
+            round(ev["inference_ms"] * 100),
+            None if ttft is None else round(ttft * 100),
             ev["batch_id"] or "",
             ev["batch_size"],
             ev["position_in_batch"],

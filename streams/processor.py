@@ -50,11 +50,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Iterable
 
 from tokenaudit.schemas import EVENT, AvroDecodeError, records
 from tokenaudit.schemas.compiled import compile_decoder
 from tokenaudit.schemas.event_ids import ID_BYTES, derived_event_id, id_bytes
+from tokenaudit.schemas.latency_hist import CELLS_PER_INPUT, LATENCY_BOUNDS_MS
 from tokenaudit.schemas.validation import event_problem
 from tokenaudit.streams import state_keys as keys
 from tokenaudit.streams.dedup import EventIds
@@ -362,6 +364,12 @@ class Processor:
                     w.max_input_tokens = inp
                 if ev["truncated"]:
                     w.truncated += 1
+                # the latency histogram's cell (schemas.latency_hist.cell, inline: per event)
+                hcell = (0 if inp <= 16 else (inp - 1).bit_length() - 4) * CELLS_PER_INPUT + bisect_left(
+                    LATENCY_BOUNDS_MS, latency
+                )
+                hist = w.hist
+                hist[hcell] = hist.get(hcell, 0) + 1
                 w.applied_offset = offset
                 dirty[wkey] = p
                 counted += 1

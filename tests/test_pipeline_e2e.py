@@ -205,6 +205,10 @@ def test_http_to_usage_exact_across_worker_kill(pipeline_env):
     for client, e in expected.items():
         listed = json.loads(cli("requests", "--since", "1h", "--client", client, "--format", "json").stdout)
         assert len(listed) == e["requests"], client
+    # latency percentiles over every request, from the rollups' histograms
+    latency = json.loads(cli("latency", "--since", "1h", "--format", "json").stdout)
+    assert sum(r["requests"] for r in latency) == sum(e["requests"] for e in expected.values())
+    assert all(r["input_tokens"] != "not covered" and r["p50_latency_ms"] <= r["p99_latency_ms"] for r in latency)
 
 
 def test_up_twice_down_twice_and_busy_port(pipeline_env):

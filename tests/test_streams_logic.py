@@ -70,6 +70,10 @@ class Table:
             for k, v in self.rows.items()
         }
 
+    def hists(self) -> dict:
+        """Each window's latency histogram as the sink stores it (the merged deltas' added in)."""
+        return {k: R.rollup_row(v)[R.ROLLUP_COLUMNS.index("latency_hist")] for k, v in self.rows.items()}
+
 
 def partitioned(events):
     """(partition, offset, key, value) in per-partition order, interleaved like a consumer sees them."""
@@ -121,6 +125,7 @@ def test_rollups_exact_with_out_of_order_late_and_very_late_events():
     assert proc.counters.late > 0
     truth = synth.ground_truth(events, 2000)
     assert table.totals() == truth
+    assert table.hists() == synth.ground_truth_hists(events, 2000)  # late deltas merged in
     # A second worker group replays the topic into the same table with a different
     # retirement history (it retires windows and drops ids as soon as possible): still exact,
     # and every event it sends again is recognised by the sink.
@@ -234,6 +239,7 @@ def test_crash_at_random_points_replays_exactly(seed):
     drain_idle(proc, table)
     assert replayed + proc.counters.replayed > 0  # replays happened and were absorbed
     assert table.totals() == synth.ground_truth(events, 2000)
+    assert table.hists() == synth.ground_truth_hists(events, 2000)
     # the copies dropped, as persisted in the meta records, are exactly the crash-free count
     assert proc.duplicates() == reference.duplicates()
 
@@ -481,6 +487,7 @@ def test_a_client_changing_department_mid_window_is_charged_to_each():
     got = {(k[1], k[2]): v[0:3] for k, v in table.totals().items()}
     assert got == {("sales", ""): (2, 0, 50), ("research", ""): (1, 0, 20), ("sales", "k9"): (1, 0, 30)}
     assert table.totals() == synth.ground_truth(events, 2000)
+    assert table.hists() == synth.ground_truth_hists(events, 2000)
 
 
 def test_old_writer_versions_get_derived_ids_so_their_copies_count_once():

@@ -5,8 +5,9 @@
 -- spool replays) carry the same bytes, so the same sorting key: the ReplacingMergeTree keeps one
 -- (queries read with FINAL or count uniqExact(event_id_hi, event_id_lo)). Types and codecs are chosen for size
 -- (bench/bench_ledger.py measures bytes per row): low-cardinality strings as dictionaries, counts
--- as narrow integers with T64, times with Delta, latencies as Decimal32(2) (10 us steps, up to 2.7
--- hours: a Float32's low mantissa bits are noise that no codec shrinks), everything through ZSTD. The event id (UUIDv7) is stored as
+-- as narrow integers with T64, times with Delta, latencies as whole hundredths of a millisecond
+-- (10 us steps, UInt32 with T64: a Float32's low mantissa bits are noise that no codec shrinks;
+-- `latency_ms` and the others are ALIAS columns in ms), everything through ZSTD. The event id (UUIDv7) is stored as
 -- its two 64-bit halves: the high one is its millisecond time, nearly sorted like ts, which Delta
 -- shrinks to a few bytes, where a UUID column stays ~15 bytes (ZSTD finds nothing to share in it);
 -- `event_id` is the UUID again, as an ALIAS, for anyone's SQL. request_id is '' when it is the
@@ -36,10 +37,14 @@ CREATE TABLE IF NOT EXISTS {db}.usage_requests
     output_tokens            UInt32 CODEC(T64, ZSTD(1)),
     total_tokens             UInt32 CODEC(T64, ZSTD(1)),
     truncated                Bool CODEC(ZSTD(1)),
-    latency_ms               Decimal32(2) CODEC(T64, ZSTD(1)),
-    queue_ms                 Decimal32(2) CODEC(T64, ZSTD(1)),
-    inference_ms             Decimal32(2) CODEC(T64, ZSTD(1)),
-    ttft_ms                  Nullable(Decimal32(2)) CODEC(ZSTD(1)),
+    latency_ms_x100          UInt32 CODEC(T64, ZSTD(1)),
+    queue_ms_x100            UInt32 CODEC(T64, ZSTD(1)),
+    inference_ms_x100        UInt32 CODEC(T64, ZSTD(1)),
+    ttft_ms_x100             Nullable(UInt32) CODEC(ZSTD(1)),
+    latency_ms               Float64 ALIAS latency_ms_x100 / 100,
+    queue_ms                 Float64 ALIAS queue_ms_x100 / 100,
+    inference_ms             Float64 ALIAS inference_ms_x100 / 100,
+    ttft_ms                  Nullable(Float64) ALIAS ttft_ms_x100 / 100,
     batch_id                 String CODEC(ZSTD(1)),
     batch_size               UInt16 CODEC(T64, ZSTD(1)),
     position_in_batch        Int16 CODEC(T64, ZSTD(1)),  -- -1: not batched (a request without a model run)

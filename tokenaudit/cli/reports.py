@@ -113,7 +113,7 @@ def report(month: str, prices_path: str | None, client: str | None, fmt: str) ->
 @CLIENT
 @FORMAT
 def latency(since: str, until: str | None, client: str | None, fmt: str) -> None:
-    """Latency p50/p95 by input-token bucket (sampled requests): where long inputs start to hurt."""
+    """Latency p50/p95/p99 per client, model and input-token bucket over all requests (rollup histograms)."""
     _print(_fetch("latency", {"since": since, "until": until, "client": client}), fmt)
 
 
