@@ -174,7 +174,10 @@ def latency(store: Store, params: ReportParams, client: str | None = None) -> li
         "SELECT client_id, model, sumMapIf(latency_hist, covered) AS hist, sumIf(requests, NOT covered) AS uncovered "
         "FROM (SELECT client_id, model, requests, latency_hist, "
         "arraySum(mapValues(latency_hist)) = requests AS covered "
-        f"FROM {{db}}.usage_rollup FINAL WHERE {where}) "
+        # PREWHERE: the histograms are read only for the rows of the range (and client) asked
+        # for, not for every row of the granules they share (~3x faster, bench_latency_report);
+        # safe with FINAL, the columns are in the sorting key, so every version of a row passes
+        f"FROM {{db}}.usage_rollup FINAL PREWHERE {where}) "
         f"GROUP BY client_id, model ORDER BY client_id, model {_FINAL_SETTINGS}",
         bound,
     )

@@ -183,6 +183,7 @@ class Processor:
         win = self.windows
         corrections, deferred, indexed = win.corrections, win.deferred, win.indexed
         norms: dict[str, tuple[str, list]] = {}  # model -> (key, value) for this run
+        bounds, bisect, per_input = LATENCY_BOUNDS_MS, bisect_left, CELLS_PER_INPUT
         meta: list = []
         batch_ids: dict[str, int] = {}
         chunk: list[int] = []
@@ -365,9 +366,7 @@ class Processor:
                 if ev["truncated"]:
                     w.truncated += 1
                 # the latency histogram's cell (schemas.latency_hist.cell, inline: per event)
-                hcell = (0 if inp <= 16 else (inp - 1).bit_length() - 4) * CELLS_PER_INPUT + bisect_left(
-                    LATENCY_BOUNDS_MS, latency
-                )
+                hcell = (0 if inp <= 16 else (inp - 1).bit_length() - 4) * per_input + bisect(bounds, latency)
                 hist = w.hist
                 hist[hcell] = hist.get(hcell, 0) + 1
                 w.applied_offset = offset
