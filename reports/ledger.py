@@ -13,6 +13,7 @@ from typing import Any
 
 from tokenaudit.infra.store import Store
 from tokenaudit.reports.params import ReportParams
+from tokenaudit.reports.report_sql import jsonable, time_range
 from tokenaudit.schemas import columns
 from tokenaudit.schemas.client_ip import stored_forms
 
@@ -33,8 +34,6 @@ _SELECT = ", ".join(
 
 def requests(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """The latest ``limit`` requests in [since, until) matching the filters, oldest first."""
-    from tokenaudit.reports.queries import jsonable, time_range  # queries imports this module
-
     where, bound = time_range("ts", params, client)
     if params.ip is not None:
         where += " AND client_ip IN {ips:Array(String)}"
@@ -57,8 +56,6 @@ def requests(store: Store, params: ReportParams, client: str | None = None) -> l
 def request(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """Every request with this request_id or event_id (a request_id is the client's and need
     not be unique), oldest first; [] when none (in the caller's scope)."""
-    from tokenaudit.reports.queries import jsonable  # queries imports this module
-
     wanted = params.request_id or ""
     bound: dict[str, Any] = {"rid": wanted}
     where = f"{columns.LEDGER_REQUEST_ID} = {{rid:String}}"

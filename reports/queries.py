@@ -11,12 +11,14 @@ directly or went through the usage API.
 from __future__ import annotations
 
 import math
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tokenaudit.infra.store import Store
 from tokenaudit.reports import ledger
 from tokenaudit.reports.params import ReportParams, parse_report_params
+from tokenaudit.reports.report_sql import epoch_ms, jsonable, time_range
+from tokenaudit.reports.report_sql import iso_utc as iso_utc  # re-exported: the CLI, usage API, verify
 from tokenaudit.schemas import columns, latency_hist
 
 # prefer_column_name_to_alias: `sum(requests) AS requests` must not make a later
@@ -60,42 +62,6 @@ def settled_until(settings, now: datetime | None = None) -> datetime:
     more (unless a late event arrives, which the stream applies as a correction)."""
     now = now or datetime.now(UTC)
     return (now - timedelta(seconds=settle_seconds(settings))).replace(microsecond=0)
-
-
-def iso_utc(value: datetime) -> str:
-    """ISO 8601 UTC with a Z, as every report prints times."""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _ms(value: datetime) -> int:
-    return int(value.timestamp() * 1000)
-
-
-def time_range(column: str, params: ReportParams, client: str | None) -> tuple[str, dict[str, Any]]:
-    """WHERE clause for [since, until) on ``column`` and an optional client scope."""
-    where = (
-        f"{column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC') "
-        f"AND {column} < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')"
-    )
-    bound: dict[str, Any] = {"since_ms": _ms(params.since), "until_ms": _ms(params.until)}
-    if client is not None:
-        where += " AND client_id = {client:String}"
-        bound["client"] = client
-    return where, bound
-
-
-def jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for row in rows:
-        clean = {}
-        for key, value in row.items():
-            if isinstance(value, datetime):
-                value = iso_utc(value)
-            elif isinstance(value, date):
-                value = value.isoformat()
-            clean[key] = value
-        out.append(clean)
-    return out
 
 
 def usage(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
@@ -145,7 +111,7 @@ def month_tokens(store: Store, params: ReportParams, client: str | None = None) 
     """Tokens per (department, client, model, UTC day) in one calendar month: the input of the
     cost report, which prices each day with the entry of the caller's price table in force on
     it (prices change at the start of a day: see prices.cost_report)."""
-    bound: dict[str, Any] = {"since_ms": _ms(params.month_start), "until_ms": _ms(params.month_end)}
+    bound: dict[str, Any] = {"since_ms": epoch_ms(params.month_start), "until_ms": epoch_ms(params.month_end)}
     scope = ""
     if client is not None:
         scope, bound["client"] = " AND client_id = {client:String}", client
