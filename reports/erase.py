@@ -11,7 +11,7 @@ the CLI opens the store itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenaudit.infra.store import Store
@@ -35,7 +35,9 @@ def erase_client(store: Store, client: str) -> list[dict[str, Any]]:
     return removed
 
 
-def erase_endpoint(store: Store, authenticate: Callable[[Any], Any], error: Callable[..., Any]):
+def erase_endpoint(
+    store: Store, authenticate: Callable[[Any], Any], error: Callable[..., Any]
+) -> Callable[[Any], Awaitable[Any]]:
     """``POST /v1/admin/erase?client=C`` (admin keys only), authenticated and answered like the
     usage API's other routes (``authenticate`` and ``error`` are the API's)."""
     from starlette.concurrency import run_in_threadpool
@@ -44,7 +46,7 @@ def erase_endpoint(store: Store, authenticate: Callable[[Any], Any], error: Call
 
     from tokenaudit.errors import QueryParamError
 
-    async def handle(request: Request):
+    async def handle(request: Request) -> Any:
         key = authenticate(request)
         if isinstance(key, Response):
             return key
@@ -63,7 +65,7 @@ def erase_endpoint(store: Store, authenticate: Callable[[Any], Any], error: Call
     return handle
 
 
-def erase(settings, client: str) -> list[dict[str, Any]]:
+def erase(settings: Any, client: str) -> list[dict[str, Any]]:
     """Erase through whoever owns the store (see the module docstring)."""
     import httpx
 

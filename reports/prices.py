@@ -219,12 +219,12 @@ def cost_report(token_rows: list[dict[str, Any]], prices: PriceTable) -> list[di
             price = prices.price_at(row["model"], day)
         if price is None:
             gap = unpriced[(row["department"], row["client_id"], row["model"])]
-            for key in _SUMS:
-                gap[key] += int(row[key])
+            for field in _SUMS:
+                gap[field] += int(row[field])
             continue
         line = lines[(row["department"], row["client_id"])]
-        for key in _SUMS:
-            line[key] += int(row[key])
+        for field in _SUMS:
+            line[field] += int(row[field])
         line["exact"] += price.cost(int(row["input_tokens"]), int(row["output_tokens"]))
     keys = sorted(lines)
     exact_total = sum((lines[k]["exact"] for k in keys), Decimal(0))
@@ -232,7 +232,9 @@ def cost_report(token_rows: list[dict[str, Any]], prices: PriceTable) -> list[di
     cents = _allocate_cents([lines[k]["exact"] for k in keys], total)
     out: list[dict[str, Any]] = []
 
-    def row(level: str, department: str, client: str, model: str, parts: list[dict], cost: str, note: str = ""):
+    def report_line(
+        level: str, department: str, client: str, model: str, parts: list[dict[str, Any]], cost: str, note: str = ""
+    ) -> dict[str, Any]:
         return {
             "level": level,
             "department": department,
@@ -248,15 +250,17 @@ def cost_report(token_rows: list[dict[str, Any]], prices: PriceTable) -> list[di
     for department in departments:
         members = [(k, c) for k, c in zip(keys, cents, strict=True) if k[0] == department]
         for key, cost in members:
-            out.append(row("client", department, key[1], "*", [lines[key]], str(cost)))
+            out.append(report_line("client", department, key[1], "*", [lines[key]], str(cost)))
         subtotal = sum((c for _, c in members), Decimal(0))
-        out.append(row("department", department, "*", "*", [lines[k] for k, _ in members], str(subtotal)))
+        out.append(report_line("department", department, "*", "*", [lines[k] for k, _ in members], str(subtotal)))
     for key in sorted(unpriced):
-        out.append(row("unpriced", key[0], key[1], key[2], [unpriced[key]], "", "no price in force; not in the total"))
+        out.append(
+            report_line("unpriced", key[0], key[1], key[2], [unpriced[key]], "", "no price in force; not in the total")
+        )
     note = f"prices sha256 {prices.sha256}" if prices.sha256 else ""
     if unpriced:
         gap_tokens = sum(g["total_tokens"] for g in unpriced.values())
         models = sorted({k[2] for k in unpriced})
         note += f"{'; ' if note else ''}excludes {gap_tokens} unpriced tokens ({', '.join(models)})"
-    out.append(row("total", "*", "*", "*", [lines[k] for k in keys], str(total), note))
+    out.append(report_line("total", "*", "*", "*", [lines[k] for k in keys], str(total), note))
     return out

@@ -25,6 +25,8 @@ def time_range(column: str, params: ReportParams, client: str | None) -> tuple[s
         f"{column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC') "
         f"AND {column} < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')"
     )
+    if params.since is None or params.until is None:  # parse_report_params sets both for a ranged report
+        raise ValueError("a ranged report needs since and until")
     bound: dict[str, Any] = {"since_ms": epoch_ms(params.since), "until_ms": epoch_ms(params.until)}
     if client is not None:
         where += " AND client_id = {client:String}"

@@ -5,6 +5,7 @@ list in :mod:`tokenaudit.schemas.columns`), batch dedup keys, and the late-delta
 from __future__ import annotations
 
 from operator import itemgetter
+from typing import Any
 
 from tokenaudit.schemas import columns, latency_hist
 from tokenaudit.schemas.event_ids import ids_contain, pack_ids, unpack_ids
@@ -29,14 +30,14 @@ _rollup_values = itemgetter(*ROLLUP_COLUMNS)
 _ROLLUP_HIST = ROLLUP_COLUMNS.index("latency_hist")
 
 
-def rollup_row(r: dict) -> list:
+def rollup_row(r: dict[str, Any]) -> list[Any]:
     """A rollup's row; its latency histogram from the wire text to the Map column's dict."""
     row = list(_rollup_values(r))
     row[_ROLLUP_HIST] = _hist(r["latency_hist"])
     return row
 
 
-def _hist(value: str | dict | None) -> dict[int, int]:
+def _hist(value: str | dict[int, int] | None) -> dict[int, int]:
     """A histogram as a dict, from a record's wire text or a stored row's Map."""
     return dict(value) if isinstance(value, dict) else latency_hist.decode(value)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 from tokenaudit.schemas import records
 from tokenaudit.streams.outputs import Counters
@@ -22,7 +23,7 @@ from tokenaudit.streams.window_state import C_FIRST, C_LAST, C_MEAN, C_N, C_VAR,
 EWMA_ALPHA = 0.1  # after warm-up; before it, 1/(n+1) (the running mean and variance)
 
 
-def sent_input_tokens(ev: dict) -> int:
+def sent_input_tokens(ev: dict[str, Any]) -> int:
     """The input tokens the client sent: the untruncated length, or the fed count when a
     producer left the untruncated one below it (never less than what the model consumed)."""
     fed: int = ev["input_tokens"]
