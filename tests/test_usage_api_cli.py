@@ -90,7 +90,8 @@ def test_usage_json_over_http_matches_the_store(served, monkeypatch):
     assert code == 0 and "share_pct" in out and len(out.strip().splitlines()) == 5  # + the settled-up-to line
     assert out.strip().splitlines()[-1].startswith("settled up to ")
     code, out = _cli("latency", "--since", "1h", "--format", "json")
-    assert code == 0 and json.loads(out)[0]["input_tokens"] == "1-16"
+    # the seeded rollups carry no latency histogram (as written before schema v4): not covered
+    assert code == 0 and {r["input_tokens"] for r in json.loads(out)} == {"not covered"}
     code, out = _cli("anomalies", "--since", "24h", "--format", "json")
     assert code == 0 and [a["anomaly_id"] for a in json.loads(out)] == ["a1", "a2"]
 
