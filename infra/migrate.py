@@ -66,7 +66,7 @@ def migrate(client: Client, db: str, ttl_days: dict[str, int] | None = None) -> 
     return applied
 
 
-TTL_COLUMNS = {"usage_rollup": "window_start", "usage_sampled": "ts", "anomalies": "ts"}
+TTL_COLUMNS = {"usage_rollup": "window_start", "usage_sampled": "ts", "anomalies": "ts", "usage_requests": "ts"}
 # Column TTLs ("table.column": the time column they count from): data only needed for a while
 # after the row was written.
 COLUMN_TTLS = {"usage_rollup.event_ids": "emitted_at"}
@@ -109,5 +109,6 @@ def ttl_days_from_settings(settings) -> dict[str, int]:
         "usage_rollup": settings.ttl_rollup_days,
         "usage_sampled": settings.ttl_sampled_days,
         "anomalies": settings.ttl_anomalies_days,
+        "usage_requests": settings.ttl_requests_days,
         "usage_rollup.event_ids": settings.dedup_retention_days,
     }

@@ -17,8 +17,9 @@ from typing import Any
 from tokenaudit.errors import QueryParamError
 
 GROUPINGS = ("client", "department", "model", "minute", "hour", "day")
-#: latency ``bucket=``: by input-token bucket (the default), or over time
-LATENCY_BUCKETS = ("input", "minute", "hour", "day")
+#: latency ``bucket=``: per client, model and input-token bucket (the default); by input-token
+#: bucket over every client and model; or over time
+LATENCY_BUCKETS = ("client", "input", "minute", "hour", "day")
 #: narrowing filters every ranged report takes (the dashboard's department and model pickers)
 _FILTERS = frozenset({"client", "department", "model"})
 
@@ -30,6 +31,9 @@ REPORT_PARAMS: dict[str, frozenset[str]] = {
     "latency": frozenset({"since", "until", "bucket"}) | _FILTERS,
     "anomalies": frozenset({"since", "until", "limit"}) | _FILTERS,
     "samples": frozenset({"since", "until", "limit"}) | _FILTERS,
+    # the ledger (usage_requests): every request, filtered; one request by its id
+    "requests": frozenset({"since", "until", "limit", "client", "ip", "status", "model"}),
+    "request": frozenset({"id", "client"}),
 }
 DEFAULT_SINCE = "24h"
 MAX_LIMIT = 10_000
@@ -40,6 +44,13 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 # human would type, and nothing with quotes, spaces, semicolons or comment markers
 _CLIENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+/-]{0,127}")
 _MONTH = re.compile(r"(\d{4})-(\d{2})")
+# an IPv4/IPv6 address, a truncated network or a hashed address's hex (what the ledger stores)
+_IP = re.compile(r"[0-9A-Fa-f:.]{1,64}")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+/-]{0,127}")
+# request ids are the client's X-Request-ID (inference/audit.py: printable, bounded) or the
+# event id's hex; event ids are UUID text
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:@+/=-]{1,128}")
+_LONG_VALUES = {"id": 128}
 # times the store can hold (DateTime64 reaches 2299) and arithmetic on them cannot overflow
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)
@@ -59,6 +70,9 @@ class ReportParams:
     department: str | None = None
     model: str | None = None
     bucket: str | None = None
+    ip: str | None = None
+    status: int | None = None
+    request_id: str | None = None
 
 
 def parse_time(value: str, name: str, now: datetime) -> datetime:
@@ -125,7 +139,7 @@ def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | Non
             unknown[0],
         )
     for name, value in raw.items():
-        if not isinstance(value, str) or len(value) > _MAX_VALUE_LEN:
+        if not isinstance(value, str) or len(value) > _LONG_VALUES.get(name, _MAX_VALUE_LEN):
             raise QueryParamError(f"{name}: value too long or not text", name)
     now = now or datetime.now(UTC)
     values: dict[str, Any] = {}
@@ -140,7 +154,7 @@ def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | Non
             raise QueryParamError(f"by: expected one of {'|'.join(GROUPINGS)}, got {by!r}", "by")
         values["by"] = by
     if "bucket" in allowed:
-        bucket = raw.get("bucket") or "input"
+        bucket = raw.get("bucket") or "client"
         if bucket not in LATENCY_BUCKETS:
             raise QueryParamError(f"bucket: expected one of {'|'.join(LATENCY_BUCKETS)}, got {bucket!r}", "bucket")
         values["bucket"] = bucket
@@ -150,7 +164,26 @@ def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | Non
         if not raw.get("month"):
             raise QueryParamError("month: required (YYYY-MM)", "month")
         values["month_start"], values["month_end"] = parse_month(raw["month"])
-    for name in ("client", "department", "model"):
+    for name in ("client", "department"):
         if raw.get(name):
             values[name] = parse_client(raw[name], name)
+    if raw.get("model"):
+        values["model"] = _match(_MODEL, raw["model"], "model", "a model name")
+    if "ip" in allowed and raw.get("ip"):
+        values["ip"] = _match(_IP, raw["ip"].strip(), "ip", "an IP address like 10.0.0.5 or 2001:db8::1")
+    if "status" in allowed and raw.get("status"):
+        text = raw["status"].strip()
+        if not (text.isascii() and text.isdigit() and 100 <= int(text) <= 599):
+            raise QueryParamError(f"status: expected an HTTP status from 100 to 599, got {raw['status']!r}", "status")
+        values["status"] = int(text)
+    if "id" in allowed:
+        if not raw.get("id"):
+            raise QueryParamError("id: required (a request_id or event_id)", "id")
+        values["request_id"] = _match(_REQUEST_ID, raw["id"], "id", "a request_id or event_id")
     return ReportParams(**values)
+
+
+def _match(pattern: re.Pattern[str], value: str, name: str, what: str) -> str:
+    if not pattern.fullmatch(value):
+        raise QueryParamError(f"{name}: expected {what}, got {value!r}", name)
+    return value

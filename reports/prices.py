@@ -4,22 +4,41 @@ Format (prices per 1,000 tokens, in one currency; strings or numbers)::
 
     currency = "USD"                 # optional, shown in the report
 
-    [models."t5-tiny"]
+    [models."t5-tiny"]               # one price for all time
     input_per_1k = 0.0004
     output_per_1k = "0.0016"
+
+    [[models."gpt2-tiny"]]           # or dated entries: [effective_from, effective_to), UTC days
+    input_per_1k = 0.0003
+    output_per_1k = 0.0012
+    effective_to = 2026-03-15
+    [[models."gpt2-tiny"]]
+    input_per_1k = 0.0004
+    output_per_1k = 0.0016
+    effective_from = 2026-03-15
 
 Everything is :class:`decimal.Decimal` (TOML floats are parsed straight into Decimal, never
 through binary floats), so the cost of a line is exact: tokens x price / 1000. The report
 rounds once, at the end: the grand total is the exact total rounded half-up to the cent,
 and the cents are allocated to the client lines by the largest-remainder method, so the
 lines add up to the total exactly and the total equals ``usage_rollup`` x prices to the cent.
+
+Prices change at the start of a UTC day (a time of day is refused): the report's input is
+tokens per (department, client, model, day), and every window of a day has the same entry in
+force, so pricing per day is pricing per window, at 1/1440 of the rows of one-minute windows.
+Tokens with no entry in force are listed as ``unpriced`` lines with their counts, never costed
+0 and never failing the report; the total says it excludes them and names the price file's
+SHA-256, so a monthly report can be reproduced from the same file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import tomllib
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -28,34 +47,48 @@ from tokenaudit.errors import PriceTableError
 
 CENT = Decimal("0.01")
 _PRICE_KEYS = ("input_per_1k", "output_per_1k")
+_DATE_KEYS = ("effective_from", "effective_to")
+_SUMS = ("requests", "input_tokens", "output_tokens", "total_tokens")
 
 
 @dataclass(frozen=True)
 class ModelPrice:
     input_per_1k: Decimal
     output_per_1k: Decimal
+    effective_from: date | None = None  # inclusive; None: since always
+    effective_to: date | None = None  # exclusive; None: until further notice
 
     def cost(self, input_tokens: int, output_tokens: int) -> Decimal:
         return (Decimal(input_tokens) * self.input_per_1k + Decimal(output_tokens) * self.output_per_1k) / 1000
 
+    def in_force(self, day: date) -> bool:
+        return (self.effective_from is None or self.effective_from <= day) and (
+            self.effective_to is None or day < self.effective_to
+        )
+
 
 @dataclass(frozen=True)
 class PriceTable:
-    models: dict[str, ModelPrice]
+    models: dict[str, tuple[ModelPrice, ...]]  # each model's entries, by effective_from
     currency: str = ""
     source: str = "<price table>"
+    sha256: str = ""  # of the file's bytes: which prices a report used
 
     @classmethod
     def load(cls, path: Path | str) -> PriceTable:
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except FileNotFoundError:
             raise PriceTableError(
                 f"price table {path} does not exist (set TOKENAUDIT_PRICE_TABLE or --prices)"
             ) from None
         except OSError as exc:
             raise PriceTableError(f"price table {path} is unreadable: {exc}") from None
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise PriceTableError(f"price table {path} is not UTF-8 text") from None
         return cls.parse(text, str(path))
 
     @classmethod
@@ -73,32 +106,66 @@ class PriceTable:
         if not isinstance(models_raw, dict) or not models_raw:
             raise PriceTableError(f'price table {source}: no [models."<name>"] tables')
         models = {}
-        for name, entry in models_raw.items():
+        for name, raw in models_raw.items():
             where = f'price table {source}: [models."{name}"]'
-            if not isinstance(entry, dict):
-                raise PriceTableError(f"{where} must be a table with {' and '.join(_PRICE_KEYS)}")
-            extra = sorted(set(entry) - set(_PRICE_KEYS))
-            if extra:
-                raise PriceTableError(f"{where}: unknown key(s) {extra}; expected {' and '.join(_PRICE_KEYS)}")
-            prices = []
-            for key in _PRICE_KEYS:
-                if key not in entry:
-                    raise PriceTableError(f"{where}: missing {key}")
-                prices.append(_price(entry[key], f"{where}.{key}"))
-            models[name] = ModelPrice(*prices)
+            entries = raw if isinstance(raw, list) else [raw]
+            parsed = sorted((_entry(entry, where) for entry in entries), key=lambda e: e.effective_from or date.min)
+            for a, b in itertools.pairwise(parsed):
+                if a.effective_to is None or b.effective_from is None or a.effective_to > b.effective_from:
+                    raise PriceTableError(
+                        f"{where}: entries overlap ({_span(a)} and {_span(b)}); give each an "
+                        "effective_from / effective_to so that at most one is in force on any day"
+                    )
+            models[name] = tuple(parsed)
         currency = data.get("currency", "")
         if not isinstance(currency, str):
             raise PriceTableError(f"price table {source}: currency must be a string")
-        return cls(models, currency, source)
+        return cls(models, currency, source, hashlib.sha256(text.encode()).hexdigest())
 
-    def price(self, model: str) -> ModelPrice:
-        try:
-            return self.models[model]
-        except KeyError:
-            raise PriceTableError(
-                f"price table {self.source} has no price for model {model!r}; "
-                f'add a [models."{model}"] table with input_per_1k and output_per_1k'
-            ) from None
+    def price_at(self, model: str, day: date) -> ModelPrice | None:
+        """The entry of ``model`` in force on ``day``, or None (unpriced)."""
+        for entry in self.models.get(model, ()):
+            if entry.in_force(day):
+                return entry
+        return None
+
+
+def _entry(entry: Any, where: str) -> ModelPrice:
+    if not isinstance(entry, dict):
+        raise PriceTableError(f"{where} must be a table with {' and '.join(_PRICE_KEYS)}")
+    extra = sorted(set(entry) - set(_PRICE_KEYS) - set(_DATE_KEYS))
+    if extra:
+        raise PriceTableError(
+            f"{where}: unknown key(s) {extra}; expected {' and '.join(_PRICE_KEYS)} "
+            f"(and optionally {' and '.join(_DATE_KEYS)})"
+        )
+    prices = []
+    for key in _PRICE_KEYS:
+        if key not in entry:
+            raise PriceTableError(f"{where}: missing {key}")
+        prices.append(_price(entry[key], f"{where}.{key}"))
+    start, end = (_day(entry.get(key), f"{where}.{key}") for key in _DATE_KEYS)
+    if start is not None and end is not None and end <= start:
+        raise PriceTableError(f"{where}: effective_to {end} must be after effective_from {start}")
+    return ModelPrice(prices[0], prices[1], start, end)
+
+
+def _day(value: Any, where: str) -> date | None:
+    """A TOML date (or a date-time at 00:00 UTC): prices change at the start of a UTC day."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        moment = value.astimezone(UTC) if value.tzinfo is not None else value
+        if moment.time() != datetime.min.time():
+            raise PriceTableError(f"{where}: prices change at the start of a UTC day; give a date like 2026-03-15")
+        return moment.date()
+    if isinstance(value, date):
+        return value
+    raise PriceTableError(f"{where}: expected a date like 2026-03-15, got {value!r}")
+
+
+def _span(entry: ModelPrice) -> str:
+    return f"[{entry.effective_from or '...'}, {entry.effective_to or '...'})"
 
 
 def _price(value: Any, where: str) -> Decimal:
@@ -123,55 +190,87 @@ def _allocate_cents(exact: list[Decimal], total: Decimal) -> list[Decimal]:
     return floors
 
 
-def cost_report(token_rows: list[dict[str, Any]], prices: PriceTable) -> list[dict[str, Any]]:
-    """Client lines grouped by department, a subtotal per department and a grand total.
+def _as_day(value: Any) -> date | None:
+    if value is None or isinstance(value, datetime):
+        return value.date() if isinstance(value, datetime) else None
+    if isinstance(value, date):
+        return value
+    return date.fromisoformat(str(value))
 
-    ``token_rows`` are queries.month_tokens rows (department, client_id, model, tokens).
-    Every model in them must have a price: a missing one raises rather than costing 0.
-    """
-    missing = sorted({r["model"] for r in token_rows} - set(prices.models))
-    if missing:
-        raise PriceTableError(
-            f'price table {prices.source} has no price for model(s) {missing}; add a [models."<name>"] table for each'
-        )
+
+def cost_report(token_rows: list[dict[str, Any]], prices: PriceTable) -> list[dict[str, Any]]:
+    """Client lines grouped by department, a subtotal per department, ``unpriced`` lines (one per
+    department, client and model with tokens no entry prices) and a grand total.
+
+    ``token_rows`` are queries.month_tokens rows (department, client_id, model, day, tokens); a
+    row without a day can be priced only by an undated entry. Tokens without a price are never
+    costed 0: they are listed, and the total's ``note`` says how many it excludes."""
     lines: dict[tuple[str, str], dict[str, Any]] = defaultdict(
         lambda: {"requests": 0, "input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "exact": Decimal(0)}
     )
+    unpriced: dict[tuple[str, str, str], dict[str, Any]] = defaultdict(lambda: dict.fromkeys(_SUMS, 0))
     for row in token_rows:
+        day = _as_day(row.get("day"))
+        entries = prices.models.get(row["model"], ())
+        if day is None:
+            undated = len(entries) == 1 and entries[0].effective_from is None and entries[0].effective_to is None
+            price = entries[0] if undated else None
+        else:
+            price = prices.price_at(row["model"], day)
+        if price is None:
+            gap = unpriced[(row["department"], row["client_id"], row["model"])]
+            for field in _SUMS:
+                gap[field] += int(row[field])
+            continue
         line = lines[(row["department"], row["client_id"])]
-        for key in ("requests", "input_tokens", "output_tokens", "total_tokens"):
-            line[key] += int(row[key])
-        line["exact"] += prices.price(row["model"]).cost(int(row["input_tokens"]), int(row["output_tokens"]))
+        for field in _SUMS:
+            line[field] += int(row[field])
+        line["exact"] += price.cost(int(row["input_tokens"]), int(row["output_tokens"]))
     keys = sorted(lines)
     exact_total = sum((lines[k]["exact"] for k in keys), Decimal(0))
     total = exact_total.quantize(CENT, rounding=ROUND_HALF_UP)
     cents = _allocate_cents([lines[k]["exact"] for k in keys], total)
     out: list[dict[str, Any]] = []
-    sums = ("requests", "input_tokens", "output_tokens", "total_tokens")
 
     def report_line(
-        level: str, department: str, client: str, parts: list[dict[str, Any]], cost: Decimal
+        level: str, department: str, client: str, model: str, parts: list[dict[str, Any]], cost: str, note: str = ""
     ) -> dict[str, Any]:
         return {
             "level": level,
             "department": department,
             "client_id": client,
-            **{s: sum(p[s] for p in parts) for s in sums},
-            "cost": str(cost),
+            "model": model,
+            **{s: sum(p[s] for p in parts) for s in _SUMS},
+            "cost": cost,
             "currency": prices.currency,
+            "note": note,
         }
 
     departments = sorted({k[0] for k in keys})
     for department in departments:
-        members = [(k, c) for k, c in zip(keys, cents) if k[0] == department]
-        for member, cost in members:
-            out.append(report_line("client", department, member[1], [lines[member]], cost))
+        members = [(k, c) for k, c in zip(keys, cents, strict=True) if k[0] == department]
+        for key, cost in members:
+            out.append(report_line("client", department, key[1], "*", [lines[key]], str(cost)))
+        subtotal = sum((c for _, c in members), Decimal(0))
+        out.append(report_line("department", department, "*", "*", [lines[k] for k, _ in members], str(subtotal)))
+    for missing in sorted(unpriced):
         out.append(
             report_line(
-                "department", department, "*", [lines[k] for k, _ in members], sum((c for _, c in members), Decimal(0))
+                "unpriced",
+                missing[0],
+                missing[1],
+                missing[2],
+                [unpriced[missing]],
+                "",
+                "no price in force; not in the total",
             )
         )
-    out.append(report_line("total", "*", "*", [lines[k] for k in keys], total))
+    note = f"prices sha256 {prices.sha256}" if prices.sha256 else ""
+    if unpriced:
+        gap_tokens = sum(g["total_tokens"] for g in unpriced.values())
+        models = sorted({k[2] for k in unpriced})
+        note += f"{'; ' if note else ''}excludes {gap_tokens} unpriced tokens ({', '.join(models)})"
+    out.append(report_line("total", "*", "*", "*", [lines[k] for k in keys], str(total), note))
     return out
 
 

@@ -10,12 +10,16 @@ directly or went through the usage API.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+import math
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tokenaudit.infra.store import Store
+from tokenaudit.reports import ledger
 from tokenaudit.reports.params import ReportParams, parse_report_params
-from tokenaudit.schemas import columns
+from tokenaudit.reports.report_sql import epoch_ms, jsonable, time_range
+from tokenaudit.reports.report_sql import iso_utc as iso_utc  # re-exported: the CLI, usage API, verify
+from tokenaudit.schemas import columns, latency_hist
 
 if TYPE_CHECKING:
     from tokenaudit.settings import Settings
@@ -36,12 +40,16 @@ _GROUP_EXPR = {
     "day": ("day", "toDate(window_start)"),
 }
 
+#: groupings that are time buckets: ordered by time, not by tokens
+_TIME_GROUPS = ("minute", "hour", "day")
+
 _SUMS = """
     sum(requests) AS requests,
     sum(errors) AS errors,
     sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
     sum(total_tokens) AS total_tokens,
+    sum(truncated) AS truncated,
     round(sum(latency_ms_sum) / greatest(sum(requests), 1), 2) AS avg_latency_ms"""
 
 
@@ -61,15 +69,6 @@ def settled_until(settings: Settings, now: datetime | None = None) -> datetime:
     return (now - timedelta(seconds=settle_seconds(settings))).replace(microsecond=0)
 
 
-def iso_utc(value: datetime) -> str:
-    """ISO 8601 UTC with a Z, as every report prints times."""
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _ms(value: datetime) -> int:
-    return int(value.timestamp() * 1000)
-
-
 def _given(value: _T | None, name: str) -> _T:
     """A parameter the report needs: parse_report_params sets it for every report that takes it."""
     if value is None:
@@ -77,48 +76,12 @@ def _given(value: _T | None, name: str) -> _T:
     return value
 
 
-def _range(column: str, params: ReportParams, client: str | None) -> tuple[str, dict[str, Any]]:
-    """WHERE clause for [since, until) on ``column``, an optional client scope and the optional
-    department and model filters (every table read here has the three columns)."""
-    where = (
-        f"{column} >= fromUnixTimestamp64Milli({{since_ms:Int64}}, 'UTC') "
-        f"AND {column} < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC')"
-    )
-    bound: dict[str, Any] = {
-        "since_ms": _ms(_given(params.since, "since")),
-        "until_ms": _ms(_given(params.until, "until")),
-    }
-    for name, column_name, value in (
-        ("client", "client_id", client),
-        ("department", "department", params.department),
-        ("model", "model", params.model),
-    ):
-        if value is not None:
-            where += f" AND {column_name} = {{{name}:String}}"
-            bound[name] = value
-    return where, bound
-
-
-def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for row in rows:
-        clean = {}
-        for key, value in row.items():
-            if isinstance(value, datetime):
-                value = iso_utc(value)
-            elif isinstance(value, date):
-                value = value.isoformat()
-            clean[key] = value
-        out.append(clean)
-    return out
-
-
 def usage(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
-    """Token totals in [since, until) grouped by client, department, model, hour or day."""
+    """Token totals in [since, until) grouped by client, department, model, minute, hour or day."""
     name, expr = _GROUP_EXPR[_given(params.by, "by")]
-    where, bound = _range("window_start", params, client)
+    where, bound = time_range("window_start", params, client)
     extra = "argMax(department, window_start) AS dept," if params.by == "client" else ""
-    order = f"{name}" if params.by in ("minute", "hour", "day") else f"sum(total_tokens) DESC, {name}"
+    order = f"{name}" if params.by in _TIME_GROUPS else f"sum(total_tokens) DESC, {name}"
     rows = store.query(
         f"SELECT {expr} AS {name}, {extra} {_SUMS} FROM {{db}}.usage_rollup FINAL "
         f"WHERE {where} GROUP BY {name} ORDER BY {order} {_FINAL_SETTINGS}",
@@ -126,12 +89,12 @@ def usage(store: Store, params: ReportParams, client: str | None = None) -> list
     )
     if params.by == "client":  # put the department next to the client it belongs to (latest one)
         rows = [{"client_id": r.pop("client_id"), "department": r.pop("dept"), **r} for r in rows]
-    return _jsonable(rows)
+    return jsonable(rows)
 
 
 def top(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """The heaviest clients by total tokens, with their share of all tokens in scope."""
-    where, bound = _range("window_start", params, client)
+    where, bound = time_range("window_start", params, client)
     bound["limit"] = params.limit
     rows = store.query(
         "SELECT client_id, argMax(department, window_start) AS dept, sum(requests) AS requests, "
@@ -157,72 +120,156 @@ def top(store: Store, params: ReportParams, client: str | None = None) -> list[d
 
 
 def month_tokens(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
-    """Tokens per (department, client, model) in one calendar month (UTC): the input of the
-    cost report, which prices them with the caller's price table (see prices.cost_report)."""
+    """Tokens per (department, client, model, UTC day) in one calendar month: the input of the
+    cost report, which prices each day with the entry of the caller's price table in force on
+    it (prices change at the start of a day: see prices.cost_report)."""
     bound: dict[str, Any] = {
-        "since_ms": _ms(_given(params.month_start, "month")),
-        "until_ms": _ms(_given(params.month_end, "month")),
+        "since_ms": epoch_ms(_given(params.month_start, "month")),
+        "until_ms": epoch_ms(_given(params.month_end, "month")),
     }
     scope = ""
     if client is not None:
         scope, bound["client"] = " AND client_id = {client:String}", client
-    return store.query(
-        "SELECT department, client_id, model, sum(requests) AS requests, sum(input_tokens) AS input_tokens, "
+    rows = store.query(
+        "SELECT department, client_id, model, toDate(window_start) AS day, "
+        "sum(requests) AS requests, sum(input_tokens) AS input_tokens, "
         "sum(output_tokens) AS output_tokens, sum(total_tokens) AS total_tokens "
         "FROM {db}.usage_rollup FINAL "
         "WHERE window_start >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
         f"AND window_start < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC'){scope} "
-        f"GROUP BY department, client_id, model ORDER BY department, client_id, model {_FINAL_SETTINGS}",
+        f"GROUP BY department, client_id, model, day ORDER BY department, client_id, model, day {_FINAL_SETTINGS}",
         bound,
     )
+    return jsonable(rows)
 
 
-#: latency ``bucket=`` over time -> the SQL that truncates ``ts`` (the only run-time SQL there)
-_TIME_BUCKET = {"minute": "toStartOfMinute(ts)", "hour": "toStartOfHour(ts)", "day": "toStartOfDay(ts)"}
+#: latency ``bucket=`` over time -> the SQL that truncates a window's start (the only run-time SQL there)
+_TIME_BUCKET = {
+    "minute": "toStartOfMinute(window_start)",
+    "hour": "toStartOfHour(window_start)",
+    "day": "toStartOfDay(window_start)",
+}
+
+
+def _percentiles(counts: dict[int, int]) -> dict[str, float | None]:
+    """p50/p95/p99 of a latency histogram (latency bucket -> count): each the upper bound of the
+    bucket that holds it; None past 60 s or for an empty histogram."""
+    out: dict[str, float | None] = {}
+    for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+        upper = latency_hist.latency_range(latency_hist.quantile_bucket(counts, q))[1] if counts else None
+        out[f"{name}_latency_ms"] = None if upper is None or upper == math.inf else upper
+    return out
+
+
+def _latency_by_input(store: Store, where: str, bound: dict[str, Any]) -> list[dict[str, Any]]:
+    """p50/p95/p99 per input-token bucket over every request of the range, whatever its client or
+    model; requests without a full histogram as a ``not covered`` line."""
+    rows = store.query(
+        "SELECT sumMapIf(latency_hist, covered) AS hist, sumIf(requests, NOT covered) AS uncovered "
+        "FROM (SELECT requests, latency_hist, arraySum(mapValues(latency_hist)) = requests AS covered "
+        f"FROM {{db}}.usage_rollup FINAL PREWHERE {where}) {_FINAL_SETTINGS}",
+        bound,
+    )
+    by_input: dict[int, dict[int, int]] = {}
+    for cell, n in ((rows[0]["hist"] if rows else None) or {}).items():
+        if n:
+            ib, lb = divmod(int(cell), latency_hist.CELLS_PER_INPUT)
+            by_input.setdefault(ib, {})[lb] = by_input.get(ib, {}).get(lb, 0) + int(n)
+    out: list[dict[str, Any]] = [
+        {"input_tokens": latency_hist.input_range(ib), "requests": sum(c.values()), **_percentiles(c)}
+        for ib, c in sorted(by_input.items())
+    ]
+    uncovered = int(rows[0]["uncovered"]) if rows else 0
+    if uncovered:
+        out.append({"input_tokens": "not covered", "requests": uncovered, **_percentiles({})})
+    return out
+
+
+def _latency_over_time(store: Store, where: str, bound: dict[str, Any], truncate: str) -> list[dict[str, Any]]:
+    """p50/p95/p99 per time bucket over all requests, from the rollups' histograms merged across
+    clients, models and input sizes (the dashboard's latency-over-time panel). A bucket whose
+    rows do not all carry a full histogram says how many requests it leaves out (``not_covered``)."""
+    rows = store.query(
+        f"SELECT {truncate} AS time, sumMapIf(latency_hist, covered) AS hist, sum(requests) AS requests, "
+        "sumIf(requests, NOT covered) AS uncovered "
+        "FROM (SELECT window_start, requests, latency_hist, arraySum(mapValues(latency_hist)) = requests AS covered "
+        f"FROM {{db}}.usage_rollup FINAL PREWHERE {where}) "
+        f"GROUP BY time ORDER BY time {_FINAL_SETTINGS}",
+        bound,
+    )
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        counts: dict[int, int] = {}
+        for cell, n in (r["hist"] or {}).items():
+            if n:
+                lb = int(cell) % latency_hist.CELLS_PER_INPUT
+                counts[lb] = counts.get(lb, 0) + int(n)
+        out.append(
+            {
+                "time": r["time"],
+                "requests": int(r["requests"]),
+                "not_covered": int(r["uncovered"]),
+                **_percentiles(counts),
+            }
+        )
+    return jsonable(out)
 
 
 def latency(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
-    """Latency p50/p95 of successful sampled requests by input-token bucket (powers of two),
-    to show from which input length latency starts to climb; or, with ``bucket`` minute, hour
-    or day, per time bucket (the dashboard's latency-over-time panel)."""
-    where, bound = _range("ts", params, client)
+    """End-to-end latency p50/p95/p99 over all requests per client, model and input-token
+    bucket, from the rollups' histograms (:mod:`tokenaudit.schemas.latency_hist`): each value is
+    the upper bound of the histogram bucket holding that percentile (the exact one lies within
+    it: bounds are 19% apart); None past 60 s. Rows whose histogram does not count every request
+    of their window (written before rollup schema v4, or a window restored from an older
+    worker's state) are not guessed: their requests are a ``not covered`` line."""
+    where, bound = time_range("window_start", params, client)
     if params.bucket in _TIME_BUCKET:
-        series = store.query(
-            f"SELECT {_TIME_BUCKET[params.bucket]} AS time, count() AS requests, "
-            "quantilesExact(0.5, 0.95)(latency_ms) AS q "
-            f"FROM {{db}}.usage_sampled FINAL WHERE {where} AND status_code < 400 "
-            f"GROUP BY time ORDER BY time {_FINAL_SETTINGS}",
-            bound,
-        )
-        return _jsonable(
-            [
-                {
-                    "time": r["time"],
-                    "requests": r["requests"],
-                    "p50_latency_ms": round(r["q"][0], 2),
-                    "p95_latency_ms": round(r["q"][1], 2),
-                }
-                for r in series
-            ]
-        )
+        return _latency_over_time(store, where, bound, _TIME_BUCKET[params.bucket])
+    if params.bucket == "input":  # all clients and models of the range merged (the dashboard's panel)
+        return _latency_by_input(store, where, bound)
     rows = store.query(
-        "SELECT if(input_tokens <= 16, 16, toUInt64(exp2(ceil(log2(input_tokens))))) AS upper, "
-        "count() AS requests, round(avg(input_tokens), 1) AS avg_input_tokens, "
-        "quantilesExact(0.5, 0.95)(latency_ms) AS q "
-        f"FROM {{db}}.usage_sampled FINAL WHERE {where} AND status_code < 400 "
-        f"GROUP BY upper ORDER BY upper {_FINAL_SETTINGS}",
+        "SELECT client_id, model, sumMapIf(latency_hist, covered) AS hist, sumIf(requests, NOT covered) AS uncovered "
+        "FROM (SELECT client_id, model, requests, latency_hist, "
+        "arraySum(mapValues(latency_hist)) = requests AS covered "
+        # PREWHERE: the histograms are read only for the rows of the range (and client) asked
+        # for, not for every row of the granules they share (~3x faster, bench_latency_report);
+        # safe with FINAL, the columns are in the sorting key, so every version of a row passes
+        f"FROM {{db}}.usage_rollup FINAL PREWHERE {where}) "
+        f"GROUP BY client_id, model ORDER BY client_id, model {_FINAL_SETTINGS}",
         bound,
     )
-    return [
-        {
-            "input_tokens": f"{1 if r['upper'] == 16 else r['upper'] // 2 + 1}-{r['upper']}",
-            "requests": r["requests"],
-            "avg_input_tokens": r["avg_input_tokens"],
-            "p50_latency_ms": round(r["q"][0], 2),
-            "p95_latency_ms": round(r["q"][1], 2),
-        }
-        for r in rows
-    ]
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        by_input: dict[int, dict[int, int]] = {}
+        for cell, n in (r["hist"] or {}).items():
+            if n:
+                ib, lb = divmod(int(cell), latency_hist.CELLS_PER_INPUT)
+                by_input.setdefault(ib, {})[lb] = int(n)
+        for ib in sorted(by_input):
+            counts = by_input[ib]
+            line: dict[str, Any] = {
+                "client_id": r["client_id"],
+                "model": r["model"],
+                "input_tokens": latency_hist.input_range(ib),
+                "requests": sum(counts.values()),
+            }
+            for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+                upper = latency_hist.latency_range(latency_hist.quantile_bucket(counts, q))[1]
+                line[f"{name}_latency_ms"] = None if upper == math.inf else upper
+            out.append(line)
+        if r["uncovered"]:
+            out.append(
+                {
+                    "client_id": r["client_id"],
+                    "model": r["model"],
+                    "input_tokens": "not covered",
+                    "requests": int(r["uncovered"]),
+                    "p50_latency_ms": None,
+                    "p95_latency_ms": None,
+                    "p99_latency_ms": None,
+                }
+            )
+    return out
 
 
 ANOMALY_COLUMNS = columns.ANOMALIES
@@ -230,14 +277,14 @@ ANOMALY_COLUMNS = columns.ANOMALIES
 
 def anomalies(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """The latest ``limit`` anomalies in [since, until), oldest first."""
-    where, bound = _range("ts", params, client)
+    where, bound = time_range("ts", params, client)
     bound["limit"] = params.limit
     rows = store.query(
         f"SELECT * FROM (SELECT {', '.join(ANOMALY_COLUMNS)} FROM {{db}}.anomalies FINAL WHERE {where} "
         f"ORDER BY ts DESC, anomaly_id DESC LIMIT {{limit:UInt32}}) ORDER BY ts, anomaly_id {_FINAL_SETTINGS}",
         bound,
     )
-    return _jsonable(rows)
+    return jsonable(rows)
 
 
 #: grouping name of the bucketed usage -> rollup column (the only run-time SQL of usage_buckets)
@@ -290,7 +337,7 @@ def usage_buckets(
 def samples(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """The latest ``limit`` sampled requests in [since, until): the latency-against-tokens
     scatter of the dashboard (sizes and times only; no digest, no text)."""
-    where, bound = _range("ts", params, client)
+    where, bound = time_range("ts", params, client)
     bound["limit"] = params.limit
     rows = store.query(
         "SELECT request_id, ts, client_id, department, model, input_tokens, output_tokens, latency_ms, "
@@ -298,7 +345,7 @@ def samples(store: Store, params: ReportParams, client: str | None = None) -> li
         f"ORDER BY ts DESC, request_id LIMIT {{limit:UInt32}} {_FINAL_SETTINGS}",
         bound,
     )
-    return _jsonable(rows)
+    return jsonable(rows)
 
 
 REPORTS = {
@@ -308,6 +355,8 @@ REPORTS = {
     "latency": latency,
     "anomalies": anomalies,
     "samples": samples,
+    "requests": ledger.requests,
+    "request": ledger.request,
 }
 
 

@@ -14,10 +14,14 @@ Only the fixed reports of :mod:`tokenaudit.reports.queries` are exposed, never S
     GET /v1/organization/usage/completions         (OpenAI's Usage API shape: reports/openai_usage.py)
     GET /v1/anomalies/stream                       (server-sent events: reports/anomaly_feed.py)
     GET /                                          (the dashboard: reports/dashboard.py)
+    GET /v1/requests?since=&until=&limit=&client=&ip=&status=&model=   (the ledger)
+    GET /v1/requests/{id}                          (a request_id or event_id; 404 if none in scope)
+    POST /v1/admin/erase?client=                   (admin keys only: a client's ledger rows and
+                                                    sampled records, see reports/erase.py)
+    GET /v1/admin/verify?since_ms=&until_ms=       (admin keys only: the store side of
+                                                    `tokenaudit verify`, see reports/verify_route.py)
 
 usage, top, latency, anomalies and samples also take ``department=`` and ``model=`` filters.
-    GET /v1/admin/verify?since_ms=&until_ms=       (admin keys only: the store side of
-                                                    `tokenaudit verify`, see reports/verify.py)
 
 Every /v1 call needs ``Authorization: Bearer <key>`` from the API-key registry. A client key
 is scoped to its own client_id (asking for another is 403); an admin key sees everything
@@ -45,6 +49,7 @@ from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.infra.keys import ApiKey, AuthError, KeyRegistry, marker_path
 from tokenaudit.reports.anomaly_feed import AnomalyFeed
 from tokenaudit.reports.dashboard import dashboard_routes
+from tokenaudit.reports.erase import ERASE_PATH, erase_endpoint
 from tokenaudit.reports.openai_usage import PATH as OPENAI_USAGE_PATH
 from tokenaudit.reports.openai_usage import usage_completions_endpoint
 from tokenaudit.reports.params import REPORT_PARAMS, parse_report_params
@@ -88,12 +93,14 @@ def create_app(store: Store, settings: Settings, keys_path: Path | None = None) 
             raise AssertionError("authenticate returned no key with allow_open=False")
         return key
 
-    def endpoint(report: str) -> Callable[[Request], Awaitable[Response]]:
+    def endpoint(report: str, path_param: str | None = None) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
             key = authenticate(request)
             if isinstance(key, Response):
                 return key
             items = request.query_params.multi_items()
+            if path_param is not None:  # /v1/requests/{id}: the id is part of the path
+                items.append((path_param, request.path_params[path_param]))
             names = [name for name, _ in items]
             if len(names) != len(set(names)):
                 return _error(400, "invalid_parameter", "a parameter was given more than once")
@@ -111,6 +118,8 @@ def create_app(store: Store, settings: Settings, keys_path: Path | None = None) 
             except Exception:  # never leak SQL or engine internals to the caller
                 log.exception("usage API: %s report failed", report)
                 return _error(500, "report_failed", f"{report} report failed; see the sink log")
+            if report == "request" and not rows:
+                return _error(404, "not_found", f"no request {params.request_id} (in this key's scope)", "id")
             body = {
                 "report": report,
                 "scope": scope or "*",
@@ -137,7 +146,9 @@ def create_app(store: Store, settings: Settings, keys_path: Path | None = None) 
         return _error(500, "internal_error", "internal error; see the sink log")
 
     routes: list[BaseRoute] = [Route("/healthz", healthz)]
-    routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS]
+    routes += [Route(f"/v1/{name}", endpoint(name), methods=["GET"]) for name in REPORT_PARAMS if name != "request"]
+    routes.append(Route("/v1/requests/{id:path}", endpoint("request", "id"), methods=["GET"]))
+    routes.append(Route(f"/v1/{ERASE_PATH}", erase_endpoint(store, authenticate, _error), methods=["POST"]))
     routes.append(
         Route(f"/v1/{API_PATH}", admin_verify_endpoint(store, settings, authenticate, _error), methods=["GET"])
     )

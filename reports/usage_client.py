@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import quote
 
 import httpx
 
@@ -59,9 +60,13 @@ class ApiReports:
         self.headers = {"Authorization": f"Bearer {api_key}"}
 
     def fetch(self, report: str, params: RawParams) -> list[dict[str, Any]]:
-        url = f"{self.base_url}/v1/{report}"
+        query = _drop_empty(params)
+        if report == "request":  # GET /v1/requests/{id}
+            url = f"{self.base_url}/v1/requests/{quote(query.pop('id', ''), safe='')}"
+        else:
+            url = f"{self.base_url}/v1/{report}"
         try:
-            response = self.http.get(url, params=_drop_empty(params), headers=self.headers)
+            response = self.http.get(url, params=query, headers=self.headers)
         except httpx.TransportError as exc:
             raise UsageApiUnreachable(
                 f"usage API at {self.base_url} is not reachable ({exc.__class__.__name__}); "
@@ -71,6 +76,8 @@ class ApiReports:
             body = response.json()
         except ValueError:
             body = {}
+        if report == "request" and response.status_code == 404:
+            return []  # no such request in this key's scope: the same answer as the direct path
         if response.status_code != 200:
             error = body.get("error") if isinstance(body, dict) else None
             message = error.get("message") if isinstance(error, dict) else None  # the OpenAI envelope

@@ -201,7 +201,9 @@ class _EventCounter:
 
 
 # --- the store side ----------------------------------------------------------------------------
-def store_totals(store: Store, since_ms: int, until_ms: int, window_ms: int) -> list[dict[str, Any]]:
+def store_totals(
+    store: Store, since_ms: int, until_ms: int, window_ms: int, ledger: bool = True
+) -> list[dict[str, Any]]:
     """Rollup sums (and ledger event counts, where the ledger exists) per (client, model,
     hour of window start) for window starts in [since_ms, until_ms)."""
     bound = {"since_ms": since_ms, "until_ms": until_ms}
@@ -218,16 +220,17 @@ def store_totals(store: Store, since_ms: int, until_ms: int, window_ms: int) -> 
         (r["client_id"], r["model"], int(r["hour_ms"])): {**r, "hour_ms": int(r["hour_ms"]), "events": None}
         for r in rows
     }
-    if _has_ledger(store):
-        ledger = store.query(
-            "SELECT client_id, model, intDiv(ws, 3600000) * 3600000 AS hour_ms, uniqExact(event_id) AS events "
-            "FROM (SELECT client_id, model, event_id, toUnixTimestamp64Milli(ts) AS t, t - t % {w:Int64} AS ws "
+    if ledger and _has_ledger(store):  # TOKENAUDIT_LEDGER=off: the table may exist, unfed
+        ledger_rows = store.query(
+            "SELECT client_id, model, intDiv(ws, 3600000) * 3600000 AS hour_ms, uniqExact(hi, lo) AS events "
+            "FROM (SELECT client_id, model, event_id_hi AS hi, event_id_lo AS lo, "
+            "toUnixTimestamp64Milli(ts) AS t, t - t % {w:Int64} AS ws "
             "FROM {db}.usage_requests WHERE ts >= fromUnixTimestamp64Milli({since_ms:Int64} - {w:Int64}, 'UTC') "
             "AND ts < fromUnixTimestamp64Milli({until_ms:Int64} + {w:Int64}, 'UTC')) "
             "WHERE ws >= {since_ms:Int64} AND ws < {until_ms:Int64} GROUP BY client_id, model, hour_ms",
             {**bound, "w": window_ms},
         )
-        for r in ledger:
+        for r in ledger_rows:
             key = (r["client_id"], r["model"], int(r["hour_ms"]))
             row = out.setdefault(
                 key, {"client_id": key[0], "model": key[1], "hour_ms": key[2], **dict.fromkeys(FIELDS, 0)}
@@ -249,11 +252,11 @@ def _has_ledger(store: Store) -> bool:
 class DirectTotals:
     """The store side from a Store this process opened."""
 
-    def __init__(self, store: Store, window_ms: int) -> None:
-        self.store, self.window_ms = store, window_ms
+    def __init__(self, store: Store, window_ms: int, ledger: bool = True) -> None:
+        self.store, self.window_ms, self.ledger = store, window_ms, ledger
 
     def fetch(self, since_ms: int, until_ms: int) -> list[dict[str, Any]]:
-        return store_totals(self.store, since_ms, until_ms, self.window_ms)
+        return store_totals(self.store, since_ms, until_ms, self.window_ms, self.ledger)
 
 
 class EmbeddedTotals:
@@ -285,7 +288,7 @@ class EmbeddedTotals:
         except ClickHouseError as exc:
             raise VerifyError(f"the usage API did not answer and the store cannot be opened directly: {exc}") from None
         try:
-            return store_totals(store, since_ms, until_ms, self.settings.window_seconds * 1000)
+            return store_totals(store, since_ms, until_ms, self.settings.window_seconds * 1000, self.settings.ledger)
         finally:
             store.close()
 
@@ -301,7 +304,9 @@ def open_totals(settings: Settings) -> Totals:
         return EmbeddedTotals(settings)
     from tokenaudit.infra.store import Store
 
-    return DirectTotals(Store.from_settings(settings, migrate_schema=False), settings.window_seconds * 1000)
+    return DirectTotals(
+        Store.from_settings(settings, migrate_schema=False), settings.window_seconds * 1000, settings.ledger
+    )
 
 
 # --- reconciliation ----------------------------------------------------------------------------
@@ -352,11 +357,12 @@ class VerifyReport:
 
 
 def reconcile(
-    scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int
+    scan: TopicScan, store_rows: list[dict[str, Any]], since_ms: int, ledger_from_ms: int = 0
 ) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]], bool]:
     """(buckets compared, drift rows, pending buckets, ledger present) for the buckets of the
     hours from the one holding ``since_ms`` on (both sides were already cut at the window
-    start; a partial first hour is compared like any other)."""
+    start; a partial first hour is compared like any other). Ledger event counts are compared
+    for the hours from ``ledger_from_ms`` on: older ones are past the ledger's retention."""
     since_ms -= since_ms % HOUR_MS
     from tokenaudit.reports.queries import iso_utc
 
@@ -377,7 +383,7 @@ def reconcile(
         topic = dict(zip(FIELDS, scan.totals.get(key, (0, 0, 0, 0))))
         row = stored.get(key)
         store = {f: int(row[f]) for f in FIELDS} if row else dict.fromkeys(FIELDS, 0)
-        if ledger:
+        if ledger and key[2] >= ledger_from_ms:
             topic["events"] = topic["requests"]
             store["events"] = int(row["events"] or 0) if row else 0
         if topic == store:
@@ -411,7 +417,7 @@ def run_verify(
 ) -> VerifyReport:
     """Reconcile [since, until) (report time forms: 24h, 7d, ISO) up to the settled instant."""
     from tokenaudit.reports.params import parse_time
-    from tokenaudit.reports.queries import settle_seconds, settled_until
+    from tokenaudit.reports.queries import iso_utc, settle_seconds, settled_until
 
     now = now or datetime.now(UTC)
     start = parse_time(since, "since", now)
@@ -450,13 +456,29 @@ def run_verify(
         if from_ms >= until_ms:
             return report
     rows = (totals or open_totals(settings)).fetch(from_ms, until_ms)
-    report.buckets, report.drift, report.pending, report.ledger = reconcile(scan, rows, from_ms)
+    ledger_from = ledger_retained_from_ms(settings, now)
+    report.buckets, report.drift, report.pending, report.ledger = reconcile(scan, rows, from_ms, ledger_from)
+    if report.ledger and ledger_from > from_ms:
+        report.notes.append(
+            f"ledger events compared from {iso_utc(datetime.fromtimestamp(ledger_from / 1000, UTC))} on "
+            f"(TOKENAUDIT_TTL_REQUESTS_DAYS={settings.ttl_requests_days})"
+        )
     if scan.undecodable or scan.invalid:
         report.notes.append(
             f"{scan.undecodable} undecodable and {scan.invalid} invalid records on the topic "
             "are dead-lettered by the worker and not counted"
         )
     return report
+
+
+def ledger_retained_from_ms(settings: Settings, now: datetime) -> int:
+    """The first hour whose ledger rows are surely still kept: a day inside the retention (rows
+    near its edge go at ClickHouse's next merge, not at a set instant)."""
+    days = settings.ttl_requests_days
+    if days <= 0:
+        return 0
+    edge = _ms(now) - (days - 1) * 86_400_000
+    return -(-edge // HOUR_MS) * HOUR_MS
 
 
 def _ms(value: datetime) -> int:

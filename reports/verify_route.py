@@ -52,7 +52,9 @@ def admin_verify_endpoint(
             bounds.append(int(text))
         if bounds[1] <= bounds[0]:
             return error(400, "invalid_parameter", "until_ms: must be after since_ms", "until_ms")
-        rows = await run_in_threadpool(store_totals, store, bounds[0], bounds[1], settings.window_seconds * 1000)
+        rows = await run_in_threadpool(
+            store_totals, store, bounds[0], bounds[1], settings.window_seconds * 1000, settings.ledger
+        )
         return JSONResponse({"report": "verify", "scope": "*", "rows": rows})
 
     return handle

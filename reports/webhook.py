@@ -27,7 +27,7 @@ from tenacity import (
 )
 
 from tokenaudit.errors import WebhookError, WebhookRejected
-from tokenaudit.reports.queries import _jsonable
+from tokenaudit.reports.report_sql import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def validate_url(url: str) -> str:
 
 def anomaly_json(anomaly: dict[str, Any]) -> dict[str, Any]:
     """A decoded anomaly with times as ISO 8601 UTC strings (the webhook and --format json body)."""
-    return _jsonable([anomaly])[0]
+    return jsonable([anomaly])[0]
 
 
 class WebhookForwarder:

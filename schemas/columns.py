@@ -30,6 +30,7 @@ USAGE_ROLLUP = (
     "version",
     "applied_offset",
     "event_ids",
+    "latency_hist",
 )
 #: the window's identity: one row per key (the table's sorting key ends with these)
 ROLLUP_KEY = ("client_id", "department", "api_key_id", "model", "window_start")
@@ -82,6 +83,46 @@ ANOMALIES = (
 )
 ANOMALY_KEY = ("client_id", "rule", "anomaly_id")
 
+#: usage_requests (the ledger): one row per event, idempotent by event_id (the sorting key ends
+#: with its two halves); request_id is '' where it is the event id's hex (LEDGER_REQUEST_ID puts
+#: it back)
+USAGE_REQUESTS = (
+    "client_id",
+    "ts",
+    "event_id_hi",
+    "event_id_lo",
+    "request_id",
+    "instance",
+    "department",
+    "api_key_id",
+    "client_ip",
+    "method",
+    "path",
+    "status_code",
+    "error_type",
+    "model",
+    "input_tokens",
+    "untruncated_input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "truncated",
+    "latency_ms_x100",
+    "queue_ms_x100",
+    "inference_ms_x100",
+    "ttft_ms_x100",
+    "batch_id",
+    "batch_size",
+    "position_in_batch",
+    "finish_reason",
+)
+REQUESTS_KEY = ("client_id", "ts", "event_id_hi", "event_id_lo")
+#: the event id's two 64-bit halves as stored; ``event_id`` (UUID) is an ALIAS column over them
+REQUESTS_EVENT_ID = "event_id"
+#: latencies are stored as whole hundredths of a ms (``<name>_x100``); ``<name>`` is an ALIAS in ms
+REQUESTS_X100 = "_x100"
+#: the stored request_id, or the event id's hex where it was stored as '' (SQL)
+LEDGER_REQUEST_ID = "if(request_id = '', replaceAll(toString(event_id), '-', ''), request_id)"
+
 #: rejected_rows: what ClickHouse refused, with the reason and the record as JSON
 REJECTED_ROWS = ("table", "reason", "record")
 
@@ -89,6 +130,7 @@ TABLES = {
     "usage_rollup": USAGE_ROLLUP,
     "usage_sampled": USAGE_SAMPLED,
     "anomalies": ANOMALIES,
+    "usage_requests": USAGE_REQUESTS,
     "rejected_rows": REJECTED_ROWS,
 }
 

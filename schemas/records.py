@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 from typing import Protocol, TypedDict
 
+from tokenaudit.schemas import latency_hist
+
 #: the longest path and method an event carries: a 16 KB URL must not make a 16 KB event
 #: (keyless 401s during a broker outage would fill the spool that paid events need)
 MAX_EVENT_PATH = 256
@@ -64,7 +66,7 @@ class TokenUsageEvent(TypedDict):
 
 
 class UsageRollup(TypedDict):
-    """usage_rollup v3: one window's totals (a version of them), or a one-event late delta."""
+    """usage_rollup v4: one window's totals (a version of them), or a one-event late delta."""
 
     client_id: str
     department: str
@@ -85,6 +87,7 @@ class UsageRollup(TypedDict):
     applied_offset: int
     delta_id: str | None
     event_ids: str
+    latency_hist: str
 
 
 class SampledRecord(TypedDict):
@@ -211,6 +214,7 @@ class WindowTotals(Protocol):
     max_input_tokens: int
     truncated: int
     applied_offset: int
+    hist: dict[int, int]
 
 
 def usage_rollup(
@@ -248,6 +252,7 @@ def usage_rollup(
         "delta_id": delta_id,
         "applied_offset": w.applied_offset,
         "event_ids": event_ids,
+        "latency_hist": latency_hist.encode(w.hist),
     }
 
 

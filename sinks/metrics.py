@@ -30,6 +30,7 @@ class SinkCollector:
             ("usage_rollup", c.inserted_rollups),
             ("usage_sampled", c.inserted_sampled),
             ("anomalies", c.inserted_anomalies),
+            ("usage_requests", c.inserted_requests),
         ):
             inserted.add_metric([table], n)
         yield inserted
@@ -51,6 +52,11 @@ class SinkCollector:
             c.commits_skipped,
         )
         yield _counter("tokenaudit_sink_undecodable", "Records sent to the dead-letter topic.", c.undecodable)
+        yield _counter(
+            "tokenaudit_sink_ledger_invalid",
+            "Token-usage events with no ledger row: undecodable or breaking the contract (the worker dead-letters them).",
+            c.ledger_invalid,
+        )
         deltas = CounterMetricFamily("tokenaudit_sink_late_deltas", "Late deltas by outcome.", labels=["outcome"])
         for outcome, n in (
             ("merged", c.deltas_merged),

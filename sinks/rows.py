@@ -7,7 +7,7 @@ from __future__ import annotations
 from operator import itemgetter
 from typing import Any
 
-from tokenaudit.schemas import columns
+from tokenaudit.schemas import columns, latency_hist
 from tokenaudit.schemas.event_ids import ids_contain, pack_ids, unpack_ids
 
 ROLLUP_COLUMNS = columns.USAGE_ROLLUP
@@ -29,7 +29,20 @@ Record = dict[str, Any]
 
 
 # itemgetter: one C call per row (the sink builds tens of thousands of rows a second)
-rollup_row = itemgetter(*ROLLUP_COLUMNS)
+_rollup_values = itemgetter(*ROLLUP_COLUMNS)
+_ROLLUP_HIST = ROLLUP_COLUMNS.index("latency_hist")
+
+
+def rollup_row(r: dict[str, Any]) -> list[Any]:
+    """A rollup's row; its latency histogram from the wire text to the Map column's dict."""
+    row = list(_rollup_values(r))
+    row[_ROLLUP_HIST] = _hist(r["latency_hist"])
+    return row
+
+
+def _hist(value: str | dict[int, int] | None) -> dict[int, int]:
+    """A histogram as a dict, from a record's wire text or a stored row's Map."""
+    return dict(value) if isinstance(value, dict) else latency_hist.decode(value)
 
 
 _SAMPLED_TRUNCATED = SAMPLED_COLUMNS.index("truncated")
@@ -47,11 +60,12 @@ anomaly_row = itemgetter(*ANOMALY_COLUMNS)
 def merge_delta(current: Record | None, delta: Record) -> Record:
     """A stored rollup row plus a one-event late delta (its id joins the row's event_ids)."""
     if current is None:
-        merged = {c: delta[c] for c in ROLLUP_COLUMNS}
+        merged = {c: delta.get(c) for c in ROLLUP_COLUMNS}
         merged[columns.ROLLUP_LATE_IDS] = [delta["delta_id"]]
         merged["version"] = delta["requests"]
+        merged["latency_hist"] = _hist(delta.get("latency_hist"))
         return merged
-    merged = {c: current.get(c, delta[c]) for c in ROLLUP_COLUMNS}
+    merged = {c: current.get(c, delta.get(c)) for c in ROLLUP_COLUMNS}
     # the same window: its bounds as the delta has them (int epoch ms, like every other row the
     # sink writes; a stored row reads back as datetimes, and one insert takes one kind)
     merged["window_start"], merged["window_end"] = delta["window_start"], delta["window_end"]
@@ -62,6 +76,7 @@ def merge_delta(current: Record | None, delta: Record) -> Record:
     merged["version"] = max(int(current["version"]), int(current["requests"])) + delta["requests"]
     merged[columns.ROLLUP_LATE_IDS] = list(current.get(columns.ROLLUP_LATE_IDS) or []) + [delta["delta_id"]]
     merged["applied_offset"] = max(int(current.get("applied_offset", -1)), delta["applied_offset"])
+    merged["latency_hist"] = latency_hist.add(_hist(current.get("latency_hist")), _hist(delta.get("latency_hist")))
     if delta.get("event_ids"):
         merged["event_ids"] = pack_ids(unpack_ids(current.get("event_ids")) + unpack_ids(delta["event_ids"]))
     return merged
@@ -92,4 +107,6 @@ def delta_included(current: Record | None, delta: Record) -> bool:
 
 def merged_rollup_row(r: Record) -> list[Any]:
     """A rollup row with the ids of the late deltas it merged."""
-    return [r[c] for c in MERGED_ROLLUP_COLUMNS]
+    row = [r[c] for c in MERGED_ROLLUP_COLUMNS]
+    row[_ROLLUP_HIST] = _hist(r["latency_hist"])
+    return row

@@ -1,4 +1,5 @@
-"""The ClickHouse sink: consume rollups, sampled records and anomalies; batch; insert; commit.
+"""The ClickHouse sink: consume rollups, sampled records, anomalies and (for the ledger) the
+token-usage events themselves; batch; insert; commit.
 
 The flush is a numbered protocol (batch, deduplicate, insert, commit):
 
@@ -42,9 +43,12 @@ from tenacity import (
 
 from tokenaudit.infra.kafka_clients import kafka_config, producer_config
 from tokenaudit.infra.store import Store
-from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, AvroDecodeError
+from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED, AvroDecodeError
 from tokenaudit.schemas.compiled import Decoder, compile_decoder
+from tokenaudit.schemas.event_ids import id_bytes
+from tokenaudit.schemas.validation import event_problem
 from tokenaudit.sinks import rows as R
+from tokenaudit.sinks.ledger import LEDGER_COLUMNS, LedgerRows, ip_policy, ip_secret
 from tokenaudit.sinks.rejected import is_data_error, rejected_row
 
 if TYPE_CHECKING:
@@ -56,6 +60,11 @@ if TYPE_CHECKING:
 RowKey = tuple[Any, ...]
 
 log = logging.getLogger("tokenaudit.sink")
+INF = float("inf")
+
+
+def _as_row(row: list[Any]) -> list[Any]:
+    return row  # ledger rows are built when consumed (sinks/ledger.py)
 
 
 @dataclass
@@ -71,6 +80,8 @@ class SinkCounters:
     inserted_rollups: int = 0
     inserted_sampled: int = 0
     inserted_anomalies: int = 0
+    inserted_requests: int = 0  # ledger rows (usage_requests)
+    ledger_invalid: int = 0  # events the worker dead-letters: no ledger row
     rejected_rows: int = 0
     deltas_merged: int = 0
     deltas_replayed: int = 0
@@ -87,11 +98,12 @@ class Batch:
     sampled: dict[RowKey, R.Record] = field(default_factory=dict)
     anomalies: dict[RowKey, R.Record] = field(default_factory=dict)
     deltas: list[R.Record] = field(default_factory=list)
+    requests: dict[Any, list[Any]] = field(default_factory=dict)  # ledger rows by event_id
     messages: int = 0
     started: float = 0.0
 
     def rows(self) -> int:
-        return len(self.rollups) + len(self.sampled) + len(self.anomalies) + len(self.deltas)
+        return len(self.rollups) + len(self.sampled) + len(self.anomalies) + len(self.deltas) + len(self.requests)
 
 
 class Sink:
@@ -120,11 +132,22 @@ class Sink:
         # row): ~5x less CPU per record than fastavro with datetimes, which matters when the
         # sink shares the worker's host.
         self._decoders: dict[str, Decoder] = {}
-        for name in (ROLLUP, SAMPLED, ANOMALY):
+        for name in (ROLLUP, SAMPLED, ANOMALY, EVENT):
             decoder = compile_decoder(name)
             if decoder is None:
                 raise AssertionError("the output schemas are flat by contract")
             self._decoders[name] = decoder
+        self.ledger: LedgerRows | None = None
+        if settings.ledger:  # the ledger: the token-usage topic too (sinks/ledger.py says why here)
+            self.topics[settings.topic_usage] = EVENT
+            secret = (
+                ip_secret(settings.ledger_client_ip_secret, settings.data_dir)
+                if settings.ledger_client_ip == "hashed"
+                else b""
+            )
+            self.ledger = LedgerRows(ip_policy(settings.ledger_client_ip, secret))
+        self._max_tokens = settings.max_tokens_per_event
+        self._valid_ids: set[tuple[Any, ...]] = set()  # identifier combinations event_problem() passed
         self.consumer = (
             consumer
             if consumer is not None
@@ -199,7 +222,13 @@ class Sink:
                 raise AvroDecodeError("a record without a value (a tombstone)")
             r = self._decoders[name](value)
         except AvroDecodeError as exc:
+            if name == EVENT:  # the worker dead-letters it: once on the DLQ, not twice
+                self.counters.ledger_invalid += 1
+                return
             self._dead(msg, f"sink undecodable: {exc}")
+            return
+        if name == EVENT:
+            self._add_request(r)
             return
         if name == ROLLUP:
             if r.get("delta_id"):
@@ -217,6 +246,36 @@ class Sink:
             if key in keyed:
                 self.counters.batch_duplicates += 1
             keyed[key] = r
+
+    def _add_request(self, ev: R.Record) -> None:
+        """A ledger row, once per event_id within the batch (and by the table across batches)."""
+        ledger = self.ledger
+        if ledger is None:
+            return
+        # event_problem()'s checks, the identifiers' only for a combination not seen valid
+        # before (the per-event path: the full check is most of the sink's time per event)
+        ids = (ev["client_id"], ev["department"], ev["api_key_id"], ev["model"])
+        max_tokens = self._max_tokens
+        if not (
+            ids in self._valid_ids
+            and 0 <= ev["input_tokens"] <= max_tokens
+            and 0 <= ev["output_tokens"] <= max_tokens
+            and 0 <= ev["total_tokens"] <= max_tokens
+            and 100 <= ev["status_code"] <= 599
+            and 0.0 <= ev["latency_ms"] < INF
+            and (ev["event_id"] is None or id_bytes(ev["event_id"]) is not None)
+        ):
+            if event_problem(ev, max_tokens) is not None:
+                self.counters.ledger_invalid += 1
+                return
+            if len(self._valid_ids) >= 100_000:
+                self._valid_ids.clear()
+            self._valid_ids.add(ids)
+        event_id = ledger.event_id(ev)
+        requests = self.batch.requests
+        if event_id in requests:
+            self.counters.batch_duplicates += 1
+        requests[event_id] = ledger.row(ev, event_id)
 
     def _dead(self, msg: Message, reason: str) -> None:
         self.counters.undecodable += 1
@@ -308,10 +367,13 @@ class Sink:
         if b.deltas:
             self._merge_deltas(b.deltas)
             b.deltas = []
+        if b.requests:
+            self.counters.inserted_requests += self._store(
+                "usage_requests", list(b.requests.values()), LEDGER_COLUMNS, _as_row
+            )
+            b.requests = {}
 
-    def _store(
-        self, table: str, records: list[R.Record], columns: Sequence[str], to_row: Callable[[R.Record], Any]
-    ) -> int:
+    def _store(self, table: str, records: Sequence[Any], columns: Sequence[str], to_row: Callable[[Any], Any]) -> int:
         """Insert ``records``; when ClickHouse refuses them as data, split until the refused
         rows are isolated (into rejected_rows) and store the rest. Returns the rows stored.
         Other errors (the store is down) propagate: the caller retries the batch whole."""

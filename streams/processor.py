@@ -37,13 +37,10 @@ Why it is built this way (see docs/exactness.md and docs/architecture.md):
   state; above it, chunks written by a batch whose meta record was lost are discarded at
   restore, so the ids held are exactly those of the events before the offset being decided.
 
-The steps, each in its own module: decode + validate (:mod:`.source`; the contract's codec
-and rule, inlined for the valid case), deduplicate (:mod:`.dedup`), windows (:mod:`.windows`,
-closing and emission here), rules (:mod:`.rules`), sampling (:mod:`.sampler`), outputs
-(:mod:`.outputs`).
-:meth:`Processor.process_records` runs them per event in one loop, in that order: the per-event
-path of tens of thousands of events a second, where a call per step measured as much as the
-step itself, so the loop keeps the steps' fast paths inline and calls out for the rest.
+The steps, each in its own module: decode + validate (:mod:`.source`), deduplicate
+(:mod:`.dedup`), windows (:mod:`.windows`), rules (:mod:`.rules`), sampling (:mod:`.sampler`),
+outputs (:mod:`.outputs`). :meth:`Processor.process_records` runs them per event in one loop:
+a call per step measured as much as the step itself, so their fast paths are inline there.
 """
 
 from __future__ import annotations
@@ -51,12 +48,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from tokenaudit.errors import RegistryError
 from tokenaudit.schemas import AvroDecodeError, records
 from tokenaudit.schemas.event_ids import ID_BYTES, derived_id_bytes
+from tokenaudit.schemas.latency_hist import CELLS_PER_INPUT, LATENCY_BOUNDS_MS
 from tokenaudit.schemas.validation import event_problem
 from tokenaudit.streams import state_keys as keys
 from tokenaudit.streams.dedup import EventIds
@@ -187,6 +186,7 @@ class Processor:
         win = self.windows
         corrections, deferred, indexed = win.corrections, win.deferred, win.indexed
         norms: dict[str, tuple[str, list[Any]]] = {}  # model -> (key, value) for this run
+        bounds, bisect, per_input = LATENCY_BOUNDS_MS, bisect_left, CELLS_PER_INPUT
         meta: list[Any] = []
         batch_ids: dict[str, int] = {}
         chunk: list[int] = []
@@ -371,6 +371,10 @@ class Processor:
                     w.max_input_tokens = inp
                 if ev["truncated"]:
                     w.truncated += 1
+                # the latency histogram's cell (schemas.latency_hist.cell, inline: per event)
+                hcell = (0 if inp <= 16 else (inp - 1).bit_length() - 4) * per_input + bisect(bounds, latency)
+                hist = w.hist
+                hist[hcell] = hist.get(hcell, 0) + 1
                 w.applied_offset = offset
                 dirty[wkey] = p
                 counted += 1
@@ -469,7 +473,9 @@ class Processor:
         """Per-request anomaly rule and the top-fraction sampler. ``fold``: the event is new
         (above the meta record's last offset), so it goes into the sketch; in the replay zone
         the stored sketch already holds what it should."""
-        kept = ev["input_tokens"] > self.input_threshold and self.rules.request(
+        # the guard reads what the client sent, as the rule does (rules.sent_input_tokens)
+        thr = self.input_threshold
+        kept = (ev["input_tokens"] > thr or ev["untruncated_input_tokens"] > thr) and self.rules.request(
             ev, w, ws, offset, lambda: self.state.touch(wkey), out.anomalies
         )
         if kept:

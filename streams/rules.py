@@ -1,6 +1,6 @@
 """The anomaly rules: per window (token spike against the client's baseline, error-rate burst,
-latency per input token against the model's norm, a never-seen client's volume) and per
-request (input tokens over a threshold). Anomalies are built by the contract's one builder
+latency per input token against the model's norm, a never-seen client's volume, truncated
+inputs when switched on) and per request (input tokens the client sent over a threshold). Anomalies are built by the contract's one builder
 (:func:`tokenaudit.schemas.records.anomaly`); their ids are fixed by (rule, window), so a
 replay re-emits the same anomaly, never a new one.
 
@@ -11,8 +11,8 @@ updated once per window, when it closes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from tokenaudit.schemas import records
 from tokenaudit.streams.outputs import Counters
@@ -24,6 +24,14 @@ if TYPE_CHECKING:
     from tokenaudit.settings import Settings
 
 EWMA_ALPHA = 0.1  # after warm-up; before it, 1/(n+1) (the running mean and variance)
+
+
+def sent_input_tokens(ev: Mapping[str, Any]) -> int:
+    """The input tokens the client sent: the untruncated length, or the fed count when a
+    producer left the untruncated one below it (never less than what the model consumed)."""
+    fed: int = ev["input_tokens"]
+    untruncated: int = ev["untruncated_input_tokens"]
+    return untruncated if untruncated > fed else fed
 
 
 class Rules:
@@ -41,6 +49,7 @@ class Rules:
         self.latency_min_requests = settings.anomaly_latency_min_requests
         self.latency_factor = settings.anomaly_latency_factor
         self.new_client_tokens = settings.anomaly_new_client_tokens
+        self.truncated_requests = settings.anomaly_truncated_requests
 
     def anomaly(
         self,
@@ -158,6 +167,20 @@ class Rules:
                     api_key_id=akey,
                 )
             )
+        if self.truncated_requests and w.truncated >= self.truncated_requests:
+            anomalies.append(
+                self.anomaly(
+                    "truncated_inputs",
+                    client,
+                    dept,
+                    model,
+                    ws,
+                    w.truncated,
+                    self.truncated_requests,
+                    f"{w.truncated} of {w.requests} requests were truncated to the model's input limit",
+                    api_key_id=akey,
+                )
+            )
         if closing and c is not None and ws > c[C_LAST]:
             if c[C_N] == 0:
                 c[C_MEAN], c[C_VAR] = float(tokens), 0.0
@@ -180,12 +203,19 @@ class Rules:
         anomalies: list[records.Anomaly],
     ) -> bool:
         """The input-token rule on one request: fires once per window (at the first offset
-        over the threshold, so a replay fires it again for that event only). True if it fired."""
-        if ev["input_tokens"] > self.input_threshold and (w is None or w.fired_at in (-1, offset)):
+        over the threshold, so a replay fires it again for that event only). True if it fired.
+
+        It reads what the client sent (:func:`sent_input_tokens`), not what the model was fed:
+        inputs are truncated to ``max_input_tokens`` (512 by default), so a rule on the fed count
+        could never reach a threshold above it."""
+        sent = sent_input_tokens(ev)
+        if sent > self.input_threshold and (w is None or w.fired_at in (-1, offset)):
             if w is not None and w.fired_at == -1:
                 w.fired_at = offset
                 touch()
-            obs, thr = ev["input_tokens"], self.input_threshold
+            obs, thr = sent, self.input_threshold
+            fed = ev["input_tokens"]
+            cut = f", truncated to {fed} for the model" if fed < sent else ""
             anomalies.append(
                 self.anomaly(
                     "input_tokens",
@@ -195,7 +225,7 @@ class Rules:
                     ws,
                     obs,
                     thr,
-                    f"request {ev['request_id']} sent {obs} input tokens (threshold {thr})",
+                    f"request {ev['request_id']} sent {obs} input tokens (threshold {thr}){cut}",
                     request_id=ev["request_id"],
                     ts=ev["ts"],
                     api_key_id=ev["api_key_id"] or "",

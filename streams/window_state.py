@@ -5,8 +5,9 @@ Why a class with ``__slots__`` (and not the 17-slot list indexed by constants it
 the names say what each number is, and attribute access on slots costs what list indexing
 cost (measured on bench_stream_throughput.py, see the README). The changelog keeps the list:
 :meth:`Window.as_list` writes exactly the JSON list the previous release wrote (byte for byte:
-tests/test_window_state.py), and :meth:`Window.from_list` reads it back, including the
-shorter lists of older releases (13 slots before the latency norm, 16 before ``first_offset``).
+tests/test_window_state.py; since issue 15 with the latency histogram appended as an 18th slot),
+and :meth:`Window.from_list` reads it back, including the shorter lists of older releases (13
+slots before the latency norm, 16 before ``first_offset``, 17 before the histogram).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenaudit.schemas.records import TokenUsageEvent
+
+from tokenaudit.schemas import latency_hist
 
 
 class Window:
@@ -35,6 +38,7 @@ class Window:
         "errors",
         "fired_at",
         "first_offset",
+        "hist",
         "input_tokens",
         "latency_ms_max",
         "latency_ms_sum",
@@ -58,6 +62,7 @@ class Window:
         self.norm_input: int | None = 0
         self.norm_count: int | None = 0
         self.first_offset = first_offset
+        self.hist: dict[int, int] = {}  # latency histogram cell -> requests (schemas/latency_hist.py)
 
     @classmethod
     def one_event(cls, department: str, ev: TokenUsageEvent, offset: int) -> Window:
@@ -68,6 +73,7 @@ class Window:
         w.latency_ms_sum = w.latency_ms_max = ev["latency_ms"]
         w.max_input_tokens, w.truncated = ev["input_tokens"], int(bool(ev["truncated"]))
         w.applied_offset = offset
+        w.hist = {latency_hist.cell(ev["input_tokens"], ev["latency_ms"]): 1}
         return w
 
     @property
@@ -97,6 +103,7 @@ class Window:
                 self.norm_input,
                 self.norm_count,
                 self.first_offset,
+                [x for item in self.hist.items() for x in item],  # flat: cell, count, cell, count...
             ]
         out = [
             self.department,
@@ -137,6 +144,10 @@ class Window:
         ) = value[:13]
         w.norm_latency, w.norm_input, w.norm_count = value[13:16] if len(value) >= 16 else (None, None, None)
         w.first_offset = value[16] if len(value) > 16 else None
+        # before the histogram (0.2.0 and older): none, so the window's rollup is not covered
+        # (its histogram counts fewer requests than the window) and never guessed
+        flat = value[17] if len(value) > 17 else ()
+        w.hist = dict(zip(flat[::2], flat[1::2]))
         return w
 
     def __eq__(self, other: object) -> bool:

@@ -97,6 +97,18 @@ def send(base: str, keys: dict[str, str], n: int, expected: dict, offset: int) -
         list(pool.map(one, range(offset, offset + n)))
 
 
+def long_document(chars: int = 10_000, seed: int = 15) -> str:
+    """A document far longer than the model's input limit (512 tokens): words of random letters,
+    as in the issue's report (10,000 characters, about 4,600 T5 tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    words: list[str] = []
+    while sum(len(w) + 1 for w in words) < chars:
+        words.append("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))))
+    return " ".join(words)[:chars]
+
+
 def usage_json() -> dict[str, dict]:
     rows = json.loads(cli("usage", "--since", "1h", "--by", "client", "--format", "json").stdout)
     return {r["client_id"]: r for r in rows}
@@ -127,6 +139,19 @@ def test_http_to_usage_exact_across_worker_kill(pipeline_env):
         if client:
             expected[client]["requests"] += 1
     send(base, keys, 30, expected, 0)
+    # The seed's alert on default settings: a 10,000-character document is truncated to 512
+    # tokens for the model, and the input_tokens rule (threshold 2048) reads what was sent.
+    long = httpx.post(
+        f"{base}/v1/generate",
+        json={"prompt": long_document(), "max_new_tokens": 2},
+        headers={"Authorization": f"Bearer {keys['globex']}", "X-Request-ID": "long-document-1"},
+        timeout=120,
+    )
+    assert long.status_code == 200, long.text
+    assert long.json()["usage"]["input_tokens"] == 512
+    expected["globex"]["requests"] += 1
+    expected["globex"]["input_tokens"] += 512
+    expected["globex"]["output_tokens"] += long.json()["usage"]["output_tokens"]
 
     worker_pid = int((s.run_dir / "worker.pid").read_text())
     os.kill(worker_pid, signal.SIGKILL)
@@ -159,6 +184,35 @@ def test_http_to_usage_exact_across_worker_kill(pipeline_env):
             e["output_tokens"],
         ), client
         assert row["total_tokens"] == e["input_tokens"] + e["output_tokens"]
+    assert got["globex"]["truncated"] == 1
+    deadline = time.monotonic() + 60  # anomalies travel on their own topic: wait for the row
+    while not (
+        fired := [
+            a
+            for a in json.loads(cli("anomalies", "--since", "1h", "--format", "json").stdout)
+            if a["rule"] == "input_tokens"
+        ]
+    ):
+        assert time.monotonic() < deadline, "the input_tokens anomaly never reached ClickHouse"
+        time.sleep(0.5)
+    found = fired
+    assert [(a["client_id"], a["request_id"], a["threshold"]) for a in fired] == [
+        ("globex", "long-document-1", 2048.0)
+    ], found
+    assert fired[0]["observed"] > 4000, fired  # the untruncated length, not the 512 fed
+    # the ledger: every request findable (verify above already counted its events per hour)
+    (ledger_row,) = json.loads(cli("request", "long-document-1", "--format", "json").stdout)
+    assert (ledger_row["client_id"], ledger_row["input_tokens"], ledger_row["truncated"]) == ("globex", 512, True)
+    assert ledger_row["untruncated_input_tokens"] == fired[0]["observed"]
+    for client, e in expected.items():
+        listed = json.loads(cli("requests", "--since", "1h", "--client", client, "--format", "json").stdout)
+        assert len(listed) == e["requests"], client
+    # latency percentiles over every request, from the rollups' histograms
+    latency = [  # (the refused probe with an unknown key is a request too, of no client of ours)
+        r for r in json.loads(cli("latency", "--since", "1h", "--format", "json").stdout) if r["client_id"] in expected
+    ]
+    assert sum(r["requests"] for r in latency) == sum(e["requests"] for e in expected.values())
+    assert all(r["input_tokens"] != "not covered" and r["p50_latency_ms"] <= r["p99_latency_ms"] for r in latency)
 
 
 def _an_event_is_confluent_with_cloudevents(s) -> None:

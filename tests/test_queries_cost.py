@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import hashlib
+from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
@@ -55,8 +56,8 @@ def test_cost_report_reconciles_to_the_cent(month_store):
     )
     exact = sum(
         (
-            Decimal(r["i"]) * prices.models[r["model"]].input_per_1k
-            + Decimal(r["o"]) * prices.models[r["model"]].output_per_1k
+            Decimal(r["i"]) * prices.models[r["model"]][0].input_per_1k
+            + Decimal(r["o"]) * prices.models[r["model"]][0].output_per_1k
         )
         / 1000
         for r in per_model
@@ -83,7 +84,7 @@ def test_cost_report_reconciles_to_the_cent(month_store):
             "WHERE toYYYYMM(window_start) = 202603 AND client_id = {c:String} GROUP BY model",
             {"c": line["client_id"]},
         )
-        line_exact = sum(prices.models[r["model"]].cost(r["i"], r["o"]) for r in rows)
+        line_exact = sum(prices.models[r["model"]][0].cost(r["i"], r["o"]) for r in rows)
         assert abs(Decimal(line["cost"]) - line_exact) < Decimal("0.01")
 
 
@@ -94,11 +95,70 @@ def test_cost_report_scoped_to_a_client(month_store):
     assert {r["client_id"] for r in report if r["level"] == "client"} == {"beta-app"}
 
 
-def test_report_with_a_model_missing_from_the_price_table(month_store):
+def test_tokens_of_a_model_without_a_price_are_listed_not_costed_and_not_failing(month_store):
     prices = PriceTable.parse('[models."t5-tiny"]\ninput_per_1k = 0.1\noutput_per_1k = 0.2\n', "prices.toml")
     rows = month_tokens(month_store, parse_report_params("report", {"month": "2026-03"}))
-    with pytest.raises(PriceTableError, match=r"prices.toml has no price for model\(s\) \['gpt2-tiny'\]"):
-        cost_report(rows, prices)
+    report = cost_report(rows, prices)
+    gpt2 = [r for r in rows if r["model"] == "gpt2-tiny"]
+    t5 = [r for r in rows if r["model"] == "t5-tiny"]
+    unpriced = [r for r in report if r["level"] == "unpriced"]
+    assert {r["model"] for r in unpriced} == {"gpt2-tiny"} and all(r["cost"] == "" for r in unpriced)
+    assert sum(r["total_tokens"] for r in unpriced) == sum(r["total_tokens"] for r in gpt2)
+    total = report[-1]
+    assert total["total_tokens"] == sum(r["total_tokens"] for r in t5)  # the priced tokens only
+    exact = sum((prices.models["t5-tiny"][0].cost(r["input_tokens"], r["output_tokens"]) for r in t5), Decimal(0))
+    assert Decimal(total["cost"]) == exact.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    gap = sum(r["total_tokens"] for r in gpt2)
+    assert f"excludes {gap} unpriced tokens (gpt2-tiny)" in total["note"]
+    assert f"prices sha256 {prices.sha256}" in total["note"]
+
+
+DATED = """
+currency = "USD"
+[models."gpt2-tiny"]
+input_per_1k = 0.001
+output_per_1k = 0.002
+[[models."t5-tiny"]]
+input_per_1k = 0.0004
+output_per_1k = 0.0016
+effective_to = 2026-03-15
+[[models."t5-tiny"]]
+input_per_1k = "0.0100"
+output_per_1k = "0.0300"
+effective_from = 2026-03-15
+"""
+
+
+def test_each_window_is_priced_with_the_entry_in_force(month_store):
+    prices = PriceTable.parse(DATED)
+    report = cost_report(month_tokens(month_store, parse_report_params("report", {"month": "2026-03"})), prices)
+    # independent: per model and day straight from usage_rollup (windows on the 1st and the 31st)
+    per_day = month_store.query(
+        "SELECT model, toDate(window_start) AS d, sum(input_tokens) AS i, sum(output_tokens) AS o "
+        "FROM {db}.usage_rollup FINAL WHERE toYYYYMM(window_start) = 202603 GROUP BY model, d"
+    )
+    assert {r["d"] for r in per_day} == {date(2026, 3, 1), date(2026, 3, 31)}
+    rates = {"early": (Decimal("0.0004"), Decimal("0.0016")), "late": (Decimal("0.0100"), Decimal("0.0300"))}
+    exact = Decimal(0)
+    for r in per_day:
+        if r["model"] == "gpt2-tiny":
+            rate = (Decimal("0.001"), Decimal("0.002"))
+        else:
+            rate = rates["early" if r["d"] < date(2026, 3, 15) else "late"]
+        exact += (r["i"] * rate[0] + r["o"] * rate[1]) / 1000
+    assert Decimal(report[-1]["cost"]) == exact.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    assert not [r for r in report if r["level"] == "unpriced"]
+    # an entry that ends before the month's last windows leaves those tokens unpriced
+    ended = PriceTable.parse(
+        DATED.replace("effective_from = 2026-03-15\n", "effective_from = 2026-03-15\neffective_to = 2026-03-20\n")
+    )
+    late = [
+        r
+        for r in cost_report(month_tokens(month_store, parse_report_params("report", {"month": "2026-03"})), ended)
+        if r["level"] == "unpriced"
+    ]
+    late_tokens = sum(r["i"] + r["o"] for r in per_day if r["model"] == "t5-tiny" and r["d"] == date(2026, 3, 31))
+    assert {r["model"] for r in late} == {"t5-tiny"} and sum(r["total_tokens"] for r in late) == late_tokens
 
 
 @pytest.mark.parametrize(
@@ -117,6 +177,22 @@ def test_report_with_a_model_missing_from_the_price_table(month_store):
         ('[models."m"]\ninput_per_1k = true\noutput_per_1k = 1\n', r"input_per_1k: expected a number"),
         ('[models."m"]\ninput_per_1k = nan\noutput_per_1k = 1\n', r"non-negative finite"),
         ("currency = 'USD'\n", r"no \[models"),
+        (
+            (
+                '[[models."m"]]\ninput_per_1k = 1\noutput_per_1k = 1\neffective_to = 2026-03-16\n'
+                '[[models."m"]]\ninput_per_1k = 2\noutput_per_1k = 2\neffective_from = 2026-03-15\n'
+            ),
+            r"entries overlap",
+        ),
+        (
+            '[models."m"]\ninput_per_1k = 1\noutput_per_1k = 1\neffective_from = 2026-03-15T12:00:00Z\n',
+            r"start of a UTC day",
+        ),
+        ('[models."m"]\ninput_per_1k = 1\noutput_per_1k = 1\neffective_from = "soon"\n', r"expected a date"),
+        (
+            '[models."m"]\ninput_per_1k = 1\noutput_per_1k = 1\neffective_from = 2026-03-15\neffective_to = 2026-03-01\n',
+            r"must be after effective_from",
+        ),
         ("[models\n", r"not valid TOML"),
     ],
 )
@@ -131,8 +207,9 @@ def test_price_table_file_errors(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text(PRICES)
     table = PriceTable.load(path)
-    assert table.models["gpt2-tiny"].input_per_1k == Decimal("0.00033")
-    assert table.models["t5-tiny"].cost(1000, 1000) == Decimal("0.0020")
+    assert table.models["gpt2-tiny"][0].input_per_1k == Decimal("0.00033")
+    assert table.models["t5-tiny"][0].cost(1000, 1000) == Decimal("0.0020")
+    assert table.sha256 == hashlib.sha256(PRICES.encode()).hexdigest()
 
 
 def test_cent_allocation_sums_exactly():

@@ -70,9 +70,11 @@ def test_builders_make_records_the_codecs_round_trip():
     class Totals:
         requests, errors, input_tokens, output_tokens, total_tokens = 3, 1, 30, 9, 39
         latency_ms_sum, latency_ms_max, max_input_tokens, truncated, applied_offset = 30.5, 12.0, 20, 1, 77
+        hist: typing.ClassVar[dict[int, int]] = {113: 2, 12: 1}  # two requests of 17-32 tokens, one of 1-16
 
     rollup = rec.usage_rollup("acme", "eng", "k_1", "t5", 1_750_000_000_000, 1_750_000_060_000, Totals())
     assert rollup["version"] == rollup["requests"] == 3 and rollup["delta_id"] is None
+    assert rollup["latency_hist"] == "12:1,113:2"  # cells in order: one window, one text
     assert decode(encode(ROLLUP, rollup), ROLLUP) == rollup
 
     critical = rec.anomaly(

@@ -70,6 +70,10 @@ class Table:
             for k, v in self.rows.items()
         }
 
+    def hists(self) -> dict:
+        """Each window's latency histogram as the sink stores it (the merged deltas' added in)."""
+        return {k: R.rollup_row(v)[R.ROLLUP_COLUMNS.index("latency_hist")] for k, v in self.rows.items()}
+
 
 def partitioned(events):
     """(partition, offset, key, value) in per-partition order, interleaved like a consumer sees them."""
@@ -121,6 +125,7 @@ def test_rollups_exact_with_out_of_order_late_and_very_late_events():
     assert proc.counters.late > 0
     truth = synth.ground_truth(events, 2000)
     assert table.totals() == truth
+    assert table.hists() == synth.ground_truth_hists(events, 2000)  # late deltas merged in
     # A second worker group replays the topic into the same table with a different
     # retirement history (it retires windows and drops ids as soon as possible): still exact,
     # and every event it sends again is recognised by the sink.
@@ -234,6 +239,7 @@ def test_crash_at_random_points_replays_exactly(seed):
     drain_idle(proc, table)
     assert replayed + proc.counters.replayed > 0  # replays happened and were absorbed
     assert table.totals() == synth.ground_truth(events, 2000)
+    assert table.hists() == synth.ground_truth_hists(events, 2000)
     # the copies dropped, as persisted in the meta records, are exactly the crash-free count
     assert proc.duplicates() == reference.duplicates()
 
@@ -326,6 +332,17 @@ def test_each_anomaly_rule_fires_on_its_planted_case_and_replay_dedups():
     late_w = T0 + 20 * 1000
     planted = [
         synth.event("huge-1", late_w + 5, "client-1", "model-b", input_tokens=2100, output_tokens=0),
+        # a document the model saw truncated to 512 tokens: the rule reads what was sent
+        synth.event(
+            "long-1",
+            late_w + 6,
+            "client-5",
+            "model-b",
+            input_tokens=512,
+            untruncated_input_tokens=4636,
+            truncated=True,
+            output_tokens=3,
+        ),
         *[
             synth.event(f"spike-{i}", late_w + 10 + i, "client-2", "model-a", input_tokens=400, output_tokens=100)
             for i in range(12)
@@ -345,18 +362,40 @@ def test_each_anomaly_rule_fires_on_its_planted_case_and_replay_dedups():
     fired = {(a["rule"], a["client_id"]) for a in anomalies.values()}
     assert fired == {
         ("input_tokens", "client-1"),
+        ("input_tokens", "client-5"),
         ("token_spike", "client-2"),
         ("error_rate", "client-3"),
         ("latency_per_token", "client-4"),
         ("new_client_volume", "stranger"),
     }, (fired, n)
-    huge = next(a for a in anomalies.values() if a["rule"] == "input_tokens")
-    assert huge["request_id"] == "huge-1" and huge["observed"] == 2100 and huge["message"]
+    by_request = {a["request_id"]: a for a in anomalies.values() if a["rule"] == "input_tokens"}
+    huge, long_doc = by_request["huge-1"], by_request["long-1"]
+    assert huge["observed"] == 2100 and huge["message"]
+    assert long_doc["observed"] == 4636 and "truncated to 512" in long_doc["message"]
     assert table.sampled[("client-1", "huge-1")]["sample_reason"] == "anomaly:input_tokens"
+    assert table.sampled[("client-5", "long-1")]["sample_reason"] == "anomaly:input_tokens"
+    # truncation is counted per window whether or not its rule is on
+    assert sum(r["truncated"] for k, r in table.rows.items() if k[0] == "client-5") == 1
     # A second run over the same topic (fresh state: a replay) yields the same ids, so the
     # ReplacingMergeTree keeps one row per anomaly.
     again, _ = _rules(events)
     assert set(again) == set(anomalies)
+
+
+def test_truncated_inputs_rule_fires_only_when_switched_on():
+    events = _normal_stream(3, windows=8, clients=5)
+    w = T0 + 4 * 1000
+    cut = [
+        synth.event(f"cut-{i}", w + 10 + i, "client-1", "model-a", input_tokens=512, truncated=True) for i in range(3)
+    ]
+    events = sorted(events + cut, key=lambda e: e["ts"])
+    off, _ = _rules(events)
+    assert [a for a in off.values() if a["rule"] == "truncated_inputs"] == []
+    proc, table = _proc_rules(anomaly_truncated_requests=3), Table()
+    run(proc, table, partitioned(events), batch=200)
+    drain_idle(proc, table)
+    fired = [a for a in table.anomalies.values() if a["rule"] == "truncated_inputs"]
+    assert [(a["client_id"], a["observed"], a["window_start"]) for a in fired] == [("client-1", 3, w)]
 
 
 def test_dead_letters_for_poison_and_invalid_events():
@@ -448,6 +487,7 @@ def test_a_client_changing_department_mid_window_is_charged_to_each():
     got = {(k[1], k[2]): v[0:3] for k, v in table.totals().items()}
     assert got == {("sales", ""): (2, 0, 50), ("research", ""): (1, 0, 20), ("sales", "k9"): (1, 0, 30)}
     assert table.totals() == synth.ground_truth(events, 2000)
+    assert table.hists() == synth.ground_truth_hists(events, 2000)
 
 
 def test_old_writer_versions_get_derived_ids_so_their_copies_count_once():

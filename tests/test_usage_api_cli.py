@@ -90,7 +90,8 @@ def test_usage_json_over_http_matches_the_store(served, monkeypatch):
     assert code == 0 and "share_pct" in out and len(out.strip().splitlines()) == 5  # + the settled-up-to line
     assert out.strip().splitlines()[-1].startswith("settled up to ")
     code, out = _cli("latency", "--since", "1h", "--format", "json")
-    assert code == 0 and json.loads(out)[0]["input_tokens"] == "1-16"
+    # the seeded rollups carry no latency histogram (as written before schema v4): not covered
+    assert code == 0 and {r["input_tokens"] for r in json.loads(out)} == {"not covered"}
     code, out = _cli("anomalies", "--since", "24h", "--format", "json")
     assert code == 0 and [a["anomaly_id"] for a in json.loads(out)] == ["a1", "a2"]
 
@@ -108,8 +109,11 @@ def test_report_and_errors_over_http(served, tmp_path):
     code, out = _cli("report", "--month", now.strftime("%Y-%m"))
     assert code == 1 and "no price table" in out
     prices.write_text('[models."t5-tiny"]\ninput_per_1k = 0.1\noutput_per_1k = 0.1\n')
-    code, out = _cli("report", "--month", now.strftime("%Y-%m"), "--prices", str(prices))
-    assert code == 1 and "no price for model(s) ['gpt2-tiny']" in out
+    code, out = _cli("report", "--month", now.strftime("%Y-%m"), "--prices", str(prices), "--format", "json")
+    assert code == 0, out  # a model without a price is listed, not a failed report
+    unpriced = [r for r in json.loads(out) if r["level"] == "unpriced"]
+    assert {r["model"] for r in unpriced} == {"gpt2-tiny"} and all(r["cost"] == "" for r in unpriced)
+    assert "unpriced tokens (gpt2-tiny)" in json.loads(out)[-1]["note"]
     code, out = _cli("usage", "--since", "last tuesday")
     assert code == 1 and "since: expected a duration" in out
     code, out = _cli("anomalies", "--webhook", "http://127.0.0.1:1/x")

@@ -3,6 +3,8 @@ scoping, errors, and injection attempts in every parameter (400, nothing execute
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 from starlette.testclient import TestClient
 
@@ -132,19 +134,26 @@ def test_injection_attempts_in_every_parameter_are_400(api, report):
         "department": "sales",
         "model": "t5-tiny",
         "bucket": "hour",
+        "ip": "10.0.0.5",
+        "status": "200",
+        "id": "req-1",
     }
     for name in sorted(REPORT_PARAMS[report]):
         for attempt in INJECTIONS:
             params = {p: valid[p] for p in REPORT_PARAMS[report] if p not in ("client", "department", "model")}
             params[name] = attempt
-            r = _get(client, f"/v1/{report}", keys["admin"], **params)
+            path = f"/v1/{report}"
+            if report == "request":  # GET /v1/requests/{id}: the id is in the path
+                path = f"/v1/requests/{quote(params.pop('id'), safe='')}"
+            r = _get(client, path, keys["admin"], **params)
             assert r.status_code == 400, (report, name, attempt, r.text)
             err = r.json()["error"]
             assert name in err["message"] and err["param"] == name, err
             assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_parameter")
     # smuggled extra parameters and repeated ones are refused too
-    assert _get(client, f"/v1/{report}", keys["admin"], format="1; SELECT 1").status_code == 400
-    r = client.get(f"/v1/{report}?since=1h&since=2h", headers={"Authorization": f"Bearer {keys['admin']}"})
+    path = "/v1/requests/req-1" if report == "request" else f"/v1/{report}"
+    assert _get(client, path, keys["admin"], format="1; SELECT 1").status_code == 400
+    r = client.get(f"{path}?since=1h&since=2h", headers={"Authorization": f"Bearer {keys['admin']}"})
     assert r.status_code == 400
     assert _fingerprint(store) == before
 

@@ -135,7 +135,12 @@ def records_block() -> str:
 def tables_block() -> str:
     from tokenaudit.schemas import columns
 
-    keys = {"usage_rollup": columns.ROLLUP_KEY, "usage_sampled": columns.SAMPLED_KEY, "anomalies": columns.ANOMALY_KEY}
+    keys = {
+        "usage_rollup": columns.ROLLUP_KEY,
+        "usage_sampled": columns.SAMPLED_KEY,
+        "anomalies": columns.ANOMALY_KEY,
+        "usage_requests": columns.REQUESTS_KEY,
+    }
     extra = {"usage_rollup": f" (and `{columns.ROLLUP_LATE_IDS}`, written with rows that merged late deltas)"}
     rows = ["| table | key (one row per) | columns the sink writes, in its order |", "| --- | --- | --- |"]
     for table, cols in columns.TABLES.items():
@@ -196,6 +201,10 @@ def routes_block() -> str:
         params = ", ".join(f"`{p}`" for p in sorted(REPORT_PARAMS.get(name, route_params.get(r.path, ()))))
         if name == "admin/verify":
             params = "`since_ms`, `until_ms` (admin keys only)"
+        elif name == "admin/erase":
+            params = "`client` (admin keys only)"
+        elif name == "requests/{id:path}":
+            params = "`{id}`: a request_id or event_id (404 when none in the key's scope)"
         path = f"{r.path}/{{file}}" if r.path in DASHBOARD_OPEN - {"/"} else r.path  # the mounted assets
         key = "no" if r.path == "/healthz" or r.path in DASHBOARD_OPEN else "yes"
         rows.append(f"| {_methods(r)} | `{path}` | {key} | {params} |")

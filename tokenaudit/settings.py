@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -130,6 +130,23 @@ class Settings(BaseSettings):
     ttl_rollup_days: int = Field(730, ge=0, description="usage_rollup retention in days (0 keeps forever).")
     ttl_sampled_days: int = Field(30, ge=0, description="usage_sampled retention in days (0 keeps forever).")
     ttl_anomalies_days: int = Field(365, ge=0, description="anomalies retention in days (0 keeps forever).")
+    ttl_requests_days: int = Field(
+        90, ge=0, description="usage_requests (the ledger of every request) retention in days (0 keeps forever)."
+    )
+    ledger: bool = Field(
+        True,
+        description="Write the ledger (usage_requests: one row per request, from the token-usage topic); "
+        "off keeps rollups and sampled records only.",
+    )
+    ledger_client_ip: Literal["full", "truncated", "hashed"] = Field(
+        "full",
+        description="Client IP in the ledger: full, truncated (IPv4 /24, IPv6 /48) or hashed (keyed HMAC-SHA256).",
+    )
+    ledger_client_ip_secret: str = Field(
+        "",
+        description="HMAC key for hashed ledger IPs; default: generated once in data_dir (sinks on several hosts "
+        "must share one).",
+    )
     dedup_retention_days: int = Field(
         7,
         ge=0,
@@ -223,7 +240,18 @@ class Settings(BaseSettings):
     )
     worker_id: str = Field("tokenaudit-worker", min_length=1, description="faust app id / consumer group.")
     worker_web_port: int = Field(6066, ge=1, le=65535, description="faust worker web port (metrics).")
-    anomaly_input_tokens: int = Field(2048, ge=1, description="Per-request input_tokens threshold.")
+    anomaly_input_tokens: int = Field(
+        2048,
+        ge=1,
+        description="Per-request threshold on the input tokens the client sent (untruncated: the rule sees a "
+        "document longer than max_input_tokens at its full length).",
+    )
+    anomaly_truncated_requests: int = Field(
+        0,
+        ge=0,
+        description="Flag a window with at least this many truncated requests (rule truncated_inputs; 0 = off). "
+        "Truncation is always counted per window (`truncated` in rollups and usage reports).",
+    )
     anomaly_spike_k: float = Field(4.0, ge=3.0, description="Spike band in robust sigmas above baseline (>= 3).")
     anomaly_spike_min_history: int = Field(5, ge=2, description="Windows of history before spike detection starts.")
     anomaly_spike_floor_tokens: int = Field(5000, ge=0, description="Absolute floor: no spike below this many tokens.")

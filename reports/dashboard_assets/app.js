@@ -242,7 +242,7 @@
   }
 
   async function latencyInputPanel(range, f) {
-    const body = await api("/v1/latency", { since: range.sinceIso, until: range.untilIso, ...f });
+    const body = await api("/v1/latency", { since: range.sinceIso, until: range.untilIso, bucket: "input", ...f });
     chart("chart-latency-input", {
       type: "bar",
       data: { labels: body.rows.map((r) => r.input_tokens),

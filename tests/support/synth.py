@@ -50,6 +50,7 @@ def event(
     department: str = "eng",
     truncated: bool = False,
     api_key_id: str | None = None,
+    untruncated_input_tokens: int | None = None,
 ) -> dict:
     """A synthetic request's event, made by the one event builder (schemas.records) from what
     the inference app's audit context would hold for it."""
@@ -66,7 +67,11 @@ def event(
         client_ip="127.0.0.1",
         model=model,
         input_tokens=input_tokens,
-        untruncated_input_tokens=input_tokens + (50 if truncated else 0),
+        untruncated_input_tokens=(
+            untruncated_input_tokens
+            if untruncated_input_tokens is not None
+            else input_tokens + (50 if truncated else 0)
+        ),
         truncated=truncated,
         output_tokens=output_tokens,
         queue_ms=1.0,
@@ -161,6 +166,25 @@ def ground_truth(events: Iterable[dict], window_ms: int) -> dict[tuple[str, str,
         a[7] = max(a[7], e["input_tokens"])
         a[8] += e["truncated"]
     return {k: (v[0], v[1], v[2], v[3], v[4], round(v[5], 3), v[6], v[7], v[8]) for k, v in acc.items()}
+
+
+def ground_truth_hists(events: Iterable[dict], window_ms: int) -> dict[tuple[str, str, str, str, int], dict]:
+    """Exact latency histograms per window of the distinct events (schemas/latency_hist.py)."""
+    from tokenaudit.schemas.latency_hist import cell
+
+    acc: dict = defaultdict(dict)
+    seen: set[str] = set()
+    for e in events:
+        event_id = e.get("event_id")
+        if event_id is not None:
+            if event_id in seen:
+                continue
+            seen.add(event_id)
+        ws = e["ts"] - e["ts"] % window_ms
+        h = acc[(e["client_id"], e["department"], e.get("api_key_id") or "", e["model"], ws)]
+        c = cell(e["input_tokens"], e["latency_ms"])
+        h[c] = h.get(c, 0) + 1
+    return dict(acc)
 
 
 def encoded(events: Iterable[dict]) -> list[tuple[bytes, bytes]]:

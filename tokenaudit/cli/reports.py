@@ -1,4 +1,5 @@
-"""CLI commands over the fixed reports: ``usage``, ``top``, ``report``, ``latency``, ``anomalies``.
+"""CLI commands over the fixed reports: ``usage``, ``top``, ``report``, ``latency``, ``anomalies``,
+the ledger's ``requests`` and ``request ID``, and ``erase --client C``.
 
 Options become the raw string parameters of :mod:`tokenaudit.reports.params`, and
 :func:`tokenaudit.reports.usage_client.open_reports` decides whether they go to ClickHouse
@@ -13,6 +14,7 @@ import click
 
 from tokenaudit.cli.common import FORMAT_OPTION as FORMAT
 from tokenaudit.cli.common import settings
+from tokenaudit.reports.params import GROUPINGS
 
 SINCE = click.option(
     "--since", default="24h", show_default=True, help="Start: a duration back from now (15m, 24h, 7d) or an ISO time."
@@ -54,7 +56,7 @@ def _say_settled(fmt: str) -> None:
 @UNTIL
 @click.option(
     "--by",
-    type=click.Choice(["client", "department", "model", "hour", "day"]),
+    type=click.Choice(GROUPINGS),
     default="client",
     show_default=True,
     help="Group by.",
@@ -62,7 +64,7 @@ def _say_settled(fmt: str) -> None:
 @CLIENT
 @FORMAT
 def usage(since: str, until: str | None, by: str, client: str | None, fmt: str) -> None:
-    """Tokens, requests and errors per client, department, model, hour or day."""
+    """Tokens, requests and errors per client, department, model, minute, hour or day."""
     _print(_fetch("usage", {"since": since, "until": until, "by": by, "client": client}), fmt)
     _say_settled(fmt)
 
@@ -111,7 +113,7 @@ def report(month: str, prices_path: str | None, client: str | None, fmt: str) ->
 @CLIENT
 @FORMAT
 def latency(since: str, until: str | None, client: str | None, fmt: str) -> None:
-    """Latency p50/p95 by input-token bucket (sampled requests): where long inputs start to hurt."""
+    """Latency p50/p95/p99 per client, model and input-token bucket over all requests (rollup histograms)."""
     _print(_fetch("latency", {"since": since, "until": until, "client": client}), fmt)
 
 
@@ -206,7 +208,52 @@ def _follow(since, limit, client, webhook, group, from_beginning, max_messages, 
             forwarder.close()
 
 
-COMMANDS = (usage, top, report, latency, anomalies)
+@click.command()
+@SINCE
+@UNTIL
+@CLIENT
+@click.option("--ip", default=None, help="Only calls from this client IP (as the ledger stores it).")
+@click.option("--status", type=int, default=None, help="Only this HTTP status.")
+@click.option("--model", default=None, help="Only this model.")
+@click.option("--limit", type=int, default=100, show_default=True, help="The latest N requests (shown oldest first).")
+@FORMAT
+def requests(
+    since: str,
+    until: str | None,
+    client: str | None,
+    ip: str | None,
+    status: int | None,
+    model: str | None,
+    limit: int,
+    fmt: str,
+) -> None:
+    """Every request from the ledger (usage_requests): who, when, from where, what, how much, how long."""
+    params = {"since": since, "until": until, "client": client, "ip": ip, "status": status, "model": model}
+    _print(_fetch("requests", {**params, "limit": limit}), fmt)
+
+
+@click.command()
+@click.argument("request_id")
+@FORMAT
+def request(request_id: str, fmt: str) -> None:
+    """One request from the ledger by its request_id or event_id (every call with that id)."""
+    rows = _fetch("request", {"id": request_id})
+    if not rows:
+        raise click.ClickException(f"no request {request_id} in the ledger (within its retention and your key's scope)")
+    _print(rows, fmt)
+
+
+@click.command()
+@click.option("--client", required=True, help="The client_id whose per-request data goes.")
+@FORMAT
+def erase(client: str, fmt: str) -> None:
+    """Erase a client's ledger rows and sampled records (the right to erasure); rollups and anomalies stay."""
+    from tokenaudit.reports.erase import erase as run_erase
+
+    _print(run_erase(settings(), client), fmt)
+
+
+COMMANDS = (usage, top, report, latency, anomalies, requests, request, erase)
 
 
 def register(main: click.Group) -> None:
