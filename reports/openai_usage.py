@@ -11,8 +11,8 @@ page, with OpenAI's defaults and maxima; ``page`` is the opaque ``next_page`` cu
 
 Extension fields OpenAI lacks, which its clients ignore: ``num_errors``, ``num_truncated``,
 ``latency_ms_avg`` and ``latency_ms_max`` (exact, from the rollups) and ``latency_ms_p50`` and
-``latency_ms_p95``, null until the rollups carry latency histograms (a mean and a max cannot
-make a percentile). Parsing is strict like the other reports: an unknown parameter, a bad
+``latency_ms_p95`` from the rollups' latency histograms (the upper bound of the histogram bucket
+holding each; null for a bucket with rows written before rollup schema v4). Parsing is strict like the other reports: an unknown parameter, a bad
 value or a ``bucket_width`` finer than the stream's window is a 400 before any SQL runs.
 """
 
@@ -34,7 +34,8 @@ from starlette.responses import JSONResponse, Response
 from tokenaudit.errors import QueryParamError
 from tokenaudit.infra.store import Store
 from tokenaudit.reports.params import LATEST, parse_client
-from tokenaudit.reports.queries import usage_buckets
+from tokenaudit.reports.queries import latency_percentiles, usage_buckets
+from tokenaudit.schemas import latency_hist
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,20 @@ def parse_bucket_query(items: list[tuple[str, str]], window_seconds: int, now: f
     return BucketQuery(start, end, width, limit, first, tuple(group_by), filters)
 
 
+def _latency_quantiles(row: dict[str, Any]) -> dict[str, float | None]:
+    """p50/p95 from the bucket's merged histogram (the upper bound of the histogram bucket that
+    holds each); null when some of its requests have none (rollups written before v4)."""
+    counts: dict[int, int] = {}
+    for cell, n in (row.get("latency_hist") or {}).items():
+        if n:
+            lb = int(cell) % latency_hist.CELLS_PER_INPUT
+            counts[lb] = counts.get(lb, 0) + int(n)
+    if row.get("latency_uncovered") or not counts:
+        return {"latency_ms_p50": None, "latency_ms_p95": None}
+    q = latency_percentiles(counts)
+    return {"latency_ms_p50": q["p50_latency_ms"], "latency_ms_p95": q["p95_latency_ms"]}
+
+
 def _result(row: dict[str, Any], group_by: tuple[str, ...]) -> dict[str, Any]:
     requests = int(row["requests"])
     result: dict[str, Any] = {
@@ -178,8 +193,7 @@ def _result(row: dict[str, Any], group_by: tuple[str, ...]) -> dict[str, Any]:
         "num_truncated": int(row["truncated"]),
         "latency_ms_avg": round(float(row["latency_ms_sum"]) / requests, 2) if requests else None,
         "latency_ms_max": float(row["latency_ms_max"]),
-        "latency_ms_p50": None,
-        "latency_ms_p95": None,
+        **_latency_quantiles(row),
     }
     for field in group_by:
         result[field] = row[GROUP_FIELDS[field]]

@@ -151,7 +151,7 @@ _TIME_BUCKET = {
 }
 
 
-def _percentiles(counts: dict[int, int]) -> dict[str, float | None]:
+def latency_percentiles(counts: dict[int, int]) -> dict[str, float | None]:
     """p50/p95/p99 of a latency histogram (latency bucket -> count): each the upper bound of the
     bucket that holds it; None past 60 s or for an empty histogram."""
     out: dict[str, float | None] = {}
@@ -176,12 +176,12 @@ def _latency_by_input(store: Store, where: str, bound: dict[str, Any]) -> list[d
             ib, lb = divmod(int(cell), latency_hist.CELLS_PER_INPUT)
             by_input.setdefault(ib, {})[lb] = by_input.get(ib, {}).get(lb, 0) + int(n)
     out: list[dict[str, Any]] = [
-        {"input_tokens": latency_hist.input_range(ib), "requests": sum(c.values()), **_percentiles(c)}
+        {"input_tokens": latency_hist.input_range(ib), "requests": sum(c.values()), **latency_percentiles(c)}
         for ib, c in sorted(by_input.items())
     ]
     uncovered = int(rows[0]["uncovered"]) if rows else 0
     if uncovered:
-        out.append({"input_tokens": "not covered", "requests": uncovered, **_percentiles({})})
+        out.append({"input_tokens": "not covered", "requests": uncovered, **latency_percentiles({})})
     return out
 
 
@@ -209,7 +209,7 @@ def _latency_over_time(store: Store, where: str, bound: dict[str, Any], truncate
                 "time": r["time"],
                 "requests": int(r["requests"]),
                 "not_covered": int(r["uncovered"]),
-                **_percentiles(counts),
+                **latency_percentiles(counts),
             }
         )
     return jsonable(out)
@@ -327,7 +327,10 @@ def usage_buckets(
         + "".join(f"{c}, " for c in cols)
         + "sum(requests) AS requests, sum(errors) AS errors, sum(truncated) AS truncated, "
         "sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
-        "sum(latency_ms_sum) AS latency_ms_sum, max(latency_ms_max) AS latency_ms_max "
+        "sum(latency_ms_sum) AS latency_ms_sum, max(latency_ms_max) AS latency_ms_max, "
+        # the bucket's latency histogram, and the requests of rows without a full one (pre-v4)
+        "sumMapIf(latency_hist, arraySum(mapValues(latency_hist)) = requests) AS latency_hist, "
+        "sumIf(requests, arraySum(mapValues(latency_hist)) != requests) AS latency_uncovered "
         f"FROM {{db}}.usage_rollup FINAL WHERE {where} GROUP BY {keys} "
         f"ORDER BY {keys} {_FINAL_SETTINGS}",
         bound,

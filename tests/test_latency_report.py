@@ -135,3 +135,60 @@ def test_histogram_bounds_buckets_and_wire_form():
     for q in (0.5, 0.95, 0.99, 1.0):
         lower, upper = latency_hist.latency_range(latency_hist.quantile_bucket(counts, q))
         assert lower < values[min(int(q * 101), 100)] <= upper
+
+
+def _within_a_bucket(value: float, upper: float) -> bool:
+    """The exact ``value`` lies in the bucket whose upper bound is ``upper``, or a neighbour."""
+    bucket = latency_hist.LATENCY_BOUNDS_MS.index(upper)
+    lower = latency_hist.latency_range(max(bucket - 1, 0))[0]
+    higher = latency_hist.latency_range(min(bucket + 1, latency_hist.LATENCY_BUCKETS - 1))[1]
+    return lower < value <= higher
+
+
+def test_merged_views_by_input_over_time_and_in_the_openai_shape_match_the_ledger(store):
+    """The dashboard's two latency panels (bucket=input: every client and model merged per input
+    bucket; bucket=minute: per minute) and the OpenAI-shaped endpoint's p50/p95 come from the
+    same histograms, merged: each within a bucket of the ledger's exact quantiles."""
+    from tokenaudit.reports.openai_usage import fetch_page, parse_bucket_query
+
+    events = _events()
+    proc, table = Processor(settings(), MemoryState()), Table()
+    run(proc, table, partitioned(sorted(events, key=lambda e: e["ts"])), batch=400)
+    drain_idle(proc, table)
+    store.insert("usage_rollup", [R.rollup_row(r) for r in table.rows.values()], R.ROLLUP_COLUMNS)
+    ledger = LedgerRows(str)
+    store.insert("usage_requests", [ledger.row(e, e["event_id"]) for e in events], LEDGER_COLUMNS)
+
+    by_input = run_raw(store, "latency", {**_since_until(), "bucket": "input"})
+    exact = store.query(
+        "SELECT if(input_tokens <= 16, 0, toUInt32(ceil(log2(input_tokens))) - 4) AS ib, count() AS n, "
+        "quantilesExact(0.5, 0.95)(latency_ms) AS q FROM {db}.usage_requests FINAL GROUP BY ib ORDER BY ib"
+    )
+    assert [(r["input_tokens"], r["requests"]) for r in by_input] == [
+        (latency_hist.input_range(int(e["ib"])), e["n"]) for e in exact
+    ]
+    for line, e in zip(by_input, exact, strict=True):
+        assert _within_a_bucket(e["q"][0], line["p50_latency_ms"]) and _within_a_bucket(
+            e["q"][1], line["p95_latency_ms"]
+        )
+
+    per_minute = run_raw(store, "latency", {**_since_until(), "bucket": "minute"})
+    exact_minutes = store.query(
+        "SELECT toStartOfMinute(ts) AS t, count() AS n, quantilesExact(0.5)(latency_ms) AS q "
+        "FROM {db}.usage_requests FINAL GROUP BY t ORDER BY t"
+    )
+    assert sum(r["requests"] for r in per_minute) == len(events) and all(r["not_covered"] == 0 for r in per_minute)
+    assert len(per_minute) == len(exact_minutes)
+    for line, e in zip(per_minute, exact_minutes, strict=True):
+        assert line["requests"] == e["n"] and _within_a_bucket(e["q"][0], line["p50_latency_ms"])
+
+    start = T0 // 1000 // 86_400 * 86_400
+    query = parse_bucket_query(
+        [("start_time", str(start)), ("end_time", str(start + 2 * 86_400)), ("bucket_width", "1d")], window_seconds=2
+    )
+    results = [res for bucket in fetch_page(store, query, None)["data"] for res in bucket["results"]]
+    whole = store.query("SELECT quantilesExact(0.5, 0.95)(latency_ms) AS q FROM {db}.usage_requests FINAL")[0]["q"]
+    assert sum(r["num_model_requests"] for r in results) == len(events)
+    if len(results) == 1:  # the events fall in one UTC day (they span 15 minutes)
+        assert _within_a_bucket(whole[0], results[0]["latency_ms_p50"])
+        assert _within_a_bucket(whole[1], results[0]["latency_ms_p95"])
