@@ -277,8 +277,8 @@ def cost_report(token_rows: list[dict[str, Any]], prices: PriceTable) -> list[di
 def priced_answer(token_rows: list[dict[str, Any]], price_table: Path | None) -> dict[str, Any]:
     """The ``cost`` part of the usage API's ``/v1/report`` answer: the cost report with the price
     table the API is configured with (read at each call, so an edited table applies at once),
-    or why there is none (no table configured, a table that does not parse, a model without a
-    price: never a cost of 0 for unpriced tokens)."""
+    or why there is none (no table configured, a table that does not parse). Tokens of a model
+    without a price in force are ``unpriced`` lines of the report, never a cost of 0."""
     if price_table is None:
         return {"cost": None, "cost_error": "no price table configured (TOKENAUDIT_PRICE_TABLE)"}
     try:

@@ -264,8 +264,11 @@ def test_report_route_returns_the_priced_report(api, tmp_path):
     assert {r["client_id"] for r in own if r["level"] == "client"} == {"gamma-bot"}
     prices.write_text(PRICES.split('[models."gpt2-tiny"]')[0])  # read at each call: gpt2-tiny now unpriced
     unpriced = _get(http, "/v1/report", keys["admin"], month=month).json()
-    assert unpriced["cost"] is None and "gpt2-tiny" in unpriced["cost_error"]
-    assert unpriced["rows"] == body["rows"]  # the tokens are still there
+    assert unpriced["cost_error"] is None and unpriced["rows"] == body["rows"]  # the tokens are still there
+    gaps = [r for r in unpriced["cost"]["rows"] if r["level"] == "unpriced"]  # listed, never costed 0
+    assert gaps and {r["model"] for r in gaps} == {"gpt2-tiny"} and all(r["cost"] == "" for r in gaps)
+    assert "unpriced tokens (gpt2-tiny)" in unpriced["cost"]["rows"][-1]["note"]
+    assert Decimal(unpriced["cost"]["rows"][-1]["cost"]) < Decimal(total["cost"])
 
 
 def test_dashboard_report_filters(api):
@@ -278,7 +281,14 @@ def test_dashboard_report_filters(api):
     minutes = _get(http, "/v1/usage", keys["admin"], since="2h", by="minute").json()["rows"]
     assert len(minutes) == 30 and sum(m["total_tokens"] for m in minutes) == sum(r[9] for r in rows)
     series = _get(http, "/v1/latency", keys["admin"], since="2h", bucket="minute").json()["rows"]
-    assert series and set(series[0]) == {"time", "requests", "p50_latency_ms", "p95_latency_ms"}
+    assert series and set(series[0]) == {
+        "time",
+        "requests",
+        "not_covered",
+        "p50_latency_ms",
+        "p95_latency_ms",
+        "p99_latency_ms",
+    }
     samples = _get(http, "/v1/samples", keys["acme-web"], since="2h", limit=5).json()["rows"]
     assert len(samples) == 5 and {s["client_id"] for s in samples} == {"acme-web"}
     assert "prompt_digest" not in samples[0]
