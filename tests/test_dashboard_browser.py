@@ -166,7 +166,21 @@ def test_admin_sees_every_panel_with_the_api_numbers(dashboard):
     assert d.execute_script("return window.sessionStorage.getItem('tokenaudit.key')") == dashboard.keys["admin"]
     assert d.execute_script("return window.localStorage.length + document.cookie.length") == 0
     assert not [e for e in d.get_log("browser") if "Content Security Policy" in e["message"]]
-    assert d.execute_script("return document.getElementById('panel-requests').dataset.state") == "absent"  # no ledger
+    # the ledger's route answers: the request search is shown, and an unknown id says so
+    wait_for(
+        lambda: d.execute_script("return document.getElementById('panel-requests').dataset.state") == "ready",
+        30,
+        "the request search shown",
+    )
+    from selenium.webdriver.common.by import By
+
+    d.find_element(By.ID, "request-id").send_keys("no-such-request")
+    d.find_element(By.CSS_SELECTOR, "#request-form button").click()
+    wait_for(
+        lambda: "no request" in d.execute_script("return document.querySelector('#panel-requests .error').textContent"),
+        30,
+        "the search's not-found answer",
+    )
     screenshot(d, "dashboard-admin")
 
 
