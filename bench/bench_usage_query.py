@@ -22,36 +22,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support: the suite's helpers
+
+from tests.support.usage_seed import ROLLUP_COLUMNS
 from tokenaudit.infra.store import Store
 from tokenaudit.reports.params import parse_report_params
 from tokenaudit.reports.queries import usage
-from tokenaudit.schemas import columns
 
 PAIRS = 10_000  # 2,000 clients x 5 models
-COLUMNS = ", ".join(
-    columns.subset(
-        columns.USAGE_ROLLUP,
-        "client_id",
-        "department",
-        "model",
-        "window_start",
-        "window_end",
-        "requests",
-        "errors",
-        "input_tokens",
-        "output_tokens",
-        "total_tokens",
-        "latency_ms_sum",
-        "latency_ms_max",
-        "max_input_tokens",
-        "truncated",
-        "version",
-    )
-)
+COLUMNS = ", ".join(ROLLUP_COLUMNS)  # the query tests' seed columns
 
 
 def generate(store: Store, first: int, count: int, start_ms: int, version: int = 1) -> None:

@@ -157,17 +157,7 @@ class KafkaBroker:
             "kafka.Kafka",
             str(self.properties),
         ]
-        with open(self.log_dir / "stdout.log", "ab") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=self.config.home,
-            )
-        self.pid_file.write_text(str(proc.pid))
-        return proc
+        return procutil.spawn_detached(cmd, self.log_dir / "stdout.log", self.pid_file, self.config.home)
 
     def abort(self, proc: subprocess.Popen) -> None:
         """Stop a node that did not become ready and raise with the tail of its log."""
@@ -183,13 +173,7 @@ class KafkaBroker:
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Graceful stop (SIGTERM, controlled shutdown). Returns False if it was not running."""
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-        procutil.terminate(pid, timeout=timeout)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return procutil.stop_recorded(self.pid_file, timeout)
 
     def status(self) -> str:
         pid = self.pid()

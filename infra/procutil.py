@@ -6,6 +6,7 @@ import errno
 import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -47,6 +48,27 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def spawn_detached(cmd: list[str], log_file: Path, pid_file: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """A background service (the broker, the registry): its own session (a terminal's Ctrl-C or
+    our exit does not stop it), output appended to ``log_file``, its pid recorded in ``pid_file``."""
+    with open(log_file, "ab") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd
+        )
+    pid_file.write_text(str(proc.pid))
+    return proc
+
+
+def stop_recorded(pid_file: Path, timeout: float = 30.0) -> bool:
+    """Graceful stop of the service whose pid ``pid_file`` records (see :func:`terminate`), and
+    the record removed. False if it was not running."""
+    pid = read_pid(pid_file)
+    if pid is not None:
+        terminate(pid, timeout=timeout)
+    pid_file.unlink(missing_ok=True)
+    return pid is not None
 
 
 def terminate(pid: int, timeout: float = 30.0) -> bool:

@@ -125,11 +125,7 @@ class LocalRegistry:
             "-jar",
             str(app / "quarkus-run.jar"),
         ]
-        with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=app
-            )
-        self.pid_file.write_text(str(proc.pid))
+        proc = procutil.spawn_detached(cmd, self.log_file, self.pid_file, app)
         if not self._wait_ready(proc):
             procutil.terminate(proc.pid, timeout=5)
             self.pid_file.unlink(missing_ok=True)
@@ -151,13 +147,7 @@ class LocalRegistry:
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Graceful stop (SIGTERM: H2 closes its file). False if it was not running."""
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-        procutil.terminate(pid, timeout=timeout)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return procutil.stop_recorded(self.pid_file, timeout)
 
     def status(self) -> str:
         pid = self.pid()
