@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
-from tokenaudit.errors import RegistryError
+from tokenaudit.errors import RegistryConflict, RegistryError
 from tokenaudit.infra.topics import declared_topics
 from tokenaudit.schemas.codec import SchemaCatalog, catalog
 
@@ -66,7 +66,8 @@ class RegistryClient:
         except httpx.HTTPError as exc:
             raise RegistryError(f"schema registry {self.url} unreachable: {exc}") from None
         if response.status_code not in ok:
-            raise RegistryError(f"schema registry {method} {path}: HTTP {response.status_code} {response.text[:300]}")
+            error = RegistryConflict if response.status_code == 409 else RegistryError
+            raise error(f"schema registry {method} {path}: HTTP {response.status_code} {response.text[:300]}")
         return response.json() if response.content else None
 
     def register(self, subject_name: str, schema: dict[str, Any]) -> int:
@@ -79,7 +80,15 @@ class RegistryClient:
         return (found or {}).get("compatibilityLevel") or (found or {}).get("compatibility")
 
     def set_compatibility(self, subject_name: str, level: str) -> None:
-        self._call("PUT", f"/config/{quote(subject_name)}", {"compatibility": level})
+        """Set the subject's level. Processes that start together race to create the rule and
+        Apicurio answers the later ones 409 (the rule exists): the level set stands when it is
+        one we accept, and is set over otherwise (the PUT then updates the existing rule)."""
+        path = f"/config/{quote(subject_name)}"
+        try:
+            self._call("PUT", path, {"compatibility": level})
+        except RegistryConflict:
+            if self.compatibility(subject_name) not in ACCEPTED_LEVELS:
+                self._call("PUT", path, {"compatibility": level})
 
     def check(self, subject_name: str, schema: dict[str, Any]) -> list[str]:
         """Why ``schema`` is not compatible with what the subject holds ([] when it is)."""

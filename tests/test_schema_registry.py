@@ -179,3 +179,33 @@ def test_ids_survive_a_registry_restart(registry_settings, schema_registry):
     registry_side.bind(s, fresh)
     assert fresh.decode(data)["request_id"] == "before"
     assert decode(data)["request_id"] == "before"
+
+
+def test_processes_starting_together_set_a_subject_level_without_failing(schema_registry_url):
+    """Several processes binding at once race to create a subject's compatibility rule (the
+    3-broker test's apps did, and the registry answered the later ones 409): each start goes
+    on, and the subject ends with the level asked for."""
+    import threading
+
+    subject = f"race-{uuid.uuid4().hex[:8]}-value"
+    start, errors = threading.Barrier(6), []
+
+    def set_level() -> None:
+        client = registry_side.RegistryClient(schema_registry_url)
+        try:
+            start.wait()
+            client.set_compatibility(subject, registry_side.DEFAULT_LEVEL)
+        except Exception as exc:  # collected: the assertion below names it
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=set_level) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    checker = registry_side.RegistryClient(schema_registry_url)
+    assert checker.compatibility(subject) == registry_side.DEFAULT_LEVEL
+    checker.close()

@@ -141,5 +141,9 @@ class RegistryError(TokenauditError, RuntimeError):
     """The schema registry could not be installed, started, reached, or refused a schema."""
 
 
+class RegistryConflict(RegistryError):
+    """The registry answered 409: what we create exists already (another process made it)."""
+
+
 class SchemaIncompatible(RegistryError):
     """A shipped ``.avsc`` version is not compatible with what the registry holds for its subject."""
