@@ -38,31 +38,38 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
+#: (limit, remaining, reset) header names per dimension, encoded once
+REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+
+
 class Bucket:
     """``level`` units left of ``limit``, refilled at ``limit`` per minute."""
 
-    __slots__ = ("at", "level", "limit")
+    __slots__ = ("at", "level", "limit", "limit_text")
 
     def __init__(self, limit: int, now: float):
-        self.limit, self.level, self.at = limit, float(limit), now
+        self.limit, self.level, self.at, self.limit_text = limit, float(limit), now, b"%d" % limit
 
     def refill(self, limit: int, now: float) -> None:
         if limit != self.limit:  # `keys update`: a raised limit adds the difference, a lowered one caps
             self.level = min(self.level + max(0, limit - self.limit), float(limit))
-            self.limit = limit
-        self.level = min(float(self.limit), self.level + (now - self.at) * self.limit / WINDOW_S)
+            self.limit, self.limit_text = limit, b"%d" % limit
+        # plain comparisons instead of min(): this runs on every request of a limited key
+        level = self.level + (now - self.at) * self.limit / WINDOW_S
+        self.level = level if level < self.limit else float(self.limit)
         self.at = now
 
     def seconds_until(self, amount: float) -> float:
         """How long until ``amount`` units are free (0 when they are now)."""
         return max(0.0, (amount - self.level) * WINDOW_S / self.limit)
 
-    def headers(self, what: str) -> list[tuple[bytes, bytes]]:
-        return [
-            (b"x-ratelimit-limit-" + what.encode(), str(self.limit).encode()),
-            (b"x-ratelimit-remaining-" + what.encode(), str(max(0, math.floor(self.level))).encode()),
-            (b"x-ratelimit-reset-" + what.encode(), duration(self.seconds_until(self.limit)).encode()),
-        ]
+    def headers(self, names: tuple[bytes, bytes, bytes]) -> list[tuple[bytes, bytes]]:
+        level = self.level
+        if level >= self.limit:
+            return [(names[0], self.limit_text), (names[1], self.limit_text), (names[2], b"0ms")]
+        reset = duration((self.limit - level) * WINDOW_S / self.limit).encode()
+        return [(names[0], self.limit_text), (names[1], b"%d" % (level if level > 0 else 0)), (names[2], reset)]
 
 
 def duration(seconds: float) -> str:
@@ -83,34 +90,44 @@ class RateLimiter:
         self.tokens: dict[str, Bucket] = {}
 
     def buckets(self, key: ApiKey) -> tuple[Bucket | None, Bucket | None]:
-        """The key's (requests, tokens) buckets, refilled to now; None for an unlimited dimension."""
-        now = self.clock()
-        return _bucket(self.requests, key.key_id, key.rpm, now), _bucket(self.tokens, key.key_id, key.tpm, now)
-
-
-def _bucket(table: dict[str, Bucket], key_id: str, limit: int | None, now: float) -> Bucket | None:
-    if limit is None:
-        return None
-    bucket = table.get(key_id)
-    if bucket is None:
-        bucket = table[key_id] = Bucket(limit, now)
-    else:
-        bucket.refill(limit, now)
-    return bucket
+        """The key's (requests, tokens) buckets, as last refilled; None for an unlimited dimension."""
+        requests = tokens = None
+        if key.rpm is not None:
+            requests = self.requests.get(key.key_id) or self.requests.setdefault(
+                key.key_id, Bucket(key.rpm, self.clock())
+            )
+        if key.tpm is not None:
+            tokens = self.tokens.get(key.key_id) or self.tokens.setdefault(key.key_id, Bucket(key.tpm, self.clock()))
+        return requests, tokens
 
 
 class Meter:
-    """One request of a limited key: its reservation, settled when the request ends."""
+    """One request of a limited key: its buckets and its reservation, settled when it ends."""
 
-    __slots__ = ("key", "limiter", "reserved")
+    __slots__ = ("key", "limiter", "requests", "reserved", "tokens")
 
     def __init__(self, limiter: RateLimiter, key: ApiKey):
         self.limiter, self.key, self.reserved = limiter, key, -1
+        self.requests, self.tokens = limiter.buckets(key)
+
+    def _refill(self) -> None:
+        now = self.limiter.clock()
+        if self.requests is not None:
+            self.requests.refill(self.key.rpm or self.requests.limit, now)
+        if self.tokens is not None:
+            self.tokens.refill(self.key.tpm or self.tokens.limit, now)
 
     def reserve(self, tokens: int) -> None:
         """Take one request and ``tokens`` from the key's buckets, or raise the 429 (nothing taken)."""
-        requests, budget = self.limiter.buckets(self.key)
-        wait = max(requests.seconds_until(1) if requests else 0.0, budget.seconds_until(tokens) if budget else 0.0)
+        self._refill()
+        requests, budget = self.requests, self.tokens
+        if (requests is None or requests.level >= 1) and (budget is None or budget.level >= tokens):
+            if requests is not None:  # the common case first: room for it
+                requests.level -= 1
+            if budget is not None:
+                budget.level -= tokens
+            self.reserved = tokens
+            return
         if budget is not None and tokens > budget.limit:
             raise ApiError(
                 429,
@@ -120,34 +137,33 @@ class Meter:
                 None,
                 {"Retry-After": str(int(WINDOW_S))},
             )
-        if wait > 0:
-            what = "requests" if requests is not None and requests.level < 1 else "tokens"
-            raise ApiError(
-                429,
-                "rate_limit_exceeded",
-                f"rate limit of the key {self.key.key_id} reached ({what} per minute, this instance); "
-                f"retry in {wait:.2f}s",
-                None,
-                {"Retry-After": str(max(1, math.ceil(wait)))},
-            )
-        if requests is not None:
-            requests.level -= 1
-        if budget is not None:
-            budget.level -= tokens
-        self.reserved = tokens
+        # out of requests or of tokens for now: wait is > 0 (what fits was taken above)
+        wait = max(requests.seconds_until(1) if requests else 0.0, budget.seconds_until(tokens) if budget else 0.0)
+        what = "requests" if requests is not None and requests.level < 1 else "tokens"
+        raise ApiError(
+            429,
+            "rate_limit_exceeded",
+            f"rate limit of the key {self.key.key_id} reached ({what} per minute, this instance); retry in {wait:.2f}s",
+            None,
+            {"Retry-After": str(max(1, math.ceil(wait)))},
+        )
 
     def settle(self, used: int) -> None:
         """Refund what the request reserved but did not use (or take what it used beyond it)."""
         if self.reserved < 0:
             return
-        budget = self.limiter.tokens.get(self.key.key_id) if self.key.tpm is not None else None
-        if budget is not None:
-            budget.level = min(float(budget.limit), budget.level + self.reserved - used)
+        if self.tokens is not None:
+            self.tokens.level = min(float(self.tokens.limit), self.tokens.level + self.reserved - used)
         self.reserved = -1
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        requests, budget = self.limiter.buckets(self.key)
-        return [*(requests.headers("requests") if requests else ()), *(budget.headers("tokens") if budget else ())]
+        """The key's limits, what is left and when it is full again, as of the last refill: the
+        reservation's, or now for a request that reserved nothing (one clock read and one
+        refill per request keeps the check cheap; a stale figure only understates)."""
+        if self.reserved < 0:
+            self._refill()
+        out = self.requests.headers(REQUEST_HEADERS) if self.requests is not None else []
+        return out + self.tokens.headers(TOKEN_HEADERS) if self.tokens is not None else out
 
 
 def reserve(scope: Scope, tokens: int) -> None:
@@ -172,8 +188,8 @@ class RateLimitMiddleware:
         meter = scope[SCOPE_KEY] = Meter(self.limiter, key)
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *meter.headers()]}
+            if message["type"] == "http.response.start":  # a fresh dict per send: extended in place
+                message["headers"] = [*message.get("headers", ()), *meter.headers()]
             await send(message)
 
         try:
