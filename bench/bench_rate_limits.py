@@ -3,7 +3,8 @@ buckets, reserve one request and the worst case in tokens, add the six headers t
 settle when it ends) around a minimal ASGI route, side by side in one run with the same route
 behind the layer for a key without limits (limits off) and with no layer at all.
 
-Prints RESULT lines; the target is < 5 us per request for the checks (limits on minus none).
+Prints RESULT lines (medians of interleaved rounds, and the best round); the target is < 5 us
+per request for the checks (limits on minus no layer).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def main() -> None:
         print(f"RESULT rate_limit_{name}_us_per_request={value:.3f}")
     checks = median["on"] - median["none"]
     print(f"RESULT rate_limit_checks_us_per_request={checks:.3f}")
+    # the fastest round of each: the cost itself, less what the shared box's load adds
+    print(f"RESULT rate_limit_checks_us_per_request_best={min(results['on']) - min(results['none']):.3f}")
     print(f"RESULT rate_limit_off_overhead_us_per_request={median['off'] - median['none']:.3f}")
     print(f"RESULT rate_limit_on_vs_off_ratio={median['on'] / median['off']:.3f}")
     print(f"RESULT rate_limit_checks_vs_target_ratio={checks / TARGET_US:.3f}")

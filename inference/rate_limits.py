@@ -46,30 +46,31 @@ TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b
 class Bucket:
     """``level`` units left of ``limit``, refilled at ``limit`` per minute."""
 
-    __slots__ = ("at", "level", "limit", "limit_text")
+    __slots__ = ("level", "limit", "limit_text")
 
-    def __init__(self, limit: int, now: float):
-        self.limit, self.level, self.at, self.limit_text = limit, float(limit), now, b"%d" % limit
+    def __init__(self, limit: int):
+        self.limit, self.level, self.limit_text = limit, float(limit), b"%d" % limit
 
-    def refill(self, limit: int, now: float) -> None:
+    def refill(self, limit: int, elapsed: float) -> None:
         if limit != self.limit:  # `keys update`: a raised limit adds the difference, a lowered one caps
             self.level = min(self.level + max(0, limit - self.limit), float(limit))
             self.limit, self.limit_text = limit, b"%d" % limit
         # plain comparisons instead of min(): this runs on every request of a limited key
-        level = self.level + (now - self.at) * self.limit / WINDOW_S
-        self.level = level if level < self.limit else float(self.limit)
-        self.at = now
+        level = self.level + elapsed * limit / WINDOW_S
+        self.level = level if level < limit else float(limit)
 
     def seconds_until(self, amount: float) -> float:
         """How long until ``amount`` units are free (0 when they are now)."""
         return max(0.0, (amount - self.level) * WINDOW_S / self.limit)
 
-    def headers(self, names: tuple[bytes, bytes, bytes]) -> list[tuple[bytes, bytes]]:
-        level = self.level
-        if level >= self.limit:
-            return [(names[0], self.limit_text), (names[1], self.limit_text), (names[2], b"0ms")]
-        reset = duration((self.limit - level) * WINDOW_S / self.limit).encode()
-        return [(names[0], self.limit_text), (names[1], b"%d" % (level if level > 0 else 0)), (names[2], reset)]
+    def headers(self, names: tuple[bytes, bytes, bytes]) -> tuple[tuple[bytes, bytes], ...]:
+        level, limit = self.level, self.limit
+        if level >= limit:
+            return (names[0], self.limit_text), (names[1], self.limit_text), (names[2], b"0ms")
+        full_in = (limit - level) * WINDOW_S / limit
+        # bytes formatting, no str round trip: this is on every response of a limited key
+        reset = b"%dms" % (full_in * 1000 + 0.5) if full_in < 1 else duration(full_in).encode()
+        return (names[0], self.limit_text), (names[1], b"%d" % (level if level > 0 else 0)), (names[2], reset)
 
 
 def duration(seconds: float) -> str:
@@ -81,46 +82,62 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes else text
 
 
+class KeyBuckets:
+    """One key's buckets (None for an unlimited dimension), refilled together on one clock read."""
+
+    __slots__ = ("at", "requests", "tokens")
+
+    def __init__(self, now: float):
+        self.at, self.requests, self.tokens = now, None, None
+
+    def refill(self, key: ApiKey, now: float) -> None:
+        """Bring both buckets to ``now`` and to the key's current limits (a limit added since
+        starts full; a removed one is dropped)."""
+        elapsed, self.at = now - self.at, now
+        rpm, tpm = key.rpm, key.tpm
+        if rpm is None:
+            self.requests = None
+        elif self.requests is None:
+            self.requests = Bucket(rpm)
+        else:
+            self.requests.refill(rpm, elapsed)
+        if tpm is None:
+            self.tokens = None
+        elif self.tokens is None:
+            self.tokens = Bucket(tpm)
+        else:
+            self.tokens.refill(tpm, elapsed)
+
+
 class RateLimiter:
     """The buckets of every limited key this instance has seen (keyed by key_id)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
-        self.requests: dict[str, Bucket] = {}
-        self.tokens: dict[str, Bucket] = {}
+        self.keys: dict[str, KeyBuckets] = {}
 
-    def buckets(self, key: ApiKey) -> tuple[Bucket | None, Bucket | None]:
-        """The key's (requests, tokens) buckets, as last refilled; None for an unlimited dimension."""
-        requests = tokens = None
-        if key.rpm is not None:
-            requests = self.requests.get(key.key_id) or self.requests.setdefault(
-                key.key_id, Bucket(key.rpm, self.clock())
-            )
-        if key.tpm is not None:
-            tokens = self.tokens.get(key.key_id) or self.tokens.setdefault(key.key_id, Bucket(key.tpm, self.clock()))
-        return requests, tokens
+    def of(self, key: ApiKey) -> KeyBuckets:
+        found = self.keys.get(key.key_id)
+        if found is None:
+            found = self.keys[key.key_id] = KeyBuckets(self.clock())
+        return found
 
 
 class Meter:
     """One request of a limited key: its buckets and its reservation, settled when it ends."""
 
-    __slots__ = ("key", "limiter", "requests", "reserved", "tokens")
+    __slots__ = ("buckets", "clock", "key", "refilled", "reserved")
 
     def __init__(self, limiter: RateLimiter, key: ApiKey):
-        self.limiter, self.key, self.reserved = limiter, key, -1
-        self.requests, self.tokens = limiter.buckets(key)
-
-    def _refill(self) -> None:
-        now = self.limiter.clock()
-        if self.requests is not None:
-            self.requests.refill(self.key.rpm or self.requests.limit, now)
-        if self.tokens is not None:
-            self.tokens.refill(self.key.tpm or self.tokens.limit, now)
+        self.buckets, self.clock, self.key = limiter.of(key), limiter.clock, key
+        self.reserved, self.refilled = -1, False
 
     def reserve(self, tokens: int) -> None:
         """Take one request and ``tokens`` from the key's buckets, or raise the 429 (nothing taken)."""
-        self._refill()
-        requests, budget = self.requests, self.tokens
+        buckets = self.buckets
+        buckets.refill(self.key, self.clock())
+        self.refilled = True
+        requests, budget = buckets.requests, buckets.tokens
         if (requests is None or requests.level >= 1) and (budget is None or budget.level >= tokens):
             if requests is not None:  # the common case first: room for it
                 requests.level -= 1
@@ -152,18 +169,25 @@ class Meter:
         """Refund what the request reserved but did not use (or take what it used beyond it)."""
         if self.reserved < 0:
             return
-        if self.tokens is not None:
-            self.tokens.level = min(float(self.tokens.limit), self.tokens.level + self.reserved - used)
+        budget = self.buckets.tokens
+        if budget is not None:
+            level = budget.level + self.reserved - used
+            budget.level = level if level < budget.limit else float(budget.limit)
         self.reserved = -1
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """The key's limits, what is left and when it is full again, as of the last refill: the
         reservation's, or now for a request that reserved nothing (one clock read and one
         refill per request keeps the check cheap; a stale figure only understates)."""
-        if self.reserved < 0:
-            self._refill()
-        out = self.requests.headers(REQUEST_HEADERS) if self.requests is not None else []
-        return out + self.tokens.headers(TOKEN_HEADERS) if self.tokens is not None else out
+        buckets = self.buckets
+        if not self.refilled:
+            buckets.refill(self.key, self.clock())
+        requests, tokens = buckets.requests, buckets.tokens
+        if requests is not None and tokens is not None:
+            return [*requests.headers(REQUEST_HEADERS), *tokens.headers(TOKEN_HEADERS)]
+        if requests is not None:
+            return list(requests.headers(REQUEST_HEADERS))
+        return list(tokens.headers(TOKEN_HEADERS)) if tokens is not None else []
 
 
 def reserve(scope: Scope, tokens: int) -> None:

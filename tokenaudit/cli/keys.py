@@ -66,7 +66,7 @@ def keys_add(
 @keys.command("list")
 @FORMAT_OPTION
 def keys_list(fmt: str) -> None:
-    """List the keys (key_id, client, department, role, created, expires, state); never the key."""
+    """List the keys (key_id, client, department, role, created, expires, state, rpm, tpm); never the key."""
     from tokenaudit.infra.keys import list_keys
     from tokenaudit.reports.formatting import print_rows
 
