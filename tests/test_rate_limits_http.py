@@ -53,26 +53,35 @@ def _await_headers(base_url: str, key: str, want: dict[str, str], timeout: float
 
 def test_a_burst_past_the_requests_limit_gets_429s_with_the_headers_and_each_is_audited(gpt2, kafka_bootstrap):
     assert "x-ratelimit-limit-requests" not in httpx.get(gpt2.base_url + "/v1/models", headers=_auth(gpt2.key)).headers
-    update_key_limits(gpt2.keys_file, key_id_of(gpt2.key), rpm=3, tpm=100_000)  # as `keys update` does
-    _await_headers(gpt2.base_url, gpt2.key, {"x-ratelimit-limit-requests": "3", "x-ratelimit-limit-tokens": "100000"})
+    update_key_limits(gpt2.keys_file, key_id_of(gpt2.key), rpm=2, tpm=100_000)  # as `keys update` does
+    _await_headers(gpt2.base_url, gpt2.key, {"x-ratelimit-limit-requests": "2", "x-ratelimit-limit-tokens": "100000"})
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=gpt2.base_url, headers=_auth(gpt2.key), timeout=60) as client:
             body = {"model": "gpt2", "prompt": "a short prompt", "max_tokens": 2}
-            return await asyncio.gather(*[client.post("/v1/completions", json=body) for _ in range(6)])
+            return await asyncio.gather(*[client.post("/v1/completions", json=body) for _ in range(5)])
 
     responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)
-    assert statuses == [200, 200, 200, 429, 429, 429], statuses  # a request comes back every 20 s
+    assert statuses == [200, 200, 429, 429, 429], statuses  # a request comes back every 30 s
     for r in responses:
         assert all(name in r.headers for name in SIX), dict(r.headers)
-        assert r.headers["x-ratelimit-limit-requests"] == "3"
+        assert r.headers["x-ratelimit-limit-requests"] == "2"
     refused = [r for r in responses if r.status_code == 429]
     for r in refused:
         assert r.json()["error"]["code"] == "rate_limit_exceeded"
         assert r.json()["error"]["type"] == "rate_limit_error"
-        assert 1 <= int(r.headers["retry-after"]) <= 20
+        assert 1 <= int(r.headers["retry-after"]) <= 30
         assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    streamed = httpx.post(  # the streamed chat route reserves the same way, before its first token
+        gpt2.base_url + "/v1/chat/completions",
+        headers=_auth(gpt2.key),
+        json={"model": "gpt2", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 2},
+        timeout=60,
+    )
+    assert streamed.status_code == 429 and streamed.json()["error"]["code"] == "rate_limit_exceeded"
+    assert all(name in streamed.headers for name in (*SIX, "retry-after"))
+    responses = [*responses, streamed]
     events = events_of(gpt2, kafka_bootstrap, [r.headers["x-request-id"] for r in responses])
     for r in responses:
         event = events[r.headers["x-request-id"]]
