@@ -88,7 +88,9 @@ class KeyBuckets:
     __slots__ = ("at", "requests", "tokens")
 
     def __init__(self, now: float):
-        self.at, self.requests, self.tokens = now, None, None
+        self.at = now
+        self.requests: Bucket | None = None
+        self.tokens: Bucket | None = None
 
     def refill(self, key: ApiKey, now: float) -> None:
         """Bring both buckets to ``now`` and to the key's current limits (a limit added since
