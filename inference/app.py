@@ -27,6 +27,7 @@ from tokenaudit.inference.batcher import MicroBatcher, QueueFull
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics, start_metrics_listener
 from tokenaudit.inference.publisher import EventPublisher
+from tokenaudit.inference.rate_limits import RateLimiter, RateLimitMiddleware
 from tokenaudit.inference.runner import Encoded, ModelRunner
 from tokenaudit.infra import schema_registry
 from tokenaudit.infra.kafka_clients import kafka_config
@@ -204,7 +205,8 @@ def create_app(
         lifespan=lifespan,
     )
     star.state.tokenaudit = state
-    app: IdentityMiddleware | AuditMiddleware = IdentityMiddleware(star, registry, trusted, OPEN_PATHS)
+    metered = RateLimitMiddleware(star, RateLimiter())  # per-key rpm/tpm, inside the identity layer
+    app: IdentityMiddleware | AuditMiddleware = IdentityMiddleware(metered, registry, trusted, OPEN_PATHS)
     if audit:
         exclude = frozenset(p.strip() for p in settings.audit_exclude_paths.split(",") if p.strip())
         app = AuditMiddleware(app, state.publish, runner.model_name, exclude, settings.effective_instance)

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from tokenaudit.inference.audit import context_of
 from tokenaudit.inference.batcher import Overloaded
 from tokenaudit.inference.http_io import ApiError
+from tokenaudit.inference.rate_limits import reserve
 from tokenaudit.inference.routes import _api, _batcher, _body, _outcome, _overloaded, _ready_for
 from tokenaudit.inference.runner import InvalidPrompt
 
@@ -70,6 +71,7 @@ async def embeddings(request: Request) -> Response:
         raise ApiError(400, "invalid_input", str(exc), "input") from None
     except Overloaded as exc:
         raise _overloaded(exc) from None
+    reserve(request.scope, sum(len(e.ids) for e in encoded))
     result, gone = await _outcome(
         request, asyncio.ensure_future(_batcher(state).submit_embeddings(encoded)), "embedding_failed"
     )

@@ -31,6 +31,7 @@ from tokenaudit.inference.http_io import (
     require_prompt,
 )
 from tokenaudit.inference.metrics import CONTENT_TYPE
+from tokenaudit.inference.rate_limits import reserve
 from tokenaudit.inference.runner import Decoded, Encoded, InvalidPrompt
 from tokenaudit.inference.streaming import EventStream, TokenStream, sse
 
@@ -138,6 +139,7 @@ async def _generate(request: Request, prompt: str, max_new: int, param: str = "p
     state = _ready_for(request, "generate")
     ctx = context_of(request.scope)
     encoded = await _tokenized(request, prompt, param)
+    reserve(request.scope, len(encoded.ids) + max_new)  # a limited key's worst case, or its 429
     result, gone = await _outcome(request, asyncio.ensure_future(_batcher(state).submit(encoded, max_new)))
     if result is not None:
         _account(ctx, result)
@@ -186,6 +188,7 @@ async def _stream_start(request: Request, prompt: str, max_new: int, param: str)
     state = _ready_for(request, "generate")
     ctx = context_of(request.scope)
     encoded = await _tokenized(request, prompt, param)
+    reserve(request.scope, len(encoded.ids) + max_new)
     stream = TokenStream(asyncio.get_running_loop())
     job = asyncio.ensure_future(_batcher(state).submit(encoded, max_new, stream))
     job.add_done_callback(stream.end)

@@ -26,7 +26,7 @@ TensorFlow.
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -36,13 +36,13 @@ import re
 import secrets
 import time
 import tomllib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tokenaudit.errors import AuthError, KeyRegistryError
+from tokenaudit.infra.key_file import render_registry, replace_file, write_lock
+from tokenaudit.infra.key_file import toml_string as toml_string  # re-exported: the tests check it
 from tokenaudit.schemas.identifiers import identifier_problem
 
 log = logging.getLogger("tokenaudit.api_keys")
@@ -64,6 +64,8 @@ class ApiKey:
     created: datetime | None = None
     expires: datetime | None = None
     expires_at: float = math.inf  # ``expires`` as epoch seconds: one float compare per request
+    rpm: int | None = None  # requests per minute (None: no limit), enforced per inference instance
+    tpm: int | None = None  # tokens per minute (input + output), likewise
 
     @property
     def is_admin(self) -> bool:
@@ -71,6 +73,15 @@ class ApiKey:
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) >= self.expires_at
+
+
+def rate_limit(value: object, name: str) -> int | None:
+    """A per-minute limit as stored and as given to the CLI: None (no limit) or 1..10^12."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= 10**12:
+        raise KeyRegistryError(f"--{name} must be a whole number from 1 to 10^12, got {value!r:.40}")
+    return value
 
 
 def hash_key(raw_key: str) -> str:
@@ -133,8 +144,10 @@ def parse_registry(path: Path) -> dict[str, ApiKey]:
                 created,
                 expires,
                 expires.timestamp() if expires else math.inf,
+                rate_limit(item.get("rpm"), "rpm"),
+                rate_limit(item.get("tpm"), "tpm"),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, KeyRegistryError) as exc:
             raise KeyRegistryError(f"API-key registry {path}: entry {i} is invalid ({exc})") from None
     return entries
 
@@ -291,81 +304,6 @@ def write_marker(marker: Path, registry: Path) -> None:
 
 
 # --- writing ------------------------------------------------------------------------------------
-def toml_string(value: str) -> str:
-    """A TOML basic string. Hand-written (the standard library reads TOML but cannot write it):
-    backslash, quote and every control character escaped; values are identifiers already."""
-    out = ['"']
-    for ch in value:
-        code = ord(ch)
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\u{code:04X}")
-        elif 0xD800 <= code <= 0xDFFF:
-            raise KeyRegistryError(f"cannot store a lone surrogate in {value!r:.40}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_time(value: datetime) -> str:
-    return value.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _render(entries: list[tuple[str, ApiKey]]) -> str:
-    lines = [
-        "# tokenaudit API keys: SHA-256 hashes only. Written by `tokenaudit keys add|revoke`",
-        "# (each write replaces the whole file atomically).",
-    ]
-    for digest, key in entries:
-        lines += [
-            "",
-            "[[keys]]",
-            f'hash = "sha256:{digest}"',
-            f"client_id = {toml_string(key.client_id)}",
-            f"department = {toml_string(key.department)}",
-            f'role = "{key.role}"',
-        ]
-        if key.created is not None:
-            lines.append(f"created = {_toml_time(key.created)}")
-        if key.expires is not None:
-            lines.append(f"expires = {_toml_time(key.expires)}")
-    return "\n".join(lines) + "\n"
-
-
-@contextmanager
-def _write_lock(path: Path) -> Iterator[None]:
-    """One writer at a time (read, change, rename): two `keys add` at once both land."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _replace_file(path: Path, text: str) -> None:
-    """Write ``text`` to a new file (mode 0600), fsync it, rename it over ``path``, fsync the dir."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _current(path: Path) -> list[tuple[str, ApiKey]]:
     return list(parse_registry(path).items()) if path.exists() else []
 
@@ -391,7 +329,14 @@ def parse_expiry(text: str, now: datetime | None = None) -> datetime:
 
 
 def add_key(
-    path: Path, client_id: str, department: str = "", role: str = "client", *, expires: datetime | None = None
+    path: Path,
+    client_id: str,
+    department: str = "",
+    role: str = "client",
+    *,
+    expires: datetime | None = None,
+    rpm: int | None = None,
+    tpm: int | None = None,
 ) -> str:
     """Add a new key to the registry (created 0600 if missing); returns the raw key, shown once.
     A bad client_id or department is refused with the shared identifier rule, nothing written."""
@@ -404,22 +349,39 @@ def add_key(
     raw = KEY_PREFIX + secrets.token_urlsafe(32)
     path = Path(path)
     now = datetime.now(UTC).replace(microsecond=0)
-    key = ApiKey(key_id_of(raw), client_id, department, role, now, expires)
-    with _write_lock(path):
-        _replace_file(path, _render([*_current(path), (hash_key(raw), key)]))
+    rpm, tpm = rate_limit(rpm, "rpm"), rate_limit(tpm, "tpm")
+    key = ApiKey(key_id_of(raw), client_id, department, role, now, expires, rpm=rpm, tpm=tpm)
+    with write_lock(path):
+        replace_file(path, render_registry([*_current(path), (hash_key(raw), key)]))
     return raw
 
 
 def revoke_key(path: Path, key_id: str) -> ApiKey:
     """Remove the key with ``key_id`` (rewrites the registry); :class:`KeyRegistryError` if none."""
     path = Path(path)
-    with _write_lock(path):
+    with write_lock(path):
         entries = _current(path)
         kept = [(d, k) for d, k in entries if k.key_id != key_id]
         if len(kept) == len(entries):
             raise KeyRegistryError(f"no key {key_id!r} in {path} (see `tokenaudit keys list`)")
-        _replace_file(path, _render(kept))
+        replace_file(path, render_registry(kept))
     return next(k for _, k in entries if k.key_id == key_id)
+
+
+def update_key_limits(path: Path, key_id: str, *, rpm: int | None, tpm: int | None) -> ApiKey:
+    """Set a key's requests and tokens per minute (None: no limit); :class:`KeyRegistryError`
+    for an unknown key or a bad value, with nothing written. Running instances apply it within
+    about a second, like a revocation."""
+    rpm, tpm = rate_limit(rpm, "rpm"), rate_limit(tpm, "tpm")
+    path = Path(path)
+    with write_lock(path):
+        entries = _current(path)
+        found = [k for _, k in entries if k.key_id == key_id]
+        if not found:
+            raise KeyRegistryError(f"no key {key_id!r} in {path} (see `tokenaudit keys list`)")
+        updated = dataclasses.replace(found[0], rpm=rpm, tpm=tpm)
+        replace_file(path, render_registry([(d, updated if k.key_id == key_id else k) for d, k in entries]))
+    return updated
 
 
 # --- the admin key the CLI presents to the usage API -------------------------------------------

@@ -242,7 +242,7 @@ def test_keys_cli_add_list_revoke(data_dir):
     listed = run("keys", "list", "--format", "json")
     rows = json.loads(listed.stdout)
     assert [r["client"] for r in rows] == ["acme", "ops"]
-    assert list(rows[0]) == ["key_id", "client", "department", "role", "created", "expires", "state"]
+    assert list(rows[0]) == ["key_id", "client", "department", "role", "created", "expires", "state", "rpm", "tpm"]
     assert rows[0]["key_id"] == key_id_of(raw) and rows[0]["expires"] and rows[1]["expires"] == ""
     assert rows[1]["role"] == "admin" and {r["state"] for r in rows} == {"active"}
     for fmt in ("table", "csv", "json"):
