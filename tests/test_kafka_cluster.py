@@ -229,7 +229,9 @@ def usage_by_client() -> dict[str, dict]:
     return {r["client_id"]: r for r in rows}
 
 
-def test_sasl_cluster_loses_its_busiest_broker_and_every_answered_request_is_stored_once(cluster_env, tmp_path):
+def test_sasl_cluster_loses_its_busiest_broker_and_every_answered_request_is_stored_once(
+    cluster_env, tmp_path, request
+):
     data = Path(cluster_env["TOKENAUDIT_DATA_DIR"])
     t0 = time.monotonic()
     started = cli("kafka", "start", "--brokers", "3", "--sasl")
@@ -243,6 +245,7 @@ def test_sasl_cluster_loses_its_busiest_broker_and_every_answered_request_is_sto
     registry = data / "api_keys.toml"
     keys = {client: add_key(registry, client, dept) for client, dept in CLIENTS.items()}
     extra = Extra(tmp_path)
+    request.addfinalizer(extra.stop)  # stopped whatever fails below (a failed run once left its worker running)
     extra.start()  # its TensorFlow import overlaps with `up`
     up = cli("up", "--brokers", "3")
     assert "kafka      already running at" in up.stdout and "(SASL)" in up.stdout, up.stdout
