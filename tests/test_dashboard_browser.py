@@ -45,8 +45,8 @@ PANELS = ("tokens", "top", "cost", "latency-time", "latency-input", "scatter", "
 @pytest.fixture(scope="module")
 def dashboard(ch_client, kafka_bootstrap, tmp_path_factory):
     why = browser_missing()
-    if why:
-        pytest.skip(why)
+    if why:  # never a silent skip: `make setup` installs chromium and its driver (apt, as root)
+        pytest.fail(why)
     tmp = tmp_path_factory.mktemp("dashboard")
     database = f"t_{uuid.uuid4().hex[:10]}"
     store = Store(ch_client, database)
