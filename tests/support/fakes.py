@@ -140,9 +140,14 @@ class FakeProducer:
         topic: str,
         value: bytes,
         key: bytes | None = None,
-        headers: Any = None,
+        partition: int = -1,
+        callback: Callable | None = None,
         on_delivery: Callable | None = None,
+        timestamp: int = 0,
+        headers: Any = None,
     ) -> None:
+        """confluent-kafka's parameters in its order (the publisher passes them by position)."""
+        on_delivery = callback or on_delivery
         if self.refuse:
             raise BufferError("Local: Queue full")
         report = on_delivery or self.config.get("on_delivery")
