@@ -75,7 +75,7 @@ def main() -> None:
     for _ in range(ROUNDS):
         measure("encode_single_object_us", lambda i: enc_single(events[i]))
         measure("encode_confluent_us", lambda i: enc_confluent(events[i]))
-        measure("cloudevents_headers_us", lambda i: ce(events[i]))
+        measure("cloudevents_headers_us", lambda i: ce.of_event(events[i]))  # what publish() calls
         measure("decode_previous_single_object_us", lambda i: previous_decode(single[i]))
         measure("decode_single_object_us", lambda i: decode(single[i]))
         measure("decode_confluent_us", lambda i: decode(confluent[i]))
