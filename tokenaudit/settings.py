@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     registry_start_timeout: float = Field(120.0, gt=0, description="Seconds `registry start` waits for it to answer.")
     cloudevents_headers: bool = Field(
         True,
-        description="CloudEvents Kafka-binding headers (ce_id, ce_source, ce_type, ce_time, ...) on every event, so routers and tracing tools need not decode; about 1.5 us of the request thread's CPU per event (bench/bench_hot_path.py).",
+        description="CloudEvents Kafka-binding headers (ce_id, ce_source, ce_type, ce_time, ...) on every event, so routers and tracing tools need not decode; about 1.5-2 us of the request thread's CPU per event (bench/bench_hot_path.py).",
     )
     wire_format: str = Field(
         "auto",
