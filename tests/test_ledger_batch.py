@@ -1,0 +1,86 @@
+"""The ledger's Arrow insert (sinks/ledger_batch.py) stores, row for row, what the reference row
+builder (:meth:`LedgerRows.row`) stores through clickhouse-connect's row insert: both into the
+same real chDB table, read back whole and compared, for events that take every branch (the
+app's default request id, a derived event id, nulls, latencies on a rounding tie, each
+client-IP regime). The sink's use of it, through the real topic: tests/test_ledger.py."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.support import synth
+from tokenaudit.infra.store import Store
+from tokenaudit.schemas.client_ip import ip_policy
+from tokenaudit.sinks.ledger import LEDGER_COLUMNS, LedgerRows
+from tokenaudit.sinks.ledger_batch import LedgerBatch, arrow_table, record_of
+
+T0 = int(time.time() * 1000) - 600_000
+
+
+def _events() -> list[dict]:
+    out = []
+    for i in range(12):
+        ev = synth.event(f"req-{i}", T0 + i * 7, f"c{i % 3}", input_tokens=10 + i, truncated=i == 2)
+        ev["client_ip"] = ("203.0.113.7", "2001:db8:abcd:12::9", "not an ip")[i % 3]
+        out.append(ev)
+    out[0]["request_id"] = out[0]["event_id"].replace("-", "")  # the app's default: stored as ''
+    out[1].update(latency_ms=0.125, queue_ms=1.005, inference_ms=2.675, ttft_ms=0.015)  # ties at 1/100 ms
+    out[2].update(instance=None, api_key_id=None, error_type=None, batch_id=None, finish_reason=None)
+    out[3].update(method="GET", path="/v1/models", batch_id=None, batch_size=0, position_in_batch=-1)
+    out[4].update(event_id=None)  # a v1/v2 writer's event: its id is derived
+    out[5].update(ttft_ms=None, status_code=500, error_type="generation_failed")
+    return out
+
+
+@pytest.mark.parametrize("regime", ["full", "truncated", "hashed"])
+def test_the_arrow_insert_stores_what_the_row_builder_builds(ch_client, ch_database, regime):
+    store = Store(ch_client, ch_database)
+    store.migrate()
+    client_ip = ip_policy(regime, b"k")
+    reference = LedgerRows(client_ip)
+    events = _events()
+    batch = LedgerBatch()
+    for ev in events:
+        assert batch.add(ev, reference.event_id(ev))
+    assert not batch.add(events[7], events[7]["event_id"])  # a copy: once per batch
+
+    def stored() -> list[dict]:
+        rows = store.query("SELECT * FROM {db}.usage_requests ORDER BY event_id_hi, event_id_lo")
+        store.command("TRUNCATE TABLE {db}.usage_requests")
+        return rows
+
+    store.insert("usage_requests", [reference.row(ev, reference.event_id(ev)) for ev in events], LEDGER_COLUMNS)
+    expected = stored()
+    store.insert_arrow("usage_requests", arrow_table(batch.rows, store.arrow_types("usage_requests"), client_ip))
+    got = stored()
+    assert len(got) == len(events) and got == expected
+    by_id = {r["event_id_lo"]: r for r in got}
+    first = by_id[int(events[0]["event_id"].replace("-", ""), 16) & (1 << 64) - 1]
+    assert first["request_id"] == ""  # branches really taken, not only equal
+    tie = by_id[int(events[1]["event_id"].replace("-", ""), 16) & (1 << 64) - 1]
+    assert (tie["latency_ms_x100"], tie["queue_ms_x100"], tie["ttft_ms_x100"]) == (
+        round(0.125 * 100),
+        round(1.005 * 100),
+        round(0.015 * 100),
+    )
+    assert record_of(batch.rows[5])["error_type"] == "generation_failed"
+
+
+def test_values_a_column_cannot_hold_are_refused_naming_the_column(ch_client, ch_database):
+    store = Store(ch_client, ch_database)
+    store.migrate()
+    types = store.arrow_types("usage_requests")
+    for field, value, column in (
+        ("position_in_batch", 40_000, "position_in_batch"),
+        ("queue_ms", -1.0, "queue_ms_x100"),
+        ("inference_ms", float("inf"), "inference_ms_x100"),
+        ("batch_size", 70_000, "batch_size"),
+    ):
+        ev = synth.event("r", T0, "c1")
+        ev[field] = value
+        batch = LedgerBatch()
+        batch.add(ev, ev["event_id"])
+        with pytest.raises(ValueError, match=f"^column {column}: "):
+            arrow_table(batch.rows, types, str)
