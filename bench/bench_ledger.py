@@ -128,9 +128,13 @@ class _RowInsertSink(Sink):
         return write
 
 
-def sink_rate(encoded: list[bytes], insert: bool, batch_rows: int, sink_type: type[Sink] = Sink) -> tuple[float, int]:
+def sink_rate(
+    encoded: list[bytes], insert: bool, batch_rows: int, sink_type: type[Sink] = Sink
+) -> tuple[float, float, int]:
     """Events per second through the sink's consume + flush path (``insert`` False: the consume
-    step alone, the batch dropped instead of stored); rows stored."""
+    step alone, the batch dropped instead of stored), by the wall clock and by the process's CPU
+    time (all its threads, chDB's included: on a shared core, what the path costs when it has
+    the core); rows stored."""
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
         store = Store.open(f"chdb://{tmp}", "tokenaudit")
         store.migrate()
@@ -142,7 +146,7 @@ def sink_rate(encoded: list[bytes], insert: bool, batch_rows: int, sink_type: ty
             sink._add(msg)
         sink.flush()
         store.command("TRUNCATE TABLE {db}.usage_requests")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for k in range(0, len(messages), batch_rows):
             for msg in messages[k : k + batch_rows]:
                 sink._add(msg)  # the sink's own consume step, without a broker
@@ -150,10 +154,10 @@ def sink_rate(encoded: list[bytes], insert: bool, batch_rows: int, sink_type: ty
                 sink.flush()
             else:
                 sink.batch = Batch()
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         stored = store.query("SELECT count() AS n FROM {db}.usage_requests")[0]["n"]
         store.close()
-    return len(encoded) / elapsed, stored
+    return len(encoded) / elapsed, len(encoded) / cpu, stored
 
 
 GENERATE = """
@@ -224,31 +228,37 @@ def main() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, chDB's threads included
     gc.set_threshold(*GC_THRESHOLDS)  # as the sink process sets it (sinks/service.py)
     encoded = events(args.events, int(time.time() * 1000) - 3_600_000)
-    best = {"sink": 0.0, "consume": 0.0, "row_insert": 0.0}
+    best: dict[str, tuple[float, float]] = {"sink": (0, 0), "consume": (0, 0), "row_insert": (0, 0)}
     for n in range(args.rounds):
         rates = {
             "sink": sink_rate(encoded, True, args.batch_rows),
             "consume": sink_rate(encoded, False, args.batch_rows),
             "row_insert": sink_rate(encoded, True, args.row_insert_batch_rows, _RowInsertSink),
         }
-        for name, (rate, stored) in rates.items():
+        for name, (wall, cpu, stored) in rates.items():
             if name != "consume" and stored != args.events:
                 raise AssertionError(f"{name}: {stored} ledger rows of {args.events} events")
-            best[name] = max(best[name], rate)
-        print(f"round {n + 1}: " + ", ".join(f"{k} {r:,.0f} rows/s" for k, (r, _) in rates.items()), flush=True)
-    sink, consume, row_insert = best["sink"], best["consume"], best["row_insert"]
+            best[name] = max(best[name][0], wall), max(best[name][1], cpu)
+        print(
+            f"round {n + 1}: "
+            + ", ".join(f"{k} {w:,.0f} rows/s ({c:,.0f} per CPU s)" for k, (w, c, _) in rates.items()),
+            flush=True,
+        )
+    (sink, sink_cpu), (_, consume_cpu), (rows, rows_cpu) = best["sink"], best["consume"], best["row_insert"]
     print(f"RESULT ledger_events={args.events}")
     print(f"RESULT ledger_batch_rows={args.batch_rows}")
     print(f"RESULT ledger_sink_rows_per_s_one_core={sink:,.0f}")
+    print(f"RESULT ledger_sink_rows_per_cpu_s={sink_cpu:,.0f}")
     print(
-        f"RESULT ledger_consume_step_only_rows_per_s_one_core={consume:,.0f} "
-        f"(decode, validate, keep the row: {sink / consume:.0%} of the time; the Arrow insert the rest)"
+        f"RESULT ledger_consume_step_only_rows_per_cpu_s={consume_cpu:,.0f} "
+        f"(decode, validate, keep the row: {sink_cpu / consume_cpu:.0%} of the CPU time; the Arrow insert the rest)"
     )
     print(
-        f"RESULT ledger_row_insert_path_rows_per_s_one_core={row_insert:,.0f} "
-        f"({args.row_insert_batch_rows}-row batches; the sink's path is {sink / row_insert:.1f}x as fast)"
+        f"RESULT ledger_row_insert_path_rows_per_s_one_core={rows:,.0f} ({rows_cpu:,.0f} per CPU s; "
+        f"{args.row_insert_batch_rows}-row batches; the sink's path is {sink_cpu / rows_cpu:.1f}x as fast per CPU s)"
     )
-    print(f"RESULT ledger_insert_target_50k={'met' if sink >= 50_000 else 'missed'}")
+    print(f"RESULT ledger_insert_target_50k={'met' if sink >= 50_000 else 'missed'} (wall clock)")
+    print(f"RESULT ledger_insert_target_50k_per_cpu_s={'met' if sink_cpu >= 50_000 else 'missed'}")
     if args.rows <= 0:
         return
     per_row, columns = bytes_per_row(args.rows)

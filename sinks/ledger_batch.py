@@ -67,6 +67,24 @@ _rest = itemgetter(*FIELDS[1:])
 _AT = {name: i for i, name in enumerate(FIELDS)}
 #: optional text: null on the topic, '' in the table
 _EMPTY_WHEN_NULL = frozenset({"instance", "api_key_id", "error_type", "batch_id", "finish_reason"})
+#: the fields as they come off the wire (the decoders' Python types); text unless named here
+_NUMBERS = {"ts": pa.int64(), "truncated": pa.bool_()}
+_NUMBERS.update(dict.fromkeys(("latency_ms", "queue_ms", "inference_ms", "ttft_ms"), pa.float64()))
+_NUMBERS.update(
+    dict.fromkeys(
+        (
+            "status_code",
+            "input_tokens",
+            "untruncated_input_tokens",
+            "output_tokens",
+            "total_tokens",
+            "batch_size",
+            "position_in_batch",
+        ),
+        pa.int64(),
+    )
+)
+_WIRE = pa.struct([(name, _NUMBERS.get(name, pa.string())) for name in FIELDS])
 #: stored as whole hundredths of a ms (migration 0012 says why)
 _X100 = {f"{name}_x100": name for name in ("latency_ms", "queue_ms", "inference_ms", "ttft_ms")}
 
@@ -92,9 +110,11 @@ def record_of(row: Row) -> dict[str, Any]:
 def arrow_table(rows: Sequence[Row], types: Mapping[str, pa.DataType], client_ip: Callable[[str], str]) -> pa.Table:
     """``rows`` as the ledger's columns (:data:`LEDGER_COLUMNS`), in ``types`` (the table's)."""
     n = len(rows)
-    columns = list(zip(*rows, strict=True))
+    # one C++ pass over the tuples (a struct array's children are the fields' columns): ~3x less
+    # CPU than transposing them in Python and converting column by column
+    wire = dict(zip(FIELDS, pa.array(rows, _WIRE).flatten(), strict=True))
     # canonical UUID text (checked when consumed, or derived): 32 hex digits once the dashes go
-    hexes = "".join(columns[_AT["event_id"]]).replace("-", "")
+    hexes = "".join([r[0] for r in rows]).replace("-", "")
     halves = np.frombuffer(bytes.fromhex(hexes), dtype=">u8").astype(np.uint64)
     arrays: dict[str, pa.Array] = {
         "event_id_hi": pa.array(halves[0::2], types["event_id_hi"]),
@@ -102,27 +122,26 @@ def arrow_table(rows: Sequence[Row], types: Mapping[str, pa.DataType], client_ip
     }
     # the app's default request id (the event id's hex) is stored as '': the queries put it back
     default_ids = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), n, [None, pa.py_buffer(hexes.encode())])
-    request_ids = pa.array(columns[_AT["request_id"]], pa.string())
+    request_ids = wire["request_id"]
     arrays["request_id"] = pc.if_else(pc.equal(request_ids, default_ids.cast(pa.string())), "", request_ids)
-    ips = columns[_AT["client_ip"]]
-    arrays["client_ip"] = pa.array(ips if client_ip is str else [client_ip(ip) for ip in ips], pa.string())
+    if client_ip is not str:
+        at = _AT["client_ip"]
+        wire["client_ip"] = pa.array([client_ip(r[at]) for r in rows], pa.string())
     for name, source in _X100.items():
         with _column(name):
-            ms = pa.array(columns[_AT[source]], pa.float64())
             # round half to even on the same double as round(ms * 100); a safe cast refuses what
             # the column cannot hold (negative, too large, not finite)
-            arrays[name] = pc.cast(pc.round(pc.multiply(ms, 100.0)), types[name])
+            arrays[name] = pc.cast(pc.round(pc.multiply(wire[source], 100.0)), types[name])
     for name in LEDGER_COLUMNS:
         if name in arrays:
             continue
         with _column(name):
+            array = wire[name]
+            if name in _EMPTY_WHEN_NULL:
+                array = array.fill_null("")
             target = types[name]
-            if pa.types.is_dictionary(target):  # LowCardinality: the text, then its dictionary
-                text = pa.array(columns[_AT[name]], pa.string())
-                arrays[name] = pc.dictionary_encode(text.fill_null("") if name in _EMPTY_WHEN_NULL else text)
-            else:
-                array = pa.array(columns[_AT[name]], target)
-                arrays[name] = array.fill_null("") if name in _EMPTY_WHEN_NULL else array
+            # LowCardinality as a dictionary; numbers cast with their range checked
+            arrays[name] = pc.dictionary_encode(array) if pa.types.is_dictionary(target) else pc.cast(array, target)
     return pa.Table.from_arrays([arrays[name] for name in LEDGER_COLUMNS], names=list(LEDGER_COLUMNS))
 
 
