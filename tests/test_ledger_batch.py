@@ -2,7 +2,8 @@
 builder (:meth:`LedgerRows.row`) stores through clickhouse-connect's row insert: both into the
 same real chDB table, read back whole and compared, for events that take every branch (the
 app's default request id, a derived event id, nulls, latencies on a rounding tie, each
-client-IP regime). The sink's use of it, through the real topic: tests/test_ledger.py."""
+client-IP regime); and the ledger's own batch bound. The sink's use of it through the real
+topic, and the refused rows: tests/test_ledger.py."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import time
 import pytest
 
 from tests.support import synth
+from tests.support.fakes import FakeConsumer, FakeMessage
 from tokenaudit.infra.store import Store
+from tokenaudit.schemas import EVENT, encode
 from tokenaudit.schemas.client_ip import ip_policy
+from tokenaudit.settings import load_settings
 from tokenaudit.sinks.ledger import LEDGER_COLUMNS, LedgerRows
 from tokenaudit.sinks.ledger_batch import LedgerBatch, arrow_table, record_of
+from tokenaudit.sinks.sink import Sink
 
 T0 = int(time.time() * 1000) - 600_000
 
@@ -84,3 +89,20 @@ def test_values_a_column_cannot_hold_are_refused_naming_the_column(ch_client, ch
         batch.add(ev, ev["event_id"])
         with pytest.raises(ValueError, match=f"^column {column}: "):
             arrow_table(batch.rows, types, str)
+
+
+def test_the_ledger_is_flushed_at_its_own_row_bound(ch_client, ch_database):
+    """Ledger rows count against ``sink_ledger_batch_rows``, not ``sink_batch_rows`` (the poll
+    takes ``sink_batch_rows`` messages at a time here; an in-memory consumer hands them out,
+    the store is the real chDB one)."""
+    s = load_settings(sink_batch_rows=3, sink_ledger_batch_rows=4, sink_batch_seconds=60.0)
+    store = Store(ch_client, ch_database)
+    store.migrate()
+    events = [synth.event(f"b-{i}", T0 + i, "c1") for i in range(10)]
+    consumer = FakeConsumer([FakeMessage(s.topic_usage, encode(EVENT, ev), b"k", 0, i) for i, ev in enumerate(events)])
+    sink = Sink(s, store, consumer=consumer)
+    while consumer.queue:
+        sink.poll(timeout=0)
+    assert consumer.commits == [6, 10]  # 3 ledger rows stayed batched under sink_batch_rows=3
+    assert sink.counters.inserted_requests == 10 and sink.batch.messages == 0
+    assert store.query("SELECT count() AS n FROM {db}.usage_requests")[0]["n"] == 10
