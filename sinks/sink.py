@@ -3,7 +3,9 @@ token-usage events themselves; batch; insert; commit.
 
 The flush is a numbered protocol (batch, deduplicate, insert, commit):
 
-1. consume into a batch, deduplicated by key (highest rollup version wins);
+1. consume into a batch, deduplicated by key (highest rollup version wins); ledger rows, each
+   event id once, count against a larger bound of their own (``sink_ledger_batch_rows``) and are
+   inserted as one Arrow table (:mod:`tokenaudit.sinks.ledger_batch` says why);
 2. insert each table's rows, then merge the late deltas in bulk (one query for the stored
    rows they belong to, one insert of the merged rows): a delta is skipped when its delta id
    is in the row's ``late_ids`` (replayed) or its event id in the row's ``event_ids`` (a copy
