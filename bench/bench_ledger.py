@@ -2,11 +2,15 @@
 
 1. **Insert rate through the sink** (goal >= 50,000 rows/s on one core): ``--events`` realistic
    token-usage events, Avro-encoded as the app writes them, are handed to the sink's own
-   consume path (:meth:`Sink._add`: decode, validate, build the row) and flush (the insert into
-   an embedded chDB store), in ``sink_batch_rows`` batches. The process is pinned to one CPU
-   (``os.sched_setaffinity``), chDB's threads included. Side by side in the same run: the
-   consume step alone (the batch dropped, not stored), so the ratio splits the time between
-   building rows and inserting them.
+   consume path (:meth:`Sink._add`: decode, validate, keep the row) and flush (the Arrow insert
+   into an embedded chDB store), in ``sink_ledger_batch_rows`` batches. The process is pinned to
+   one CPU (``os.sched_setaffinity``), chDB's threads included. Side by side in the same run,
+   round after round (the best round of each is reported; the box may be shared): the consume
+   step alone (the batch dropped, not stored), which splits the time between consuming and
+   inserting; and the row insert this replaced (each row built by ``LedgerRows.row`` and
+   encoded by clickhouse-connect's row insert, 5,000-row batches, insert-time dedup on), which
+   gives the ratio of the two paths. (The row path here also makes a dict per row from the kept
+   tuple, ~0.3 us, that the old sink did not.)
 2. **Bytes per row** (goal <= 40): ``--rows`` rows generated inside ClickHouse (INSERT ...
    SELECT FROM numbers(), in 20 time-ordered batches as a sink writes them): random UUIDv7
    event ids whose time part is the request's (74 random bits each), 1,000 clients with 1-3 IPs each, 5 models, 4
@@ -15,23 +19,29 @@
    (time to first token). Measured after OPTIMIZE FINAL from system.parts (bytes_on_disk,
    marks and the skip indexes included) with the per-column split from system.columns.
 
-    .venv/bin/python bench/bench_ledger.py [--events 200000] [--rows 10000000]
+    .venv/bin/python bench/bench_ledger.py [--events 200000] [--rounds 2] [--rows 10000000]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import uuid_utils
 
 from tokenaudit.infra.store import Store
 from tokenaudit.schemas import EVENT, encode
 from tokenaudit.settings import load_settings
+from tokenaudit.sinks.ledger import LEDGER_COLUMNS, LedgerRows
+from tokenaudit.sinks.ledger_batch import Row, record_of
+from tokenaudit.sinks.service import GC_THRESHOLDS
 from tokenaudit.sinks.sink import Batch, Sink
 
 CLIENTS, MODELS = 1000, 5
@@ -108,21 +118,35 @@ def events(n: int, start_ms: int, seed: int = 15) -> list[bytes]:
     return out
 
 
-def sink_rate(encoded: list[bytes], insert: bool, batch_rows: int) -> tuple[float, int]:
+class _RowInsertSink(Sink):
+    """The ledger insert this project had before the Arrow one, for the side-by-side ratio."""
+
+    def _ledger_writer(self, ledger: LedgerRows) -> Callable[[Sequence[Row]], Any]:
+        def write(rows: Sequence[Row]) -> None:
+            self.store.insert("usage_requests", [ledger.row(record_of(r), r[0]) for r in rows], LEDGER_COLUMNS)
+
+        return write
+
+
+def sink_rate(
+    encoded: list[bytes], insert: bool, batch_rows: int, sink_type: type[Sink] = Sink
+) -> tuple[float, float, int]:
     """Events per second through the sink's consume + flush path (``insert`` False: the consume
-    step alone, the batch dropped instead of stored); rows stored."""
+    step alone, the batch dropped instead of stored), by the wall clock and by the process's CPU
+    time (all its threads, chDB's included: on a shared core, what the path costs when it has
+    the core); rows stored."""
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
         store = Store.open(f"chdb://{tmp}", "tokenaudit")
         store.migrate()
-        s = load_settings(sink_batch_rows=batch_rows, data_dir=tmp)
-        sink = Sink(s, store, consumer=_NoConsumer())  # type: ignore[arg-type]
+        s = load_settings(sink_ledger_batch_rows=batch_rows, data_dir=tmp)
+        sink = sink_type(s, store, consumer=_NoConsumer())  # type: ignore[arg-type]
         topic = s.topic_usage
         messages = [_Message(topic, v) for v in encoded]
         for msg in messages[:100]:  # warm-up: the insert path's lazy imports and first part
             sink._add(msg)
         sink.flush()
         store.command("TRUNCATE TABLE {db}.usage_requests")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         for k in range(0, len(messages), batch_rows):
             for msg in messages[k : k + batch_rows]:
                 sink._add(msg)  # the sink's own consume step, without a broker
@@ -130,10 +154,10 @@ def sink_rate(encoded: list[bytes], insert: bool, batch_rows: int) -> tuple[floa
                 sink.flush()
             else:
                 sink.batch = Batch()
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         stored = store.query("SELECT count() AS n FROM {db}.usage_requests")[0]["n"]
         store.close()
-    return len(encoded) / elapsed, stored
+    return len(encoded) / elapsed, len(encoded) / cpu, stored
 
 
 GENERATE = """
@@ -197,21 +221,46 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--rows", type=int, default=10_000_000)
-    ap.add_argument("--batch-rows", type=int, default=5000)
+    ap.add_argument("--batch-rows", type=int, default=load_settings().sink_ledger_batch_rows)
+    ap.add_argument("--row-insert-batch-rows", type=int, default=5000, help="the replaced path's batches")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, chDB's threads included
+    gc.set_threshold(*GC_THRESHOLDS)  # as the sink process sets it (sinks/service.py)
     encoded = events(args.events, int(time.time() * 1000) - 3_600_000)
-    with_ledger, stored = sink_rate(encoded, True, args.batch_rows)
-    consume_only, _ = sink_rate(encoded, False, args.batch_rows)
-    if stored != args.events:
-        raise AssertionError(f"{stored} ledger rows of {args.events} events")
+    best: dict[str, tuple[float, float]] = {"sink": (0, 0), "consume": (0, 0), "row_insert": (0, 0)}
+    for n in range(args.rounds):
+        rates = {
+            "sink": sink_rate(encoded, True, args.batch_rows),
+            "consume": sink_rate(encoded, False, args.batch_rows),
+            "row_insert": sink_rate(encoded, True, args.row_insert_batch_rows, _RowInsertSink),
+        }
+        for name, (wall, cpu, stored) in rates.items():
+            if name != "consume" and stored != args.events:
+                raise AssertionError(f"{name}: {stored} ledger rows of {args.events} events")
+            best[name] = max(best[name][0], wall), max(best[name][1], cpu)
+        print(
+            f"round {n + 1}: "
+            + ", ".join(f"{k} {w:,.0f} rows/s ({c:,.0f} per CPU s)" for k, (w, c, _) in rates.items()),
+            flush=True,
+        )
+    (sink, sink_cpu), (_, consume_cpu), (rows, rows_cpu) = best["sink"], best["consume"], best["row_insert"]
     print(f"RESULT ledger_events={args.events}")
-    print(f"RESULT ledger_sink_rows_per_s_one_core={with_ledger:,.0f}")
+    print(f"RESULT ledger_batch_rows={args.batch_rows}")
+    print(f"RESULT ledger_sink_rows_per_s_one_core={sink:,.0f}")
+    print(f"RESULT ledger_sink_rows_per_cpu_s={sink_cpu:,.0f}")
     print(
-        f"RESULT ledger_consume_step_only_rows_per_s_one_core={consume_only:,.0f} "
-        f"(decode, validate, row: {with_ledger / consume_only:.0%} of the time; the insert the rest)"
+        f"RESULT ledger_consume_step_only_rows_per_cpu_s={consume_cpu:,.0f} "
+        f"(decode, validate, keep the row: {sink_cpu / consume_cpu:.0%} of the CPU time; the Arrow insert the rest)"
     )
-    print(f"RESULT ledger_insert_target_50k={'met' if with_ledger >= 50_000 else 'missed'}")
+    print(
+        f"RESULT ledger_row_insert_path_rows_per_s_one_core={rows:,.0f} ({rows_cpu:,.0f} per CPU s; "
+        f"{args.row_insert_batch_rows}-row batches; the sink's path is {sink_cpu / rows_cpu:.1f}x as fast per CPU s)"
+    )
+    print(f"RESULT ledger_insert_target_50k={'met' if sink >= 50_000 else 'missed'} (wall clock)")
+    print(f"RESULT ledger_insert_target_50k_per_cpu_s={'met' if sink_cpu >= 50_000 else 'missed'}")
+    if args.rows <= 0:
+        return
     per_row, columns = bytes_per_row(args.rows)
     print(f"RESULT ledger_rows={args.rows}")
     print(f"RESULT ledger_bytes_per_row={per_row:.1f}")

@@ -59,7 +59,9 @@ def ip_secret(configured: str, data_dir: Path) -> bytes:
 
 
 class LedgerRows:
-    """Decoded events -> rows in :data:`LEDGER_COLUMNS` order."""
+    """Decoded events -> rows in :data:`LEDGER_COLUMNS` order, one at a time: the reference
+    the sink's batch conversion (:mod:`tokenaudit.sinks.ledger_batch`) is tested against, and
+    how tests seed the ledger. The sink itself keeps the event id and the client-IP policy here."""
 
     def __init__(self, client_ip: Callable[[str], str]):
         self.client_ip = client_ip

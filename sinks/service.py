@@ -15,6 +15,7 @@ and exits without committing it (it is read again at the next start).
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -35,6 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("tokenaudit.sink")
 
 
+#: The sink holds a batch of up to ``sink_ledger_batch_rows`` acyclic rows and allocates a dict
+#: and a tuple per event; with the default thresholds the cyclic GC kept walking the batch (the
+#: worker's reasoning and figures, streams/app.py). Rarer collections: bench/bench_ledger.py
+#: measured the sink path ~1.4x as fast, side by side in one run.
+GC_THRESHOLDS = (50_000, 20, 1000)
+
+
 async def _healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
@@ -52,6 +60,7 @@ def run_sink(settings: Settings, api: Callable[[Store], Starlette] | None = None
     prepare(settings)  # registry ids, so Confluent-framed records resolve
     store = Store.from_settings(settings)
     sink = Sink(settings, store)
+    gc.set_threshold(*GC_THRESHOLDS)
     stop = threading.Event()
     failed: list[BaseException] = []
     if api is not None:

@@ -3,7 +3,9 @@ token-usage events themselves; batch; insert; commit.
 
 The flush is a numbered protocol (batch, deduplicate, insert, commit):
 
-1. consume into a batch, deduplicated by key (highest rollup version wins);
+1. consume into a batch, deduplicated by key (highest rollup version wins); ledger rows, each
+   event id once, count against a larger bound of their own (``sink_ledger_batch_rows``) and are
+   inserted as one Arrow table (:mod:`tokenaudit.sinks.ledger_batch` says why);
 2. insert each table's rows, then merge the late deltas in bulk (one query for the stored
    rows they belong to, one insert of the merged rows): a delta is skipped when its delta id
    is in the row's ``late_ids`` (replayed) or its event id in the row's ``event_ids`` (a copy
@@ -48,7 +50,8 @@ from tokenaudit.schemas.compiled import Decoder, compile_decoder
 from tokenaudit.schemas.event_ids import id_bytes
 from tokenaudit.schemas.validation import event_problem
 from tokenaudit.sinks import rows as R
-from tokenaudit.sinks.ledger import LEDGER_COLUMNS, LedgerRows, ip_policy, ip_secret
+from tokenaudit.sinks.ledger import LedgerRows, ip_policy, ip_secret
+from tokenaudit.sinks.ledger_batch import LedgerBatch, Row, arrow_table, record_of
 from tokenaudit.sinks.rejected import is_data_error, rejected_row
 
 if TYPE_CHECKING:
@@ -63,8 +66,14 @@ log = logging.getLogger("tokenaudit.sink")
 INF = float("inf")
 
 
-def _as_row(row: list[Any]) -> list[Any]:
-    return row  # ledger rows are built when consumed (sinks/ledger.py)
+#: the ledger's insert: its batch holds each event id once, so ClickHouse's insert-time
+#: deduplication (of a ReplacingMergeTree block) finds nothing to collapse, and skipping it
+#: halves the store's cost per row (bench/bench_ledger.py)
+LEDGER_INSERT_SETTINGS = {"optimize_on_insert": 0}
+
+
+def _same(record: Any) -> Any:
+    return record
 
 
 @dataclass
@@ -98,12 +107,13 @@ class Batch:
     sampled: dict[RowKey, R.Record] = field(default_factory=dict)
     anomalies: dict[RowKey, R.Record] = field(default_factory=dict)
     deltas: list[R.Record] = field(default_factory=list)
-    requests: dict[Any, list[Any]] = field(default_factory=dict)  # ledger rows by event_id
+    requests: LedgerBatch = field(default_factory=LedgerBatch)  # ledger rows, each event_id once
     messages: int = 0
     started: float = 0.0
 
     def rows(self) -> int:
-        return len(self.rollups) + len(self.sampled) + len(self.anomalies) + len(self.deltas) + len(self.requests)
+        """Rows of every table but the ledger, whose batches are larger (``sink_ledger_batch_rows``)."""
+        return len(self.rollups) + len(self.sampled) + len(self.anomalies) + len(self.deltas)
 
 
 class Sink:
@@ -203,7 +213,9 @@ class Sink:
             self._add(msg)
         b = self.batch
         if b.messages and (
-            b.rows() >= self.s.sink_batch_rows or time.monotonic() - b.started >= self.s.sink_batch_seconds
+            b.rows() >= self.s.sink_batch_rows
+            or len(b.requests) >= self.s.sink_ledger_batch_rows
+            or time.monotonic() - b.started >= self.s.sink_batch_seconds
         ):
             self.flush(stop)
 
@@ -271,11 +283,8 @@ class Sink:
             if len(self._valid_ids) >= 100_000:
                 self._valid_ids.clear()
             self._valid_ids.add(ids)
-        event_id = ledger.event_id(ev)
-        requests = self.batch.requests
-        if event_id in requests:
+        if not self.batch.requests.add(ev, ledger.event_id(ev)):
             self.counters.batch_duplicates += 1
-        requests[event_id] = ledger.row(ev, event_id)
 
     def _dead(self, msg: Message, reason: str) -> None:
         self.counters.undecodable += 1
@@ -351,43 +360,61 @@ class Sink:
         when a later part fails and the batch is retried."""
         if b.rollups:
             self.counters.inserted_rollups += self._store(
-                "usage_rollup", list(b.rollups.values()), R.ROLLUP_COLUMNS, R.rollup_row
+                "usage_rollup", list(b.rollups.values()), self._rows("usage_rollup", R.ROLLUP_COLUMNS, R.rollup_row)
             )
             b.rollups = {}
         if b.sampled:
             self.counters.inserted_sampled += self._store(
-                "usage_sampled", list(b.sampled.values()), R.SAMPLED_COLUMNS, R.sampled_row
+                "usage_sampled", list(b.sampled.values()), self._rows("usage_sampled", R.SAMPLED_COLUMNS, R.sampled_row)
             )
             b.sampled = {}
         if b.anomalies:
             self.counters.inserted_anomalies += self._store(
-                "anomalies", list(b.anomalies.values()), R.ANOMALY_COLUMNS, R.anomaly_row
+                "anomalies", list(b.anomalies.values()), self._rows("anomalies", R.ANOMALY_COLUMNS, R.anomaly_row)
             )
             b.anomalies = {}
         if b.deltas:
             self._merge_deltas(b.deltas)
             b.deltas = []
-        if b.requests:
+        if b.requests and self.ledger is not None:
             self.counters.inserted_requests += self._store(
-                "usage_requests", list(b.requests.values()), LEDGER_COLUMNS, _as_row
+                "usage_requests", b.requests.rows, self._ledger_writer(self.ledger), record_of
             )
-            b.requests = {}
+            b.requests = LedgerBatch()
 
-    def _store(self, table: str, records: Sequence[Any], columns: Sequence[str], to_row: Callable[[Any], Any]) -> int:
-        """Insert ``records``; when ClickHouse refuses them as data, split until the refused
-        rows are isolated (into rejected_rows) and store the rest. Returns the rows stored.
-        Other errors (the store is down) propagate: the caller retries the batch whole."""
+    def _rows(self, table: str, columns: Sequence[str], to_row: Callable[[Any], Any]) -> Callable[[Sequence[Any]], Any]:
+        """A writer of records as rows through clickhouse-connect (the tables with few rows)."""
+        return lambda records: self.store.insert(table, [to_row(r) for r in records], columns)
+
+    def _ledger_writer(self, ledger: LedgerRows) -> Callable[[Sequence[Row]], Any]:
+        """A writer of ledger rows as one Arrow table (sinks/ledger_batch.py says why)."""
+        types = self.store.arrow_types("usage_requests")  # outside the split: not a data error
+        return lambda rows: self.store.insert_arrow(
+            "usage_requests", arrow_table(rows, types, ledger.client_ip), LEDGER_INSERT_SETTINGS
+        )
+
+    def _store(
+        self,
+        table: str,
+        records: Sequence[Any],
+        write: Callable[[Sequence[Any]], Any],
+        as_record: Callable[[Any], R.Record] = _same,
+    ) -> int:
+        """Write ``records``; when ClickHouse (or the conversion for it) refuses them as data,
+        split until the refused rows are isolated (into rejected_rows, as ``as_record`` shows
+        them) and store the rest. Returns the rows stored. Other errors (the store is down)
+        propagate: the caller retries the batch whole."""
         try:
-            self.store.insert(table, [to_row(r) for r in records], columns)
+            write(records)
             return len(records)
         except Exception as exc:
             if not is_data_error(exc):
                 raise
             if len(records) == 1:
-                self._reject(table, records[0], exc)
+                self._reject(table, as_record(records[0]), exc)
                 return 0
         mid = len(records) // 2
-        return self._store(table, records[:mid], columns, to_row) + self._store(table, records[mid:], columns, to_row)
+        return self._store(table, records[:mid], write, as_record) + self._store(table, records[mid:], write, as_record)
 
     def _reject(self, table: str, record: R.Record, exc: BaseException) -> None:
         row = rejected_row(table, record, exc)
@@ -431,4 +458,8 @@ class Sink:
                 rows[key] = changed[key] = R.merge_delta(current, d)
                 self.counters.deltas_merged += 1
         if changed:
-            self._store("usage_rollup", list(changed.values()), R.MERGED_ROLLUP_COLUMNS, R.merged_rollup_row)
+            self._store(
+                "usage_rollup",
+                list(changed.values()),
+                self._rows("usage_rollup", R.MERGED_ROLLUP_COLUMNS, R.merged_rollup_row),
+            )

@@ -4,6 +4,7 @@ scoped by key; the client-IP privacy regimes; retention; `erase --client`; TOKEN
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -112,6 +113,7 @@ def _feed(kafka_bootstrap: str, store: Store, events: list[dict], copies: list[d
         topic_anomalies=f"{tag}-anomalies",
         topic_dlq=f"{tag}-dlq",
         sink_batch_rows=8,  # several batches: copies land in different inserts
+        sink_ledger_batch_rows=8,
         sink_batch_seconds=0.3,
         **settings_kw,
     )
@@ -208,6 +210,28 @@ def time_iso(ms: int) -> str:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def test_refused_ledger_rows_land_in_rejected_rows_and_their_neighbours_are_stored(kafka_bootstrap, store):
+    """The split isolates each row the Arrow conversion refuses (a value its column cannot
+    hold) or ClickHouse refuses (a constraint added for the purpose), and stores the rest."""
+    store.command("ALTER TABLE {db}.usage_requests ADD CONSTRAINT sane_batches CHECK batch_size < 1000")
+    events = _events()
+    events[3]["batch_size"] = 5000  # refused by ClickHouse
+    events[8]["position_in_batch"] = 40_000  # Int16: refused by the conversion
+    events[11]["queue_ms"] = -1.0  # UInt32 hundredths: refused by the conversion
+    sink = _feed(kafka_bootstrap, store, events, copies=[])
+    stored = {r["request_id"] for r in run_raw(store, "requests", {"since": "1d"})}
+    refused = {"req-3", "req-8", "req-11"}
+    assert stored == {e["request_id"] for e in events[1:]} - refused | {events[0]["request_id"]}
+    rejected = store.query("SELECT table, reason, record FROM {db}.rejected_rows FINAL")
+    reasons = {json.loads(r["record"])["request_id"]: r["reason"] for r in rejected}
+    assert {r["table"] for r in rejected} == {"usage_requests"} and set(reasons) == refused
+    assert "VIOLATED_CONSTRAINT" in reasons["req-3"] and "sane_batches" in reasons["req-3"]
+    assert reasons["req-8"].startswith("column position_in_batch: ")
+    assert reasons["req-11"].startswith("column queue_ms_x100: ")
+    assert json.loads(next(r["record"] for r in rejected if "req-11" in r["record"]))["queue_ms"] == -1.0
+    assert sink.counters.rejected_rows == 3 and sink.counters.inserted_requests == len(events) - 3
 
 
 def test_usage_api_routes_are_scoped_by_key(kafka_bootstrap, store, tmp_path):

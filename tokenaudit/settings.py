@@ -316,6 +316,11 @@ class Settings(BaseSettings):
 
     # --- sinks / queries --------------------------------------------------------------------
     sink_batch_rows: int = Field(5000, ge=1, description="Rows per ClickHouse insert.")
+    sink_ledger_batch_rows: int = Field(
+        20_000,
+        ge=1,
+        description="Ledger (usage_requests) rows per ClickHouse insert (about 1.3 kB of sink memory each while batched): fewer, larger parts cost ClickHouse less per row (bench/bench_ledger.py).",
+    )
     sink_batch_seconds: float = Field(1.0, gt=0, description="Longest wait before a partial batch is inserted.")
     sink_shutdown_seconds: float = Field(
         5.0,
