@@ -5,6 +5,9 @@
 (function () {
   const KEY_SLOT = "tokenaudit.key"; // sessionStorage: this tab only, gone when the tab closes
   const RANGES = { "1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400 };
+  // ranges of whole UTC days (today and the days before it): per-day buckets are calendar days,
+  // and the API reads whole days from its daily pre-aggregate instead of every window
+  const DAY_RANGES = new Set(["7d", "30d"]);
   // bucket_width of the OpenAI-shaped endpoint -> [seconds, max buckets per page, latency bucket]
   const WIDTHS = [["1m", 60, 1440, "minute"], ["1h", 3600, 168, "hour"], ["1d", 86400, 31, "day"]];
   const PANELS = ["tokens", "top", "cost", "latency-time", "latency-input", "scatter", "anomalies"];
@@ -52,6 +55,7 @@
     const choice = $("range").value;
     let until = Math.floor(Date.now() / 1000);
     let since = until - (RANGES[choice] || 86400);
+    if (DAY_RANGES.has(choice)) since = until - (until % 86400) - RANGES[choice] + 86400;
     if (choice === "custom" && $("custom-since").value && $("custom-until").value) {
       since = Math.floor(Date.parse($("custom-since").value + "Z") / 1000);
       until = Math.floor(Date.parse($("custom-until").value + "Z") / 1000);
