@@ -136,15 +136,16 @@ def month_tokens(store: Store, params: ReportParams, client: str | None = None) 
         where += " AND client_id = {client:String}"
         bound["client"] = client
     source = rollup_source(store, where, bound, since, until, TOTALS)
-    rows = store.query(
-        "SELECT department, client_id, model, toDate(window_start) AS day, "
+    # the day as ISO text from ClickHouse: every value is JSON-ready as read, so the rows (one per
+    # client, model and day: 10k a day at 2,000 clients) skip jsonable, most of this report's time
+    return store.query(
+        "SELECT department, client_id, model, toString(toDate(window_start)) AS day, "
         "sum(requests) AS requests, sum(input_tokens) AS input_tokens, "
         "sum(output_tokens) AS output_tokens, sum(total_tokens) AS total_tokens "
         f"FROM {source} "
         f"GROUP BY department, client_id, model, day ORDER BY department, client_id, model, day {_FINAL_SETTINGS}",
         bound,
     )
-    return jsonable(rows)
 
 
 #: latency ``bucket=`` over time -> the SQL that truncates a window's start (the only run-time SQL there)
