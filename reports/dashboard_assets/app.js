@@ -220,7 +220,7 @@
 
   async function costPanel(f) {
     if (!$("cost-month").value) $("cost-month").value = new Date().toISOString().slice(0, 7);
-    const body = await api("/v1/report", { month: $("cost-month").value, client: f.client });
+    const body = await api("/v1/report", { month: $("cost-month").value, client: f.client, detail: "department" });
     const cost = body.cost;
     const departments = cost ? cost.rows.filter((r) => r.level !== "client") : [];
     fillTable("cost-rows", departments, (r) => [[r.level === "total" ? "total" : r.department],
