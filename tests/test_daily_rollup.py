@@ -176,3 +176,24 @@ def test_whole_days_and_the_gaps_between_them():
         (datetime(2026, 3, 14, tzinfo=UTC), t + timedelta(days=4)),
     ]
     assert _gaps(midnight, midnight + timedelta(days=1), [date(2026, 3, 10)]) == []
+
+
+def test_the_sink_keeps_the_daily_rows_current_in_the_background(store):
+    """sinks/service.py's builder thread, as `tokenaudit sink` starts it (the store's own lock)."""
+    import threading
+
+    from tests.support.browser import wait_for
+    from tokenaudit.settings import load_settings
+    from tokenaudit.sinks.service import _build_daily
+
+    stop = threading.Event()
+    thread = threading.Thread(target=_build_daily, args=(load_settings(daily_rollup_seconds=0.2), store, stop))
+    thread.start()
+    try:
+        wait_for(lambda: FIRST.date() in current_days(store, FIRST.date(), TODAY.date()), 30, "built in the background")
+        days = current_days(store, FIRST.date(), TODAY.date())
+        assert sorted(days) == [(FIRST + timedelta(days=i)).date() for i in range(4)]  # today is not settled
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
