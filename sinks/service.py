@@ -89,8 +89,9 @@ def run_sink(settings: Settings, api: Callable[[Store], Starlette] | None = None
     signal.signal(signal.SIGINT, on_signal)
     thread = threading.Thread(target=loop, name="sink", daemon=True)
     thread.start()
+    builder = threading.Thread(target=_build_daily, args=(settings, store, stop), name="daily-rollup", daemon=True)
     if settings.daily_rollup_seconds > 0:
-        threading.Thread(target=_build_daily, args=(settings, store, stop), name="daily-rollup", daemon=True).start()
+        builder.start()
     if not sink.ready.wait(30):
         raise RuntimeError("sink consumer did not start")
     try:
@@ -98,6 +99,8 @@ def run_sink(settings: Settings, api: Callable[[Store], Starlette] | None = None
     finally:
         stop.set()
         thread.join(60)
+        if builder.is_alive():  # a round in progress ends before the store closes
+            builder.join(60)
         store.close()
     c = sink.counters
     log.warning(
