@@ -66,7 +66,13 @@ def migrate(client: Client, db: str, ttl_days: dict[str, int] | None = None) -> 
     return applied
 
 
-TTL_COLUMNS = {"usage_rollup": "window_start", "usage_sampled": "ts", "anomalies": "ts", "usage_requests": "ts"}
+TTL_COLUMNS = {
+    "usage_rollup": "window_start",
+    "usage_rollup_daily": "window_start",
+    "usage_sampled": "ts",
+    "anomalies": "ts",
+    "usage_requests": "ts",
+}
 # Column TTLs ("table.column": the time column they count from): data only needed for a while
 # after the row was written.
 COLUMN_TTLS = {"usage_rollup.event_ids": "emitted_at"}
@@ -107,6 +113,7 @@ def _apply_column_ttl(client: Client, db: str, target: str, days: int) -> None:
 def ttl_days_from_settings(settings) -> dict[str, int]:
     return {
         "usage_rollup": settings.ttl_rollup_days,
+        "usage_rollup_daily": settings.ttl_rollup_days,  # its days go when their windows go
         "usage_sampled": settings.ttl_sampled_days,
         "anomalies": settings.ttl_anomalies_days,
         "usage_requests": settings.ttl_requests_days,

@@ -20,6 +20,9 @@ GROUPINGS = ("client", "department", "model", "minute", "hour", "day")
 #: latency ``bucket=``: per client, model and input-token bucket (the default); by input-token
 #: bucket over every client and model; or over time
 LATENCY_BUCKETS = ("client", "input", "minute", "hour", "day")
+#: the cost report's ``detail=``: every client line with the token rows per day (the default), or
+#: the department subtotals and the total only (the dashboard's panel: a small answer all month)
+REPORT_DETAILS = ("client", "department")
 #: narrowing filters every ranged report takes (the dashboard's department and model pickers)
 _FILTERS = frozenset({"client", "department", "model"})
 
@@ -27,7 +30,7 @@ _FILTERS = frozenset({"client", "department", "model"})
 REPORT_PARAMS: dict[str, frozenset[str]] = {
     "usage": frozenset({"since", "until", "by"}) | _FILTERS,
     "top": frozenset({"since", "until", "limit"}) | _FILTERS,
-    "report": frozenset({"month", "client"}),
+    "report": frozenset({"month", "client", "detail"}),
     "latency": frozenset({"since", "until", "bucket"}) | _FILTERS,
     "anomalies": frozenset({"since", "until", "limit"}) | _FILTERS,
     "samples": frozenset({"since", "until", "limit"}) | _FILTERS,
@@ -70,6 +73,7 @@ class ReportParams:
     department: str | None = None
     model: str | None = None
     bucket: str | None = None
+    detail: str | None = None
     ip: str | None = None
     status: int | None = None
     request_id: str | None = None
@@ -164,6 +168,11 @@ def parse_report_params(report: str, raw: Mapping[str, str], now: datetime | Non
         if not raw.get("month"):
             raise QueryParamError("month: required (YYYY-MM)", "month")
         values["month_start"], values["month_end"] = parse_month(raw["month"])
+    if "detail" in allowed:
+        detail = raw.get("detail") or "client"
+        if detail not in REPORT_DETAILS:
+            raise QueryParamError(f"detail: expected one of {'|'.join(REPORT_DETAILS)}, got {detail!r}", "detail")
+        values["detail"] = detail
     for name in ("client", "department"):
         if raw.get(name):
             values[name] = parse_client(raw[name], name)

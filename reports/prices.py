@@ -122,6 +122,13 @@ class PriceTable:
             raise PriceTableError(f"price table {source}: currency must be a string")
         return cls(models, currency, source, hashlib.sha256(text.encode()).hexdigest())
 
+    def change_days(self) -> list[date]:
+        """Every day on which some entry starts or stops being in force: between two of them,
+        each model has one price (or none)."""
+        bounds = {e.effective_from for entries in self.models.values() for e in entries}
+        bounds |= {e.effective_to for entries in self.models.values() for e in entries}
+        return sorted(d for d in bounds if d is not None)
+
     def price_at(self, model: str, day: date) -> ModelPrice | None:
         """The entry of ``model`` in force on ``day``, or None (unpriced)."""
         for entry in self.models.get(model, ()):

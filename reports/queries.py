@@ -1,7 +1,8 @@
 """The fixed usage reports, as parameterised SQL over the contract tables.
 
 Every table is read with ``FINAL`` so a window (or anomaly, or sampled request) that was
-written more than once, whatever was replayed, counts once. Values reach ClickHouse only as
+written more than once, whatever was replayed, counts once. The rollup reports read whole days
+of their range from the daily pre-aggregate where it is current (reports/rollup_source.py). Values reach ClickHouse only as
 bound ``{name:Type}`` parameters; the only SQL fragments chosen at run time come from the
 whitelists below, keyed by already-validated names. Rows come back JSON-ready (ints, floats,
 strings; times as ISO 8601 UTC) so the CLI prints the same thing whether it asked ClickHouse
@@ -11,14 +12,16 @@ directly or went through the usage API.
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tokenaudit.infra.daily_rollup import settle_seconds as settle_seconds  # re-exported: CLI, verify
 from tokenaudit.infra.store import Store
 from tokenaudit.reports import ledger
 from tokenaudit.reports.params import ReportParams, parse_report_params
 from tokenaudit.reports.report_sql import epoch_ms, jsonable, time_range
 from tokenaudit.reports.report_sql import iso_utc as iso_utc  # re-exported: the CLI, usage API, verify
+from tokenaudit.reports.rollup_source import LATENCY, TOTALS, rollup_source
 from tokenaudit.schemas import columns, latency_hist
 
 if TYPE_CHECKING:
@@ -53,15 +56,6 @@ _SUMS = """
     round(sum(latency_ms_sum) / greatest(sum(requests), 1), 2) AS avg_latency_ms"""
 
 
-def settle_seconds(settings: Settings) -> float:
-    """How long after a window starts its row can still change: the window itself, the grace
-    the worker waits for stragglers, the idle timeout that closes quiet windows, and the
-    sink's batch before the row reaches ClickHouse."""
-    return (
-        settings.window_seconds + settings.grace_seconds + settings.idle_timeout_seconds + settings.sink_batch_seconds
-    )
-
-
 def settled_until(settings: Settings, now: datetime | None = None) -> datetime:
     """Windows that start before this instant are settled: their rows will not change any
     more (unless a late event arrives, which the stream applies as a correction)."""
@@ -76,15 +70,23 @@ def _given(value: _T | None, name: str) -> _T:
     return value
 
 
+def _source(
+    store: Store, where: str, bound: dict[str, Any], params: ReportParams, columns: tuple[str, ...], whole_days: bool
+) -> str:
+    """The rollup rows of the report's range (rollup_source), whole current days from the daily table."""
+    since, until = _given(params.since, "since"), _given(params.until, "until")
+    return rollup_source(store, where, bound, since, until, columns, whole_days)
+
+
 def usage(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
     """Token totals in [since, until) grouped by client, department, model, minute, hour or day."""
     name, expr = _GROUP_EXPR[_given(params.by, "by")]
     where, bound = time_range("window_start", params, client)
-    extra = "argMax(department, window_start) AS dept," if params.by == "client" else ""
+    source = _source(store, where, bound, params, (*TOTALS, "last_window"), params.by not in ("minute", "hour"))
+    extra = "argMax(department, last_window) AS dept," if params.by == "client" else ""
     order = f"{name}" if params.by in _TIME_GROUPS else f"sum(total_tokens) DESC, {name}"
     rows = store.query(
-        f"SELECT {expr} AS {name}, {extra} {_SUMS} FROM {{db}}.usage_rollup FINAL "
-        f"WHERE {where} GROUP BY {name} ORDER BY {order} {_FINAL_SETTINGS}",
+        f"SELECT {expr} AS {name}, {extra} {_SUMS} FROM {source} GROUP BY {name} ORDER BY {order} {_FINAL_SETTINGS}",
         bound,
     )
     if params.by == "client":  # put the department next to the client it belongs to (latest one)
@@ -96,11 +98,12 @@ def top(store: Store, params: ReportParams, client: str | None = None) -> list[d
     """The heaviest clients by total tokens, with their share of all tokens in scope."""
     where, bound = time_range("window_start", params, client)
     bound["limit"] = params.limit
+    source = _source(store, where, bound, params, (*TOTALS, "last_window"), True)
     rows = store.query(
-        "SELECT client_id, argMax(department, window_start) AS dept, sum(requests) AS requests, "
+        "SELECT client_id, argMax(department, last_window) AS dept, sum(requests) AS requests, "
         "sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, sum(total_tokens) AS tokens, "
         "round(100 * tokens / greatest(sum(tokens) OVER (), 1), 2) AS share_pct "
-        f"FROM {{db}}.usage_rollup FINAL WHERE {where} GROUP BY client_id "
+        f"FROM {source} GROUP BY client_id "
         f"ORDER BY tokens DESC, client_id LIMIT {{limit:UInt32}} {_FINAL_SETTINGS}",
         bound,
     )
@@ -119,28 +122,38 @@ def top(store: Store, params: ReportParams, client: str | None = None) -> list[d
     ]
 
 
-def month_tokens(store: Store, params: ReportParams, client: str | None = None) -> list[dict[str, Any]]:
+def month_tokens(
+    store: Store, params: ReportParams, client: str | None = None, periods: list[date] | None = None
+) -> list[dict[str, Any]]:
     """Tokens per (department, client, model, UTC day) in one calendar month: the input of the
     cost report, which prices each day with the entry of the caller's price table in force on
-    it (prices change at the start of a day: see prices.cost_report)."""
-    bound: dict[str, Any] = {
-        "since_ms": epoch_ms(_given(params.month_start, "month")),
-        "until_ms": epoch_ms(_given(params.month_end, "month")),
-    }
-    scope = ""
+    it (prices change at the start of a day: see prices.cost_report). Given ``periods`` (the
+    first days of spans in which no price changes, the month's first day first), a row's
+    ``day`` is the first day of its span instead: the same cost (it is linear in the tokens),
+    in ~1/30 of the rows."""
+    since, until = _given(params.month_start, "month"), _given(params.month_end, "month")
+    bound: dict[str, Any] = {"since_ms": epoch_ms(since), "until_ms": epoch_ms(until)}
+    where = (
+        "window_start >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
+        "AND window_start < fromUnixTimestamp64Milli({until_ms:Int64}, 'UTC')"
+    )
     if client is not None:
-        scope, bound["client"] = " AND client_id = {client:String}", client
-    rows = store.query(
-        "SELECT department, client_id, model, toDate(window_start) AS day, "
+        where += " AND client_id = {client:String}"
+        bound["client"] = client
+    source = rollup_source(store, where, bound, since, until, TOTALS)
+    day = "toDate(window_start)"
+    if periods:
+        day, bound["periods"] = "arrayLast(p -> p <= toDate(window_start), {periods:Array(Date)})", sorted(periods)
+    # the day as ISO text from ClickHouse: every value is JSON-ready as read, so the rows (one per
+    # client, model and day: 10k a day at 2,000 clients) skip jsonable, most of this report's time
+    return store.query(
+        f"SELECT department, client_id, model, toString({day}) AS day, "
         "sum(requests) AS requests, sum(input_tokens) AS input_tokens, "
         "sum(output_tokens) AS output_tokens, sum(total_tokens) AS total_tokens "
-        "FROM {db}.usage_rollup FINAL "
-        "WHERE window_start >= fromUnixTimestamp64Milli({since_ms:Int64}, 'UTC') "
-        f"AND window_start < fromUnixTimestamp64Milli({{until_ms:Int64}}, 'UTC'){scope} "
+        f"FROM {source} "
         f"GROUP BY department, client_id, model, day ORDER BY department, client_id, model, day {_FINAL_SETTINGS}",
         bound,
     )
-    return jsonable(rows)
 
 
 #: latency ``bucket=`` over time -> the SQL that truncates a window's start (the only run-time SQL there)
@@ -161,13 +174,11 @@ def latency_percentiles(counts: dict[int, int]) -> dict[str, float | None]:
     return out
 
 
-def _latency_by_input(store: Store, where: str, bound: dict[str, Any]) -> list[dict[str, Any]]:
+def _latency_by_input(store: Store, source: str, bound: dict[str, Any]) -> list[dict[str, Any]]:
     """p50/p95/p99 per input-token bucket over every request of the range, whatever its client or
     model; requests without a full histogram as a ``not covered`` line."""
     rows = store.query(
-        "SELECT sumMapIf(latency_hist, covered) AS hist, sumIf(requests, NOT covered) AS uncovered "
-        "FROM (SELECT requests, latency_hist, arraySum(mapValues(latency_hist)) = requests AS covered "
-        f"FROM {{db}}.usage_rollup FINAL PREWHERE {where}) {_FINAL_SETTINGS}",
+        f"SELECT sumMap(hist_covered) AS hist, sum(hist_uncovered) AS uncovered FROM {source} {_FINAL_SETTINGS}",
         bound,
     )
     by_input: dict[int, dict[int, int]] = {}
@@ -185,16 +196,13 @@ def _latency_by_input(store: Store, where: str, bound: dict[str, Any]) -> list[d
     return out
 
 
-def _latency_over_time(store: Store, where: str, bound: dict[str, Any], truncate: str) -> list[dict[str, Any]]:
+def _latency_over_time(store: Store, source: str, bound: dict[str, Any], truncate: str) -> list[dict[str, Any]]:
     """p50/p95/p99 per time bucket over all requests, from the rollups' histograms merged across
     clients, models and input sizes (the dashboard's latency-over-time panel). A bucket whose
     rows do not all carry a full histogram says how many requests it leaves out (``not_covered``)."""
     rows = store.query(
-        f"SELECT {truncate} AS time, sumMapIf(latency_hist, covered) AS hist, sum(requests) AS requests, "
-        "sumIf(requests, NOT covered) AS uncovered "
-        "FROM (SELECT window_start, requests, latency_hist, arraySum(mapValues(latency_hist)) = requests AS covered "
-        f"FROM {{db}}.usage_rollup FINAL PREWHERE {where}) "
-        f"GROUP BY time ORDER BY time {_FINAL_SETTINGS}",
+        f"SELECT {truncate} AS time, sumMap(hist_covered) AS hist, sum(requests) AS requests, "
+        f"sum(hist_uncovered) AS uncovered FROM {source} GROUP BY time ORDER BY time {_FINAL_SETTINGS}",
         bound,
     )
     out: list[dict[str, Any]] = []
@@ -223,19 +231,14 @@ def latency(store: Store, params: ReportParams, client: str | None = None) -> li
     of their window (written before rollup schema v4, or a window restored from an older
     worker's state) are not guessed: their requests are a ``not covered`` line."""
     where, bound = time_range("window_start", params, client)
+    source = _source(store, where, bound, params, LATENCY, params.bucket not in ("minute", "hour"))
     if params.bucket in _TIME_BUCKET:
-        return _latency_over_time(store, where, bound, _TIME_BUCKET[params.bucket])
+        return _latency_over_time(store, source, bound, _TIME_BUCKET[params.bucket])
     if params.bucket == "input":  # all clients and models of the range merged (the dashboard's panel)
-        return _latency_by_input(store, where, bound)
+        return _latency_by_input(store, source, bound)
     rows = store.query(
-        "SELECT client_id, model, sumMapIf(latency_hist, covered) AS hist, sumIf(requests, NOT covered) AS uncovered "
-        "FROM (SELECT client_id, model, requests, latency_hist, "
-        "arraySum(mapValues(latency_hist)) = requests AS covered "
-        # PREWHERE: the histograms are read only for the rows of the range (and client) asked
-        # for, not for every row of the granules they share (~3x faster, bench_latency_report);
-        # safe with FINAL, the columns are in the sorting key, so every version of a row passes
-        f"FROM {{db}}.usage_rollup FINAL PREWHERE {where}) "
-        f"GROUP BY client_id, model ORDER BY client_id, model {_FINAL_SETTINGS}",
+        "SELECT client_id, model, sumMap(hist_covered) AS hist, sum(hist_uncovered) AS uncovered "
+        f"FROM {source} GROUP BY client_id, model ORDER BY client_id, model {_FINAL_SETTINGS}",
         bound,
     )
     out: list[dict[str, Any]] = []
@@ -322,6 +325,18 @@ def usage_buckets(
         where += " AND client_id = {client:String}"
         bound["client"] = client
     keys = ", ".join(["bucket", *cols])
+    source = rollup_source(
+        store,
+        where,
+        bound,
+        datetime.fromtimestamp(since_s, UTC),
+        datetime.fromtimestamp(until_s, UTC),
+        (*TOTALS, "api_key_id", "latency_ms_max", "hist_covered", "hist_uncovered"),
+        # a day's rows count in one bucket only if the whole day falls in one
+        lambda day: (
+            (int(day.timestamp()) - origin_s) // width_s == (int(day.timestamp()) + 86399 - origin_s) // width_s
+        ),
+    )
     return store.query(
         "SELECT intDiv(toInt64(toUnixTimestamp(window_start)) - {start:Int64}, {width:UInt32}) AS bucket, "
         + "".join(f"{c}, " for c in cols)
@@ -329,9 +344,8 @@ def usage_buckets(
         "sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
         "sum(latency_ms_sum) AS latency_ms_sum, max(latency_ms_max) AS latency_ms_max, "
         # the bucket's latency histogram, and the requests of rows without a full one (pre-v4)
-        "sumMapIf(latency_hist, arraySum(mapValues(latency_hist)) = requests) AS latency_hist, "
-        "sumIf(requests, arraySum(mapValues(latency_hist)) != requests) AS latency_uncovered "
-        f"FROM {{db}}.usage_rollup FINAL WHERE {where} GROUP BY {keys} "
+        "sumMap(hist_covered) AS latency_hist, sum(hist_uncovered) AS latency_uncovered "
+        f"FROM {source} GROUP BY {keys} "
         f"ORDER BY {keys} {_FINAL_SETTINGS}",
         bound,
     )

@@ -5,9 +5,11 @@ Only the fixed reports of :mod:`tokenaudit.reports.queries` are exposed, never S
     GET /healthz                                   (no key)
     GET /v1/usage?since=&until=&by=&client=
     GET /v1/top?since=&until=&limit=&client=
-    GET /v1/report?month=YYYY-MM&client=           (tokens per department/client/model in
+    GET /v1/report?month=YYYY-MM&client=&detail=   (tokens per department/client/model in
                                                     ``rows``, and ``cost``: the cost report priced
-                                                    with TOKENAUDIT_PRICE_TABLE, or ``cost_error``)
+                                                    with TOKENAUDIT_PRICE_TABLE, or ``cost_error``;
+                                                    detail=department: subtotals only, no rows,
+                                                    see reports/cost_view.py)
     GET /v1/latency?since=&until=&bucket=&client=
     GET /v1/anomalies?since=&until=&limit=&client=
     GET /v1/samples?since=&until=&limit=&client=   (sampled requests: the scatter)
@@ -48,6 +50,7 @@ from tokenaudit.errors import QueryParamError
 from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.infra.keys import ApiKey, AuthError, KeyRegistry, marker_path
 from tokenaudit.reports.anomaly_feed import AnomalyFeed
+from tokenaudit.reports.cost_view import department_answer
 from tokenaudit.reports.dashboard import dashboard_routes
 from tokenaudit.reports.erase import ERASE_PATH, erase_endpoint
 from tokenaudit.reports.openai_usage import PATH as OPENAI_USAGE_PATH
@@ -113,8 +116,13 @@ def create_app(store: Store, settings: Settings, keys_path: Path | None = None) 
                 if scope is not None and scope != key.client_id:
                     return _error(403, "forbidden_client", "a client key can only read its own usage", "client")
                 scope = key.client_id
+            department = report == "report" and params.detail == "department"
             try:
-                rows = await run_in_threadpool(run_report, store, report, params, scope)
+                if department:  # the dashboard's cost panel: subtotals only, from fewer rows
+                    priced = await run_in_threadpool(department_answer, store, params, scope, settings.price_table)
+                    rows = priced.pop("rows")
+                else:
+                    rows = await run_in_threadpool(run_report, store, report, params, scope)
             except Exception:  # never leak SQL or engine internals to the caller
                 log.exception("usage API: %s report failed", report)
                 return _error(500, "report_failed", f"{report} report failed; see the sink log")
@@ -126,7 +134,9 @@ def create_app(store: Store, settings: Settings, keys_path: Path | None = None) 
                 "settled_until": iso_utc(settled_until(settings)),
                 "rows": rows,
             }
-            if report == "report":  # priced here, with the API's price table (the dashboard's cost panel)
+            if department:
+                body.update(priced)
+            elif report == "report":  # priced here, with the API's price table
                 body.update(priced_answer(rows, settings.price_table))
             return JSONResponse(body)
 

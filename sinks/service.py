@@ -98,6 +98,9 @@ def run_sink(settings: Settings, api: Callable[[Store], Starlette] | None = None
     signal.signal(signal.SIGINT, on_signal)
     thread = threading.Thread(target=loop, name="sink", daemon=True)
     thread.start()
+    builder = threading.Thread(target=_build_daily, args=(settings, store, stop), name="daily-rollup", daemon=True)
+    if settings.daily_rollup_seconds > 0:
+        builder.start()
     if not sink.ready.wait(30):
         raise RuntimeError("sink consumer did not start")
     try:
@@ -105,6 +108,8 @@ def run_sink(settings: Settings, api: Callable[[Store], Starlette] | None = None
     finally:
         stop.set()
         thread.join(60)
+        if builder.is_alive():  # a round in progress ends before the store closes
+            builder.join(60)
         store.close()
     c = sink.counters
     log.warning(
@@ -116,3 +121,16 @@ def run_sink(settings: Settings, api: Callable[[Store], Starlette] | None = None
         c.batches,
     )
     return 1 if failed else 0
+
+
+def _build_daily(settings: Settings, store: Store, stop: threading.Event) -> None:
+    """Keep the daily pre-aggregate current (infra/daily_rollup.py) until the sink stops; a
+    failed round is logged and retried next time: readers fall back to the windows meanwhile."""
+    from tokenaudit.infra.daily_rollup import DailyBuilder, settle_seconds
+
+    builder = DailyBuilder(store, settle_seconds(settings), quiet_seconds=settings.daily_rollup_seconds)
+    while not stop.wait(settings.daily_rollup_seconds):
+        try:
+            builder.run_once()
+        except Exception:
+            log.exception("daily rollup build failed; reports read the windows until it succeeds")

@@ -260,6 +260,11 @@ def test_report_route_returns_the_priced_report(api, tmp_path):
     assert body["cost"]["rows"] == cost_report(body["rows"], PriceTable.load(prices))
     total = body["cost"]["rows"][-1]
     assert total["level"] == "total" and Decimal(total["cost"]) > 0
+    departments = _get(http, "/v1/report", keys["admin"], month=month, detail="department").json()
+    assert departments["rows"] == [] and departments["cost"]["currency"] == "EUR"
+    assert departments["cost"]["rows"] == [r for r in body["cost"]["rows"] if r["level"] != "client"]
+    bad = _get(http, "/v1/report", keys["admin"], month=month, detail="model")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "detail"
     own = _get(http, "/v1/report", keys["gamma-bot"], month=month).json()["cost"]["rows"]
     assert {r["client_id"] for r in own if r["level"] == "client"} == {"gamma-bot"}
     prices.write_text(PRICES.split('[models."gpt2-tiny"]')[0])  # read at each call: gpt2-tiny now unpriced

@@ -9,7 +9,9 @@ from decimal import ROUND_HALF_UP, Decimal
 import pytest
 
 from tests.support.usage_seed import ROLLUP_COLUMNS, rollup_rows, superseded
+from tokenaudit.infra.daily_rollup import DailyBuilder
 from tokenaudit.infra.store import Store
+from tokenaudit.reports.cost_view import department_answer
 from tokenaudit.reports.params import parse_report_params
 from tokenaudit.reports.prices import PriceTable, PriceTableError, cost_report
 from tokenaudit.reports.queries import month_tokens
@@ -159,6 +161,29 @@ def test_each_window_is_priced_with_the_entry_in_force(month_store):
     ]
     late_tokens = sum(r["i"] + r["o"] for r in per_day if r["model"] == "t5-tiny" and r["d"] == date(2026, 3, 31))
     assert {r["model"] for r in late} == {"t5-tiny"} and sum(r["total_tokens"] for r in late) == late_tokens
+
+
+@pytest.mark.parametrize("daily", [False, True], ids=["windows", "daily"])
+def test_department_detail_is_the_full_reports_subtotals(month_store, tmp_path, daily):
+    """detail=department sums tokens per span of unchanged prices, not per day: its department,
+    unpriced and total lines are the full report's, whatever the prices do mid-month."""
+    if daily:  # and the same once March's days are read from the daily pre-aggregate
+        assert DailyBuilder(month_store, settle_seconds=0, quiet_seconds=0).run_once(datetime(2026, 4, 2, tzinfo=UTC))
+    ended = DATED.replace("effective_from = 2026-03-15\n", "effective_from = 2026-03-15\neffective_to = 2026-03-20\n")
+    params = parse_report_params("report", {"month": "2026-03", "detail": "department"})
+    for text in (PRICES, DATED, ended):
+        path = tmp_path / "prices.toml"
+        path.write_text(text)
+        for client in (None, "beta-app"):
+            full = cost_report(month_tokens(month_store, params, client), PriceTable.parse(text))
+            answer = department_answer(month_store, params, client, path)
+            assert answer["rows"] == [] and answer["cost_error"] is None
+            assert answer["cost"]["rows"] == [line for line in full if line["level"] != "client"]
+    # one span: a row per department, client and model, where per day there is one for each day
+    assert len(month_tokens(month_store, params, None, [date(2026, 3, 1)])) * 2 == len(
+        month_tokens(month_store, params)
+    )
+    assert department_answer(month_store, params, None, None)["cost_error"].startswith("no price table")
 
 
 @pytest.mark.parametrize(

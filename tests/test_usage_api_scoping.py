@@ -134,6 +134,7 @@ def test_injection_attempts_in_every_parameter_are_400(api, report):
         "department": "sales",
         "model": "t5-tiny",
         "bucket": "hour",
+        "detail": "department",
         "ip": "10.0.0.5",
         "status": "200",
         "id": "req-1",

@@ -322,6 +322,11 @@ class Settings(BaseSettings):
         description="Ledger (usage_requests) rows per ClickHouse insert (about 1.3 kB of sink memory each while batched): fewer, larger parts cost ClickHouse less per row (bench/bench_ledger.py).",
     )
     sink_batch_seconds: float = Field(1.0, gt=0, description="Longest wait before a partial batch is inserted.")
+    daily_rollup_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="How often the sink builds the daily pre-aggregate of usage_rollup (settled days whose rows have not changed for that long; long report ranges read whole days from it); 0 turns it off and reports read every window.",
+    )
     sink_shutdown_seconds: float = Field(
         5.0,
         ge=0,

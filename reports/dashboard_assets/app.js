@@ -5,6 +5,9 @@
 (function () {
   const KEY_SLOT = "tokenaudit.key"; // sessionStorage: this tab only, gone when the tab closes
   const RANGES = { "1h": 3600, "24h": 86400, "7d": 7 * 86400, "30d": 30 * 86400 };
+  // ranges of whole UTC days (today and the days before it): per-day buckets are calendar days,
+  // and the API reads whole days from its daily pre-aggregate instead of every window
+  const DAY_RANGES = new Set(["7d", "30d"]);
   // bucket_width of the OpenAI-shaped endpoint -> [seconds, max buckets per page, latency bucket]
   const WIDTHS = [["1m", 60, 1440, "minute"], ["1h", 3600, 168, "hour"], ["1d", 86400, 31, "day"]];
   const PANELS = ["tokens", "top", "cost", "latency-time", "latency-input", "scatter", "anomalies"];
@@ -52,6 +55,7 @@
     const choice = $("range").value;
     let until = Math.floor(Date.now() / 1000);
     let since = until - (RANGES[choice] || 86400);
+    if (DAY_RANGES.has(choice)) since = until - (until % 86400) - RANGES[choice] + 86400;
     if (choice === "custom" && $("custom-since").value && $("custom-until").value) {
       since = Math.floor(Date.parse($("custom-since").value + "Z") / 1000);
       until = Math.floor(Date.parse($("custom-until").value + "Z") / 1000);
@@ -156,7 +160,16 @@
   async function tokensPanel(range, f, topRows) {
     const base = { start_time: range.since, end_time: range.until, user_ids: f.client, project_ids: f.department,
       models: f.model };
-    // the total first: the panel's numbers, and the height of the stack
+    // the total (the panel's numbers, and the height of the stack) and the stacks asked at once:
+    // the stacks need only the top clients, not the total (both coarsen a width the same way)
+    const stacksAt = (width) => state.admin
+      ? topRows.then((rows) => {
+        const ids = rows.slice(0, STACKED).map((r) => r.client_id).filter((id) => ID.test(id));
+        return ids.length ? usagePages({ ...base, user_ids: ids, group_by: "user_id" }, width) : null;
+      })
+      : usagePages({ ...base, group_by: "model" }, width);
+    const stacked = stacksAt(widthFor(range));
+    stacked.catch(() => null); // reported below, once the total is in
     const total = await usagePages(base, widthFor(range));
     const width = total.width;
     let tokens = 0;
@@ -173,14 +186,9 @@
     $("total-requests").dataset.value = String(requests);
     // stacked by client (an admin: the heaviest few, the rest as "other", so thousands of
     // clients cost one small answer) or by model (a client key)
-    let stacks;
-    if (state.admin) {
-      const ids = (await topRows).slice(0, STACKED).map((r) => r.client_id).filter((id) => ID.test(id));
-      stacks = ids.length ? series((await usagePages({ ...base, user_ids: ids, group_by: "user_id" }, width)).pages,
-        "user_id") : new Map();
-    } else {
-      stacks = series((await usagePages({ ...base, group_by: "model" }, width)).pages, "model");
-    }
+    let parts = await stacked;
+    if (parts && parts.width !== width) parts = await stacksAt(width); // the total settled on another width
+    const stacks = parts ? series(parts.pages, state.admin ? "user_id" : "model") : new Map();
     const sum = series(total.pages, null).get("total") || new Array(total.pages.length).fill(0);
     const rest = sum.map((v, i) => v - [...stacks.values()].reduce((acc, data) => acc + (data[i] || 0), 0));
     const shown = [...stacks.entries()];
@@ -212,7 +220,7 @@
 
   async function costPanel(f) {
     if (!$("cost-month").value) $("cost-month").value = new Date().toISOString().slice(0, 7);
-    const body = await api("/v1/report", { month: $("cost-month").value, client: f.client });
+    const body = await api("/v1/report", { month: $("cost-month").value, client: f.client, detail: "department" });
     const cost = body.cost;
     const departments = cost ? cost.rows.filter((r) => r.level !== "client") : [];
     fillTable("cost-rows", departments, (r) => [[r.level === "total" ? "total" : r.department],
@@ -387,7 +395,8 @@
     perf.range = { since: range.sinceIso, until: range.untilIso, start_time: range.since, end_time: range.until };
     PANELS.forEach((name) => { panel(name).dataset.state = "loading"; });
     $("status").textContent = "loading…";
-    let width = widthFor(range);
+    const first = widthFor(range);
+    let width = first;
     // one top-clients query feeds both the top panel and the stacking of the tokens panel
     const topRows = api("/v1/top", { since: range.sinceIso, until: range.untilIso, limit: 10, ...f }).then((b) => b.rows);
     topRows.catch(() => null); // its panels report the error
@@ -396,7 +405,10 @@
       tokens,
       run("top", () => topPanel(topRows)),
       run("cost", () => costPanel(f)),
-      tokens.then(() => run("latency-time", () => latencyTimePanel(range, f, width))),
+      // at once, with the width the tokens panel starts from; again in the one it settled on if
+      // the API refused that one as finer than the stream's window
+      run("latency-time", () => latencyTimePanel(range, f, first)).then(() => tokens).then(() =>
+        width !== first ? run("latency-time", () => latencyTimePanel(range, f, width)) : null),
       run("latency-input", () => latencyInputPanel(range, f)),
       run("scatter", () => scatterPanel(range, f)),
       run("anomalies", () => anomaliesPanel(range, f)),
