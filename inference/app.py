@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from starlette.applications import Starlette
@@ -24,12 +25,14 @@ from tokenaudit.errors import RegistryError, SpoolLocked
 from tokenaudit.inference import embeddings_route, routes
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull
+from tokenaudit.inference.budgets import BudgetEnforcer, BudgetMiddleware, Pricer
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics, start_metrics_listener
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.inference.rate_limits import RateLimiter, RateLimitMiddleware
 from tokenaudit.inference.runner import Encoded, ModelRunner
 from tokenaudit.infra import schema_registry
+from tokenaudit.infra.budget_view import BudgetView
 from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.infra.keys import KeyRegistry
 from tokenaudit.schemas.records import TokenUsageEvent
@@ -43,13 +46,14 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 class AppState:
     """Everything the handlers share, owned by the app's lifespan."""
 
-    def __init__(self, settings: Settings, runner: ModelRunner):
+    def __init__(self, settings: Settings, runner: ModelRunner, pricer: Pricer | None = None):
         self.settings = settings
         self.runner = runner
         self.model_name = runner.model_name
         self.digest = PromptDigester.from_settings(settings.prompt_digest_secret, settings.data_dir)
         self.publisher: EventPublisher | None = None
         self.batcher: MicroBatcher | None = None
+        self.budgets = BudgetEnforcer(BudgetView(settings), settings.budget_period_seconds, pricer)
         self.metrics = AppMetrics(lambda: self.publisher, self._extra_metrics)
         # tokenizing happens here, on the request side: never on the event loop (a 1 MB prompt
         # takes ~1.5 s) and never on the model thread (it would stall everyone's batch)
@@ -93,7 +97,8 @@ class AppState:
 
     def publish(self, event: TokenUsageEvent) -> None:
         if self.publisher is not None:
-            self.publisher.publish(event)
+            budgets = self.budgets  # a hard-budget request's event reports its offset (see budgets.py)
+            self.publisher.publish(event, budgets.on_delivered(event) if budgets.awaiting else None)
         self.metrics.observe(event)
 
     def load_model(self) -> None:
@@ -158,11 +163,18 @@ def publisher_from_settings(s: Settings) -> EventPublisher:
 
 
 def create_app(
-    settings: Settings, *, audit: bool = True, runner: ModelRunner | None = None, load_in_background: bool = True
+    settings: Settings,
+    *,
+    audit: bool = True,
+    runner: ModelRunner | None = None,
+    load_in_background: bool = True,
+    prices: Callable[[str], Pricer] | None = None,
 ) -> IdentityMiddleware | AuditMiddleware:
-    """The ASGI app. ``audit=False`` exists only for the overhead benchmark: no events at all."""
+    """The ASGI app. ``audit=False`` exists only for the overhead benchmark: no events at all.
+    ``prices(model)``: a model's cost of (input, output) tokens, for hard cost budgets (`serve`
+    passes the price file's; without it this instance counts no cost, like an unpriced model)."""
     runner = runner or runner_from_settings(settings)
-    state = AppState(settings, runner)
+    state = AppState(settings, runner, prices(runner.model_name) if prices is not None else None)
     registry = KeyRegistry.from_settings(settings)
     trusted = parse_networks(settings.trusted_proxies)
 
@@ -173,6 +185,7 @@ def create_app(
         except (SpoolLocked, RegistryError) as exc:
             log.error("cannot start: %s", exc)
             raise
+        state.budgets.view.start()  # hard budgets: followed from the budgets and spend topics
         listener = start_metrics_listener(state.metrics, settings.metrics_port) if settings.metrics_port else None
         loader = threading.Thread(target=state.load_model, name="model-loader", daemon=True)
         loader.start()
@@ -187,6 +200,7 @@ def create_app(
             if state.batcher is not None:
                 state.batcher.stop()
             state.tokenizer_pool.shutdown(wait=False)
+            state.budgets.view.close()
             state.publisher.close(settings.shutdown_flush_seconds)
             log.info("publisher closed: %s", state.publisher.stats)
 
@@ -205,7 +219,8 @@ def create_app(
         lifespan=lifespan,
     )
     star.state.tokenaudit = state
-    metered = RateLimitMiddleware(star, RateLimiter())  # per-key rpm/tpm, inside the identity layer
+    budgeted = BudgetMiddleware(star, state.budgets)  # hard budgets: reserve in the routes, settle here
+    metered = RateLimitMiddleware(budgeted, RateLimiter())  # per-key rpm/tpm, inside the identity layer
     app: IdentityMiddleware | AuditMiddleware = IdentityMiddleware(metered, registry, trusted, OPEN_PATHS)
     if audit:
         exclude = frozenset(p.strip() for p in settings.audit_exclude_paths.split(",") if p.strip())

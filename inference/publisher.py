@@ -40,6 +40,7 @@ from tokenaudit.inference.cloudevents import CloudEventHeaders
 from tokenaudit.inference.identity import UNAUTHENTICATED
 from tokenaudit.inference.publisher_stats import PublisherStats
 from tokenaudit.inference.quiet_logs import RateLimitedLog, librdkafka_logger
+from tokenaudit.inference.reported_delivery import OnDelivered, ReportedProducer
 from tokenaudit.inference.spool import Appended, Spool
 from tokenaudit.inference.spool_format import Headers
 from tokenaudit.schemas import EVENT, encode
@@ -142,6 +143,7 @@ class EventPublisher:
             self.spool.close()  # release the directory's lock
             raise
         self._replay_producer: Producer | None = None
+        self._reported = ReportedProducer(producer_factory, self._config, topic, self._on_delivery)
         self._replay_fatal: str | None = None
         self._spool_lock = threading.Lock()
         self._spooling = not self.spool.empty()  # leftovers from a previous run: replay them first
@@ -168,7 +170,7 @@ class EventPublisher:
     @property
     def queue_depth(self) -> int:
         replay = self._replay_producer
-        return len(self._producer) + (len(replay) if replay is not None else 0)
+        return len(self._producer) + len(self._reported) + (len(replay) if replay is not None else 0)
 
     def problem(self) -> str | None:
         """Why this publisher cannot do its work now (for /readyz), or None when it can."""
@@ -196,14 +198,16 @@ class EventPublisher:
             self._producer.purge(in_queue=True, in_flight=True, blocking=False)
             self._producer.flush(1.0)
             log.warning("shutdown: %d events not delivered within %.1fs were spooled", remaining, timeout)
+        self._reported.close(timeout if not self._spooling else 0)
         if self._replay_producer is not None:  # unconfirmed records stay in their segment for the next start
             self._replay_producer.purge(in_queue=True, in_flight=True, blocking=False)
             self._replay_producer.flush(0.5)
         self.spool.close()
 
     # --- hot path -------------------------------------------------------------------------
-    def publish(self, event: TokenUsageEvent) -> None:
-        """Encode and enqueue one event; never blocks on the network, never raises."""
+    def publish(self, event: TokenUsageEvent, on_delivered: OnDelivered | None = None) -> None:
+        """Encode and enqueue one event; never blocks on the network, never raises.
+        ``on_delivered(partition, offset)``: called once Kafka has it (never for a spooled one)."""
         try:
             value = self._encode(event)
             key = event["client_id"].encode()
@@ -212,10 +216,15 @@ class EventPublisher:
             log.exception("event %s could not be encoded and is lost", event.get("request_id"))
             self._count(dropped=1)
             return
-        self.publish_encoded(key, value, headers, rebuildable=True)
+        self.publish_encoded(key, value, headers, rebuildable=True, on_delivered=on_delivered)
 
     def publish_encoded(
-        self, key: bytes, value: bytes, headers: Headers | None = None, rebuildable: bool = False
+        self,
+        key: bytes,
+        value: bytes,
+        headers: Headers | None = None,
+        rebuildable: bool = False,
+        on_delivered: OnDelivered | None = None,
     ) -> None:
         """Enqueue one encoded record (spool it while spooling); never raises. ``rebuildable``:
         the headers are the event's CloudEvents headers, which a failed delivery rebuilds from
@@ -224,7 +233,9 @@ class EventPublisher:
             if self._spooling and self._spool_if_spooling(key, value, headers):
                 return
             try:
-                if headers is None or rebuildable:
+                if on_delivered is not None:  # the few events that need their offset (hard budgets)
+                    self._reported.produce(key, value, headers, on_delivered)
+                elif headers is None or rebuildable:
                     # None, or the event's own headers: a list (CloudEventHeaders), as produce() takes
                     self._producer.produce(self.topic, value, key, headers=headers)  # type: ignore[arg-type]
                 else:  # delivery reports carry no headers: keep them for a failed delivery's spooling
@@ -307,7 +318,7 @@ class EventPublisher:
     @property
     def produced(self) -> int:
         """Events Kafka acknowledged on the direct path: enqueued, no longer queued, not failed."""
-        return max(0, self.stats.enqueued - len(self._producer) - self.stats.failed)
+        return max(0, self.stats.enqueued - len(self._producer) - len(self._reported) - self.stats.failed)
 
     def _on_delivery(self, err, msg, headers: Headers | None = None) -> None:
         """A direct-path delivery failed: spool the event. Never raises (it runs inside poll)."""
@@ -374,6 +385,7 @@ class EventPublisher:
             self._heartbeat = time.monotonic()
             try:
                 self._producer.poll(0.1)
+                self._reported.poll()
                 if time.monotonic() >= self._next_probe and (self._spooling or not self.spool.empty()):
                     self._next_probe = time.monotonic() + self.retry_seconds
                     self._replay()

@@ -16,10 +16,11 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from tokenaudit.errors import AvroDecodeError
 from tokenaudit.infra import kafka_clients
+from tokenaudit.infra.topics import ensure_declared
 from tokenaudit.schemas import BUDGET, SPEND, decode
 from tokenaudit.schemas.budgets import Budget, BudgetSpend, parse_budget_key, period_bounds
 
@@ -141,9 +142,18 @@ class BudgetView:
             consumer.close()
 
     def _assign(self, consumer: Consumer) -> set[tuple[str, int]]:
+        try:  # as declared (compacted, one partition): a view started before `up`/the CLI still follows
+            ensure_declared(self._settings, ("budgets", "spend"), timeout=10)
+        except Exception as exc:  # the broker may be down now: wait for the topics below
+            log.info("budget view: could not ensure the budget topics now (%s)", exc)
         deadline = time.monotonic() + 30
         while True:
-            md = consumer.list_topics(timeout=5)
+            try:
+                md = consumer.list_topics(timeout=5)
+            except KafkaException:  # broker unreachable: retry rather than stop following for good
+                if self._stop.wait(0.5):
+                    return set()
+                continue
             parts = [
                 TopicPartition(t, p, OFFSET_BEGINNING)
                 for t in self._topics

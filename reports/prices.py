@@ -37,6 +37,7 @@ import hashlib
 import itertools
 import tomllib
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, InvalidOperation
@@ -287,3 +288,16 @@ def priced_answer(token_rows: list[dict[str, Any]], price_table: Path | None) ->
     except PriceTableError as exc:
         return {"cost": None, "cost_error": str(exc)}
     return {"cost": {"currency": prices.currency, "rows": rows}, "cost_error": None}
+
+
+def model_pricer(price_table: Path, model: str) -> Callable[[int, int], float | None]:
+    """The cost of (input, output) tokens of ``model`` at today's UTC prices, or None when it has
+    no price in force: what the inference app reserves against a hard cost budget (a float: a
+    check before dispatch, not an invoice). The table is read once, at start-up."""
+    prices = PriceTable.load(price_table)
+
+    def cost(input_tokens: int, output_tokens: int) -> float | None:
+        entry = prices.price_at(model, datetime.now(UTC).date())
+        return None if entry is None else float(entry.cost(input_tokens, output_tokens))
+
+    return cost
