@@ -25,7 +25,7 @@ from tokenaudit.errors import RegistryError, SpoolLocked
 from tokenaudit.inference import embeddings_route, routes
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull
-from tokenaudit.inference.budgets import BudgetEnforcer, BudgetMiddleware, Pricer
+from tokenaudit.inference.budgets import BudgetEnforcer, Pricer
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics, start_metrics_listener
 from tokenaudit.inference.publisher import EventPublisher
@@ -96,9 +96,10 @@ class AppState:
             self._tokenizing -= 1
 
     def publish(self, event: TokenUsageEvent) -> None:
+        budgets = self.budgets  # a hard-budget request settles here, and its event reports its offset
+        hook = budgets.settle(event) if budgets.inflight else None
         if self.publisher is not None:
-            budgets = self.budgets  # a hard-budget request's event reports its offset (see budgets.py)
-            self.publisher.publish(event, budgets.on_delivered(event) if budgets.awaiting else None)
+            self.publisher.publish(event, hook)
         self.metrics.observe(event)
 
     def load_model(self) -> None:
@@ -219,11 +220,11 @@ def create_app(
         lifespan=lifespan,
     )
     star.state.tokenaudit = state
-    budgeted = BudgetMiddleware(star, state.budgets)  # hard budgets: reserve in the routes, settle here
-    metered = RateLimitMiddleware(budgeted, RateLimiter())  # per-key rpm/tpm, inside the identity layer
+    metered = RateLimitMiddleware(star, RateLimiter())  # per-key rpm/tpm, inside the identity layer
     app: IdentityMiddleware | AuditMiddleware = IdentityMiddleware(metered, registry, trusted, OPEN_PATHS)
+    exclude = frozenset(p.strip() for p in settings.audit_exclude_paths.split(",") if p.strip())
+    state.budgets.unaudited = exclude if audit else None  # no event, no settle: nothing to reserve
     if audit:
-        exclude = frozenset(p.strip() for p in settings.audit_exclude_paths.split(",") if p.strip())
         app = AuditMiddleware(app, state.publish, runner.model_name, exclude, settings.effective_instance)
     app.state = state  # for tests and the server: reach the state through the outer app
     return app

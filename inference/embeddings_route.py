@@ -14,7 +14,6 @@ from starlette.responses import JSONResponse, Response
 
 from tokenaudit.inference.audit import context_of
 from tokenaudit.inference.batcher import Overloaded
-from tokenaudit.inference.budgets import hold
 from tokenaudit.inference.http_io import ApiError
 from tokenaudit.inference.rate_limits import reserve
 from tokenaudit.inference.routes import _api, _batcher, _body, _outcome, _overloaded, _ready_for
@@ -73,7 +72,7 @@ async def embeddings(request: Request) -> Response:
     except Overloaded as exc:
         raise _overloaded(exc) from None
     reserve(request.scope, sum(len(e.ids) for e in encoded))
-    hold(request.scope, sum(len(e.ids) for e in encoded), 0)
+    state.budgets.hold(ctx, request.scope["path"], sum(len(e.ids) for e in encoded), 0)
     result, gone = await _outcome(
         request, asyncio.ensure_future(_batcher(state).submit_embeddings(encoded)), "embedding_failed"
     )

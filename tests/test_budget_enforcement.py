@@ -59,6 +59,12 @@ def _ms(clock: Clock) -> int:
     return int(clock.now * 1000)
 
 
+def _settle(enforcer: BudgetEnforcer, charge, used_in: int, used_out: int, event_id: str):
+    """What the app's publish does with the request's event: settle, and get the delivery hook."""
+    enforcer.inflight[event_id] = charge
+    return enforcer.settle({"event_id": event_id, "input_tokens": used_in, "output_tokens": used_out})  # type: ignore[typeddict-item]
+
+
 def _refused(enforcer: BudgetEnforcer, clock: Clock, client: str, dept: str, n_in: int, n_out: int) -> ApiError:
     with pytest.raises(ApiError) as caught:
         enforcer.reserve(client, dept, n_in, n_out, _ms(clock))
@@ -92,11 +98,11 @@ def test_settling_refunds_the_unused_worst_case(setup):
     view.set("client", "acme", 100)
     charge = enforcer.reserve("acme", "", 30, 70, _ms(clock))
     _refused(enforcer, clock, "acme", "", 1, 0)
-    enforcer.settle(charge, 30, 10, "e1")  # used 40 of the 100 reserved
+    _settle(enforcer, charge, 30, 10, "e1")  # used 40 of the 100 reserved
     assert enforcer.reserve("acme", "", 40, 20, _ms(clock)) is not None  # 40 + 60 = 100
     _refused(enforcer, clock, "acme", "", 1, 0)
-    enforcer.settle(charge, 30, 10, "e1")  # a second settle of the same charge changes nothing
-    _refused(enforcer, clock, "acme", "", 1, 0)
+    assert enforcer.settle({"event_id": "e1", "input_tokens": 30, "output_tokens": 10}) is None  # type: ignore[typeddict-item]
+    _refused(enforcer, clock, "acme", "", 1, 0)  # a second event of it (a copy) settles nothing
 
 
 def test_settled_spend_is_counted_once_until_and_after_the_stream_includes_its_offset(setup):
@@ -104,14 +110,13 @@ def test_settled_spend_is_counted_once_until_and_after_the_stream_includes_its_o
     view.set("client", "acme", 100)
     view.stream("client", "acme", clock.now, tokens=50, offset=6)  # the stream counted up to offset 6
     charge = enforcer.reserve("acme", "", 20, 10, _ms(clock))
-    enforcer.settle(charge, 20, 10, "e7")
-    hook = enforcer.on_delivered({"event_id": "e7"})  # type: ignore[typeddict-item]
-    assert hook is not None and enforcer.on_delivered({"event_id": "e7"}) is None  # type: ignore[typeddict-item]
+    hook = _settle(enforcer, charge, 20, 10, "e7")
+    assert hook is not None
     hook(0, 7)  # the event is offset 7 of partition 0
     clock.tick()
     assert enforcer.reserve("acme", "", 20, 0, _ms(clock)) is not None  # 50 + 30 local + 20 = 100
-    enforcer.settle(enforcer.reserve("acme", "", 0, 0, _ms(clock)), 0, 0, "e-none")
-    _refused(enforcer, clock, "acme", "", 21, 0)
+    assert _settle(enforcer, enforcer.reserve("acme", "", 0, 0, _ms(clock)), 0, 0, "e-none") is None
+    _refused(enforcer, clock, "acme", "", 1, 0)
     # the stream now includes offset 7 (50 + 30): the local 30 must not be counted a second time
     view.stream("client", "acme", clock.now, tokens=80, offset=7)
     clock.tick()
@@ -123,8 +128,7 @@ def test_a_spooled_event_stays_counted_until_the_period_ends(setup):
     view, clock, enforcer = setup
     view.set("client", "acme", 100)
     charge = enforcer.reserve("acme", "", 60, 40, _ms(clock))
-    enforcer.settle(charge, 60, 40, "e1")  # published to the spool: no delivery report ever
-    enforcer.on_delivered({"event_id": "e1"})  # type: ignore[typeddict-item]
+    _settle(enforcer, charge, 60, 40, "e1")  # published to the spool: its hook is never called
     view.stream("client", "acme", clock.now, tokens=0, offset=99)  # whatever the stream says
     clock.tick(10)
     _refused(enforcer, clock, "acme", "", 1, 0)
@@ -140,6 +144,27 @@ def test_a_spent_department_refuses_its_clients_and_takes_nothing_from_their_own
     err = _refused(enforcer, clock, "acme", "research", 10, 10)
     assert "department 'research'" in err.message
     assert enforcer.reserve("acme", "sales", 50, 50, _ms(clock)) is not None  # the client's 100 intact
+
+
+def test_a_client_day_budget_and_a_department_month_budget_each_keep_their_own_period(setup):
+    view, clock, enforcer = setup
+    view.set("client", "acme", 100)
+    view.budgets_[("department", "research")] = budget("department", "research", "tokens", 1000, "month", True, 0)
+    enforcer.period_seconds = None  # real days and months
+    clock.now = 1_798_761_600.0 - 30  # 2026-12-31 23:59:30 UTC: the day and the month end together
+    charge = enforcer.reserve("acme", "research", 50, 50, _ms(clock))
+    clock.now += 60  # settled in the next day and month: counted in neither new period
+    _settle(enforcer, charge, 50, 50, "e1")
+    second = enforcer.reserve("acme", "research", 50, 50, _ms(clock))
+    assert enforcer.ledgers[("department", "research")].settled_in == 0
+    _settle(enforcer, second, 50, 0, "e-second")
+    clock.now = 1_798_761_600.0 + 3600  # a day on (same month): the client's day rolls, the month not
+    charge = enforcer.reserve("acme", "research", 10, 0, _ms(clock))
+    clock.tick(86_400)
+    _settle(enforcer, charge, 10, 0, "e2")
+    assert enforcer.reserve("acme", "research", 0, 0, _ms(clock)) is not None  # the next day's first
+    assert enforcer.ledgers[("department", "research")].settled_in == 60  # still this month
+    assert enforcer.ledgers[("client", "acme")].settled_in == 0  # another day
 
 
 def test_a_budget_change_applies_without_restart(setup):
@@ -161,7 +186,7 @@ def test_a_cost_budget_prices_the_worst_case_with_the_served_models_prices(setup
     view.set("client", "acme", 1.0, unit="cost")
     charge = enforcer.reserve("acme", "", 200, 300, _ms(clock))  # 0.2 + 0.6
     _refused(enforcer, clock, "acme", "", 100, 51)  # 0.1 + 0.102 > the 0.2 left
-    enforcer.settle(charge, 200, 100, "e1")  # used 0.4
+    _settle(enforcer, charge, 200, 100, "e1")  # used 0.4
     assert enforcer.reserve("acme", "", 100, 250, _ms(clock)) is not None  # 0.4 + 0.6 = 1.0
     unpriced = BudgetEnforcer(view, PERIOD_S, lambda i, o: None, clock=clock)  # type: ignore[arg-type]
     assert unpriced.reserve("acme", "", 10**6, 10**6, _ms(clock)) is not None  # no price: no cost, as the stream
