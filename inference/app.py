@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from starlette.applications import Starlette
@@ -25,7 +24,7 @@ from tokenaudit.errors import RegistryError, SpoolLocked
 from tokenaudit.inference import embeddings_route, routes
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull
-from tokenaudit.inference.budgets import BudgetEnforcer, Pricer
+from tokenaudit.inference.budgets import BudgetEnforcer, model_pricer
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics, start_metrics_listener
 from tokenaudit.inference.publisher import EventPublisher
@@ -35,6 +34,7 @@ from tokenaudit.infra import schema_registry
 from tokenaudit.infra.budget_view import BudgetView
 from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.infra.keys import KeyRegistry
+from tokenaudit.infra.prices import PriceTable
 from tokenaudit.schemas.records import TokenUsageEvent
 from tokenaudit.settings import Settings
 
@@ -46,13 +46,15 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 class AppState:
     """Everything the handlers share, owned by the app's lifespan."""
 
-    def __init__(self, settings: Settings, runner: ModelRunner, pricer: Pricer | None = None):
+    def __init__(self, settings: Settings, runner: ModelRunner):
         self.settings = settings
         self.runner = runner
         self.model_name = runner.model_name
         self.digest = PromptDigester.from_settings(settings.prompt_digest_secret, settings.data_dir)
         self.publisher: EventPublisher | None = None
         self.batcher: MicroBatcher | None = None
+        # hard cost budgets price this model with the price file, as the worker prices the stream
+        pricer = model_pricer(PriceTable.load(settings.price_table), self.model_name) if settings.price_table else None
         self.budgets = BudgetEnforcer(BudgetView(settings), settings.budget_period_seconds, pricer)
         self.metrics = AppMetrics(lambda: self.publisher, self._extra_metrics)
         # tokenizing happens here, on the request side: never on the event loop (a 1 MB prompt
@@ -169,13 +171,10 @@ def create_app(
     audit: bool = True,
     runner: ModelRunner | None = None,
     load_in_background: bool = True,
-    prices: Callable[[str], Pricer] | None = None,
 ) -> IdentityMiddleware | AuditMiddleware:
-    """The ASGI app. ``audit=False`` exists only for the overhead benchmark: no events at all.
-    ``prices(model)``: a model's cost of (input, output) tokens, for hard cost budgets (`serve`
-    passes the price file's; without it this instance counts no cost, like an unpriced model)."""
+    """The ASGI app. ``audit=False`` exists only for the overhead benchmark: no events at all."""
     runner = runner or runner_from_settings(settings)
-    state = AppState(settings, runner, prices(runner.model_name) if prices is not None else None)
+    state = AppState(settings, runner)
     registry = KeyRegistry.from_settings(settings)
     trusted = parse_networks(settings.trusted_proxies)
 

@@ -34,14 +34,18 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from tokenaudit.inference.audit import AuditContext
 from tokenaudit.inference.http_io import ApiError
 from tokenaudit.infra.budget_view import BudgetView, ScopeKey
+from tokenaudit.infra.prices import PriceTable
 from tokenaudit.schemas.budgets import Budget, period_bounds
 from tokenaudit.schemas.http_errors import INSUFFICIENT_QUOTA
 from tokenaudit.schemas.records import TokenUsageEvent
 
+DAY_S = 86_400
 REFRESH_SECONDS = 0.05  # how stale the cached budgets and stream spend may be (the stream itself is ~1 s)
 
 #: (input_tokens, output_tokens) -> cost with the price file, or None when the model is unpriced
@@ -285,3 +289,20 @@ class BudgetEnforcer:
                     if queue is None:
                         queue = ledger.placed[partition] = deque()
                     queue.append((offset, charge.input_tokens, charge.output_tokens))
+
+
+def model_pricer(table: PriceTable, model: str, clock: Callable[[], float] = time.time) -> Pricer:
+    """``model``'s cost of (input, output) tokens at today's prices (UTC; prices change at the
+    start of a day), as floats per token like the worker's spend; None when no price is in force."""
+    today: list[Any] = [None, None]  # (day, per-token prices or None)
+
+    def cost(input_tokens: int, output_tokens: int) -> float | None:
+        day = int(clock() // DAY_S)
+        if today[0] != day:
+            entry = table.price_at(model, datetime.fromtimestamp(day * DAY_S, UTC).date())
+            per_token = None if entry is None else (float(entry.input_per_1k) / 1000, float(entry.output_per_1k) / 1000)
+            today[0], today[1] = day, per_token
+        prices = today[1]
+        return None if prices is None else input_tokens * prices[0] + output_tokens * prices[1]
+
+    return cost

@@ -9,25 +9,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
 
 from tokenaudit.settings import Settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def serve(
-    settings: Settings,
-    log_level: str = "info",
-    prices: Callable[[str], Callable[[int, int], float | None]] | None = None,
-) -> None:
-    """``prices(model)``: that model's cost of (input, output) tokens, for hard cost budgets."""
+def serve(settings: Settings, log_level: str = "info") -> None:
     import uvicorn
 
     from tokenaudit.inference.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
-    app = create_app(settings, prices=prices)
+    app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.http_host,

@@ -9,7 +9,6 @@ Which processes run, with which flags, is the supervisor's decision
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 
@@ -25,13 +24,7 @@ def serve() -> None:
     """Run the inference app in the foreground (SIGTERM: graceful, flushes or spools events)."""
     from tokenaudit.inference.server import serve as run_server
 
-    s = settings()
-    if s.price_table is None:
-        run_server(s)
-        return
-    from tokenaudit.reports.prices import model_pricer  # for hard cost budgets
-
-    run_server(s, prices=functools.partial(model_pricer, s.price_table))
+    run_server(settings())
 
 
 @click.command()
