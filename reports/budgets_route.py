@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from tokenaudit.settings import Settings
 
 PATH = "/v1/budgets"
+PARAMS = frozenset({"client"})
 CATCH_UP_SECONDS = 10.0  # the first call waits this long at most for the topics to be read
 
 
@@ -100,7 +101,7 @@ class BudgetsRoute:
         if isinstance(key, Response):
             return key
         items = request.query_params.multi_items()
-        if any(name != "client" for name, _ in items) or len(items) > 1:
+        if any(name not in PARAMS for name, _ in items) or len(items) > 1:
             return self.error(400, "invalid_parameter", "budgets: the only parameter is client (once)")
         client = items[0][1] if items else None
         if client is not None and not client:
