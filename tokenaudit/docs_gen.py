@@ -164,9 +164,9 @@ def _methods(route: Any) -> str:
 def routes_block() -> str:
     from tokenaudit.inference.app import OPEN_PATHS
     from tokenaudit.inference.app import create_app as inference_app
-    from tokenaudit.reports.dashboard import OPEN_PATHS as DASHBOARD_OPEN
     from tokenaudit.reports.budgets_route import PARAMS as BUDGETS_PARAMS
     from tokenaudit.reports.budgets_route import PATH as BUDGETS_PATH
+    from tokenaudit.reports.dashboard import OPEN_PATHS as DASHBOARD_OPEN
     from tokenaudit.reports.dashboard import STREAM_PARAMS, STREAM_PATH
     from tokenaudit.reports.openai_usage import PARAMETERS as OPENAI_USAGE_PARAMS
     from tokenaudit.reports.openai_usage import PATH as OPENAI_USAGE_PATH
