@@ -190,3 +190,28 @@ def test_a_cost_budget_prices_the_worst_case_with_the_served_models_prices(setup
     assert enforcer.reserve("acme", "", 100, 250, _ms(clock)) is not None  # 0.4 + 0.6 = 1.0
     unpriced = BudgetEnforcer(view, PERIOD_S, lambda i, o: None, clock=clock)  # type: ignore[arg-type]
     assert unpriced.reserve("acme", "", 10**6, 10**6, _ms(clock)) is not None  # no price: no cost, as the stream
+
+
+def test_the_served_models_price_is_the_one_in_force_today():
+    from tokenaudit.inference.budgets import model_pricer
+    from tokenaudit.infra.prices import PriceTable
+
+    table = PriceTable.parse(
+        """
+        [[models."gpt2-tiny"]]
+        input_per_1k = 1.0
+        output_per_1k = 2.0
+        effective_to = 2027-01-01
+        [[models."gpt2-tiny"]]
+        input_per_1k = 3.0
+        output_per_1k = 4.0
+        effective_from = 2027-01-01
+        """
+    )
+    clock = Clock()
+    clock.now = 1_798_761_600.0 - 1  # 2026-12-31 23:59:59 UTC
+    cost = model_pricer(table, "gpt2-tiny", clock)
+    assert cost(1000, 500) == pytest.approx(1.0 + 1.0)
+    clock.now += 2  # the new year's prices
+    assert cost(1000, 500) == pytest.approx(3.0 + 2.0)
+    assert model_pricer(table, "unpriced", clock)(1000, 500) is None
