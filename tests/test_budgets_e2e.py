@@ -225,6 +225,14 @@ def test_a_hard_budget_holds_across_two_instances_and_the_next_period_lets_reque
     bound = max(peaks)
     print(f"\nRESULT budget_e2e_served_tokens={used} limit={LIMIT} overshoot={overshoot} bound={bound}")
     print(f"RESULT budget_e2e_first_refusal_after_period_start_s={first_refusal - period_start / 1000:.2f}")
+    running, exhausted_at = 0, None  # when what the clients were served first reached the limit
+    for _, at, tokens in sorted(served.tokens, key=lambda t: t[1]):
+        running += tokens
+        if running >= LIMIT and exhausted_at is None:
+            exhausted_at = at
+    if exhausted_at is not None:  # each instance's first 429, from then (negative: refused before)
+        delays = [min(at for i, at in served.refused if i == n) - exhausted_at for n in range(2)]
+        print(f"RESULT budget_e2e_refusal_delay_s={max(delays):.2f}")
     assert used >= LIMIT * ALERT_LEVELS[1], "the load should have spent most of the budget"
     assert overshoot <= bound, f"served {used} tokens, {overshoot} past the limit, over the bound {bound}"
 
