@@ -229,6 +229,12 @@ class WorkerRuntime:
             await self.send_all(out)
 
     async def budget_tick(self) -> None:
+        try:
+            await self._budget_tick()
+        except Exception:  # budgets must never stop the counting; the next tick tries again
+            log.exception("budget spend / alerts tick failed")
+
+    async def _budget_tick(self) -> None:
         """Publish the budget scopes' changed spend records, then raise the budget alerts due
         (judged on every partition's published spend); the levels raised go into the state only
         once their anomalies are delivered (a crash in between raises one again, never loses it)."""
@@ -270,6 +276,7 @@ class WorkerRuntime:
     async def on_revoked(self, app_: faust.App, revoked: Iterable[TP], **kwargs: Any) -> None:
         parts = {tp.partition for tp in revoked if tp.topic == self.s.topic_usage}
         self.spend_publisher.forget()
+        self.processor.spend.forget(parts)
         if parts:
             # Only the derived indexes: faust itself drops the store's keys of partitions
             # that are not re-assigned (and does not re-read those that are).

@@ -15,7 +15,7 @@ kind   fields                                        value
 ``s``  source partition, model                       the model's top-fraction sketch
 ``d``  source partition, first offset, last offset,  an id chunk (:mod:`tokenaudit.streams.dedup`)
        piece
-``b``  source partition, scope, scope id             a budget scope's spend (:mod:`.spend`)
+``b``  source partition, client, department         their budget spend this day and month (:mod:`.spend`)
 ``a``  source partition, scope, scope id             the budget alerts raised (:mod:`.budget_alerts`)
 =====  ============================================  =============================================
 
@@ -41,6 +41,7 @@ WINDOW_PREFIX = WINDOW + SEP
 CLIENT_PREFIX = CLIENT + SEP
 META_PREFIX = META + SEP
 CHUNK_PREFIX = CHUNK + SEP
+SPEND_PREFIX = SPEND + SEP
 
 
 def window_key(client: str, department: str, api_key_id: str, model: str, window_start: int) -> str:
@@ -81,8 +82,8 @@ def chunk_key(partition: int, first: int, last: int, piece: int) -> str:
     return f"d{SEP}{partition}{SEP}{first}{SEP}{last}{SEP}{piece}"
 
 
-def spend_key(partition: int, scope: str, scope_id: str) -> str:
-    return f"b{SEP}{partition}{SEP}{scope}{SEP}{scope_id}"
+def spend_key(partition: int, client: str, department: str) -> str:
+    return f"b{SEP}{partition}{SEP}{client}{SEP}{department}"
 
 
 def alerts_key(partition: int, scope: str, scope_id: str) -> str:

@@ -253,3 +253,28 @@ def test_cost_budgets_price_with_the_price_file(tmp_path):
         0.002,
     )
     assert proc.spend.pricing.per_token("unknown", T0) is None
+
+
+def test_the_month_holds_its_earlier_days_and_a_client_is_summed_over_its_departments(tmp_path):
+    proc = Processor(settings(tmp_path, budget_period_seconds=None), MemoryState())
+    march = 1_772_323_200_000  # 2026-03-01 00:00 UTC
+    day = 86_400_000
+    evs = [
+        synth.event("m1", march + 1000, "alice", input_tokens=10, output_tokens=0, department="ops"),
+        synth.event("m2", march + 1 * day + 1000, "alice", input_tokens=20, output_tokens=0, department="ops"),
+        synth.event("m3", march + 1 * day + 2000, "alice", input_tokens=40, output_tokens=0, department="research"),
+        synth.event("m4", march + 3000, "alice", input_tokens=80, output_tokens=0, department="ops"),  # late: day 1
+        synth.event("m5", march - day, "alice", input_tokens=160, output_tokens=0, department="ops"),  # February
+    ]
+    run(proc, [(0, i, k, v) for i, (k, v) in enumerate(synth.encoded(evs))])
+    today = proc.spend.record(0, "client", "alice", "day", 4, 0)
+    month = proc.spend.record(0, "client", "alice", "month", 4, 0)
+    assert (today["period_start"], today["input_tokens"], today["events"]) == (march + day, 60, 2)
+    assert (month["period_start"], month["input_tokens"], month["events"]) == (march, 150, 4)
+    ops = proc.spend.record(0, "department", "ops", "month", 4, 0)
+    assert (ops["input_tokens"], ops["events"]) == (110, 3)
+    assert proc.spend.record(0, "department", "research", "day", 4, 0)["input_tokens"] == 40
+    assert proc.spend.record(1, "client", "alice", "day", 4, 0) is None
+    # a restart: the index of a partition's values is built again from the restored state
+    restored = Processor(settings(tmp_path, budget_period_seconds=None), proc.state.persisted())
+    assert restored.spend.record(0, "client", "alice", "month", 4, 0) == month

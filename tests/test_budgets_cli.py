@@ -49,6 +49,8 @@ def test_bad_budgets_are_refused_with_exit_code_2_and_nothing_stored(cli, kafka_
     cases = {
         ("--client", "nobody", "--tokens", "100", "--period", "day"): "no API key maps to client 'nobody'",
         ("--department", "nowhere", "--tokens", "100", "--period", "day"): "no API key maps to department",
+        ("--client", "ac\x07me", "--tokens", "100", "--period", "day"): "non-printable character",
+        ("--department", "", "--tokens", "100", "--period", "day"): "must not be empty",
         ("--client", "acme", "--tokens", "0", "--period", "day"): "> 0",
         ("--client", "acme", "--tokens", "-5", "--period", "day"): "> 0",
         ("--client", "acme", "--cost", "-0.5", "--period", "month"): "> 0",

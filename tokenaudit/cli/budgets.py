@@ -17,6 +17,7 @@ import click
 from tokenaudit.cli.common import FORMAT_OPTION, settings
 from tokenaudit.errors import BudgetError, TokenauditError
 from tokenaudit.schemas.budgets import budget
+from tokenaudit.schemas.identifiers import identifier_problem
 
 if TYPE_CHECKING:
     from tokenaudit.infra.budget_view import BudgetView
@@ -53,7 +54,11 @@ def budgets() -> None:
 def _scope(client_id: str | None, department: str | None) -> tuple[str, str]:
     if (client_id is None) == (department is None):
         raise click.UsageError("give exactly one of --client C or --department D")
-    return ("client", client_id) if client_id is not None else ("department", department or "")
+    scope, scope_id = ("client", client_id) if client_id is not None else ("department", department or "")
+    problem = identifier_problem(scope_id)
+    if problem is not None:  # what the stream accepts as a client or department (schemas/identifiers.py)
+        raise click.BadParameter(f"{problem}: {scope_id!r:.80}", param_hint=f"--{scope}")
+    return scope, scope_id
 
 
 def _known(scope: str, scope_id: str) -> None:
