@@ -7,7 +7,9 @@ event opens, closes and emits a window), batches of 20,000 records over 4 partit
 Steadier than the end-to-end bench (no broker, no sink, no fetch waits), so it is what tells a
 change in the processor's own cost: run it on the code before and after, side by side, in one
 session, and compare the ratio; on a shared box compare the events per CPU second (this
-process's CPU time), which other processes disturb least. Prints RESULT lines. Usage:
+process's CPU time), which other processes disturb least. The budget spend counting
+(streams/spend.py) is also measured switched off, alternating rounds with it on: its cost as
+a ratio in one run. Prints RESULT lines. Usage:
 python bench/bench_stream_processor.py [events] [rounds]
 """
 
@@ -89,10 +91,12 @@ def batches(shape: str) -> list[list[tuple[int, list[Record]]]]:
     return out
 
 
-def run(shape: str, work) -> tuple[float, float, int]:
+def run(shape: str, work, spend: bool = True) -> tuple[float, float, int]:
     s = load_settings(window_seconds=10, grace_seconds=2, idle_timeout_seconds=1.0)
     state = EncodingState()
     proc = Processor(s, state, clock=lambda: 0.0, wall_clock=lambda: T0 / 1000 + 86400)
+    if not spend and hasattr(proc, "spend"):  # the processor without budget spend counting
+        proc.spend.count = proc.spend.count_late = lambda *args: None
     n = sum(len(recs) for batch in work for _, recs in batch)
     started, cpu = time.perf_counter(), time.process_time()
     for batch in work:
@@ -106,11 +110,12 @@ def run(shape: str, work) -> tuple[float, float, int]:
 def main() -> None:
     for shape in SHAPES:
         work = batches(shape)
-        rates, cpu_rates = [], []
+        rates, cpu_rates, off_cpu_rates = [], [], []
         for _ in range(ROUNDS):
             rate, cpu_rate, records = run(shape, work)
             rates.append(rate)
             cpu_rates.append(cpu_rate)
+            off_cpu_rates.append(run(shape, work, spend=False)[1])
         print(
             f"RESULT processor_{shape}_events_per_s={max(rates):.0f}  (best of {ROUNDS}; all: "
             f"{', '.join(f'{r:.0f}' for r in rates)}; {records} changelog records)",
@@ -120,6 +125,11 @@ def main() -> None:
         print(
             f"RESULT processor_{shape}_events_per_cpu_s={max(cpu_rates):.0f}  (best of {ROUNDS}; all: "
             f"{', '.join(f'{r:.0f}' for r in cpu_rates)})",
+            flush=True,
+        )
+        print(
+            f"RESULT processor_{shape}_spend_off_events_per_cpu_s={max(off_cpu_rates):.0f}  (best of {ROUNDS}, "
+            f"rounds alternating with spend on; on/off = {max(cpu_rates) / max(off_cpu_rates):.3f})",
             flush=True,
         )
 

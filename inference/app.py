@@ -24,14 +24,17 @@ from tokenaudit.errors import RegistryError, SpoolLocked
 from tokenaudit.inference import embeddings_route, routes
 from tokenaudit.inference.audit import AuditMiddleware, PromptDigester
 from tokenaudit.inference.batcher import MicroBatcher, QueueFull
+from tokenaudit.inference.budgets import BudgetEnforcer, model_pricer
 from tokenaudit.inference.identity import IdentityMiddleware, parse_networks
 from tokenaudit.inference.metrics import AppMetrics, start_metrics_listener
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.inference.rate_limits import RateLimiter, RateLimitMiddleware
 from tokenaudit.inference.runner import Encoded, ModelRunner
 from tokenaudit.infra import schema_registry
+from tokenaudit.infra.budget_view import BudgetView
 from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.infra.keys import KeyRegistry
+from tokenaudit.infra.prices import PriceTable
 from tokenaudit.schemas.records import TokenUsageEvent
 from tokenaudit.settings import Settings
 
@@ -50,6 +53,9 @@ class AppState:
         self.digest = PromptDigester.from_settings(settings.prompt_digest_secret, settings.data_dir)
         self.publisher: EventPublisher | None = None
         self.batcher: MicroBatcher | None = None
+        # hard cost budgets price this model with the price file, as the worker prices the stream
+        pricer = model_pricer(PriceTable.load(settings.price_table), self.model_name) if settings.price_table else None
+        self.budgets = BudgetEnforcer(BudgetView(settings), settings.budget_period_seconds, pricer)
         self.metrics = AppMetrics(lambda: self.publisher, self._extra_metrics)
         # tokenizing happens here, on the request side: never on the event loop (a 1 MB prompt
         # takes ~1.5 s) and never on the model thread (it would stall everyone's batch)
@@ -92,8 +98,10 @@ class AppState:
             self._tokenizing -= 1
 
     def publish(self, event: TokenUsageEvent) -> None:
+        budgets = self.budgets  # a hard-budget request settles here, and its event reports its offset
+        hook = budgets.settle(event) if budgets.inflight else None
         if self.publisher is not None:
-            self.publisher.publish(event)
+            self.publisher.publish(event, hook)
         self.metrics.observe(event)
 
     def load_model(self) -> None:
@@ -158,7 +166,11 @@ def publisher_from_settings(s: Settings) -> EventPublisher:
 
 
 def create_app(
-    settings: Settings, *, audit: bool = True, runner: ModelRunner | None = None, load_in_background: bool = True
+    settings: Settings,
+    *,
+    audit: bool = True,
+    runner: ModelRunner | None = None,
+    load_in_background: bool = True,
 ) -> IdentityMiddleware | AuditMiddleware:
     """The ASGI app. ``audit=False`` exists only for the overhead benchmark: no events at all."""
     runner = runner or runner_from_settings(settings)
@@ -173,6 +185,7 @@ def create_app(
         except (SpoolLocked, RegistryError) as exc:
             log.error("cannot start: %s", exc)
             raise
+        state.budgets.view.start()  # hard budgets: followed from the budgets and spend topics
         listener = start_metrics_listener(state.metrics, settings.metrics_port) if settings.metrics_port else None
         loader = threading.Thread(target=state.load_model, name="model-loader", daemon=True)
         loader.start()
@@ -187,6 +200,7 @@ def create_app(
             if state.batcher is not None:
                 state.batcher.stop()
             state.tokenizer_pool.shutdown(wait=False)
+            state.budgets.view.close()
             state.publisher.close(settings.shutdown_flush_seconds)
             log.info("publisher closed: %s", state.publisher.stats)
 
@@ -207,8 +221,9 @@ def create_app(
     star.state.tokenaudit = state
     metered = RateLimitMiddleware(star, RateLimiter())  # per-key rpm/tpm, inside the identity layer
     app: IdentityMiddleware | AuditMiddleware = IdentityMiddleware(metered, registry, trusted, OPEN_PATHS)
+    exclude = frozenset(p.strip() for p in settings.audit_exclude_paths.split(",") if p.strip())
+    state.budgets.unaudited = exclude if audit else None  # no event, no settle: nothing to reserve
     if audit:
-        exclude = frozenset(p.strip() for p in settings.audit_exclude_paths.split(",") if p.strip())
         app = AuditMiddleware(app, state.publish, runner.model_name, exclude, settings.effective_instance)
     app.state = state  # for tests and the server: reach the state through the outer app
     return app

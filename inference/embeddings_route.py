@@ -72,6 +72,7 @@ async def embeddings(request: Request) -> Response:
     except Overloaded as exc:
         raise _overloaded(exc) from None
     reserve(request.scope, sum(len(e.ids) for e in encoded))
+    state.budgets.hold(ctx, request.scope["path"], sum(len(e.ids) for e in encoded), 0)
     result, gone = await _outcome(
         request, asyncio.ensure_future(_batcher(state).submit_embeddings(encoded)), "embedding_failed"
     )

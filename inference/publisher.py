@@ -31,7 +31,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Producer
@@ -40,6 +39,7 @@ from tokenaudit.inference.cloudevents import CloudEventHeaders
 from tokenaudit.inference.identity import UNAUTHENTICATED
 from tokenaudit.inference.publisher_stats import PublisherStats
 from tokenaudit.inference.quiet_logs import RateLimitedLog, librdkafka_logger
+from tokenaudit.inference.reported_delivery import OnDelivered, ReplayBatch, ReportedProducer
 from tokenaudit.inference.spool import Appended, Spool
 from tokenaudit.inference.spool_format import Headers
 from tokenaudit.schemas import EVENT, encode
@@ -50,23 +50,6 @@ log = logging.getLogger(__name__)
 
 ANY_PARTITION = -1  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner chooses (by key)
 STALL_SECONDS = 60.0  # the background thread's loop runs every 0.1 s; this long without it is a hang
-
-
-@dataclass
-class _ReplayBatch:
-    """Delivery reports of one segment's replay; callbacks run inside ``poll`` on the publisher
-    thread, so plain lists suffice."""
-
-    in_flight: int = 0
-    confirmed: list[int] = field(default_factory=list)
-    failures: list[KafkaError] = field(default_factory=list)
-
-    def report(self, offset: int, err: KafkaError | None, msg) -> None:
-        self.in_flight -= 1
-        if err is None:
-            self.confirmed.append(offset)
-        else:
-            self.failures.append(err)
 
 
 class EventPublisher:
@@ -144,6 +127,7 @@ class EventPublisher:
             self.spool.close()  # release the directory's lock
             raise
         self._replay_producer: Producer | None = None
+        self._reported = ReportedProducer(producer_factory, self._config, topic, self._on_delivery)
         self._replay_fatal: str | None = None
         self._spool_lock = threading.Lock()
         self._spooling = not self.spool.empty()  # leftovers from a previous run: replay them first
@@ -170,7 +154,7 @@ class EventPublisher:
     @property
     def queue_depth(self) -> int:
         replay = self._replay_producer
-        return len(self._producer) + (len(replay) if replay is not None else 0)
+        return len(self._producer) + len(self._reported) + (len(replay) if replay is not None else 0)
 
     def problem(self) -> str | None:
         """Why this publisher cannot do its work now (for /readyz), or None when it can."""
@@ -198,14 +182,16 @@ class EventPublisher:
             self._producer.purge(in_queue=True, in_flight=True, blocking=False)
             self._producer.flush(1.0)
             log.warning("shutdown: %d events not delivered within %.1fs were spooled", remaining, timeout)
+        self._reported.close(timeout if not self._spooling else 0)
         if self._replay_producer is not None:  # unconfirmed records stay in their segment for the next start
             self._replay_producer.purge(in_queue=True, in_flight=True, blocking=False)
             self._replay_producer.flush(0.5)
         self.spool.close()
 
     # --- hot path -------------------------------------------------------------------------
-    def publish(self, event: TokenUsageEvent) -> None:
-        """Encode and enqueue one event; never blocks on the network, never raises."""
+    def publish(self, event: TokenUsageEvent, on_delivered: OnDelivered | None = None) -> None:
+        """Encode and enqueue one event; never blocks on the network, never raises.
+        ``on_delivered(partition, offset)``: called once Kafka has it (never for a spooled one)."""
         try:
             value = self._encode(event)
             key = event["client_id"].encode()
@@ -214,7 +200,7 @@ class EventPublisher:
             log.exception("event %s could not be encoded and is lost", event.get("request_id"))
             self._count(dropped=1)
             return
-        if not self._spooling:  # the direct case written out: the hot path's budget is 10 us
+        if on_delivered is None and not self._spooling:  # the direct case written out: the hot path's budget is 10 us
             try:
                 # by position (a keyword costs ~0.5 us), in confluent-kafka's C order: topic, value, key,
                 # partition, callback, on_delivery, timestamp (0: now), headers (test_publisher_direct.py)
@@ -226,10 +212,15 @@ class EventPublisher:
             else:
                 self.stats.enqueued += 1
                 return
-        self.publish_encoded(key, value, headers, rebuildable=True)
+        self.publish_encoded(key, value, headers, rebuildable=True, on_delivered=on_delivered)
 
     def publish_encoded(
-        self, key: bytes, value: bytes, headers: Headers | None = None, rebuildable: bool = False
+        self,
+        key: bytes,
+        value: bytes,
+        headers: Headers | None = None,
+        rebuildable: bool = False,
+        on_delivered: OnDelivered | None = None,
     ) -> None:
         """Enqueue one encoded record (spool it while spooling); never raises. ``rebuildable``:
         the headers are the event's CloudEvents headers, which a failed delivery rebuilds from
@@ -238,7 +229,9 @@ class EventPublisher:
             if self._spooling and self._spool_if_spooling(key, value, headers):
                 return
             try:
-                if headers is None or rebuildable:
+                if on_delivered is not None:  # the few events that need their offset (hard budgets)
+                    self._reported.produce(key, value, headers, on_delivered)
+                elif headers is None or rebuildable:
                     # None, or the event's own headers: a list (CloudEventHeaders), as produce() takes
                     self._producer.produce(self.topic, value, key, headers=headers)  # type: ignore[arg-type]
                 else:  # delivery reports carry no headers: keep them for a failed delivery's spooling
@@ -321,7 +314,7 @@ class EventPublisher:
     @property
     def produced(self) -> int:
         """Events Kafka acknowledged on the direct path: enqueued, no longer queued, not failed."""
-        return max(0, self.stats.enqueued - len(self._producer) - self.stats.failed)
+        return max(0, self.stats.enqueued - len(self._producer) - len(self._reported) - self.stats.failed)
 
     def _on_delivery(self, err, msg, headers: Headers | None = None) -> None:
         """A direct-path delivery failed: spool the event. Never raises (it runs inside poll)."""
@@ -388,6 +381,7 @@ class EventPublisher:
             self._heartbeat = time.monotonic()
             try:
                 self._producer.poll(0.1)
+                self._reported.poll()
                 if time.monotonic() >= self._next_probe and (self._spooling or not self.spool.empty()):
                     self._next_probe = time.monotonic() + self.retry_seconds
                     self._replay()
@@ -445,7 +439,7 @@ class EventPublisher:
         is gone. Stops sending at the first failure, waits for what is in flight, keeps every
         confirmation."""
         producer = self._replayer()
-        batch = _ReplayBatch()
+        batch = ReplayBatch()
         complete = True
         sent = 0
         for record in self.spool.pending(segment):
@@ -491,7 +485,7 @@ class EventPublisher:
         log.debug("replayed spool segment %s", segment.name)
         return True
 
-    def _persist(self, segment: Path, batch: _ReplayBatch) -> None:
+    def _persist(self, segment: Path, batch: ReplayBatch) -> None:
         """Write the confirmations received so far to the segment's resume log, then count them."""
         self._heartbeat = time.monotonic()
         if batch.confirmed:

@@ -140,6 +140,7 @@ async def _generate(request: Request, prompt: str, max_new: int, param: str = "p
     ctx = context_of(request.scope)
     encoded = await _tokenized(request, prompt, param)
     reserve(request.scope, len(encoded.ids) + max_new)  # a limited key's worst case, or its 429
+    state.budgets.hold(ctx, request.scope["path"], len(encoded.ids), max_new)  # hard budgets, or their 429
     result, gone = await _outcome(request, asyncio.ensure_future(_batcher(state).submit(encoded, max_new)))
     if result is not None:
         _account(ctx, result)
@@ -189,6 +190,7 @@ async def _stream_start(request: Request, prompt: str, max_new: int, param: str)
     ctx = context_of(request.scope)
     encoded = await _tokenized(request, prompt, param)
     reserve(request.scope, len(encoded.ids) + max_new)
+    state.budgets.hold(ctx, request.scope["path"], len(encoded.ids), max_new)
     stream = TokenStream(asyncio.get_running_loop())
     job = asyncio.ensure_future(_batcher(state).submit(encoded, max_new, stream))
     job.add_done_callback(stream.end)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenaudit.infra import kafka_clients
-from tokenaudit.schemas import ANOMALY, EVENT, ROLLUP, SAMPLED
+from tokenaudit.schemas import ANOMALY, BUDGET, EVENT, ROLLUP, SAMPLED, SPEND
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ COMPACT = "compact"
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
-    role: str  # usage | anomalies | dlq | rollups | sampled
+    role: str  # usage | anomalies | dlq | rollups | sampled | budgets | spend
     partitions: int
     cleanup_policy: str  # delete | compact
     key: str  # what the record key holds
@@ -94,6 +94,26 @@ def declared_topics(settings) -> list[TopicSpec]:
             ROLLUP,
         ),
         TopicSpec(settings.topic_sampled, "sampled", n, DELETE, "client_id", f"sampled_record, {AVRO}", SAMPLED),
+        # Budgets and spend are small and read whole by every process: one partition each, and
+        # compaction keeps each key's latest value (a budget's tombstone removes it).
+        TopicSpec(
+            settings.topic_budgets,
+            "budgets",
+            1,
+            COMPACT,
+            "scope \\x1f scope_id",
+            f"budget, {AVRO}; a tombstone removes the budget",
+            BUDGET,
+        ),
+        TopicSpec(
+            settings.topic_spend,
+            "spend",
+            1,
+            COMPACT,
+            "scope \\x1f scope_id \\x1f usage-topic partition",
+            f"budget_spend, {AVRO}",
+            SPEND,
+        ),
     ]
 
 

@@ -18,6 +18,8 @@ Only the fixed reports of :mod:`tokenaudit.reports.queries` are exposed, never S
     GET /                                          (the dashboard: reports/dashboard.py)
     GET /v1/requests?since=&until=&limit=&client=&ip=&status=&model=   (the ledger)
     GET /v1/requests/{id}                          (a request_id or event_id; 404 if none in scope)
+    GET /v1/budgets?client=                        (limit, spent, remaining, resets_at per budget:
+                                                    reports/budgets_route.py)
     POST /v1/admin/erase?client=                   (admin keys only: a client's ledger rows and
                                                     sampled records, see reports/erase.py)
     GET /v1/admin/verify?since_ms=&until_ms=       (admin keys only: the store side of
@@ -50,6 +52,8 @@ from tokenaudit.errors import QueryParamError
 from tokenaudit.infra.kafka_clients import kafka_config
 from tokenaudit.infra.keys import ApiKey, AuthError, KeyRegistry, marker_path
 from tokenaudit.reports.anomaly_feed import AnomalyFeed
+from tokenaudit.reports.budgets_route import PATH as BUDGETS_PATH
+from tokenaudit.reports.budgets_route import BudgetsRoute
 from tokenaudit.reports.cost_view import department_answer
 from tokenaudit.reports.dashboard import dashboard_routes
 from tokenaudit.reports.erase import ERASE_PATH, erase_endpoint
@@ -169,10 +173,13 @@ def create_app(store: Store, settings: Settings, keys_path: Path | None = None) 
             methods=["GET"],
         )
     )
+    budgets = BudgetsRoute(settings, authenticate, _error)
+    routes.append(Route(BUDGETS_PATH, budgets.handle, methods=["GET"]))
     feed = AnomalyFeed(lambda: kafka_config(settings), settings.topic_anomalies)
     routes += dashboard_routes(feed, authenticate, _error)
     app = Starlette(
         routes=routes, exception_handlers={404: not_found, 405: method_not_allowed, Exception: server_error}
     )
     app.state.anomaly_feed = feed  # tests and the bench read how far it is
+    app.state.budgets_route = budgets  # tests close its view
     return app

@@ -9,9 +9,11 @@ builders (``records``), ClickHouse column lists (``columns``), the event rule
 from tokenaudit.errors import AvroDecodeError
 from tokenaudit.schemas.codec import (
     ANOMALY,
+    BUDGET,
     EVENT,
     ROLLUP,
     SAMPLED,
+    SPEND,
     SchemaCatalog,
     catalog,
     decode,
@@ -20,9 +22,11 @@ from tokenaudit.schemas.codec import (
 
 __all__ = [
     "ANOMALY",
+    "BUDGET",
     "EVENT",
     "ROLLUP",
     "SAMPLED",
+    "SPEND",
     "AvroDecodeError",
     "SchemaCatalog",
     "catalog",

@@ -37,6 +37,8 @@ EVENT = "token_usage_event"
 ANOMALY = "anomaly"
 ROLLUP = "usage_rollup"
 SAMPLED = "sampled_record"
+BUDGET = "budget"
+SPEND = "budget_spend"
 
 
 @dataclass(frozen=True)

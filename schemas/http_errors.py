@@ -33,12 +33,24 @@ ERROR_TYPES = {
 }
 
 
-def error_type(status: int) -> str:
-    return ERROR_TYPES.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+#: a hard budget is spent (429): OpenAI answers an exhausted quota with this code and type, which
+#: its clients tell apart from a rate limit (retrying will not help before the budget resets)
+INSUFFICIENT_QUOTA = "insufficient_quota"
+
+#: codes whose OpenAI error type is not their status's
+CODE_TYPES = {INSUFFICIENT_QUOTA: "insufficient_quota"}
+
+
+def error_type(status: int, code: str = "") -> str:
+    return (
+        CODE_TYPES.get(code)
+        or ERROR_TYPES.get(status)
+        or ("server_error" if status >= 500 else "invalid_request_error")
+    )
 
 
 def error_envelope(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"type": error_type(status), "message": message, "param": param, "code": code}}
+    return {"error": {"type": error_type(status, code), "message": message, "param": param, "code": code}}
 
 
 def error_body(status: int, code: str, message: str, param: str | None = None) -> bytes:

@@ -33,14 +33,18 @@ from faust.web import Request, Response, View
 
 from tokenaudit.errors import IncompatibleDependency, RegistryError
 from tokenaudit.infra import kafka_clients, schema_registry, topics
-from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, encode
+from tokenaudit.infra.budget_view import BudgetView
+from tokenaudit.schemas import ANOMALY, ROLLUP, SAMPLED, SPEND, encode
 from tokenaudit.schemas.compiled import Encoder, compile_encoder
 from tokenaudit.streams import faust_compat
 from tokenaudit.streams.batch_producer import PartitionedRecords, send_records
+from tokenaudit.streams.budget_alerts import BudgetAlerts
 from tokenaudit.streams.changelog import TableState
 from tokenaudit.streams.outputs import Outputs
 from tokenaudit.streams.processor import Processor
-from tokenaudit.streams.state_keys import rollup_record_key
+from tokenaudit.streams.spend_publisher import SpendPublisher
+from tokenaudit.streams.state_keys import meta_key, rollup_record_key
+from tokenaudit.streams.window_state import M_LAST
 
 if TYPE_CHECKING:
     from tokenaudit.settings import Settings
@@ -91,6 +95,7 @@ class WorkerRuntime:
             settings.topic_sampled,
             settings.topic_anomalies,
             settings.topic_dlq,
+            settings.topic_spend,
         )
         self._partition_counts: dict[str, tuple[int, float]] = {}
         self._send_lock = asyncio.Lock()
@@ -111,9 +116,14 @@ class WorkerRuntime:
         self.encoders: dict[str, Encoder] = {
             name: compile_encoder(name, memo_large=True, confluent=confluent)
             or functools.partial(encode, name, confluent=confluent)
-            for name in (ROLLUP, SAMPLED, ANOMALY)
+            for name in (ROLLUP, SAMPLED, ANOMALY, SPEND)
         }
-        self._wire()  # 6. batch handler, idle sweep, rebalance hook, pages
+        # 6. budgets (read from their topic) for the spend records and the budget alerts
+        self.budgets = BudgetView(self.s)
+        self._budgets_started = False
+        self.spend_publisher = SpendPublisher(self.processor.spend)
+        self.budget_alerts = BudgetAlerts(self.state, self.partitions)
+        self._wire()  # 7. batch handler, idle sweep, budget tick, rebalance hook, pages
 
     def _make_app(self) -> faust_compat.WorkerApp:
         s = self.s
@@ -179,6 +189,7 @@ class WorkerRuntime:
         consumer.batch_handler = self.handle_batch
         consumer.fetch_timeout = s.worker_batch_seconds
         app.timer(max(0.2, min(1.0, s.idle_timeout_seconds / 2)))(self.idle_sweep)
+        app.timer(s.spend_publish_seconds)(self.budget_tick)
         # faust types a receiver as (sender, *args, signal=...); this signal sends (app, revoked)
         app.on_partitions_revoked.connect(self.on_revoked)  # type: ignore[arg-type]
         runtime = self
@@ -217,8 +228,55 @@ class WorkerRuntime:
         if out.rollups or out.anomalies or self.state.pending:
             await self.send_all(out)
 
+    async def budget_tick(self) -> None:
+        try:
+            await self._budget_tick()
+        except Exception:  # budgets must never stop the counting; the next tick tries again
+            log.exception("budget spend / alerts tick failed")
+
+    async def _budget_tick(self) -> None:
+        """Publish the budget scopes' changed spend records, then raise the budget alerts due
+        (judged on every partition's published spend); the levels raised go into the state only
+        once their anomalies are delivered (a crash in between raises one again, never loses it)."""
+        app = self.app
+        if app.rebalancing or not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
+            return  # as the idle sweep: the owned partitions' state is not all back yet
+        if not self._budgets_started:  # here, not in build: a runtime built but never run reads nothing
+            self._budgets_started = True
+            self.budgets.start()
+        budgets = self.budgets.budgets()
+        if not budgets:
+            return
+        owned = {tp.partition for tp in self.owned_source_partitions()}
+        now_ms = int(time.time() * 1000)
+        due = self.spend_publisher.due(budgets, owned, self._position, now_ms)
+        if due:
+            encoder = self.encoders[SPEND]
+            await self.send_keyed([(self.s.topic_spend, key, encoder(r)) for key, r in due])
+            self.spend_publisher.sent(due)
+
+        def spend_of(scope: str, scope_id: str, period: str) -> tuple[int, int, int, int, float]:
+            sp = self.budgets.spent(scope, scope_id, period, now_ms)
+            return sp.period_start, sp.period_end, sp.input_tokens, sp.output_tokens, sp.cost
+
+        anomalies, updates = self.budget_alerts.due(budgets, owned, spend_of, now_ms)
+        if anomalies:
+            encoder = self.encoders[ANOMALY]
+            await self.send_keyed([(self.s.topic_anomalies, a["client_id"].encode(), encoder(a)) for a in anomalies])
+            self.processor.counters.anomalies += len(anomalies)
+            self.budget_alerts.raised(updates)
+            self.state.flush()
+            await self.send_all(Outputs())  # the levels raised, to the changelog
+
+    def _position(self, partition: int) -> int:
+        """The last source offset of ``partition`` the processor has handled (-1: none)."""
+        meta = self.state.get(meta_key(partition))
+        return int(meta[M_LAST]) if meta is not None else -1
+
     async def on_revoked(self, app_: faust.App, revoked: Iterable[TP], **kwargs: Any) -> None:
         parts = {tp.partition for tp in revoked if tp.topic == self.s.topic_usage}
+        self.spend_publisher.forget()
+        self.processor.spend.forget(parts)
         if parts:
             # Only the derived indexes: faust itself drops the store's keys of partitions
             # that are not re-assigned (and does not re-read those that are).
@@ -342,6 +400,24 @@ class WorkerRuntime:
         outgoing.clear()
         if by_tp:
             await send_records(producer, by_tp, lambda fut: fut.add_done_callback(_fatal_if_failed))
+
+    async def send_keyed(self, records: Sequence[tuple[str, bytes, bytes]]) -> None:
+        """(topic, key, value) records, each to its key's partition; returns once the broker
+        has them all (a failure stops the worker, as for every output)."""
+        futures: list[asyncio.Future[Any]] = []
+
+        def on_future(fut: asyncio.Future[Any]) -> None:
+            fut.add_done_callback(_fatal_if_failed)
+            futures.append(fut)
+
+        async with self._send_lock:
+            producer = faust_compat.aiokafka_producer(self.app)
+            await self._refresh_partition_counts(producer)
+            outgoing = PartitionedRecords(self._partitions_of)
+            for topic, key, value in records:
+                outgoing.add_keyed(topic, key, value)
+            await send_records(producer, outgoing.by_tp, on_future)
+        await asyncio.gather(*futures)
 
 
 def create_app(settings: Settings, partitions: int) -> faust.App:

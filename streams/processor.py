@@ -39,8 +39,8 @@ Why it is built this way (see docs/exactness.md and docs/architecture.md):
 
 The steps, each in its own module: decode + validate (:mod:`.source`), deduplicate
 (:mod:`.dedup`), windows (:mod:`.windows`), rules (:mod:`.rules`), sampling (:mod:`.sampler`),
-outputs (:mod:`.outputs`). :meth:`Processor.process_records` runs them per event in one loop:
-a call per step measured as much as the step itself, so their fast paths are inline there.
+budget spend (:mod:`.spend`), outputs (:mod:`.outputs`). :meth:`Processor.process_records` runs
+them per event in one loop: a call per step cost as much as the step, so fast paths are inline.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from tokenaudit.streams.outputs import Counters, Outputs
 from tokenaudit.streams.rules import Rules
 from tokenaudit.streams.sampler import Sampling
 from tokenaudit.streams.source import SourceRecord, SourceTuple, decode_event
+from tokenaudit.streams.spend import SpendCounter
 from tokenaudit.streams.state import State
 from tokenaudit.streams.window_state import (
     M_DUPS,
@@ -111,16 +112,16 @@ class Processor:
         self.ids = EventIds(state, settings.dedup)
         self.rules = Rules(settings, state, self.window_ms, self.counters)
         self.sampling = Sampling(state, settings.sample_fraction, settings.sample_warmup)
+        self.spend = SpendCounter.from_settings(settings, state)
         self.input_threshold = self.rules.input_threshold
-        # the processor's clock and committed offsets, read when asked (tests move them)
         self.windows = Windows(
             settings,
             state,
             self.ids,
             self.rules,
             self.counters,
-            lambda p: self.committed(p),  # noqa: PLW0108 (late-bound: tests swap self.committed)
-            lambda: self.clock(),  # noqa: PLW0108 (late-bound: tests swap self.clock)
+            lambda p: self.committed(p),  # noqa: PLW0108 (late-bound: tests swap self.committed and the clock)
+            lambda: self.clock(),  # noqa: PLW0108
         )
         self.batch_partitions: set[int] = set()
         self._meta_keys: dict[int, str] = {}
@@ -180,7 +181,7 @@ class Processor:
         window_key = keys.window_key
         window_ms, grace_ms = self.window_ms, self.grace_ms
         mkey = self._meta_keys.get(p) or self._meta_key(p)
-        per_request = self._per_request
+        per_request, count_spend = self._per_request, self.spend.count
         dedup = self.dedup
         window_ids = self.ids.window_ids
         win = self.windows
@@ -306,6 +307,7 @@ class Processor:
                     deferred[p].pop(wkey, None)
                     win.emit(wkey, data[wkey], p, out, closing=False)
                 win.delta(ev, client, dept, akey, model, ws, p, offset, out)
+                self.spend.count_late(p, offset, ev, window_ids.get(wkey) if dedup else None, h if dedup else b"")
                 per_request(ev, None, wkey, ws, p, offset, out, fresh)
                 continue
             # --- 4. deduplicate ----------------------------------------------------------------------
@@ -339,6 +341,7 @@ class Processor:
                         self.ids.id_holders[p].append((w.closed_at, wkey))
                 if chunk[0] < 0:
                     chunk[0] = offset
+            count_spend(p, offset, ev)  # its own offset guard: a replay changes nothing
             # --- 5. the window -------------------------------------------------------------------------
             if w is None:
                 # A client's state comes with its first window and is never retired, so a
@@ -451,13 +454,11 @@ class Processor:
         cache[model] = (nkey, norm)
         return nkey, norm
 
-    def client_partition(self, client: str) -> int | None:
-        """The source partition a client's events arrive on (None before its first event)."""
+    def client_partition(self, client: str) -> int | None:  # None before the client's first event
         return self.state.key_partition.get(keys.client_key(client))
 
     def _meta_key(self, p: int) -> str:
-        key = self._meta_keys[p] = keys.meta_key(p)
-        return key
+        return self._meta_keys.setdefault(p, keys.meta_key(p))
 
     def _per_request(
         self,
@@ -470,9 +471,8 @@ class Processor:
         out: Outputs,
         fold: bool,
     ) -> None:
-        """Per-request anomaly rule and the top-fraction sampler. ``fold``: the event is new
-        (above the meta record's last offset), so it goes into the sketch; in the replay zone
-        the stored sketch already holds what it should."""
+        """Per-request anomaly rule and the top-fraction sampler. ``fold``: the event is new (above
+        the meta record's last offset), so it goes into the sketch (the replay zone's has it)."""
         # the guard reads what the client sent, as the rule does (rules.sent_input_tokens)
         thr = self.input_threshold
         kept = (ev["input_tokens"] > thr or ev["untruncated_input_tokens"] > thr) and self.rules.request(

@@ -15,6 +15,8 @@ kind   fields                                        value
 ``s``  source partition, model                       the model's top-fraction sketch
 ``d``  source partition, first offset, last offset,  an id chunk (:mod:`tokenaudit.streams.dedup`)
        piece
+``b``  source partition, client, department         their budget spend this day and month (:mod:`.spend`)
+``a``  source partition, scope, scope id             the budget alerts raised (:mod:`.budget_alerts`)
 =====  ============================================  =============================================
 
 Windows written before windows had a department and key in their identity have four fields
@@ -33,10 +35,13 @@ META = "p"
 NORM = "n"
 SKETCH = "s"
 CHUNK = "d"
+SPEND = "b"
+ALERTS = "a"
 WINDOW_PREFIX = WINDOW + SEP
 CLIENT_PREFIX = CLIENT + SEP
 META_PREFIX = META + SEP
 CHUNK_PREFIX = CHUNK + SEP
+SPEND_PREFIX = SPEND + SEP
 
 
 def window_key(client: str, department: str, api_key_id: str, model: str, window_start: int) -> str:
@@ -75,6 +80,14 @@ def sketch_key(partition: int, model: str) -> str:
 
 def chunk_key(partition: int, first: int, last: int, piece: int) -> str:
     return f"d{SEP}{partition}{SEP}{first}{SEP}{last}{SEP}{piece}"
+
+
+def spend_key(partition: int, client: str, department: str) -> str:
+    return f"b{SEP}{partition}{SEP}{client}{SEP}{department}"
+
+
+def alerts_key(partition: int, scope: str, scope_id: str) -> str:
+    return f"a{SEP}{partition}{SEP}{scope}{SEP}{scope_id}"
 
 
 def kind(key: str) -> str:

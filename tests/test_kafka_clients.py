@@ -184,7 +184,8 @@ def test_replication_rule_and_declaration():
     ]
     s = load_settings(kafka_partitions=6)
     specs = {t.role: t for t in declared_topics(s)}
-    assert set(specs) == {"usage", "anomalies", "dlq", "rollups", "sampled"}
-    assert {t.partitions for t in specs.values()} == {6}, "the DLQ too"
-    assert [r for r, t in specs.items() if t.cleanup_policy == COMPACT] == ["rollups"]
+    assert set(specs) == {"usage", "anomalies", "dlq", "rollups", "sampled", "budgets", "spend"}
+    assert {specs[r].partitions for r in ("usage", "anomalies", "dlq", "rollups", "sampled")} == {6}, "the DLQ too"
+    assert {specs[r].partitions for r in ("budgets", "spend")} == {1}, "read whole by every process"
+    assert [r for r, t in specs.items() if t.cleanup_policy == COMPACT] == ["rollups", "budgets", "spend"]
     assert specs["usage"].name == s.topic_usage and specs["rollups"].name == s.topic_rollups

@@ -45,6 +45,10 @@ def test_the_worker_writes_the_changelog_bytes_of_the_previous_release():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     new, old = _records(done.stdout.splitlines()), _records(FIXTURE.read_text().splitlines())
+    # budget spend (issue 18) is a kind of record that release did not have: the others are its bytes
+    spend = [r for r in new if json.loads(r[1]).startswith("b\x1f")]
+    new = [r for r in new if not json.loads(r[1]).startswith("b\x1f")]
+    assert spend and all(r[2] is not None for r in spend)
     assert len(new) == len(old) and sum(json.loads(r[1]).startswith("w\x1f") for r in old) > 100
     for a, b in zip(new, old):
         if _is_sketch(b):  # KLL sketches compact with a random bit: same key and offset, bytes may differ

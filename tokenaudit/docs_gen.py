@@ -164,6 +164,8 @@ def _methods(route: Any) -> str:
 def routes_block() -> str:
     from tokenaudit.inference.app import OPEN_PATHS
     from tokenaudit.inference.app import create_app as inference_app
+    from tokenaudit.reports.budgets_route import PARAMS as BUDGETS_PARAMS
+    from tokenaudit.reports.budgets_route import PATH as BUDGETS_PATH
     from tokenaudit.reports.dashboard import OPEN_PATHS as DASHBOARD_OPEN
     from tokenaudit.reports.dashboard import STREAM_PARAMS, STREAM_PATH
     from tokenaudit.reports.openai_usage import PARAMETERS as OPENAI_USAGE_PARAMS
@@ -195,7 +197,7 @@ def routes_block() -> str:
         "| method | path | key | query parameters |",
         "| --- | --- | --- | --- |",
     ]
-    route_params = {OPENAI_USAGE_PATH: OPENAI_USAGE_PARAMS, STREAM_PATH: STREAM_PARAMS}
+    route_params = {OPENAI_USAGE_PATH: OPENAI_USAGE_PARAMS, STREAM_PATH: STREAM_PARAMS, BUDGETS_PATH: BUDGETS_PARAMS}
     for r in usage:
         name = r.path.removeprefix("/v1/")
         params = ", ".join(f"`{p}`" for p in sorted(REPORT_PARAMS.get(name, route_params.get(r.path, ()))))

@@ -147,3 +147,8 @@ class RegistryConflict(RegistryError):
 
 class SchemaIncompatible(RegistryError):
     """A shipped ``.avsc`` version is not compatible with what the registry holds for its subject."""
+
+
+class BudgetError(TokenauditError, ValueError):
+    """A budget that cannot be stored (unknown scope, client or period; a limit <= 0): nothing
+    is written."""

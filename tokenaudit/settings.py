@@ -279,6 +279,10 @@ class Settings(BaseSettings):
     topic_sampled: str = Field(
         "token-usage-sampled", min_length=1, description="Internal topic: sampled records for the sink."
     )
+    topic_budgets: str = Field("token-usage-budgets", min_length=1, description="Compacted topic: the budgets.")
+    topic_spend: str = Field("token-usage-spend", min_length=1, description="Compacted topic: budget spend.")
+    budget_period_seconds: int | None = Field(None, ge=1, description="Budget period in seconds (tests, demos).")
+    spend_publish_seconds: float = Field(1.0, gt=0, description="Worker's budget spend publish interval.")
     worker_batch_size: int = Field(
         20000,
         ge=1,

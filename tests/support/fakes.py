@@ -126,14 +126,20 @@ class FakeProducer:
         self._pending: list[tuple[Callable | None, Any, FakeProducer._Msg]] = []
 
     class _Msg:
-        def __init__(self, key, value):
-            self._key, self._value = key, value
+        def __init__(self, key, value, offset: int = -1):
+            self._key, self._value, self._offset = key, value, offset
 
         def key(self):
             return self._key
 
         def value(self):
             return self._value
+
+        def partition(self) -> int:
+            return 0
+
+        def offset(self) -> int:
+            return self._offset  # its place among what this producer put on the topic (-1: failed)
 
     def produce(
         self,
@@ -157,7 +163,7 @@ class FakeProducer:
             return
         self.produced.append((topic, value, key, headers))
         if report is not None and not self.config.get("delivery.report.only.error"):
-            self._pending.append((report, None, self._Msg(key, value)))
+            self._pending.append((report, None, self._Msg(key, value, len(self.produced) - 1)))
 
     def poll(self, timeout: float = 0) -> int:
         pending, self._pending = self._pending, []

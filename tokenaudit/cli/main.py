@@ -25,9 +25,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from tokenaudit.cli import db, kafka, keys, model, registry, reports, services, verify
+    from tokenaudit.cli import budgets, db, kafka, keys, model, registry, reports, services, verify
 
-    for module in (kafka, registry, db, model, keys, services, reports, verify):
+    for module in (kafka, registry, db, model, keys, budgets, services, reports, verify):
         module.register(main)
 
 
