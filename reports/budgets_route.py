@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 PATH = "/v1/budgets"
 PARAMS = frozenset({"client"})
-CATCH_UP_SECONDS = 10.0  # the first call waits this long at most for the topics to be read
+CATCH_UP_SECONDS = 10.0  # after the view starts, calls wait this long at most for the topics to be read
 
 
 def budget_rows(view: BudgetView, scopes: set[ScopeKey] | None, now_ms: int | None = None) -> list[dict[str, Any]]:
@@ -66,7 +66,10 @@ def budget_rows(view: BudgetView, scopes: set[ScopeKey] | None, now_ms: int | No
 class BudgetsRoute:
     """The route, authenticating and answering errors like every usage-API route. The view
     (a follower of the budgets and spend topics) starts on the first call, so an API that is
-    never asked for budgets opens no Kafka connection; :meth:`close` stops it."""
+    never asked for budgets opens no Kafka connection; :meth:`close` stops it. Only the calls of
+    the view's first seconds wait for it to read the topics: once that time is out, a view still
+    not caught up (the broker unreachable) is a 503 at once, not an empty list that would read as
+    "no budgets", nor a wait on every call that would hold the dashboard's refresh."""
 
     def __init__(
         self,
@@ -78,14 +81,16 @@ class BudgetsRoute:
         self.settings, self.authenticate, self.error, self.view_factory = settings, authenticate, error, view_factory
         self._lock = threading.Lock()
         self._view: BudgetView | None = None
+        self._wait_until = 0.0  # monotonic: calls before it wait for the view to catch up
 
-    def view(self) -> BudgetView:
+    def view(self) -> BudgetView | None:
+        """The view, caught up with the topics, or None when it is not (after its first seconds)."""
         with self._lock:
             if self._view is None:
                 self._view = self.view_factory(self.settings).start()
-            view = self._view
-        view.wait_caught_up(CATCH_UP_SECONDS)
-        return view
+                self._wait_until = time.monotonic() + CATCH_UP_SECONDS
+            view, wait = self._view, self._wait_until - time.monotonic()
+        return view if view.wait_caught_up(max(0.0, wait)) else None
 
     def close(self) -> None:
         with self._lock:
@@ -113,5 +118,10 @@ class BudgetsRoute:
             scopes = set(scopes_of(key.client_id, key.department))
         elif client is not None:
             scopes = {("client", client)}
-        rows = budget_rows(await run_in_threadpool(self.view), scopes)
+        view = await run_in_threadpool(self.view)
+        if view is None:
+            return self.error(
+                503, "budgets_unavailable", "budgets: the budget topics cannot be read now (is Kafka reachable?)"
+            )
+        rows = budget_rows(view, scopes)
         return JSONResponse({"report": "budgets", "scope": "*" if key.is_admin else key.client_id, "rows": rows})

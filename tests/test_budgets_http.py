@@ -2,13 +2,18 @@
 spend are records the test writes to the app's own budgets and spend topics, as `budgets set`
 and the worker do. A spent budget refuses with 429 ``insufficient_quota`` (and the refusal is
 audited); concurrent requests cannot pass the limit together (each reserves its worst case
-before dispatch); a changed or removed budget applies without a restart."""
+before dispatch); a changed or removed budget applies without a restart. An embeddings request
+(a second app, with the tiny BERT, on the same topics) is refused the same way."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,24 +27,42 @@ from tokenaudit.settings import load_settings
 pytestmark = [pytest.mark.model]
 
 CLIENT, DEPARTMENT = "capped", "finance"
+EMBEDDER, SEARCH = "capped-embedder", "search"  # the BERT app's key: budgets of its own
 PERIOD_S = 3600  # long: no period ends during the module
 PROMPT = "a short prompt"
 MAX_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, kafka_bootstrap):
-    tmp = tmp_path_factory.mktemp("budgets-http")
-    model = cached_model("gpt2", load_settings().cache_dir)
+def topics() -> dict[str, str]:
     suffix = uuid.uuid4().hex[:8]
-    topics = {"topic_budgets": f"test-budgets-{suffix}", "topic_spend": f"test-spend-{suffix}"}
-    with served_app(
-        tmp, kafka_bootstrap, model, CLIENT, DEPARTMENT, budget_period_seconds=PERIOD_S, **topics
-    ) as server:
-        server.producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    return {"topic_budgets": f"test-budgets-{suffix}", "topic_spend": f"test-spend-{suffix}"}
+
+
+@contextmanager
+def _budgeted_app(tmp: Path, bootstrap: str, arch: str, client: str, department: str, topics: dict[str, str]):
+    model = cached_model(arch, load_settings().cache_dir)
+    with served_app(tmp, bootstrap, model, client, department, budget_period_seconds=PERIOD_S, **topics) as server:
+        server.producer = Producer({"bootstrap.servers": bootstrap})
         server.topics = topics
         assert server.app.state.budgets.view.wait_caught_up(30)
         yield server
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, kafka_bootstrap, topics):
+    with _budgeted_app(
+        tmp_path_factory.mktemp("budgets-http"), kafka_bootstrap, "gpt2", CLIENT, DEPARTMENT, topics
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory, kafka_bootstrap, topics):
+    with _budgeted_app(
+        tmp_path_factory.mktemp("budgets-embed"), kafka_bootstrap, "bert", EMBEDDER, SEARCH, topics
+    ) as s:
+        yield s
 
 
 def _set(app, scope: str, scope_id: str, limit: float | None) -> None:
@@ -79,11 +102,22 @@ def _post(app, max_tokens: int = MAX_TOKENS) -> httpx.Response:
     )
 
 
-def _await_status(app, status: int, timeout: float = 15.0) -> httpx.Response:
+def _embed(app) -> httpx.Response:
+    return httpx.post(
+        app.base_url + "/v1/embeddings",
+        headers={"Authorization": f"Bearer {app.key}", "X-Request-ID": uuid.uuid4().hex},
+        json={"model": "bert-tiny", "input": ["a text to embed", "and another one"]},
+        timeout=60,
+    )
+
+
+def _await_status(
+    app, status: int, timeout: float = 15.0, send: Callable[[Any], httpx.Response] = _post
+) -> httpx.Response:
     """Send requests until one gets ``status`` (the app applies topic changes within a second)."""
     deadline = time.monotonic() + timeout
     while True:
-        response = _post(app)
+        response = send(app)
         if response.status_code == status:
             return response
         assert time.monotonic() < deadline, f"still {response.status_code}: {response.text}"
@@ -147,3 +181,22 @@ def test_concurrent_requests_cannot_pass_the_limit_together(app):
     _set(app, "client", CLIENT, 1000 * worst)  # raised: applies without a restart
     _await_status(app, 200)
     _set(app, "client", CLIENT, None)
+
+
+def test_an_exhausted_client_s_embeddings_request_is_refused_and_audited(bert, kafka_bootstrap):
+    assert _embed(bert).status_code == 200
+    _set(bert, "client", EMBEDDER, 500)
+    _stream_spend(bert, "client", EMBEDDER, 500)  # the stream says all 500 are spent
+    refused = _await_status(bert, 429, send=_embed)
+    body = refused.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param", "code"}
+    error = body["error"]
+    assert (error["code"], error["type"]) == ("insufficient_quota", "insufficient_quota")
+    assert f"client '{EMBEDDER}'" in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= PERIOD_S
+    rid = refused.headers["x-request-id"]
+    event = events_of(bert, kafka_bootstrap, [rid])[rid]
+    assert (event["status_code"], event["error_type"], event["path"]) == (429, "insufficient_quota", "/v1/embeddings")
+    assert (event["client_id"], event["department"], event["output_tokens"]) == (EMBEDDER, SEARCH, 0)
+    _set(bert, "client", EMBEDDER, None)  # removed: embeddings pass again, no restart
+    _await_status(bert, 200, send=_embed)

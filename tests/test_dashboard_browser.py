@@ -4,7 +4,9 @@ query tests) and the session's Kafka broker for the live feed.
 
 The page signs in, every panel draws, the numbers shown equal the usage API's, a client key
 sees only its own client (in the page and at the API), text from the store is shown as text,
-the key stays in session storage, and an anomaly produced during the test appears in the feed.
+the key stays in session storage, an anomaly produced during the test appears in the feed, and
+budgets and spend written to topics of the test's own (as `budgets set` and the worker write
+them) show in the Budgets panel with ``GET /v1/budgets``'s numbers, scoped by the key.
 Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
@@ -33,13 +35,49 @@ from tokenaudit.infra.keys import add_key
 from tokenaudit.infra.store import Store
 from tokenaudit.reports.dashboard import CONTENT_SECURITY_POLICY
 from tokenaudit.reports.usage_api import create_app
-from tokenaudit.schemas import ANOMALY, encode
+from tokenaudit.schemas import ANOMALY, BUDGET, SPEND, encode
+from tokenaudit.schemas.budgets import budget, budget_key, period_bounds, spend_key
 from tokenaudit.settings import load_settings
 
 pytestmark = [pytest.mark.browser]
 # shown by the top-clients panel: must appear as these characters, never become markup
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
-PANELS = ("tokens", "top", "cost", "latency-time", "latency-input", "scatter", "anomalies")
+PANELS = ("tokens", "top", "cost", "latency-time", "latency-input", "scatter", "anomalies", "budgets")
+BUDGET_PERIOD_S = 10_000_000  # epoch-aligned slices of ~4 months: none ends during the module
+# (scope, name, unit, limit, hard, this period's spend: input tokens, output tokens, cost)
+BUDGETS = (
+    ("client", "acme-web", "tokens", 1000, True, (300, 150, 0.0)),
+    ("department", "sales", "cost", 25.0, False, (0, 0, 5.5)),  # acme-web's department
+    ("client", "beta-app", "tokens", 200, True, (150, 100, 0.0)),  # over: remaining 0
+    ("department", "research", "tokens", 5000, False, None),  # nothing spent yet
+)
+
+
+def _write_budgets(bootstrap: str, topics: dict[str, str]) -> None:
+    """As `budgets set` and the worker's spend publisher write them (one spend partition each)."""
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    start, end = period_bounds(now, "day", BUDGET_PERIOD_S)
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for scope, name, unit, limit, hard, spend in BUDGETS:
+        record = budget(scope, name, unit, limit, "day", hard, now)
+        producer.produce(topics["topic_budgets"], encode(BUDGET, record), budget_key(scope, name))
+        if spend is not None:
+            spent = {
+                "scope": scope,
+                "scope_id": name,
+                "period_start": start,
+                "period_end": end,
+                "partition": 0,
+                "offset": 5,
+                "input_tokens": spend[0],
+                "output_tokens": spend[1],
+                "cost": spend[2],
+                "unpriced_tokens": 0,
+                "events": 3,
+                "updated_at": now,
+            }
+            producer.produce(topics["topic_spend"], encode(SPEND, spent), spend_key(scope, name, 0))
+    assert producer.flush(20) == 0
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +98,9 @@ def dashboard(ch_client, kafka_bootstrap, tmp_path_factory):
     store.insert("usage_rollup", [r + ["key-hostile"] for r in hostile], ROLLUP_COLUMNS + ["api_key_id"])
     topic = f"test-anomalies-{uuid.uuid4().hex[:8]}"
     ensure_topics(kafka_bootstrap, {topic: 1})  # one partition: anomalies arrive in produced order
+    tag = uuid.uuid4().hex[:8]
+    budget_topics = {"topic_budgets": f"dash-budgets-{tag}", "topic_spend": f"dash-spend-{tag}"}
+    _write_budgets(kafka_bootstrap, budget_topics)
     registry = tmp / "api_keys.toml"
     keys = {client: add_key(registry, client, dept) for client, dept in CLIENTS.items()}
     keys["admin"] = add_key(registry, "ops", "", role="admin")
@@ -69,7 +110,13 @@ def dashboard(ch_client, kafka_bootstrap, tmp_path_factory):
         '[models."gpt2-tiny"]\ninput_per_1k = 0.001\noutput_per_1k = 0.002\n'
     )
     settings = load_settings(
-        data_dir=tmp, api_keys_file=registry, price_table=prices, kafka_bootstrap=kafka_bootstrap, topic_anomalies=topic
+        data_dir=tmp,
+        api_keys_file=registry,
+        price_table=prices,
+        kafka_bootstrap=kafka_bootstrap,
+        topic_anomalies=topic,
+        budget_period_seconds=BUDGET_PERIOD_S,
+        **budget_topics,
     )
     app = create_app(store, settings)
     driver = start_chromium()
@@ -83,6 +130,7 @@ def dashboard(ch_client, kafka_bootstrap, tmp_path_factory):
     finally:
         driver.quit()
         app.state.anomaly_feed.close()
+        app.state.budgets_route.close()
         ch_client.command(f"DROP DATABASE IF EXISTS {database}")
 
 
@@ -124,6 +172,29 @@ def _texts(driver, selector: str) -> list[str]:
     return driver.execute_script(
         "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)", selector
     )
+
+
+def _budgets_shown(driver) -> dict[str, list[str]]:
+    """The Budgets panel's rows, by ``scope:name``: the cells' text (spent and remaining as the
+    numbers the page was given)."""
+    return driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#budget-rows tr')].map(tr => [tr.dataset.scope,"
+        " [...tr.children].map(td => td.dataset.value !== undefined ? td.dataset.value : td.textContent.trim())]))"
+    )
+
+
+def _assert_budgets_match_the_api(dash, key: str) -> dict[str, list[str]]:
+    shown = _budgets_shown(dash.driver)
+    rows = _api(dash, key, "/v1/budgets")["rows"]
+    assert set(shown) == {f"{r['scope']}:{r['scope_id']}" for r in rows}
+    for r in rows:
+        cells = shown[f"{r['scope']}:{r['scope_id']}"]
+        assert cells[:2] == [r["scope"], r["scope_id"]]
+        assert (float(cells[3]), float(cells[4])) == (r["spent"], r["remaining"])
+        assert cells[5] == f"{100 * r['spent'] / r['limit']:.1f} %"
+        assert cells[6] == ("hard" if r["hard"] else "soft")
+        assert cells[7] == r["resets_at"].replace("T", " ").replace("Z", " UTC")
+    return shown
 
 
 def test_page_is_served_with_a_strict_policy(dashboard):
@@ -181,6 +252,13 @@ def test_admin_sees_every_panel_with_the_api_numbers(dashboard):
         30,
         "the search's not-found answer",
     )
+    # the Budgets panel: every budget, with the API's spent and remaining
+    budgets = _assert_budgets_match_the_api(dashboard, dashboard.keys["admin"])
+    assert set(budgets) == {"client:acme-web", "department:sales", "client:beta-app", "department:research"}
+    assert budgets["client:acme-web"][2:6] == ["1,000 tokens / day", "450", "550", "45.0 %"]
+    assert budgets["department:sales"][2:5] == ["25.00 in cost / day", "5.5", "19.5"]
+    assert budgets["client:beta-app"][3:6] == ["250", "0", "125.0 %"]  # over the limit: nothing remains
+    assert d.execute_script("return document.getElementById('budgets-none').classList.contains('hidden')")
     screenshot(d, "dashboard-admin")
 
 
@@ -206,6 +284,8 @@ def test_client_key_sees_only_its_own_client(dashboard):
         key,
     )
     assert status == 403
+    # its client's budget and its department's (sales), never another client's or department's
+    assert set(_assert_budgets_match_the_api(dashboard, key)) == {"client:acme-web", "department:sales"}
     screenshot(d, "dashboard-client")
 
 

@@ -10,7 +10,7 @@
   const DAY_RANGES = new Set(["7d", "30d"]);
   // bucket_width of the OpenAI-shaped endpoint -> [seconds, max buckets per page, latency bucket]
   const WIDTHS = [["1m", 60, 1440, "minute"], ["1h", 3600, 168, "hour"], ["1d", 86400, 31, "day"]];
-  const PANELS = ["tokens", "top", "cost", "latency-time", "latency-input", "scatter", "anomalies"];
+  const PANELS = ["tokens", "top", "cost", "latency-time", "latency-input", "scatter", "anomalies", "budgets"];
   const COLORS = ["#2e90fa", "#f79009", "#12b76a", "#9e77ed", "#f04438", "#0ba5ec", "#ee46bc", "#667085",
     "#84cc16", "#a15c07"];
   const STACKED = 9;
@@ -412,6 +412,8 @@
       run("latency-input", () => latencyInputPanel(range, f)),
       run("scatter", () => scatterPanel(range, f)),
       run("anomalies", () => anomaliesPanel(range, f)),
+      // budgets.js: the current period's spend, whatever the range; an admin's client filter narrows it
+      run("budgets", () => window.tokenauditBudgets.load(api, f.client)),
     ]);
     perf.loads += 1;
     if (perf.allDrawnMs === null) perf.allDrawnMs = performance.now();
@@ -462,7 +464,8 @@
     Object.values(state.charts).forEach((c) => c.destroy());
     state.charts = {};
     // nothing of this key's data stays in the page for the next one to see
-    for (const id of ["top-rows", "cost-rows", "anomaly-list", "request-rows"]) $(id).replaceChildren();
+    for (const id of ["top-rows", "cost-rows", "anomaly-list", "request-rows", "budget-rows"]) $(id).replaceChildren();
+    $("budgets-none").classList.add("hidden");
     for (const id of ["total-tokens", "total-requests", "whoami"]) {
       $(id).textContent = "";
       delete $(id).dataset.value;
