@@ -13,7 +13,9 @@ from confluent_kafka import Producer
 from starlette.testclient import TestClient
 
 from tokenaudit.infra.keys import add_key
+from tokenaudit.infra.procutil import free_port
 from tokenaudit.infra.store import Store
+from tokenaudit.reports import budgets_route
 from tokenaudit.reports.usage_api import create_app
 from tokenaudit.schemas import BUDGET, SPEND, encode
 from tokenaudit.schemas.budgets import BudgetSpend, budget, budget_key, period_bounds, spend_key
@@ -126,3 +128,21 @@ def test_bad_parameters_and_keys_are_refused_before_anything_is_read(api):
         assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_parameter", params
     twice = client.get("/v1/budgets?client=a&client=b", headers={"Authorization": f"Bearer {keys['admin']}"})
     assert twice.status_code == 400
+
+
+def test_unreadable_budget_topics_are_a_503_not_an_empty_list(ch_client, ch_database, tmp_path, monkeypatch):
+    """Kafka unreachable: the first calls wait the view's catch-up time, later ones answer at once."""
+    monkeypatch.setattr(budgets_route, "CATCH_UP_SECONDS", 2.0)
+    registry = tmp_path / "api_keys.toml"
+    key = add_key(registry, "ops", "", role="admin")
+    settings = load_settings(data_dir=tmp_path, api_keys_file=registry, kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    app = create_app(Store(ch_client, ch_database), settings)
+    try:
+        http = TestClient(app)
+        first = _budgets(http, key)
+        assert first.status_code == 503 and first.json()["error"]["code"] == "budgets_unavailable"
+        t0 = time.monotonic()
+        again = _budgets(http, key)
+        assert again.status_code == 503 and time.monotonic() - t0 < budgets_route.CATCH_UP_SECONDS  # no wait
+    finally:
+        app.state.budgets_route.close()
