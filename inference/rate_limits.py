@@ -43,34 +43,48 @@ REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-reques
 TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 
 
+#: "0ms" .. "1000ms" rendered once: a reset under a second is on most responses of a busy key
+_RESET_MS = tuple(b"%dms" % ms for ms in range(1001))
+
+
 class Bucket:
     """``level`` units left of ``limit``, refilled at ``limit`` per minute."""
 
-    __slots__ = ("level", "limit", "limit_text")
+    __slots__ = ("full", "level", "limit", "limit_text", "per_second")
 
     def __init__(self, limit: int):
-        self.limit, self.level, self.limit_text = limit, float(limit), b"%d" % limit
+        self.level = float(limit)
+        self.set_limit(limit)
+
+    def set_limit(self, limit: int) -> None:
+        self.limit, self.limit_text, self.per_second = limit, b"%d" % limit, limit / WINDOW_S
+        self.full = (self.limit_text, self.limit_text, b"0ms")  # (limit, remaining, reset) of a full bucket
 
     def refill(self, limit: int, elapsed: float) -> None:
         if limit != self.limit:  # `keys update`: a raised limit adds the difference, a lowered one caps
             self.level = min(self.level + max(0, limit - self.limit), float(limit))
-            self.limit, self.limit_text = limit, b"%d" % limit
+            self.set_limit(limit)
         # plain comparisons instead of min(): this runs on every request of a limited key
-        level = self.level + elapsed * limit / WINDOW_S
+        level = self.level + elapsed * self.per_second
         self.level = level if level < limit else float(limit)
 
     def seconds_until(self, amount: float) -> float:
         """How long until ``amount`` units are free (0 when they are now)."""
         return max(0.0, (amount - self.level) * WINDOW_S / self.limit)
 
-    def headers(self, names: tuple[bytes, bytes, bytes]) -> tuple[tuple[bytes, bytes], ...]:
+    def values(self) -> tuple[bytes, bytes, bytes]:
+        """(limit, remaining, reset) as header values. Rendered on every response of a limited
+        key, so without a str round trip, and the sub-second resets looked up."""
         level, limit = self.level, self.limit
         if level >= limit:
-            return (names[0], self.limit_text), (names[1], self.limit_text), (names[2], b"0ms")
-        full_in = (limit - level) * WINDOW_S / limit
-        # bytes formatting, no str round trip: this is on every response of a limited key
-        reset = b"%dms" % (full_in * 1000 + 0.5) if full_in < 1 else duration(full_in).encode()
-        return (names[0], self.limit_text), (names[1], b"%d" % (level if level > 0 else 0)), (names[2], reset)
+            return self.full
+        reset_ms = (limit - level) * 1000 / self.per_second
+        reset = _RESET_MS[int(reset_ms + 0.5)] if reset_ms < 1000 else duration(reset_ms / 1000).encode()
+        return self.limit_text, str(int(level)).encode() if level > 0 else b"0", reset
+
+    def headers(self, names: tuple[bytes, bytes, bytes]) -> tuple[tuple[bytes, bytes], ...]:
+        limit, remaining, reset = self.values()
+        return (names[0], limit), (names[1], remaining), (names[2], reset)
 
 
 def duration(seconds: float) -> str:
@@ -96,19 +110,26 @@ class KeyBuckets:
         """Bring both buckets to ``now`` and to the key's current limits (a limit added since
         starts full; a removed one is dropped)."""
         elapsed, self.at = now - self.at, now
-        rpm, tpm = key.rpm, key.tpm
-        if rpm is None:
+        rpm, tpm, requests, tokens = key.rpm, key.tpm, self.requests, self.tokens
+        # the common case written out (an unchanged limit): this runs on every request of a limited key
+        if requests is not None and rpm == requests.limit:
+            level = requests.level + elapsed * requests.per_second
+            requests.level = level if level < rpm else float(rpm)
+        elif rpm is None:
             self.requests = None
-        elif self.requests is None:
+        elif requests is None:
             self.requests = Bucket(rpm)
         else:
-            self.requests.refill(rpm, elapsed)
-        if tpm is None:
+            requests.refill(rpm, elapsed)
+        if tokens is not None and tpm == tokens.limit:
+            level = tokens.level + elapsed * tokens.per_second
+            tokens.level = level if level < tpm else float(tpm)
+        elif tpm is None:
             self.tokens = None
-        elif self.tokens is None:
+        elif tokens is None:
             self.tokens = Bucket(tpm)
         else:
-            self.tokens.refill(tpm, elapsed)
+            tokens.refill(tpm, elapsed)
 
 
 class RateLimiter:
@@ -185,11 +206,14 @@ class Meter:
         if not self.refilled:
             buckets.refill(self.key, self.clock())
         requests, tokens = buckets.requests, buckets.tokens
-        if requests is not None and tokens is not None:
-            return [*requests.headers(REQUEST_HEADERS), *tokens.headers(TOKEN_HEADERS)]
+        out: list[tuple[bytes, bytes]] = []
         if requests is not None:
-            return list(requests.headers(REQUEST_HEADERS))
-        return list(tokens.headers(TOKEN_HEADERS)) if tokens is not None else []
+            limit, remaining, reset = requests.values()
+            out += ((REQUEST_HEADERS[0], limit), (REQUEST_HEADERS[1], remaining), (REQUEST_HEADERS[2], reset))
+        if tokens is not None:
+            limit, remaining, reset = tokens.values()
+            out += ((TOKEN_HEADERS[0], limit), (TOKEN_HEADERS[1], remaining), (TOKEN_HEADERS[2], reset))
+        return out
 
 
 def reserve(scope: Scope, tokens: int) -> None:
