@@ -229,7 +229,7 @@ class BudgetEnforcer:
             ledger.reserved_in += input_tokens
             ledger.reserved_out += max_new
             ledger.held += worst
-        return Charge(plan, input_tokens, max_new, ts_ms, self._reports)
+        return Charge(plan, input_tokens, max_new, ts_ms, reports)
 
     def settle(self, event: TokenUsageEvent) -> OnDelivered | None:
         """At publish: the event's request ends its reservation with what it used (the event's
