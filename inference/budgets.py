@@ -61,6 +61,7 @@ class Ledger:
 
     __slots__ = (
         "budget",
+        "held",
         "key",
         "limit",
         "period_end",
@@ -82,9 +83,12 @@ class Ledger:
         self.period_start = self.period_end = 0
         self.reserved_in = self.reserved_out = 0  # requests in flight (worst case)
         self.settled_in = self.settled_out = 0  # finished this period, not yet in the stream
-        self.placed: dict[int, deque[tuple[int, int, int]]] = {}  # partition -> (offset, in, out), delivered
+        # partition -> (offset, in, out) of its delivered events, in offset order; tuples of ints
+        # (not the charges): the garbage collector stops tracking them, however many wait here
+        self.placed: dict[int, deque[tuple[int, int, int]]] = {}
         self.stream_in = self.stream_out = 0
         self.stream_cost = 0.0
+        self.held = 0  # the six token counts above summed, kept in step: one read for the check per request
         self.budget, self.limit, self.tokens, self.stale = budget, budget["limit"], budget["unit"] == "tokens", True
 
     def use(self, budget: Budget) -> None:
@@ -99,6 +103,7 @@ class Ledger:
         self.settled_in = self.settled_out = 0
         self.placed.clear()
         self.stale = True
+        self.recount()
 
     def load_stream(self, view: BudgetView) -> None:
         """The stream's spend this period, and forget the settled requests it now counts (their
@@ -108,6 +113,7 @@ class Ledger:
         if stream.period_start != self.period_start:
             self.stream_in = self.stream_out = 0
             self.stream_cost = 0.0
+            self.recount()
             return
         self.stream_in, self.stream_out, self.stream_cost = stream.input_tokens, stream.output_tokens, stream.cost
         for partition, counted in stream.offsets:
@@ -116,18 +122,43 @@ class Ledger:
                 _, used_in, used_out = queue.popleft()
                 self.settled_in -= used_in
                 self.settled_out -= used_out
+        self.recount()
+
+    def recount(self) -> None:
+        """``held`` from its parts, where they change off the request path (roll, stream reload);
+        the request path (reserve, settle) moves it by the same amounts as the parts."""
+        self.held = (
+            self.stream_in + self.stream_out + self.settled_in + self.settled_out + self.reserved_in + self.reserved_out
+        )
 
     def counts(self, ts_ms: int) -> bool:
         return self.period_start <= ts_ms < self.period_end
 
 
 class Charge:
-    """One request's hold on the hard budgets it counts against: reserved, then settled."""
+    """One request's hold on the hard budgets it counts against: reserved, then settled; its
+    :meth:`delivered` is its event's delivery hook (a bound method: no closure per request)."""
 
-    __slots__ = ("input_tokens", "ledgers", "output_tokens", "ts_ms")
+    __slots__ = ("input_tokens", "ledgers", "offset", "output_tokens", "partition", "reports", "ts_ms")
+    partition: int  # where its event landed
+    offset: int
 
-    def __init__(self, ledgers: tuple[Ledger, ...], input_tokens: int, output_tokens: int, ts_ms: int):
+    def __init__(
+        self,
+        ledgers: tuple[Ledger, ...],
+        input_tokens: int,
+        output_tokens: int,
+        ts_ms: int,
+        reports: deque[Charge],
+    ):
         self.ledgers, self.input_tokens, self.output_tokens, self.ts_ms = ledgers, input_tokens, output_tokens, ts_ms
+        self.reports = reports  # partition and offset: set by delivered, read only after it
+
+    def delivered(self, partition: int, offset: int) -> None:
+        """On the publisher's thread: note where the event landed, then hand the charge to the
+        loop (``deque.append`` is atomic, and comes after the writes it publishes)."""
+        self.partition, self.offset = partition, offset
+        self.reports.append(self)
 
 
 class BudgetEnforcer:
@@ -148,8 +179,8 @@ class BudgetEnforcer:
         self.ledgers: dict[ScopeKey, Ledger] = {}
         self.inflight: dict[str, Charge] = {}  # event_id -> the charge its event settles
         self._plans: dict[tuple[str, str], tuple[Ledger, ...]] = {}  # (client, department) -> ledgers
-        self._reports: deque[tuple[Charge, int, int]] = deque()  # from the publisher's thread
-        self._refresh_at = 0.0
+        self._reports: deque[Charge] = deque()  # delivered, from the publisher's thread
+        self._refresh_at_ms = 0  # the request's own time decides: no clock call per request
 
     # --- the request path (event loop) --------------------------------------------------------
     def hold(self, ctx: AuditContext, path: str, input_tokens: int, max_new: int) -> None:
@@ -164,9 +195,8 @@ class BudgetEnforcer:
     def reserve(self, client_id: str, department: str, input_tokens: int, max_new: int, ts_ms: int) -> Charge | None:
         """Take the worst case from each hard budget of the scopes, or raise the 429; None when
         none applies. Written flat (no helper calls on the common path): it runs per request."""
-        now = self.clock()
-        if now >= self._refresh_at:
-            self._refresh(now)
+        if ts_ms >= self._refresh_at_ms:
+            self._refresh(ts_ms)
         if not self.hard:
             return None
         plan = self._plans.get((client_id, department))
@@ -174,32 +204,32 @@ class BudgetEnforcer:
             plan = self._plan(client_id, department)
         if not plan:
             return None
-        if self._reports:
-            self._place_reports()
+        reports = self._reports
+        while reports:  # delivery reports placed now, not batched: charges kept alive cost the gc dearly
+            charge = reports.popleft()
+            for ledger in charge.ledgers:
+                if ledger.period_start <= charge.ts_ms < ledger.period_end:
+                    queue = ledger.placed.get(charge.partition)
+                    if queue is None:
+                        queue = ledger.placed[charge.partition] = deque()
+                    queue.append((charge.offset, charge.input_tokens, charge.output_tokens))
+        worst = input_tokens + max_new
         for ledger in plan:
+            # the period's bounds are cached as epoch ms: one comparison, no date arithmetic per request
             if not ledger.period_start <= ts_ms < ledger.period_end:
                 ledger.roll(ts_ms, self.period_seconds)
             if ledger.stale:
                 ledger.load_stream(self.view)
             if ledger.tokens:
-                used = (
-                    ledger.stream_in
-                    + ledger.stream_out
-                    + ledger.settled_in
-                    + ledger.settled_out
-                    + ledger.reserved_in
-                    + ledger.reserved_out
-                    + input_tokens
-                    + max_new
-                )
-                if used > ledger.limit:
-                    self._refuse(ledger, used, input_tokens + max_new)
+                if ledger.held + worst > ledger.limit:
+                    self._refuse(ledger, ledger.held + worst, worst)
             else:
                 self._check_cost(ledger, input_tokens, max_new)
         for ledger in plan:
             ledger.reserved_in += input_tokens
             ledger.reserved_out += max_new
-        return Charge(plan, input_tokens, max_new, ts_ms)
+            ledger.held += worst
+        return Charge(plan, input_tokens, max_new, ts_ms, reports)
 
     def settle(self, event: TokenUsageEvent) -> OnDelivered | None:
         """At publish: the event's request ends its reservation with what it used (the event's
@@ -209,22 +239,26 @@ class BudgetEnforcer:
         if charge is None:
             return None
         used_in, used_out, ts_ms = event["input_tokens"], event["output_tokens"], charge.ts_ms
+        reserved_in, reserved_out = charge.input_tokens, charge.output_tokens
+        refund, used = reserved_in + reserved_out, used_in + used_out
         for ledger in charge.ledgers:
-            ledger.reserved_in -= charge.input_tokens
-            ledger.reserved_out -= charge.output_tokens
+            ledger.reserved_in -= reserved_in
+            ledger.reserved_out -= reserved_out
             if ledger.period_start <= ts_ms < ledger.period_end:
                 ledger.settled_in += used_in
                 ledger.settled_out += used_out
-        if not (used_in or used_out):
+                ledger.held += used - refund
+            else:
+                ledger.held -= refund
+        if not used:
             return None
         charge.input_tokens, charge.output_tokens = used_in, used_out
-        reports = self._reports
-        return lambda partition, offset: reports.append((charge, partition, offset))
+        return charge.delivered
 
     # --- internals ----------------------------------------------------------------------------
-    def _refresh(self, now: float) -> None:
+    def _refresh(self, now_ms: int) -> None:
         """Every REFRESH_SECONDS: the current hard budgets, and the stream's spend re-read."""
-        self._refresh_at = now + REFRESH_SECONDS
+        self._refresh_at_ms = now_ms + int(REFRESH_SECONDS * 1000)
         hard = {k: b for k, b in self.view.budgets().items() if b["hard"]}
         if hard != self.hard:
             self.hard = hard
@@ -277,18 +311,6 @@ class BudgetEnforcer:
             None,
             {"Retry-After": str(reset_s)},
         )
-
-    def _place_reports(self) -> None:
-        """Delivery reports (from the publisher's thread): where each settled event landed."""
-        reports = self._reports
-        while reports:
-            charge, partition, offset = reports.popleft()
-            for ledger in charge.ledgers:
-                if ledger.period_start <= charge.ts_ms < ledger.period_end:
-                    queue = ledger.placed.get(partition)
-                    if queue is None:
-                        queue = ledger.placed[partition] = deque()
-                    queue.append((offset, charge.input_tokens, charge.output_tokens))
 
 
 def model_pricer(table: PriceTable, model: str, clock: Callable[[], float] = time.time) -> Pricer:

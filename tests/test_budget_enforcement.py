@@ -215,3 +215,43 @@ def test_the_served_models_price_is_the_one_in_force_today():
     clock.now += 2  # the new year's prices
     assert cost(1000, 500) == pytest.approx(3.0 + 2.0)
     assert model_pricer(table, "unpriced", clock)(1000, 500) is None
+
+
+def _parts(enforcer: BudgetEnforcer) -> list[tuple[int, int]]:
+    """Each ledger's running total (what the check reads) beside the sum of the counts it stands for."""
+    return [
+        (
+            ledger.held,
+            ledger.stream_in
+            + ledger.stream_out
+            + ledger.settled_in
+            + ledger.settled_out
+            + ledger.reserved_in
+            + ledger.reserved_out,
+        )
+        for ledger in enforcer.ledgers.values()
+    ]
+
+
+def test_the_running_total_the_check_reads_stays_the_sum_of_its_counts(setup):
+    view, clock, enforcer = setup
+    view.set("client", "acme", 10_000)
+    view.set("department", "research", 10_000)
+    view.stream("client", "acme", clock.now, tokens=100, offset=4)
+    charges = [enforcer.reserve("acme", "research", 10 * i, 5, _ms(clock)) for i in range(1, 5)]
+    hooks = [_settle(enforcer, charge, 7, 3, f"e{i}") for i, charge in enumerate(charges[:3])]
+    for offset, hook in enumerate(hooks, start=5):
+        assert hook is not None
+        hook(0, offset)
+    _refused(enforcer, clock, "acme", "research", 10**6, 0)  # a refusal takes nothing
+    assert all(held == total for held, total in _parts(enforcer))
+    view.stream("client", "acme", clock.now, tokens=110, offset=5)  # the stream counted offset 5 only
+    clock.tick()
+    assert enforcer.reserve("acme", "research", 1, 1, _ms(clock)) is not None
+    assert enforcer.ledgers[("client", "acme")].settled_in == 14  # offsets 6 and 7 still local
+    assert all(held == total for held, total in _parts(enforcer))
+    clock.tick(PERIOD_S)  # a new period: settled dropped, the in-flight charge kept
+    assert enforcer.reserve("acme", "research", 1, 1, _ms(clock)) is not None
+    _settle(enforcer, charges[3], 40, 5, "e-late")  # reserved last period: refunded, counted in neither
+    assert [total for _, total in _parts(enforcer)] == [2 + 2, 2 + 2]  # the two new reservations only
+    assert all(held == total for held, total in _parts(enforcer))
