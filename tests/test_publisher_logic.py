@@ -11,7 +11,7 @@ import time
 from confluent_kafka import KafkaError
 
 from tests.support import synth
-from tests.support.fakes import FakeKafkaError, FakeProducer
+from tests.support.fakes import FakeKafkaError, FakeProducer, fake_publisher
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.schemas import EVENT, decode
 
@@ -19,16 +19,7 @@ T0 = 1_750_000_000_000
 
 
 def _publisher(tmp_path) -> tuple[EventPublisher, list[FakeProducer]]:
-    made: list[FakeProducer] = []
-
-    def factory(config: dict) -> FakeProducer:
-        made.append(FakeProducer(config))
-        return made[-1]
-
-    pub = EventPublisher(
-        "fake:9092", "usage", tmp_path / "spool", retry_seconds=0.05, message_timeout_ms=1000, producer_factory=factory
-    )
-    return pub, made
+    return fake_publisher(tmp_path)
 
 
 def _events(n: int, start: int = 0) -> list[dict]:

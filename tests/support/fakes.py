@@ -205,3 +205,25 @@ class FakeKafkaError:
 
     def fatal(self) -> bool:
         return self.fatal_
+
+
+def fake_publisher(tmp_path: Any) -> tuple[Any, list[FakeProducer]]:
+    """An EventPublisher over in-memory producers (the direct one, then any replay or reported
+    one it makes), with fast retries: for the publisher's logic, not Kafka's."""
+    from tokenaudit.inference.publisher import EventPublisher
+
+    made: list[FakeProducer] = []
+
+    def factory(config: dict) -> FakeProducer:
+        made.append(FakeProducer(config))
+        return made[-1]
+
+    pub = EventPublisher(
+        "fake:9092",
+        "usage",
+        tmp_path / "spool",
+        retry_seconds=0.05,
+        message_timeout_ms=1000,
+        producer_factory=factory,  # type: ignore[arg-type]
+    )
+    return pub, made

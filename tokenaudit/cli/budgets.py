@@ -9,7 +9,6 @@ line, exit code 2, and nothing is written to the topic.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -150,32 +149,27 @@ def budgets_list(fmt: str) -> None:
 
 
 def budget_rows() -> list[dict[str, Any]]:
-    """scope, limit, spent, remaining and when the period resets, per budget."""
-    from tokenaudit.schemas.budgets import spent
+    """scope, limit, spent, remaining and when the period resets, per budget: the usage API's
+    rows (one computation of spent and remaining), with whole numbers printed as such."""
+    from tokenaudit.reports.budgets_route import budget_rows as rows_of
 
-    s = settings()
-    view = _view(s)
+    view = _view(settings())
     try:
-        now = int(time.time() * 1000)
-        rows = []
-        for (scope, scope_id), b in sorted(view.budgets().items()):
-            sp = view.spent(scope, scope_id, b["period"], now)
-            used = spent(b["unit"], sp.input_tokens, sp.output_tokens, sp.cost)
-            rows.append(
-                {
-                    "scope": scope,
-                    "scope_id": scope_id,
-                    "unit": b["unit"],
-                    "limit": _number(b["limit"]),
-                    "period": b["period"],
-                    "hard": b["hard"],
-                    "spent": _number(used),
-                    "remaining": _number(max(b["limit"] - used, 0.0)),
-                    "unpriced_tokens": sp.unpriced_tokens,
-                    "resets_at": datetime.fromtimestamp(sp.period_end / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                }
-            )
-        return rows
+        return [
+            {
+                "scope": r["scope"],
+                "scope_id": r["scope_id"],
+                "unit": r["unit"],
+                "limit": _number(r["limit"]),
+                "period": r["period"],
+                "hard": r["hard"],
+                "spent": _number(r["spent"]),
+                "remaining": _number(r["remaining"]),
+                "unpriced_tokens": r["unpriced_tokens"],
+                "resets_at": r["resets_at"],
+            }
+            for r in rows_of(view, None)
+        ]
     finally:
         view.close()
 
