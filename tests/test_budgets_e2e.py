@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +27,7 @@ import pytest
 from confluent_kafka import Producer
 
 from tests.support.apps import ThreadedServer, cached_model, read_events
+from tests.support.waiting import wait_for
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.keys import add_key
 from tokenaudit.infra.procutil import free_port
@@ -52,16 +53,6 @@ class Served:
     refused: list[tuple[int, float]] = field(default_factory=list)
     other: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +127,7 @@ def pipeline(tmp_path_factory, kafka_bootstrap) -> Iterator[dict]:
                 except httpx.HTTPError:
                     return False
 
-            _wait_for(worker_ready, 180, "the worker", 0.5)
+            wait_for(worker_ready, 180, "the worker", 0.5)
             yield {"apps": apps, "key": key, "topics": topics, "bootstrap": kafka_bootstrap, "log": tmp / "worker.log"}
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -188,10 +179,10 @@ def test_a_hard_budget_holds_across_two_instances_and_the_next_period_lets_reque
     producer.produce(topics["topic_budgets"], encode(BUDGET, record), budget_key("client", CLIENT))
     producer.flush(10)
     for server in apps:
-        _wait_for(lambda s=server: s.app.state.budgets.view.budget("client", CLIENT), 15, "the budget")
+        wait_for(lambda s=server: s.app.state.budgets.view.budget("client", CLIENT), 15, "the budget", 0.1)
 
     # start just after a period begins, so the load has the whole period to hit the limit
-    _wait_for(lambda: 0.2 < time.time() % PERIOD_S < 1.0, PERIOD_S + 1, "a period start", 0.02)
+    wait_for(lambda: 0.2 < time.time() % PERIOD_S < 1.0, PERIOD_S + 1, "a period start", 0.02)
     period_start, period_end = period_bounds(int(time.time() * 1000), "day", PERIOD_S)
     served, stop = Served(), threading.Event()
     peaks = [0, 0]
@@ -211,7 +202,7 @@ def test_a_hard_budget_holds_across_two_instances_and_the_next_period_lets_reque
             return all([i for i, _ in served.refused].count(n) >= THREADS_PER_APP for n in range(2))
 
     try:
-        _wait_for(both_refuse, period_end / 1000 - time.time() - 1, "both instances to refuse")
+        wait_for(both_refuse, period_end / 1000 - time.time() - 1, "both instances to refuse", 0.1)
     finally:
         stop.set()
         for t in [*threads, sampler]:
@@ -238,10 +229,10 @@ def test_a_hard_budget_holds_across_two_instances_and_the_next_period_lets_reque
 
     # the stream's spend for the period is exactly what the clients were served (both instances)
     view = apps[0].app.state.budgets.view
-    _wait_for(lambda: view.spent("client", CLIENT, "day", period_start).tokens == used, 30, "the stream's spend")
+    wait_for(lambda: view.spent("client", CLIENT, "day", period_start).tokens == used, 30, "the stream's spend", 0.1)
 
     # the next period lets the client through again
-    _wait_for(lambda: time.time() * 1000 >= period_end, PERIOD_S + 1, "the next period", 0.05)
+    wait_for(lambda: time.time() * 1000 >= period_end, PERIOD_S + 1, "the next period", 0.05)
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": "gpt2", "prompt": PROMPT, "max_tokens": MAX_TOKENS}
     for server in apps:

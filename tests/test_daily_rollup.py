@@ -182,7 +182,7 @@ def test_the_sink_keeps_the_daily_rows_current_in_the_background(store):
     """sinks/service.py's builder thread, as `tokenaudit sink` starts it (the store's own lock)."""
     import threading
 
-    from tests.support.browser import wait_for
+    from tests.support.waiting import wait_for
     from tokenaudit.settings import load_settings
     from tokenaudit.sinks.service import _build_daily
 

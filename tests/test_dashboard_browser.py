@@ -20,7 +20,7 @@ import pytest
 from confluent_kafka import Producer
 
 from tests.support.apps import ThreadedServer
-from tests.support.browser import browser_missing, screenshot, start_chromium, wait_for
+from tests.support.browser import browser_missing, screenshot, start_chromium
 from tests.support.usage_seed import (
     CLIENTS,
     ROLLUP_COLUMNS,
@@ -30,6 +30,7 @@ from tests.support.usage_seed import (
     seed_sampled,
     utcnow,
 )
+from tests.support.waiting import wait_for
 from tokenaudit.infra.kafka_admin import ensure_topics
 from tokenaudit.infra.keys import add_key
 from tokenaudit.infra.store import Store

@@ -13,6 +13,7 @@ import zlib
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
+from tests.support.waiting import wait_for
 from tokenaudit.inference.audit import AuditContext
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.inference.spool_format import encode_legacy_record
@@ -58,13 +59,6 @@ def _topic_messages(bootstrap: str, topic: str, expect: int, timeout: float = 30
     return got
 
 
-def _wait(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def _raise_topic_limit(bootstrap: str, topic: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     change = ConfigResource(
@@ -98,14 +92,14 @@ def test_replay_after_a_partial_failure_sends_only_what_kafka_did_not_confirm(ka
     ).start()
     for e in outage:
         offline.publish_encoded(e["client_id"].encode(), encode(EVENT, e), headers=[("ce_id", e["event_id"].encode())])
-    _wait(lambda: offline.stats.spooled == 10)
+    wait_for(lambda: offline.stats.spooled == 10)
     offline.close(timeout=1)
 
     pub = EventPublisher(kafka_bootstrap, topic_name, spool_dir, message_timeout_ms=5000, retry_seconds=0.2).start()
     try:
         # the broker answers: everything but the refused record is delivered, and the refused one
         # is retried alone, round after round
-        _wait(lambda: pub.stats.replay_failed >= 3)
+        wait_for(lambda: pub.stats.replay_failed >= 3)
         assert pub.stats.replayed == 12 and pub.problem() is None
         # the stuck segment is the last one: new events go straight to Kafka meanwhile
         assert pub.state == "direct" and pub.spool.bytes > 0
@@ -117,7 +111,7 @@ def test_replay_after_a_partial_failure_sends_only_what_kafka_did_not_confirm(ka
         ), "each confirmed record sent once"
         # the operator raises the topic's limit: the next round sends that one record
         _raise_topic_limit(kafka_bootstrap, topic_name)
-        _wait(pub.spool.empty)
+        wait_for(pub.spool.empty)
         assert pub.stats.replayed == 13 and pub.stats.enqueued == 1 and pub.stats.dropped == 0
         everything = _topic_messages(kafka_bootstrap, topic_name, expect=14)
         ids = [e["request_id"] for _, e, _ in everything]

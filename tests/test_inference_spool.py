@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from datetime import UTC
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from tests.support.waiting import wait_for
 from tokenaudit.inference.audit import AuditContext, PromptDigester
 from tokenaudit.inference.identity import UNAUTHENTICATED
 from tokenaudit.inference.publisher import EventPublisher
@@ -225,13 +225,6 @@ def _offline_publisher(spool_dir: Path, **kw) -> EventPublisher:
     ).start()
 
 
-def _wait(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_publisher_without_broker_spools_then_drops_newest_and_says_so(tmp_path, caplog):
     pub = _offline_publisher(tmp_path / "spool", spool_max_bytes=3000)
     try:
@@ -239,7 +232,7 @@ def test_publisher_without_broker_spools_then_drops_newest_and_says_so(tmp_path,
             for i in range(20):  # a keyless flood mixed with paid traffic
                 pub.publish(_event(i))
                 pub.publish(_event(100 + i, UNAUTHENTICATED))
-            _wait(lambda: pub.stats.spooled + pub.stats.dropped == 40)
+            wait_for(lambda: pub.stats.spooled + pub.stats.dropped == 40)
         assert pub.produced == 0 and pub.state == "spooling"
         assert pub.stats.dropped_unauthenticated > 0 and pub.stats.dropped > pub.stats.dropped_unauthenticated
         assert pub.spool.count() == pub.stats.spooled and pub.spool.bytes <= 3000 and pub.spool.capped_bytes <= 300
@@ -259,7 +252,7 @@ def test_publisher_on_a_full_filesystem_counts_drops_keeps_running_and_says_why(
     try:
         for i in range(600):
             pub.publish(_event(i))  # never raises
-        _wait(lambda: pub.stats.spooled + pub.stats.dropped == 600)
+        wait_for(lambda: pub.stats.spooled + pub.stats.dropped == 600)
         assert pub.stats.write_failures == pub.stats.dropped > 0 and pub.stats.spooled > 0
         assert pub.spool.count() == pub.stats.spooled, "every event counted as spooled is on disk, whole"
         assert "event spool unwritable" in pub.problem()
@@ -290,9 +283,9 @@ def test_publisher_thread_survives_errors_and_reports_its_death(tmp_path):
     dying = _DyingPublisher(f"127.0.0.1:{free_port()}", "nowhere", tmp_path / "b").start()
     try:
         flaky.publish_encoded(b"acme", b"x")
-        _wait(lambda: getattr(flaky, "probes", 0) >= 3)
+        wait_for(lambda: getattr(flaky, "probes", 0) >= 3)
         assert flaky._thread.is_alive() and flaky.problem() is None
-        _wait(lambda: not dying._thread.is_alive())
+        wait_for(lambda: not dying._thread.is_alive())
         assert dying.problem() == "event publisher thread died: SystemExit: simulated bug in the publisher thread"
         dying.publish(_event(7))  # nobody would serve its delivery report: it goes to the spool instead
         assert dying.stats.spooled == 1 and dying.spool.count() == 1

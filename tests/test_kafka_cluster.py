@@ -30,6 +30,7 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
+from tests.support.waiting import wait_for
 from tokenaudit.infra import kafka_clients
 from tokenaudit.infra.keys import add_key
 from tokenaudit.infra.procutil import free_port, pid_alive, port_in_use
@@ -212,16 +213,6 @@ def leaders(admin: AdminClient) -> Counter:
     """Partitions led per broker id, over every topic (internal ones included)."""
     md = admin.list_topics(timeout=15)
     return Counter(p.leader for t in md.topics.values() for p in t.partitions.values() if p.leader >= 0)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
 
 
 def usage_by_client() -> dict[str, dict]:

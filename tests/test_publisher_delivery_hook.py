@@ -6,12 +6,11 @@ is not lost (spooled and replayed like any other)."""
 
 from __future__ import annotations
 
-import time
-
 from confluent_kafka import KafkaError
 
 from tests.support import synth
 from tests.support.fakes import FakeKafkaError, FakeProducer, fake_publisher
+from tests.support.waiting import wait_for
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.schemas import EVENT, decode
 
@@ -20,13 +19,6 @@ T0 = 1_750_000_000_000
 
 def _publisher(tmp_path) -> tuple[EventPublisher, list[FakeProducer]]:
     return fake_publisher(tmp_path)
-
-
-def _wait(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def _ids(producer: FakeProducer) -> list[str]:
@@ -44,7 +36,7 @@ def test_a_hooked_event_reports_its_offset_and_the_others_stay_on_the_direct_pro
                 synth.event(f"hooked-{i}", T0 + i, "capped"), lambda p, o, i=i: reports.append((f"hooked-{i}", p, o))
             )
         pub.publish(synth.event("plain-1", T0 + 5, "acme"))
-        _wait(lambda: len(reports) == 3)
+        wait_for(lambda: len(reports) == 3)
         direct, reported = made
         assert reported.config.get("delivery.report.only.error") is None  # a report for each success
         assert direct.config["delivery.report.only.error"] is True  # unchanged for everyone else
@@ -61,17 +53,17 @@ def test_a_hooked_event_that_fails_or_is_spooled_never_reports_and_is_replayed(t
     pub.start()
     try:
         pub.publish(synth.event("warm", T0, "capped"), lambda p, o: reports.append((p, o)))
-        _wait(lambda: len(made) == 2 and len(reports) == 1)
+        wait_for(lambda: len(made) == 2 and len(reports) == 1)
         made[1].fail_deliveries = 1
         pub.publish(synth.event("failed", T0 + 1, "capped"), lambda p, o: reports.append((p, o)))
-        _wait(lambda: pub.stats.failed == 1)
-        _wait(lambda: pub.stats.replayed == 1 and pub.spool.empty())  # replayed, not lost
+        wait_for(lambda: pub.stats.failed == 1)
+        wait_for(lambda: pub.stats.replayed == 1 and pub.spool.empty())  # replayed, not lost
         pub._on_error(FakeKafkaError("all brokers down", KafkaError._ALL_BROKERS_DOWN))
         made[0].up = False  # keep it spooling: the broker does not answer
         pub.publish(synth.event("spooled", T0 + 2, "capped"), lambda p, o: reports.append((p, o)))
         assert pub.stats.spooled == 2
         made[0].up = True
-        _wait(lambda: pub.stats.replayed == 2 and pub.spool.empty())
+        wait_for(lambda: pub.stats.replayed == 2 and pub.spool.empty())
         assert reports == [(0, 0)]  # only the delivered one: the others stay counted by the app
         replayed = [i for producer in made[2:] for i in _ids(producer)]
         assert sorted(replayed) == ["failed", "spooled"] and pub.stats.dropped == 0

@@ -6,12 +6,11 @@ test_inference_spool.py, test_inference_outage.py, test_inference_replay.py.)"""
 
 from __future__ import annotations
 
-import time
-
 from confluent_kafka import KafkaError
 
 from tests.support import synth
 from tests.support.fakes import FakeKafkaError, FakeProducer, fake_publisher
+from tests.support.waiting import wait_for
 from tokenaudit.inference.publisher import EventPublisher
 from tokenaudit.schemas import EVENT, decode
 
@@ -24,13 +23,6 @@ def _publisher(tmp_path) -> tuple[EventPublisher, list[FakeProducer]]:
 
 def _events(n: int, start: int = 0) -> list[dict]:
     return [synth.event(f"r{i}", T0 + i, "acme") for i in range(start, start + n)]
-
-
-def _wait(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def _on_topic(made: list[FakeProducer]) -> list[str]:
@@ -49,7 +41,7 @@ def test_a_refused_event_is_spooled_and_replayed_once_the_producer_takes_events(
     direct.refuse = False
     pub.start()
     try:
-        _wait(lambda: pub.state == "direct" and pub.spool.empty())
+        wait_for(lambda: pub.state == "direct" and pub.spool.empty())
         pub.publish(_events(1, 4)[0])
         direct_ids, replayed_ids = (_on_topic([producer]) for producer in made)
         assert (replayed_ids, direct_ids) == (["r0", "r1", "r2", "r3"], ["r4"])  # in order, each once
@@ -64,8 +56,8 @@ def test_a_failed_delivery_is_spooled_then_replayed(tmp_path):
     pub.start()
     try:
         pub.publish(_events(1)[0])
-        _wait(lambda: pub.stats.failed == 1)
-        _wait(lambda: pub.stats.replayed == 1 and pub.spool.empty())
+        wait_for(lambda: pub.stats.failed == 1)
+        wait_for(lambda: pub.stats.replayed == 1 and pub.spool.empty())
         assert _on_topic(made) == ["r0"] and (pub.stats.enqueued, pub.stats.spooled, pub.stats.dropped) == (1, 1, 0)
     finally:
         pub.close(1.0)
@@ -81,10 +73,10 @@ def test_all_brokers_down_spools_everything_until_the_broker_answers(tmp_path):
     try:
         for ev in _events(5):
             pub.publish(ev)
-        _wait(lambda: direct.probes >= 3)  # several probes of the down broker: nothing leaves the spool
+        wait_for(lambda: direct.probes >= 3)  # several probes of the down broker: nothing leaves the spool
         assert (direct.produced, pub.stats.spooled, len(made)) == ([], 5, 1)
         direct.up = True
-        _wait(lambda: pub.state == "direct" and pub.spool.empty())
+        wait_for(lambda: pub.state == "direct" and pub.spool.empty())
         assert _on_topic(made) == [f"r{i}" for i in range(5)] and pub.stats.dropped == 0
     finally:
         pub.close(1.0)
@@ -118,9 +110,9 @@ def test_cloudevents_headers_travel_with_each_event_through_the_spool(tmp_path):
     direct.refuse = False
     pub.start()
     try:
-        _wait(lambda: pub.state == "direct" and pub.spool.empty())
+        wait_for(lambda: pub.state == "direct" and pub.spool.empty())
         pub.publish(events[2])
-        _wait(lambda: sum(len(p.produced) for p in made) == 3)
+        wait_for(lambda: sum(len(p.produced) for p in made) == 3)
         got = {}
         for producer in made:
             for _, value, _, headers in producer.produced:
