@@ -39,6 +39,7 @@ def main() -> None:
 
     def view_with(scopes: list[tuple[str, str]]) -> BudgetView:
         view = BudgetView(settings)
+        view._caught_up.set()  # fed below as its follower would, to the end
         start, end = period_bounds(int(time.time() * 1000), "day")
         for i, (scope, scope_id) in enumerate(scopes):
             record = budget(scope, scope_id, "tokens", 1e15, "day", True, 0)  # never refuses: the check is measured

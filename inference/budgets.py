@@ -9,9 +9,8 @@ where *stream spend* is what the worker published on the spend topic (read throu
 (input tokens + max new tokens, or their price) of this instance's requests still running, and
 *local settled* is what this instance's finished requests really used and the stream has not
 counted yet: each stays counted here until the spend record of its usage-topic partition has an
-``offset`` at or past its event's offset (learnt from the event's delivery report), or, for an
-event that went to the spool (no delivery report), until its period ends (conservative: a
-spooled event is counted by the stream only when replayed).
+``offset`` at or past its event's offset (learnt from the event's delivery report, or, for an
+event that went to the spool, from the replay's confirmation), or until its period ends.
 
 So what one instance lets through beyond a limit is at most what the *other* instances have in
 flight or settled and not yet counted by the stream (docs/operations.md, "Budgets"). Until the
@@ -216,7 +215,10 @@ class BudgetEnforcer:
         worst = input_tokens + max_new
         for ledger in plan:
             # the period's bounds are cached as epoch ms: one comparison, no date arithmetic per request
-            if not ledger.period_start <= ts_ms < ledger.period_end:
+            # Forward only: a request that arrived before the period began (tokenized late, in a
+            # pool) is checked against the current one; its settle refunds it there, and the
+            # stream counts it in its own period. Rolling back would drop this period's spend.
+            if ts_ms >= ledger.period_end:
                 ledger.roll(ts_ms, self.period_seconds)
             if ledger.stale:
                 ledger.load_stream(self.view)
@@ -259,6 +261,8 @@ class BudgetEnforcer:
     def _refresh(self, now_ms: int) -> None:
         """Every REFRESH_SECONDS: the current hard budgets, and the stream's spend re-read."""
         self._refresh_at_ms = now_ms + int(REFRESH_SECONDS * 1000)
+        if not self.view.caught_up():  # a half-read spend topic would understate spend: enforce nothing yet
+            return
         hard = {k: b for k, b in self.view.budgets().items() if b["hard"]}
         if hard != self.hard:
             self.hard = hard

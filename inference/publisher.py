@@ -39,7 +39,7 @@ from tokenaudit.inference.cloudevents import CloudEventHeaders
 from tokenaudit.inference.identity import UNAUTHENTICATED
 from tokenaudit.inference.publisher_stats import PublisherStats
 from tokenaudit.inference.quiet_logs import RateLimitedLog, librdkafka_logger
-from tokenaudit.inference.reported_delivery import OnDelivered, ReplayBatch, ReportedProducer
+from tokenaudit.inference.reported_delivery import AwaitedEvents, OnDelivered, ReplayBatch, ReportedProducer
 from tokenaudit.inference.spool import Appended, Spool
 from tokenaudit.inference.spool_format import Headers
 from tokenaudit.schemas import EVENT, encode
@@ -128,6 +128,7 @@ class EventPublisher:
             raise
         self._replay_producer: Producer | None = None
         self._reported = ReportedProducer(producer_factory, self._config, topic, self._on_delivery)
+        self._awaited = AwaitedEvents()  # events whose offset someone waits for, spooled ones too
         self._replay_fatal: str | None = None
         self._spool_lock = threading.Lock()
         self._spooling = not self.spool.empty()  # leftovers from a previous run: replay them first
@@ -212,6 +213,8 @@ class EventPublisher:
             else:
                 self.stats.enqueued += 1
                 return
+        if on_delivered is not None:  # told by the delivery report, or by the spool's replay
+            on_delivered = self._awaited.wrap(event["event_id"] or "", on_delivered)
         self.publish_encoded(key, value, headers, rebuildable=True, on_delivered=on_delivered)
 
     def publish_encoded(
@@ -439,7 +442,7 @@ class EventPublisher:
         is gone. Stops sending at the first failure, waits for what is in flight, keeps every
         confirmation."""
         producer = self._replayer()
-        batch = ReplayBatch()
+        batch = ReplayBatch(on_confirmed=self._awaited.replayed if self._awaited else None)
         complete = True
         sent = 0
         for record in self.spool.pending(segment):

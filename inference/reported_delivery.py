@@ -18,6 +18,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Producer
 
 from tokenaudit.inference.spool_format import Headers
+from tokenaudit.schemas import EVENT, decode
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,54 @@ class ReportedProducer:
             self._producer.flush(1.0)
 
 
+class AwaitedEvents:
+    """Hard-budget events whose place on the topic is not known yet. The direct delivery report
+    tells it; for an event that went to the spool (broker down, a failed delivery) the replay's
+    confirmation does, the event found by its id in the replayed record, so its spend is handed
+    over to the stream instead of staying counted locally, twice, until its period ends.
+    Bounded: past ``limit`` the oldest are forgotten (their spend then stays counted locally
+    until the period ends: conservative). Written on the event loop, read on the publisher's
+    thread: single dict operations, atomic under the GIL."""
+
+    def __init__(self, limit: int = 100_000):
+        self.limit = limit
+        self._hooks: dict[str, OnDelivered] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._hooks)
+
+    def wrap(self, event_id: str, hook: OnDelivered) -> OnDelivered:
+        hooks = self._hooks
+        hooks[event_id] = hook
+        if len(hooks) > self.limit:
+            try:
+                hooks.pop(next(iter(hooks)), None)
+            except (StopIteration, RuntimeError):  # emptied or changed by the publisher's thread meanwhile
+                pass
+        return functools.partial(self.delivered, event_id)
+
+    def delivered(self, event_id: str, partition: int, offset: int) -> None:
+        hook = self._hooks.pop(event_id, None)
+        if hook is not None:
+            hook(partition, offset)
+
+    def replayed(self, msg: Any) -> None:
+        """A spooled record Kafka confirmed: its event's hook, if it awaits one."""
+        event_id = dict(msg.headers() or ()).get("ce_id")  # CloudEvents' id is the event_id
+        if event_id is None:
+            try:
+                event_id = decode(msg.value(), EVENT)["event_id"]
+            except Exception:  # not an event this process can read: nothing awaits it
+                return
+        else:
+            event_id = event_id.decode()
+        if event_id in self._hooks:
+            try:
+                self.delivered(event_id, msg.partition(), msg.offset())
+            except Exception:  # a hook's bug must not stop the replay
+                log.exception("a delivery hook failed")
+
+
 @dataclass
 class ReplayBatch:
     """Delivery reports of one spool segment's replay (each record's confirmation goes to the
@@ -73,10 +122,13 @@ class ReplayBatch:
     in_flight: int = 0
     confirmed: list[int] = field(default_factory=list)
     failures: list[KafkaError] = field(default_factory=list)
+    on_confirmed: Callable[[Any], None] | None = None  # each confirmed message (AwaitedEvents.replayed)
 
     def report(self, offset: int, err: KafkaError | None, msg) -> None:
         self.in_flight -= 1
         if err is None:
             self.confirmed.append(offset)
+            if self.on_confirmed is not None:
+                self.on_confirmed(msg)
         else:
             self.failures.append(err)

@@ -80,6 +80,10 @@ class BudgetView:
     def wait_caught_up(self, timeout: float = 15.0) -> bool:
         return self._caught_up.wait(timeout)
 
+    def caught_up(self) -> bool:
+        """Everything on the topics when the view started has been read."""
+        return self._caught_up.is_set()
+
     # --- reads ----------------------------------------------------------------------------------
     def budgets(self) -> dict[ScopeKey, Budget]:
         with self._lock:
@@ -142,17 +146,21 @@ class BudgetView:
             consumer.close()
 
     def _assign(self, consumer: Consumer) -> set[tuple[str, int]]:
-        try:  # as declared (compacted, one partition): a view started before `up`/the CLI still follows
-            ensure_declared(self._settings, ("budgets", "spend"), timeout=10)
-        except Exception as exc:  # the broker may be down now: wait for the topics below
-            log.info("budget view: could not ensure the budget topics now (%s)", exc)
-        deadline = time.monotonic() + 30
-        while True:
+        """Wait until both topics exist, for as long as it takes (broker down at start, topics
+        not created yet), then follow them whole. Until then the view is not caught up: the
+        inference app enforces nothing, the usage API answers 503."""
+        next_ensure = 0.0
+        while not self._stop.is_set():
+            if time.monotonic() >= next_ensure:  # as declared (compacted, one partition)
+                next_ensure = time.monotonic() + 10
+                try:
+                    ensure_declared(self._settings, ("budgets", "spend"), timeout=10)
+                except Exception as exc:  # the broker may be down now: try again in a while
+                    log.info("budget view: could not ensure the budget topics now (%s)", exc)
             try:
                 md = consumer.list_topics(timeout=5)
             except KafkaException:  # broker unreachable: retry rather than stop following for good
-                if self._stop.wait(0.5):
-                    return set()
+                self._stop.wait(0.5)
                 continue
             parts = [
                 TopicPartition(t, p, OFFSET_BEGINNING)
@@ -160,13 +168,11 @@ class BudgetView:
                 if t in md.topics and md.topics[t].error is None
                 for p in md.topics[t].partitions
             ]
-            if len(parts) >= len(self._topics) or time.monotonic() > deadline or self._stop.is_set():
-                break
-            time.sleep(0.5)  # the topics are created by `up`/the worker; wait for them a while
-        consumer.assign(parts)
-        if not parts:
-            self._caught_up.set()
-        return {(tp.topic, tp.partition) for tp in parts}
+            if {tp.topic for tp in parts} == set(self._topics):
+                consumer.assign(parts)
+                return {(tp.topic, tp.partition) for tp in parts}
+            self._stop.wait(0.5)
+        return set()
 
     def _apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         if key is None:
@@ -181,8 +187,17 @@ class BudgetView:
                         self._budgets[scope_key] = decode(value, BUDGET)  # type: ignore[assignment]
             elif value is not None:
                 spend: BudgetSpend = decode(value, SPEND)  # type: ignore[assignment]
+                key3 = (spend["scope"], spend["scope_id"], spend["partition"])
                 with self._lock:
-                    self._spend[(spend["scope"], spend["scope_id"], spend["partition"])] = spend
+                    held = self._spend.get(key3)
+                    # A worker that took a partition over after a crash may publish its restored,
+                    # older count once: within a period a scope's spend never goes back.
+                    if (
+                        held is None
+                        or held["period_start"] != spend["period_start"]
+                        or held["offset"] <= spend["offset"]
+                    ):
+                        self._spend[key3] = spend
         except (AvroDecodeError, UnicodeDecodeError) as exc:
             self.undecodable += 1
             log.warning("budget view: unreadable record on %s: %s", topic, exc)

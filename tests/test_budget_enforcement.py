@@ -22,6 +22,9 @@ class View:
         self.budgets_: dict[tuple[str, str], Budget] = {}
         self.spend: dict[tuple[str, str], Spent] = {}
 
+    def caught_up(self) -> bool:
+        return True
+
     def budgets(self) -> dict[tuple[str, str], Budget]:
         return dict(self.budgets_)
 
@@ -255,3 +258,30 @@ def test_the_running_total_the_check_reads_stays_the_sum_of_its_counts(setup):
     _settle(enforcer, charges[3], 40, 5, "e-late")  # reserved last period: refunded, counted in neither
     assert [total for _, total in _parts(enforcer)] == [2 + 2, 2 + 2]  # the two new reservations only
     assert all(held == total for held, total in _parts(enforcer))
+
+
+def test_a_request_from_before_the_period_never_rolls_the_budget_back(setup):
+    """Requests reach the check out of time order around a boundary (each is tokenized in a
+    pool after it arrived): an older one must not roll the budget back to the last period,
+    which would drop what this period already used here."""
+    view, clock, enforcer = setup
+    view.set("client", "acme", 100)
+    clock.now = T0 + PERIOD_S + 1  # the next period
+    newer = enforcer.reserve("acme", "", 30, 30, _ms(clock))
+    _settle(enforcer, newer, 30, 30, "new")  # 60 used this period, not yet in the stream
+    older = enforcer.reserve("acme", "", 10, 10, int((T0 + PERIOD_S - 0.1) * 1000))  # arrived before it began
+    assert older is not None  # checked against this period: 60 + 20 fit
+    _refused(enforcer, clock, "acme", "", 11, 10)  # 60 + 20 held + 21 > 100: nothing was dropped
+    _settle(enforcer, older, 10, 10, "old")  # the stream counts it in its own period
+    assert enforcer.reserve("acme", "", 20, 20, _ms(clock)) is not None  # 60 + 40 = 100
+    _refused(enforcer, clock, "acme", "", 1, 0)
+
+
+def test_nothing_is_enforced_until_the_view_has_read_the_topics(setup):
+    view, clock, enforcer = setup
+    view.set("client", "acme", 10)
+    view.caught_up = lambda: False  # type: ignore[method-assign]
+    assert enforcer.reserve("acme", "", 50, 50, _ms(clock)) is None  # documented: fail open until read
+    view.caught_up = lambda: True  # type: ignore[method-assign]
+    clock.tick()
+    _refused(enforcer, clock, "acme", "", 50, 50)

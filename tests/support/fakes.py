@@ -126,8 +126,11 @@ class FakeProducer:
         self._pending: list[tuple[Callable | None, Any, FakeProducer._Msg]] = []
 
     class _Msg:
-        def __init__(self, key, value, offset: int = -1):
-            self._key, self._value, self._offset = key, value, offset
+        def __init__(self, key, value, offset: int = -1, headers: Any = None):
+            self._key, self._value, self._offset, self._headers = key, value, offset, headers
+
+        def headers(self) -> Any:
+            return list(self._headers) if self._headers is not None else None
 
         def key(self):
             return self._key
@@ -159,11 +162,13 @@ class FakeProducer:
         report = on_delivery or self.config.get("on_delivery")
         if self.fail_deliveries:
             self.fail_deliveries -= 1
-            self._pending.append((report, FakeKafkaError("Local: Message timed out"), self._Msg(key, value)))
+            self._pending.append(
+                (report, FakeKafkaError("Local: Message timed out"), self._Msg(key, value, -1, headers))
+            )
             return
         self.produced.append((topic, value, key, headers))
         if report is not None and not self.config.get("delivery.report.only.error"):
-            self._pending.append((report, None, self._Msg(key, value, len(self.produced) - 1)))
+            self._pending.append((report, None, self._Msg(key, value, len(self.produced) - 1, headers)))
 
     def poll(self, timeout: float = 0) -> int:
         pending, self._pending = self._pending, []
