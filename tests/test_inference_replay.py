@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import random
 import string
-import time
-import uuid
 import zlib
 
-from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
+from tests.support.apps import read_messages
 from tests.support.waiting import wait_for
 from tokenaudit.inference.audit import AuditContext
 from tokenaudit.inference.publisher import EventPublisher
@@ -33,30 +31,10 @@ def _event(i: int, client_id: str = "acme", error_type: str | None = None) -> di
 def _topic_messages(bootstrap: str, topic: str, expect: int, timeout: float = 30.0, settle: float = 1.5) -> list:
     """(partition, event, headers) of every message: read until ``expect`` arrived and nothing
     more came for ``settle`` seconds, so extra copies would be seen."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"t-{uuid.uuid4().hex[:8]}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    got, quiet_since, deadline = [], None, time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error():
-                if len(got) >= expect:
-                    quiet_since = quiet_since or time.monotonic()
-                    if time.monotonic() - quiet_since >= settle:
-                        break
-                continue
-            quiet_since = None
-            got.append((msg.partition(), decode(msg.value(), EVENT), dict(msg.headers() or [])))
-    finally:
-        consumer.close()
-    return got
+    return [
+        (m.partition(), decode(m.value(), EVENT), dict(m.headers() or []))
+        for m in read_messages(bootstrap, topic, expect, timeout, settle)
+    ]
 
 
 def _raise_topic_limit(bootstrap: str, topic: str) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 import zlib
 
-from confluent_kafka import TIMESTAMP_CREATE_TIME, Consumer
+from confluent_kafka import TIMESTAMP_CREATE_TIME
 
+from tests.support.apps import read_messages
 from tokenaudit.inference.audit import AuditContext
 from tokenaudit.inference.cloudevents import CloudEventHeaders
 from tokenaudit.inference.publisher import EventPublisher
@@ -27,27 +27,6 @@ def _event(i: int, client_id: str) -> dict:
     ctx = AuditContext.new(f"direct-{i}")
     ctx.client_id, ctx.model, ctx.input_tokens = client_id, "t5-tiny", i
     return ctx.to_event("POST", "/v1/generate", 200, "direct-test")
-
-
-def _read(bootstrap: str, topic: str, expect: int, timeout: float = 30.0) -> list:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"t-{uuid.uuid4().hex[:8]}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    got, deadline = [], time.monotonic() + timeout
-    try:
-        while len(got) < expect and time.monotonic() < deadline:
-            msg = consumer.poll(0.2)
-            if msg is not None and not msg.error():
-                got.append(msg)
-    finally:
-        consumer.close()
-    return got
 
 
 def test_publish_hands_librdkafka_the_key_partitioner_timestamp_and_headers(
@@ -71,7 +50,7 @@ def test_publish_hands_librdkafka_the_key_partitioner_timestamp_and_headers(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert (publisher.stats.enqueued, publisher.stats.spooled, publisher.stats.dropped) == (40, 0, 0)
 
-    messages = _read(kafka_bootstrap, topic_name, len(events))
+    messages = read_messages(kafka_bootstrap, topic_name, len(events), timeout=30.0, settle=0.0)
     headers_of = CloudEventHeaders(source)
     sent = {e["event_id"]: e for e in events}
     received = []

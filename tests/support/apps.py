@@ -62,11 +62,10 @@ class ThreadedServer:
         self.thread.join(60)
 
 
-def read_events(
-    bootstrap: str, topic: str, expect: int, timeout: float = 60.0, settle: float = 1.0
-) -> list[tuple[bytes, bytes]]:
-    """All (key, raw value) pairs on ``topic``: reads until ``expect`` arrived and nothing more came
-    for ``settle`` seconds (so extra events would be seen), or until ``timeout``."""
+def read_messages(bootstrap: str, topic: str, expect: int, timeout: float = 60.0, settle: float = 1.0) -> list[Any]:
+    """Every message on ``topic`` (confluent-kafka ``Message``: key, value, headers, partition,
+    timestamp): reads until ``expect`` arrived and nothing more came for ``settle`` seconds (so
+    extra messages would be seen), or until ``timeout``."""
     from confluent_kafka import Consumer
 
     consumer = Consumer(
@@ -78,7 +77,7 @@ def read_events(
         }
     )
     consumer.subscribe([topic])
-    got: list[tuple[bytes, bytes]] = []
+    got: list[Any] = []
     deadline = time.monotonic() + timeout
     quiet_since = None
     try:
@@ -91,10 +90,17 @@ def read_events(
                         break
                 continue
             quiet_since = None
-            got.append((msg.key(), msg.value()))
+            got.append(msg)
     finally:
         consumer.close()
     return got
+
+
+def read_events(
+    bootstrap: str, topic: str, expect: int, timeout: float = 60.0, settle: float = 1.0
+) -> list[tuple[bytes, bytes]]:
+    """All (key, raw value) pairs on ``topic``, as :func:`read_messages` reads them."""
+    return [(m.key(), m.value()) for m in read_messages(bootstrap, topic, expect, timeout, settle)]
 
 
 def decode_events(pairs: list[tuple[bytes, bytes]]) -> list[dict]:
