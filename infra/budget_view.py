@@ -60,7 +60,7 @@ class BudgetView:
         self._poll = poll_seconds
         self._lock = threading.Lock()
         self._budgets: dict[ScopeKey, Budget] = {}
-        self._spend: dict[tuple[str, str, int], BudgetSpend] = {}
+        self._spend: dict[ScopeKey, dict[int, BudgetSpend]] = {}  # scope -> partition -> latest record
         self._caught_up = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,7 +98,7 @@ class BudgetView:
         now = int(time.time() * 1000) if now_ms is None else now_ms
         start, end = period_bounds(now, period, self._settings.budget_period_seconds)
         with self._lock:
-            rows = [s for (sc, sid, _p), s in self._spend.items() if sc == scope and sid == scope_id]
+            rows = list(self._spend.get((scope, scope_id), {}).values())
         rows = [s for s in rows if s["period_start"] == start]
         return Spent(
             start,
@@ -120,7 +120,10 @@ class BudgetView:
                     "group.id": "tokenaudit-budget-view",  # required by librdkafka; never joined or committed
                     "enable.auto.commit": False,
                     "enable.partition.eof": True,
-                    "log_level": 3,
+                    # librdkafka's own lines off: with the broker down it logs a failed connect
+                    # every few ms, for as long as the process waits. The state is reported by
+                    # the view's readers instead (the API's 503, the publisher's broker-down log).
+                    "log_level": 0,
                 },
             )
         )
@@ -187,9 +190,9 @@ class BudgetView:
                         self._budgets[scope_key] = decode(value, BUDGET)  # type: ignore[assignment]
             elif value is not None:
                 spend: BudgetSpend = decode(value, SPEND)  # type: ignore[assignment]
-                key3 = (spend["scope"], spend["scope_id"], spend["partition"])
                 with self._lock:
-                    held = self._spend.get(key3)
+                    by_partition = self._spend.setdefault((spend["scope"], spend["scope_id"]), {})
+                    held = by_partition.get(spend["partition"])
                     # A worker that took a partition over after a crash may publish its restored,
                     # older count once: within a period a scope's spend never goes back.
                     if (
@@ -197,7 +200,7 @@ class BudgetView:
                         or held["period_start"] != spend["period_start"]
                         or held["offset"] <= spend["offset"]
                     ):
-                        self._spend[key3] = spend
+                        by_partition[spend["partition"]] = spend
         except (AvroDecodeError, UnicodeDecodeError) as exc:
             self.undecodable += 1
             log.warning("budget view: unreadable record on %s: %s", topic, exc)
